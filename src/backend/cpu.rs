@@ -1,0 +1,709 @@
+//! The CPU reference backend: the specification every other backend is checked against.
+//!
+//! Plain loops over NHWC buffers, parallel with rayon where the work splits into independent
+//! rows, and GEMMs from the `gemm` crate. Every reduction runs over fixed chunks summed in a
+//! fixed order (in `f64`), so results never depend on the number of threads or on which thread
+//! ran what: the branch scheduler relies on that for its bitwise-equality guarantee.
+
+use super::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd};
+use rayon::prelude::*;
+
+/// The CPU backend. Stateless: threads come from the current rayon pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// Rows per chunk of a per-channel reduction. Fixed (never derived from the thread count) so
+/// that the order of the partial sums, and hence the rounding, is always the same.
+const REDUCE_ROWS: usize = 512;
+
+/// `c (=|+=) a · b` for row-major views given as (slice, row stride, column stride):
+/// a is m×k, b is k×n, c is m×n with row stride `c_rs` and unit column stride.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul<T: Elem>(
+    c: &mut [T],
+    c_rs: usize,
+    a: (&[T], usize, usize),
+    b: (&[T], usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, c_rs, 1) < c.len(), "matmul: c too small");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * c_rs..r * c_rs + n].fill(T::zero());
+            }
+        }
+        return;
+    }
+    assert!(last(m, k, a.1, a.2) < a.0.len(), "matmul: a too small");
+    assert!(last(k, n, b.1, b.2) < b.0.len(), "matmul: b too small");
+    // SAFETY: the asserts above keep every index the kernel touches inside the three slices,
+    // and `c` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// Per-channel sums of `f(row)` over the rows of an `[rows, c]` matrix, in `f64`, in a fixed
+/// order: chunks of [`REDUCE_ROWS`] rows summed in parallel, then the chunk sums in order.
+fn channel_sums<const K: usize>(
+    rows: usize,
+    c: usize,
+    f: impl Fn(usize, &mut [[f64; K]]) + Sync,
+) -> Vec<[f64; K]> {
+    let chunks = rows.div_ceil(REDUCE_ROWS);
+    let partial: Vec<Vec<[f64; K]>> = (0..chunks)
+        .into_par_iter()
+        .map(|ch| {
+            let mut acc = vec![[0.0; K]; c];
+            for r in ch * REDUCE_ROWS..((ch + 1) * REDUCE_ROWS).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![[0.0; K]; c];
+    for p in &partial {
+        for (t, v) in total.iter_mut().zip(p) {
+            for j in 0..K {
+                t[j] += v[j];
+            }
+        }
+    }
+    total
+}
+
+/// Unfolds the k×k windows of an NHWC image batch into rows:
+/// `cols[p, (ky·k + kx)·Cin + ci] = x[n, oy·s + ky − pad, ox·s + kx − pad, ci]` (0 outside),
+/// with p the output pixel `(n·Ho + oy)·Wo + ox`. cols: [N·Ho·Wo, k·k·Cin].
+pub fn im2col<T: Elem>(cols: &mut [T], x: &[T], xs: Nhwc, conv: &Conv2d) {
+    let (ho, wo) = (conv.out_side(xs.h), conv.out_side(xs.w));
+    let (k, cin) = (conv.k, xs.c);
+    let row_len = k * k * cin;
+    cols.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(p, row)| {
+            let (n, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
+            for ky in 0..k {
+                let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
+                for kx in 0..k {
+                    let ix = (ox * conv.stride + kx) as isize - conv.pad as isize;
+                    let dst = &mut row[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
+                    if iy < 0 || ix < 0 || iy >= xs.h as isize || ix >= xs.w as isize {
+                        dst.fill(T::zero());
+                    } else {
+                        let src = ((n * xs.h + iy as usize) * xs.w + ix as usize) * cin;
+                        dst.copy_from_slice(&x[src..src + cin]);
+                    }
+                }
+            }
+        });
+}
+
+/// The adjoint of [`im2col`]: adds every window row back onto the image it came from.
+/// dx is overwritten. Parallel over images, whose gradients are disjoint.
+pub fn col2im<T: Elem>(dx: &mut [T], dcols: &[T], xs: Nhwc, conv: &Conv2d) {
+    let (ho, wo) = (conv.out_side(xs.h), conv.out_side(xs.w));
+    let (k, cin) = (conv.k, xs.c);
+    let row_len = k * k * cin;
+    dx.par_chunks_mut(xs.h * xs.w * cin)
+        .enumerate()
+        .for_each(|(n, img)| {
+            img.fill(T::zero());
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let row = &dcols[((n * ho + oy) * wo + ox) * row_len..][..row_len];
+                    for ky in 0..k {
+                        let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
+                        if iy < 0 || iy >= xs.h as isize {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let ix = (ox * conv.stride + kx) as isize - conv.pad as isize;
+                            if ix < 0 || ix >= xs.w as isize {
+                                continue;
+                            }
+                            let dst = &mut img[(iy as usize * xs.w + ix as usize) * cin..][..cin];
+                            let src = &row[(ky * k + kx) * cin..][..cin];
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                *d += *s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// OIHW → O(HW)I, the weight as the `[Cout, k·k·Cin]` matrix that matches [`im2col`]'s rows.
+fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
+    let (kk, cin) = (conv.k * conv.k, conv.cin);
+    let mut out = vec![T::zero(); w.len()];
+    for co in 0..conv.cout {
+        for ci in 0..cin {
+            for s in 0..kk {
+                out[(co * kk + s) * cin + ci] = w[(co * cin + ci) * kk + s];
+            }
+        }
+    }
+    out
+}
+
+/// Whether the convolution reads its input directly as a `[pixels, Cin]` matrix.
+fn is_pointwise(conv: &Conv2d) -> bool {
+    conv.k == 1 && conv.stride == 1 && conv.pad == 0
+}
+
+impl<T: Elem> Backend<T> for Cpu {
+    type Buf = Vec<T>;
+
+    fn zeros(&self, len: usize) -> Vec<T> {
+        vec![T::zero(); len]
+    }
+    fn from_host(&self, data: &[T]) -> Vec<T> {
+        data.to_vec()
+    }
+    fn to_host(&self, buf: &Vec<T>) -> Vec<T> {
+        buf.clone()
+    }
+    fn fill_zero(&self, buf: &mut Vec<T>) {
+        buf.fill(T::zero());
+    }
+
+    fn conv2d_forward(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        xs: Nhwc,
+        conv: &Conv2d,
+    ) {
+        let ys = conv.out_shape(xs);
+        let (p, kdim) = (ys.pixels(), conv.k * conv.k * conv.cin);
+        assert_eq!(xs.c, conv.cin, "conv2d_forward: input channels");
+        assert_eq!(x.len(), xs.len(), "conv2d_forward: x length");
+        assert_eq!(y.len(), ys.len(), "conv2d_forward: y length");
+        // Start from the bias, then accumulate the GEMM onto it.
+        y.par_chunks_mut(conv.cout)
+            .for_each(|row| row.copy_from_slice(b));
+        if is_pointwise(conv) {
+            // y[p, co] += Σ_ci x[p, ci] · w[co, ci]
+            matmul(
+                y,
+                conv.cout,
+                (x, conv.cin, 1),
+                (w, 1, conv.cin),
+                p,
+                conv.cout,
+                kdim,
+                true,
+            );
+        } else {
+            let mut cols = vec![T::zero(); p * kdim];
+            im2col(&mut cols, x, xs, conv);
+            let wp = weight_oihw_to_ohwi(w, conv);
+            matmul(
+                y,
+                conv.cout,
+                (&cols, kdim, 1),
+                (&wp, 1, kdim),
+                p,
+                conv.cout,
+                kdim,
+                true,
+            );
+        }
+    }
+
+    fn conv2d_backward(
+        &self,
+        dx: Option<&mut Vec<T>>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        xs: Nhwc,
+        conv: &Conv2d,
+    ) {
+        let ys = conv.out_shape(xs);
+        let (p, co, kdim) = (ys.pixels(), conv.cout, conv.k * conv.k * conv.cin);
+        assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
+        // db[co] += Σ_p dy[p, co]
+        let sums = channel_sums::<1>(p, co, |r, acc| {
+            for (a, v) in acc.iter_mut().zip(&dy[r * co..(r + 1) * co]) {
+                a[0] += v.as_f64();
+            }
+        });
+        for (d, s) in db.iter_mut().zip(&sums) {
+            *d += T::cast(s[0]);
+        }
+        if is_pointwise(conv) {
+            // dw[co, ci] += Σ_p dy[p, co] · x[p, ci]
+            matmul(dw, kdim, (dy, 1, co), (x, conv.cin, 1), co, kdim, p, true);
+            if let Some(dx) = dx {
+                // dx[p, ci] = Σ_co dy[p, co] · w[co, ci]
+                matmul(
+                    dx,
+                    conv.cin,
+                    (dy, co, 1),
+                    (w, kdim, 1),
+                    p,
+                    conv.cin,
+                    co,
+                    false,
+                );
+            }
+        } else {
+            let mut cols = vec![T::zero(); p * kdim];
+            im2col(&mut cols, x, xs, conv);
+            // dwp[co, j] = Σ_p dy[p, co] · cols[p, j], then back to OIHW.
+            let mut dwp = vec![T::zero(); co * kdim];
+            matmul(
+                &mut dwp,
+                kdim,
+                (dy, 1, co),
+                (&cols, kdim, 1),
+                co,
+                kdim,
+                p,
+                false,
+            );
+            let (kk, cin) = (conv.k * conv.k, conv.cin);
+            for o in 0..co {
+                for ci in 0..cin {
+                    for s in 0..kk {
+                        dw[(o * cin + ci) * kk + s] += dwp[(o * kk + s) * cin + ci];
+                    }
+                }
+            }
+            if let Some(dx) = dx {
+                // dcols[p, j] = Σ_co dy[p, co] · wp[co, j]; dx = col2im(dcols).
+                let wp = weight_oihw_to_ohwi(w, conv);
+                let dcols = &mut cols; // reuse the buffer
+                matmul(dcols, kdim, (dy, co, 1), (&wp, kdim, 1), p, kdim, co, false);
+                col2im(dx, dcols, xs, conv);
+            }
+        }
+    }
+
+    fn batch_norm_forward_train(
+        &self,
+        y: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        invstd: &mut Vec<T>,
+        running_mean: &mut Vec<T>,
+        running_var: &mut Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) -> anyhow::Result<()> {
+        let (m, c) = (xs.pixels(), xs.c);
+        if m < 2 {
+            anyhow::bail!(
+                "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
+                xs.n, xs.h, xs.w, xs.c
+            );
+        }
+        // Two passes (mean, then squared deviations), as exact as the data allows.
+        let s1 = channel_sums::<1>(m, c, |r, acc| {
+            for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+                a[0] += v.as_f64();
+            }
+        });
+        let mu: Vec<f64> = s1.iter().map(|s| s[0] / m as f64).collect();
+        let s2 = channel_sums::<1>(m, c, |r, acc| {
+            for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
+                let d = v.as_f64() - mu;
+                a[0] += d * d;
+            }
+        });
+        let var: Vec<f64> = s2.iter().map(|s| s[0] / m as f64).collect();
+        let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
+        for ch in 0..c {
+            mean[ch] = T::cast(mu[ch]);
+            invstd[ch] = T::cast(inv[ch]);
+            let unbiased = var[ch] * m as f64 / (m - 1) as f64;
+            running_mean[ch] =
+                T::cast((1.0 - cfg.momentum) * running_mean[ch].as_f64() + cfg.momentum * mu[ch]);
+            running_var[ch] =
+                T::cast((1.0 - cfg.momentum) * running_var[ch].as_f64() + cfg.momentum * unbiased);
+        }
+        // y = (x − μ)·(invstd·γ) + β; subtracting the mean first keeps f32 exact enough when
+        // |μ| is large next to the spread.
+        let mean_t: Vec<T> = mu.iter().map(|&v| T::cast(v)).collect();
+        let scale: Vec<T> = (0..c)
+            .map(|ch| T::cast(inv[ch] * gamma[ch].as_f64()))
+            .collect();
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(yr, xr)| {
+                for ch in 0..c {
+                    yr[ch] = (xr[ch] - mean_t[ch]) * scale[ch] + beta[ch];
+                }
+            });
+        Ok(())
+    }
+
+    fn batch_norm_forward_eval(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &Vec<T>,
+        running_var: &Vec<T>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) {
+        let c = xs.c;
+        let inv: Vec<f64> = running_var
+            .iter()
+            .map(|v| 1.0 / (v.as_f64() + cfg.eps).sqrt())
+            .collect();
+        let scale: Vec<T> = (0..c)
+            .map(|ch| T::cast(inv[ch] * gamma[ch].as_f64()))
+            .collect();
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(yr, xr)| {
+                for ch in 0..c {
+                    yr[ch] = (xr[ch] - running_mean[ch]) * scale[ch] + beta[ch];
+                }
+            });
+    }
+
+    fn batch_norm_backward(
+        &self,
+        dx: &mut Vec<T>,
+        dgamma: &mut Vec<T>,
+        dbeta: &mut Vec<T>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        mean: &Vec<T>,
+        invstd: &Vec<T>,
+        xs: Nhwc,
+    ) {
+        let (m, c) = (xs.pixels(), xs.c);
+        let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
+        let inv: Vec<f64> = invstd.iter().map(|v| v.as_f64()).collect();
+        // Σ dy and Σ dy·x̂ per channel, x̂ = (x − μ)·invstd.
+        let sums = channel_sums::<2>(m, c, |r, acc| {
+            let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
+            for ch in 0..c {
+                let g = dyr[ch].as_f64();
+                acc[ch][0] += g;
+                acc[ch][1] += g * (xr[ch].as_f64() - mu[ch]) * inv[ch];
+            }
+        });
+        for ch in 0..c {
+            dbeta[ch] += T::cast(sums[ch][0]);
+            dgamma[ch] += T::cast(sums[ch][1]);
+        }
+        // dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)) = a·dy + b·(x − μ) + c per channel.
+        let mf = m as f64;
+        let mut a = vec![T::zero(); c];
+        let mut b = vec![T::zero(); c];
+        let mut c0 = vec![T::zero(); c];
+        for ch in 0..c {
+            let k = gamma[ch].as_f64() * inv[ch] / mf;
+            a[ch] = T::cast(k * mf);
+            b[ch] = T::cast(-k * sums[ch][1] * inv[ch]);
+            c0[ch] = T::cast(-k * sums[ch][0]);
+        }
+        dx.par_chunks_mut(c)
+            .zip(dy.par_chunks(c).zip(x.par_chunks(c)))
+            .for_each(|(dxr, (dyr, xr))| {
+                for ch in 0..c {
+                    dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+                }
+            });
+    }
+
+    fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
+        y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| {
+            *y = if *x > T::zero() { *x } else { T::zero() };
+        });
+    }
+
+    fn relu_backward(&self, dy: &mut Vec<T>, y: &Vec<T>) {
+        dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, y)| {
+            if !(*y > T::zero()) {
+                *g = T::zero();
+            }
+        });
+    }
+
+    fn max_pool2d_forward(
+        &self,
+        y: &mut Vec<T>,
+        argmax: &mut Vec<u32>,
+        x: &Vec<T>,
+        xs: Nhwc,
+        pool: &MaxPool2d,
+    ) {
+        let ys = pool.out_shape(xs);
+        let c = xs.c;
+        assert!(
+            xs.len() <= u32::MAX as usize,
+            "max_pool2d: input too large for u32 indices"
+        );
+        argmax.resize(ys.len(), 0);
+        y.par_chunks_mut(c)
+            .zip(argmax.par_chunks_mut(c))
+            .enumerate()
+            .for_each(|(p, (yr, ar))| {
+                let (n, oy, ox) = (p / (ys.h * ys.w), (p / ys.w) % ys.h, p % ys.w);
+                yr.fill(T::neg_infinity());
+                // Scan the window row by row; a later equal value never wins (strict >), so
+                // the first maximum in scan order gets the gradient, as in PyTorch.
+                let mut first = true;
+                for ky in 0..pool.k {
+                    let iy = (oy * pool.stride + ky) as isize - pool.pad as isize;
+                    if iy < 0 || iy >= xs.h as isize {
+                        continue;
+                    }
+                    for kx in 0..pool.k {
+                        let ix = (ox * pool.stride + kx) as isize - pool.pad as isize;
+                        if ix < 0 || ix >= xs.w as isize {
+                            continue;
+                        }
+                        let base = ((n * xs.h + iy as usize) * xs.w + ix as usize) * c;
+                        for ch in 0..c {
+                            let v = x[base + ch];
+                            if first || v > yr[ch] {
+                                yr[ch] = v;
+                                ar[ch] = (base + ch) as u32;
+                            }
+                        }
+                        first = false;
+                    }
+                }
+            });
+    }
+
+    fn max_pool2d_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, argmax: &[u32]) {
+        dx.fill(T::zero());
+        for (g, &i) in dy.iter().zip(argmax) {
+            dx[i as usize] += *g;
+        }
+    }
+
+    fn fork_backward(&self, dx: &mut Vec<T>, parts: &[&Vec<T>]) {
+        dx.par_chunks_mut(4096).enumerate().for_each(|(i, chunk)| {
+            let start = i * 4096;
+            chunk.copy_from_slice(&parts[0][start..start + chunk.len()]);
+            for part in &parts[1..] {
+                for (d, s) in chunk.iter_mut().zip(&part[start..]) {
+                    *d += *s;
+                }
+            }
+        });
+    }
+
+    fn concat_forward(&self, y: &mut Vec<T>, parts: &[&Vec<T>], channels: &[usize]) {
+        let total: usize = channels.iter().sum();
+        y.par_chunks_mut(total).enumerate().for_each(|(p, row)| {
+            let mut off = 0;
+            for (part, &c) in parts.iter().zip(channels) {
+                row[off..off + c].copy_from_slice(&part[p * c..(p + 1) * c]);
+                off += c;
+            }
+        });
+    }
+
+    fn concat_backward(&self, dparts: &mut [&mut Vec<T>], dy: &Vec<T>, channels: &[usize]) {
+        let total: usize = channels.iter().sum();
+        let mut off = 0;
+        for (part, &c) in dparts.iter_mut().zip(channels) {
+            part.par_chunks_mut(c)
+                .zip(dy.par_chunks(total))
+                .for_each(|(d, row)| d.copy_from_slice(&row[off..off + c]));
+            off += c;
+        }
+    }
+
+    fn avg_pool2d_forward(&self, y: &mut Vec<T>, x: &Vec<T>, xs: Nhwc) {
+        let (ho, wo, c) = (xs.h / 2, xs.w / 2, xs.c);
+        let quarter = T::cast(0.25);
+        y.par_chunks_mut(c).enumerate().for_each(|(p, yr)| {
+            let (n, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
+            let at = |dy: usize, dx: usize| ((n * xs.h + 2 * oy + dy) * xs.w + 2 * ox + dx) * c;
+            let (a, b, cc, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+            for ch in 0..c {
+                yr[ch] = (x[a + ch] + x[b + ch] + x[cc + ch] + x[d + ch]) * quarter;
+            }
+        });
+    }
+
+    fn avg_pool2d_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, xs: Nhwc) {
+        let (ho, wo, c) = (xs.h / 2, xs.w / 2, xs.c);
+        let quarter = T::cast(0.25);
+        dx.par_chunks_mut(c).enumerate().for_each(|(p, dxr)| {
+            let (n, iy, ix) = (p / (xs.h * xs.w), (p / xs.w) % xs.h, p % xs.w);
+            let (oy, ox) = (iy / 2, ix / 2);
+            if oy >= ho || ox >= wo {
+                dxr.fill(T::zero()); // an odd last row or column is not pooled
+                return;
+            }
+            let src = ((n * ho + oy) * wo + ox) * c;
+            for ch in 0..c {
+                dxr[ch] = dy[src + ch] * quarter;
+            }
+        });
+    }
+
+    fn linear_forward(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    ) {
+        for row in y.chunks_mut(fout) {
+            row.copy_from_slice(b);
+        }
+        // y[i, o] += Σ_j x[i, j] · w[o, j]
+        matmul(y, fout, (x, fin, 1), (w, 1, fin), n, fout, fin, true);
+    }
+
+    fn linear_backward(
+        &self,
+        dx: Option<&mut Vec<T>>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    ) {
+        for o in 0..fout {
+            let s: f64 = (0..n).map(|i| dy[i * fout + o].as_f64()).sum();
+            db[o] += T::cast(s);
+        }
+        // dw[o, j] += Σ_i dy[i, o] · x[i, j]
+        matmul(dw, fin, (dy, 1, fout), (x, fin, 1), fout, fin, n, true);
+        if let Some(dx) = dx {
+            // dx[i, j] = Σ_o dy[i, o] · w[o, j]
+            matmul(dx, fin, (dy, fout, 1), (w, fin, 1), n, fin, fout, false);
+        }
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        probs: &mut Vec<T>,
+        logits: &Vec<T>,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) -> f64 {
+        let n = labels.len();
+        let mut total = 0.0;
+        for (i, &label) in labels.iter().enumerate() {
+            let z = &logits[i * k..(i + 1) * k];
+            let zmax = z.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.as_f64()));
+            let sum_exp: f64 = z.iter().map(|v| (v.as_f64() - zmax).exp()).sum();
+            let lse = zmax + sum_exp.ln();
+            let label = label as usize;
+            assert!(
+                label < k,
+                "cross_entropy: label {label} out of range 0..{k}"
+            );
+            // −log p_y, and with smoothing the mean of −log p over all classes too.
+            let nll = lse - z[label].as_f64();
+            let mean_nll = lse - z.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
+            total += (1.0 - smoothing) * nll + smoothing * mean_nll;
+            for (p, v) in probs[i * k..(i + 1) * k].iter_mut().zip(z) {
+                *p = T::cast((v.as_f64() - lse).exp());
+            }
+        }
+        total / n as f64
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Vec<T>,
+        probs: &Vec<T>,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) {
+        let n = labels.len() as f64;
+        for (i, &label) in labels.iter().enumerate() {
+            for j in 0..k {
+                let target = smoothing / k as f64
+                    + if j == label as usize {
+                        1.0 - smoothing
+                    } else {
+                        0.0
+                    };
+                dlogits[i * k + j] = T::cast((probs[i * k + j].as_f64() - target) / n);
+            }
+        }
+    }
+
+    fn sgd_step(
+        &self,
+        param: &mut Vec<T>,
+        grad: &Vec<T>,
+        momentum_buf: &mut Vec<T>,
+        first_step: bool,
+        opt: &Sgd,
+    ) {
+        let (lr, mu, wd) = (
+            T::cast(opt.lr),
+            T::cast(opt.momentum),
+            T::cast(opt.weight_decay),
+        );
+        for ((p, g), b) in param.iter_mut().zip(grad).zip(momentum_buf.iter_mut()) {
+            let g = *g + wd * *p;
+            let step = if opt.momentum == 0.0 {
+                g
+            } else {
+                *b = if first_step { g } else { mu * *b + g };
+                if opt.nesterov {
+                    g + mu * *b
+                } else {
+                    *b
+                }
+            };
+            *p -= lr * step;
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Every op of the network, listed once as a forward/backward pair.
+//!
+//! [`Backend`] is the index of the ops: the CPU reference in [`cpu`] implements it, and so does
+//! any accelerated backend. Activations are NHWC (`[N, H, W, C]`, the channel fastest), which
+//! makes a 1×1 convolution a plain GEMM and the channel concat of an Inception block a set of
+//! column slices. Parameters keep PyTorch's layouts (conv weights OIHW, linear weights
+//! `[out, in]`) so they load and save under PyTorch's names and shapes without conversion.
+
+pub mod cpu;
+
+use std::fmt::Debug;
+
+/// A floating-point element the backends compute in: `f32` for training, `f64` for the
+/// finite-difference checks of every backward.
+pub trait Elem:
+    num_traits::Float
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + Default
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Safetensors dtype name (`F32`, `F64`).
+    const DTYPE: safetensors::Dtype;
+    fn cast(v: f64) -> Self;
+    fn as_f64(self) -> f64;
+}
+
+impl Elem for f32 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::F32;
+    fn cast(v: f64) -> Self {
+        v as f32
+    }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Elem for f64 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::F64;
+    fn cast(v: f64) -> Self {
+        v
+    }
+    fn as_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Shape of an NHWC activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nhwc {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Nhwc {
+    pub fn new(n: usize, h: usize, w: usize, c: usize) -> Self {
+        Nhwc { n, h, w, c }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.n * self.h * self.w * self.c
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Number of pixels, `N·H·W`: the rows of the activation seen as a `[pixels, C]` matrix.
+    pub fn pixels(&self) -> usize {
+        self.n * self.h * self.w
+    }
+}
+
+/// A 2-D convolution: cross-correlation with zero padding, PyTorch's `Conv2d` with a bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Conv2d {
+    /// Output side for an input side, as PyTorch computes it.
+    pub fn out_side(&self, side: usize) -> usize {
+        (side + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub fn out_shape(&self, x: Nhwc) -> Nhwc {
+        Nhwc::new(x.n, self.out_side(x.h), self.out_side(x.w), self.cout)
+    }
+    /// Elements of the OIHW weight.
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.cin * self.k * self.k
+    }
+}
+
+/// A square max pooling window; padding counts as −∞.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool2d {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl MaxPool2d {
+    pub fn out_side(&self, side: usize) -> usize {
+        (side + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub fn out_shape(&self, x: Nhwc) -> Nhwc {
+        Nhwc::new(x.n, self.out_side(x.h), self.out_side(x.w), x.c)
+    }
+}
+
+/// BatchNorm2d's hyper-parameters (PyTorch defaults: eps 1e-5, momentum 0.1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormCfg {
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl Default for BatchNormCfg {
+    fn default() -> Self {
+        BatchNormCfg {
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+}
+
+/// SGD with momentum as `torch.optim.SGD` defines it (dampening 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+}
+
+/// Every op as a forward/backward pair. Buffers are flat; shapes travel beside them.
+///
+/// Backward ops that produce parameter gradients *accumulate* into them (`+=`), as autograd
+/// does, so the caller zeroes gradients once per step. Input gradients are overwritten.
+pub trait Backend<T: Elem>: Sync {
+    /// A flat buffer of `T` owned by this backend.
+    type Buf: Send + Sync;
+
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn from_host(&self, data: &[T]) -> Self::Buf;
+    fn to_host(&self, buf: &Self::Buf) -> Vec<T>;
+    /// Sets every element to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf);
+
+    /// `y = conv2d(x, w) + b`. x: [N,H,W,Cin], w: [Cout,Cin,k,k], b: [Cout], y: [N,Ho,Wo,Cout].
+    fn conv2d_forward(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        xs: Nhwc,
+        conv: &Conv2d,
+    );
+    /// dx = ∂L/∂x (when asked for), dw += ∂L/∂w, db += ∂L/∂b.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        xs: Nhwc,
+        conv: &Conv2d,
+    );
+
+    /// Training-mode BatchNorm over the N·H·W pixels of each channel: normalises with the batch
+    /// mean and biased variance, saves `mean` and `invstd` ([C] each) for the backward, and
+    /// updates the running statistics with PyTorch's rule (unbiased variance).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_forward_train(
+        &self,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        invstd: &mut Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) -> anyhow::Result<()>;
+    /// Eval-mode BatchNorm with the running statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_forward_eval(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    );
+    /// Backward of the training-mode forward: dx, dgamma +=, dbeta +=.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        invstd: &Self::Buf,
+        xs: Nhwc,
+    );
+
+    /// `y = max(x, 0)`.
+    fn relu_forward(&self, y: &mut Self::Buf, x: &Self::Buf);
+    /// `dy *= [y > 0]`, in place (PyTorch masks with the output).
+    fn relu_backward(&self, dy: &mut Self::Buf, y: &Self::Buf);
+
+    /// Max pooling; `argmax` receives, per output, the flat input index that won (first maximum
+    /// in scan order).
+    fn max_pool2d_forward(
+        &self,
+        y: &mut Self::Buf,
+        argmax: &mut Vec<u32>,
+        x: &Self::Buf,
+        xs: Nhwc,
+        pool: &MaxPool2d,
+    );
+    /// dx = scatter-add of dy to the winners.
+    fn max_pool2d_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, argmax: &[u32]);
+
+    /// The backward of feeding one tensor to several branches: dx = Σ parts, summed in the
+    /// order given (so the result does not depend on which branch finished first).
+    fn fork_backward(&self, dx: &mut Self::Buf, parts: &[&Self::Buf]);
+
+    /// Joins NHWC tensors that share N·H·W along channels: y: [pixels, Σc].
+    fn concat_forward(&self, y: &mut Self::Buf, parts: &[&Self::Buf], channels: &[usize]);
+    /// Splits the joined gradient back into one gradient per part.
+    fn concat_backward(&self, dparts: &mut [&mut Self::Buf], dy: &Self::Buf, channels: &[usize]);
+
+    /// `avg_pool2d(x, 2)`: mean of each 2×2 window (stride 2, no padding, floor).
+    fn avg_pool2d_forward(&self, y: &mut Self::Buf, x: &Self::Buf, xs: Nhwc);
+    fn avg_pool2d_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, xs: Nhwc);
+
+    /// `y = x·Wᵀ + b`. x: [N,In], w: [Out,In], y: [N,Out].
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    );
+    /// dx (when asked for), dw +=, db +=.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    );
+
+    /// Mean softmax cross-entropy over the batch with label smoothing `smoothing` (0 = none).
+    /// Returns the loss; `probs` keeps the softmax for the backward. logits: [N,K].
+    fn cross_entropy_forward(
+        &self,
+        probs: &mut Self::Buf,
+        logits: &Self::Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) -> f64;
+    /// dlogits = (softmax − target) / N.
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Self::Buf,
+        probs: &Self::Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    );
+
+    /// One SGD step over a parameter tensor. On the first step (`first_step`) the momentum
+    /// buffer is set to the gradient, as PyTorch does, instead of being decayed.
+    fn sgd_step(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        momentum_buf: &mut Self::Buf,
+        first_step: bool,
+        opt: &Sgd,
+    );
+}

@@ -1,0 +1,28 @@
+//! # incept
+//!
+//! Trains the Inception-style CNN of the seed article (`InceptionNetSmall`) on CIFAR-10.
+//!
+//! ## Map
+//! - [`model`]: the network as data ([`model::ModelSpec`]: layers, Inception blocks, branches,
+//!   PyTorch module names) and [`model::net::Net`], the network instantiated on a backend.
+//! - [`backend`]: the [`backend::Backend`] trait, every op as a forward/backward pair, and the
+//!   CPU reference implementation [`backend::cpu::Cpu`] (NHWC, GEMM-based convolutions, rayon).
+//! - [`schedule`]: runs the branches of each Inception block, in sequence or concurrently.
+//! - [`checkpoint`]: safetensors files with PyTorch's names and shapes (NCHW/OIHW).
+//! - [`bench`]: the `incept bench` measurements.
+//!
+//! ## One training step
+//! 1. The batch (NHWC) is uploaded to the backend.
+//! 2. Forward: each layer writes its own output; an Inception block hands its input to the
+//!    scheduler, which runs the four branches, then joins their outputs along channels.
+//! 3. Loss: softmax cross-entropy, mean over the batch.
+//! 4. Backward: the same walk reversed; a block splits the gradient of its output among the
+//!    branches, runs them, and sums their input gradients in branch order.
+//! 5. SGD with momentum (PyTorch semantics) updates every parameter.
+
+pub mod backend;
+pub mod bench;
+pub mod checkpoint;
+pub mod layout;
+pub mod model;
+pub mod schedule;
