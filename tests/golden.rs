@@ -17,13 +17,22 @@ use incept::model::net::{HostTensor, Net};
 use incept::model::ModelSpec;
 use std::path::PathBuf;
 
-fn fixture() -> PathBuf {
-    std::env::var_os("INCEPT_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/seed_inception_small.safetensors")
-        })
+/// The fixtures to check: `INCEPT_GOLDEN` if set, else every `.safetensors` in
+/// `tests/fixtures/` (the default file, and one written with `--seed 3 --batch 4 --steps 5
+/// --lr 0.1 --nesterov`).
+fn fixtures() -> Vec<PathBuf> {
+    if let Some(p) = std::env::var_os("INCEPT_GOLDEN") {
+        return vec![PathBuf::from(p)];
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/fixtures")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no fixtures in {}", dir.display());
+    files
 }
 
 fn meta(file: &TensorFile, key: &str) -> String {
@@ -94,6 +103,12 @@ fn tols_f32() -> Tols {
     }
 }
 
+/// The fixture's SGD steps ran on the float64 input, which the file stores rounded to float32.
+/// Over several steps that 6e-8 perturbation grows: PyTorch float64 started from the stored
+/// input lands exactly where we do, and (batch 16, 4 steps, lr 0.02) 3.7e-6 off in the last
+/// loss, 4.5e-5 in the eval logits and 2.2e-3 (relative L2) in BN biases, which start at 0.
+const STEPS_WHY: &str = "the steps amplify the f32 rounding of the stored input (PyTorch f64 too)";
+
 fn tols_f64() -> Tols {
     let t = Tol::new(
         1e-6,
@@ -115,19 +130,9 @@ fn tols_f64() -> Tols {
             "exact value 0: only rounding noise on both sides",
         ),
         loss: t,
-        trace: t,
-        after: Check::Elem(Tol::scaled(
-            1e-7,
-            2e-6,
-            1e-6,
-            "f64 compute; weights and stats stored as f32",
-        )),
-        eval: Check::Elem(Tol::scaled(
-            1e-6,
-            2e-6,
-            1e-6,
-            "f64 compute; logits stored as f32",
-        )),
+        trace: Tol::new(1e-5, 1e-4, STEPS_WHY),
+        after: Check::L2(1e-2, STEPS_WHY),
+        eval: Check::L2(1e-3, STEPS_WHY),
     }
 }
 
@@ -138,9 +143,14 @@ fn check(rep: &mut Report, name: &str, got: &[f64], want: &[f64], c: Check) {
     }
 }
 
-fn run_golden<T: Elem>(tols: Tols, what: &str) {
-    let path = fixture();
-    let file = TensorFile::open(&path).unwrap_or_else(|e| panic!("{e:#}"));
+fn run_golden<T: Elem>(tols: &Tols, what: &str) {
+    for path in fixtures() {
+        run_fixture::<T>(&path, tols, what);
+    }
+}
+
+fn run_fixture<T: Elem>(path: &std::path::Path, tols: &Tols, what: &str) {
+    let file = TensorFile::open(path).unwrap_or_else(|e| panic!("{e:#}"));
     let batch: usize = meta(&file, "batch").parse().expect("batch");
     let steps: usize = meta(&file, "steps").parse().expect("steps");
     let opt = Sgd {
@@ -261,10 +271,10 @@ fn run_golden<T: Elem>(tols: Tols, what: &str) {
 
 #[test]
 fn golden_f32() {
-    run_golden::<f32>(tols_f32(), "golden f32");
+    run_golden::<f32>(&tols_f32(), "golden f32");
 }
 
 #[test]
 fn golden_f64() {
-    run_golden::<f64>(tols_f64(), "golden f64");
+    run_golden::<f64>(&tols_f64(), "golden f64");
 }

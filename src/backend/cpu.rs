@@ -187,10 +187,10 @@ impl<T: Elem> Backend<T> for Cpu {
     fn zeros(&self, len: usize) -> Vec<T> {
         vec![T::zero(); len]
     }
-    fn from_host(&self, data: &[T]) -> Vec<T> {
+    fn upload(&self, data: &[T]) -> Vec<T> {
         data.to_vec()
     }
-    fn to_host(&self, buf: &Vec<T>) -> Vec<T> {
+    fn download(&self, buf: &Vec<T>) -> Vec<T> {
         buf.clone()
     }
     fn fill_zero(&self, buf: &mut Vec<T>) {
@@ -459,7 +459,7 @@ impl<T: Elem> Backend<T> for Cpu {
 
     fn relu_backward(&self, dy: &mut Vec<T>, y: &Vec<T>) {
         dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, y)| {
-            if !(*y > T::zero()) {
+            if *y <= T::zero() {
                 *g = T::zero();
             }
         });

@@ -151,8 +151,8 @@ pub trait Backend<T: Elem>: Sync {
     type Buf: Send + Sync;
 
     fn zeros(&self, len: usize) -> Self::Buf;
-    fn from_host(&self, data: &[T]) -> Self::Buf;
-    fn to_host(&self, buf: &Self::Buf) -> Vec<T>;
+    fn upload(&self, data: &[T]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<T>;
     /// Sets every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf);
 

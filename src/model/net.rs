@@ -108,7 +108,7 @@ fn param<T: Elem, B: Backend<T>>(be: &B, value: Vec<T>) -> Param<B::Buf> {
     Param {
         grad: be.zeros(value.len()),
         momentum: be.zeros(value.len()),
-        value: be.from_host(&value),
+        value: be.upload(&value),
     }
 }
 
@@ -133,7 +133,7 @@ fn build<T: Elem, B: Backend<T>>(
                         w: param(be, vec![T::one(); c]),
                         b: param(be, vec![T::zero(); c]),
                         running_mean: be.zeros(c),
-                        running_var: be.from_host(&vec![T::one(); c]),
+                        running_var: be.upload(&vec![T::one(); c]),
                         num_batches_tracked: 0,
                         mean: be.zeros(c),
                         invstd: be.zeros(c),
@@ -527,7 +527,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             );
         }
         self.input = Act {
-            buf: self.be.from_host(x),
+            buf: self.be.upload(x),
             shape,
         };
         let ctx = Ctx {
@@ -537,7 +537,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             schedule: self.schedule,
         };
         forward_seq(&mut self.nodes, &self.input, &ctx)?;
-        Ok(self.be.to_host(&last_out(&self.nodes, &self.input).buf))
+        Ok(self.be.download(&last_out(&self.nodes, &self.input).buf))
     }
 
     /// Mean cross-entropy of the last forward's logits against `labels` (label smoothing
@@ -632,7 +632,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         for node in &self.nodes {
             node.find(path, &prefix, &mut found);
         }
-        found.map(|a| (self.be.to_host(&a.buf), a.shape))
+        found.map(|a| (self.be.download(&a.buf), a.shape))
     }
 
     /// Every named tensor with its value, in `state_dict()` order (parameters, running
@@ -643,8 +643,8 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         let mut values = Vec::with_capacity(infos.len());
         visit_nodes(&mut self.nodes, &mut |_, slot| {
             values.push(match slot {
-                Slot::Param(p) => HostTensor::Float(be.to_host(&p.value)),
-                Slot::RunningStat(s) => HostTensor::Float(be.to_host(s)),
+                Slot::Param(p) => HostTensor::Float(be.download(&p.value)),
+                Slot::RunningStat(s) => HostTensor::Float(be.download(s)),
                 Slot::Count(c) => HostTensor::Int(*c),
             })
         });
@@ -657,7 +657,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         let mut out = Vec::new();
         visit_nodes(&mut self.nodes, &mut |name, slot| {
             if let Slot::Param(p) = slot {
-                out.push((name, be.to_host(&p.grad)));
+                out.push((name, be.download(&p.grad)));
             }
         });
         out
@@ -689,8 +689,8 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         let be = &self.be;
         let mut it = loaded.into_iter();
         visit_nodes(&mut self.nodes, &mut |_, slot| match (slot, it.next()) {
-            (Slot::Param(p), Some(HostTensor::Float(v))) => p.value = be.from_host(&v),
-            (Slot::RunningStat(s), Some(HostTensor::Float(v))) => *s = be.from_host(&v),
+            (Slot::Param(p), Some(HostTensor::Float(v))) => p.value = be.upload(&v),
+            (Slot::RunningStat(s), Some(HostTensor::Float(v))) => *s = be.upload(&v),
             (Slot::Count(c), Some(HostTensor::Int(v))) => *c = v,
             _ => unreachable!("visit order matches ModelSpec::tensors"),
         });

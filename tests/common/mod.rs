@@ -67,7 +67,7 @@ pub fn compare(name: &str, got: &[f64], want: &[f64], tol: Tol) -> Result<Worst,
         } else {
             diff / (atol + tol.rtol * w.abs())
         };
-        if !(ratio <= worst.ratio) {
+        if ratio > worst.ratio || ratio.is_nan() {
             worst = Worst {
                 index: i,
                 got: g,
