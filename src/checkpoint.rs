@@ -150,6 +150,13 @@ impl OwnedTensor {
             bytes: values.into_iter().flat_map(f32::to_le_bytes).collect(),
         }
     }
+    pub fn f64(shape: Vec<usize>, values: impl IntoIterator<Item = f64>) -> Self {
+        OwnedTensor {
+            dtype: Dtype::F64,
+            shape,
+            bytes: values.into_iter().flat_map(f64::to_le_bytes).collect(),
+        }
+    }
     pub fn i64(shape: Vec<usize>, values: impl IntoIterator<Item = i64>) -> Self {
         OwnedTensor {
             dtype: Dtype::I64,

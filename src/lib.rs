@@ -9,7 +9,11 @@
 //!   CPU reference implementation [`backend::cpu::Cpu`] (NHWC, GEMM-based convolutions, rayon).
 //! - [`schedule`]: runs the branches of each Inception block, in sequence or concurrently.
 //! - [`checkpoint`]: safetensors files with PyTorch's names and shapes (NCHW/OIHW).
+//! - [`train`]: the training loop (epochs, LR schedule [`sched`], eval, metrics, checkpoints
+//!   that resume exactly); [`report`] draws a run's curves.
 //! - [`bench`]: the `incept bench` measurements.
+//! - [`data`]: CIFAR-10 binary files (memory-mapped, validated), augmented NHWC batches,
+//!   synthetic data for tests, `incept data check`, and the verified download.
 //!
 //! ## One training step
 //! 1. The batch (NHWC) is uploaded to the backend.
@@ -23,6 +27,10 @@
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
 pub mod layout;
 pub mod model;
+pub mod report;
+pub mod sched;
 pub mod schedule;
+pub mod train;

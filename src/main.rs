@@ -4,31 +4,89 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use incept::bench::{bench_cpu, BenchOpts};
 use incept::schedule::BranchSchedule;
+use incept::train::{self, Outcome, TrainConfig};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 
 #[derive(Parser)]
 #[command(
     name = "incept",
     version,
-    about = "Train Inception-style CNNs on CIFAR-10"
+    about = "Train Inception-style CNNs on CIFAR-10",
+    after_help = "With no subcommand, `incept` runs `incept train` with the default recipe."
 )]
 struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Train on CIFAR-10 (the default command).
+    Train(Box<TrainConfig>),
+    /// Test accuracy and confusion matrix of a checkpoint.
+    Eval(EvalArgs),
+    /// Draw a run's loss and accuracy curves to RUN/curves.svg.
+    Report {
+        /// The run folder (holds summary.csv).
+        run: PathBuf,
+    },
+    /// Dataset tools.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Measure training and inference images/s of the seed model on random data.
     Bench(BenchArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Schedule {
-    /// Branches of a block one after another.
-    Sequential,
-    /// Branches of a block concurrently.
-    Concurrent,
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a small synthetic dataset with learnable classes, in the CIFAR-10 binary format.
+    Synth {
+        /// Folder to write data_batch_1..5.bin and test_batch.bin into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training images (spread over the five batch files).
+        #[arg(long, default_value_t = 5000)]
+        train: usize,
+        /// Test images.
+        #[arg(long, default_value_t = 1000)]
+        test: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Print the images per class of a CIFAR-10 folder and any problem found.
+    Check {
+        #[arg(default_value = "data/cifar-10-batches-bin")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Checkpoint to evaluate (incept's, or the seed PyTorch model's state_dict in safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Folder holding test_batch.bin.
+    #[arg(long, default_value = "data/cifar-10-batches-bin")]
+    data_dir: PathBuf,
+    /// Images per step.
+    #[arg(short = 'b', long, default_value_t = 500)]
+    batch_size: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads (default: all cores).
+    #[arg(short = 'j', long = "workers", alias = "threads")]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -46,20 +104,27 @@ struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     /// CPU threads (default: all cores).
-    #[arg(long, short = 'j', alias = "workers")]
+    #[arg(short = 'j', long = "workers", alias = "threads")]
     threads: Option<usize>,
     /// How the branches of each Inception block run.
     #[arg(long, value_enum, default_value = "concurrent")]
-    schedule: Schedule,
+    branches: BranchSchedule,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
+/// Flags of `incept train`, for running it when no subcommand is given.
+#[derive(Parser)]
+struct TrainDefaults {
+    #[command(flatten)]
+    cfg: TrainConfig,
+}
+
 fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(t) = threads {
         if t == 0 {
-            bail!("--threads must be at least 1");
+            bail!("--workers must be at least 1");
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -70,12 +135,7 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    if args.device != "cpu" {
-        bail!(
-            "--device {}: this build has only the CPU backend; use --device cpu",
-            args.device
-        );
-    }
+    train::check_device(&args.device)?;
     if args.batch_size < 2 {
         bail!(
             "--batch-size must be at least 2 (BatchNorm needs two values per channel in training)"
@@ -85,15 +145,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     set_threads(args.threads)?;
-    let schedule = match args.schedule {
-        Schedule::Sequential => BranchSchedule::Sequential,
-        Schedule::Concurrent => BranchSchedule::Concurrent,
-    };
     let r = bench_cpu(&BenchOpts {
         batch: args.batch_size,
         warmup: args.warmup,
         steps: args.steps,
-        schedule,
+        schedule: args.branches,
     })?;
     if args.json {
         println!("{}", r.to_json());
@@ -111,25 +167,110 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Bench(args)) => bench(args),
-        None => {
-            use clap::CommandFactory;
-            let _ = Cli::command().print_help();
-            Ok(())
+fn eval(args: EvalArgs) -> Result<()> {
+    use incept::backend::cpu::Cpu;
+    use incept::model::{net::Net, ModelSpec};
+    train::check_device(&args.device)?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    set_threads(args.threads)?;
+    let test = incept::data::Cifar10::open(&args.data_dir, incept::data::Split::Test)?;
+    let mut net: Net<f32, Cpu> = Net::new(ModelSpec::inception_net_small(), Cpu, 0)?;
+    let file = incept::checkpoint::TensorFile::open(&args.checkpoint)?;
+    incept::checkpoint::load_model(&mut net, &file, "")?;
+    let r = train::evaluate(&mut net, &test, args.batch_size)?;
+    println!("checkpoint {}", args.checkpoint.display());
+    println!(
+        "test images {}  loss {:.4}  accuracy {:.2}%",
+        r.images,
+        r.loss,
+        r.accuracy * 100.0
+    );
+    println!("\nconfusion matrix (rows: true class, columns: predicted)");
+    let names = incept::data::CLASSES;
+    print!("{:>11}", "");
+    for n in names {
+        print!("{:>6}", &n[..n.len().min(5)]);
+    }
+    println!("{:>8}", "acc");
+    for (i, row) in r.confusion.iter().enumerate() {
+        print!("{:>11}", names[i]);
+        for v in row {
+            print!("{v:>6}");
         }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+        let total: u64 = row.iter().sum();
+        let acc = if total > 0 {
+            row[i] as f64 / total as f64 * 100.0
+        } else {
+            f64::NAN
+        };
+        println!("{acc:>7.1}%");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Train(Box::new(TrainDefaults::parse_from(["incept"]).cfg)));
+    match command {
+        Command::Train(cfg) => {
+            set_threads(cfg.threads)?;
+            let (run_dir, outcome) = train::train(&cfg)?;
+            if outcome == Outcome::Interrupted {
+                eprintln!(
+                    "interrupted; continue with: incept train --resume {}",
+                    run_dir.join("last.safetensors").display()
+                );
+                return Ok(ExitCode::from(130));
+            }
+            println!("run folder: {}", run_dir.display());
+        }
+        Command::Eval(args) => eval(args)?,
+        Command::Report { run } => println!("{}", incept::report::report(&run)?.display()),
+        Command::Data(DataCommand::Synth {
+            out,
+            train,
+            test,
+            seed,
+        }) => {
+            incept::data::write_synthetic(&out, train, test, seed)?;
+            println!(
+                "wrote {train} training and {test} test images to {}",
+                out.display()
+            );
+        }
+        Command::Data(DataCommand::Check { dir }) => print!("{}", incept::data::check(&dir)?),
+        Command::Bench(args) => bench(args)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    // First Ctrl-C: finish the step, save, exit 130. Second: exit at once (checkpoints are
+    // written atomically, so none is left half-written).
+    let _ = ctrlc::set_handler(|| {
+        if train::STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing the current step and saving a checkpoint (again to quit now)"
+        );
+    });
+    match run(cli) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

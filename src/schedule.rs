@@ -8,7 +8,18 @@
 use rayon::prelude::*;
 
 /// How the branches of a block are run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum BranchSchedule {
     /// One branch after another, in order.
     Sequential,

@@ -453,7 +453,8 @@ impl<T: Elem> Backend<T> for Cpu {
 
     fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
         y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| {
-            *y = if *x > T::zero() { *x } else { T::zero() };
+            // `x < 0` rather than `x <= 0`: NaN passes through, as in PyTorch.
+            *y = if *x < T::zero() { T::zero() } else { *x };
         });
     }
 
@@ -502,7 +503,8 @@ impl<T: Elem> Backend<T> for Cpu {
                         let base = ((n * xs.h + iy as usize) * xs.w + ix as usize) * c;
                         for ch in 0..c {
                             let v = x[base + ch];
-                            if first || v > yr[ch] {
+                            // NaN wins, so it propagates as in PyTorch.
+                            if first || v > yr[ch] || v.is_nan() {
                                 yr[ch] = v;
                                 ar[ch] = (base + ch) as u32;
                             }

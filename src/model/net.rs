@@ -663,6 +663,49 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         out
     }
 
+    /// Every SGD momentum buffer, in `state_dict()` order of its parameter.
+    pub fn momentum(&mut self) -> Vec<(String, Vec<T>)> {
+        let be = &self.be;
+        let mut out = Vec::new();
+        visit_nodes(&mut self.nodes, &mut |name, slot| {
+            if let Slot::Param(p) = slot {
+                out.push((name, be.download(&p.momentum)));
+            }
+        });
+        out
+    }
+
+    /// Replaces every momentum buffer with what `get(name, len)` returns; all or nothing.
+    pub fn set_momentum(
+        &mut self,
+        mut get: impl FnMut(&str, usize) -> Result<Vec<T>>,
+    ) -> Result<()> {
+        let mut loaded = Vec::new();
+        for info in self.spec.tensors() {
+            if info.kind == TensorKind::Param {
+                let v = get(&info.name, info.numel())?;
+                if v.len() != info.numel() {
+                    bail!(
+                        "momentum of {} has {} values, expected {}",
+                        info.name,
+                        v.len(),
+                        info.numel()
+                    );
+                }
+                loaded.push(v);
+            }
+        }
+        let be = &self.be;
+        let mut it = loaded.into_iter();
+        visit_nodes(&mut self.nodes, &mut |_, slot| {
+            if let Slot::Param(p) = slot {
+                let v = it.next().expect("one buffer per parameter, checked above");
+                p.momentum = be.upload(&v);
+            }
+        });
+        Ok(())
+    }
+
     /// Replaces every named tensor with the one `get` returns for it; `get` sees the expected
     /// name, shape and kind and reports a missing or mismatched tensor as an error.
     pub fn load_state(

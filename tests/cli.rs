@@ -1,0 +1,428 @@
+//! End to end through the `incept` binary on a synthetic dataset in the real CIFAR-10 format:
+//! training, run folder contents, eval, report, exact resume (also after Ctrl-C), bad input.
+
+use incept::checkpoint::TensorFile;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+fn incept() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_incept"));
+    c.env("RUST_LOG", "info");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    incept().args(args).output().expect("run incept")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "incept {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+/// A fresh scratch folder per test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("incept-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One synthetic dataset shared by the tests (written through the binary).
+fn dataset() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch("data");
+        ok(&[
+            "data",
+            "synth",
+            "--out",
+            d.to_str().unwrap(),
+            "--train",
+            "1200",
+            "--test",
+            "400",
+            "--seed",
+            "5",
+        ]);
+        d
+    })
+}
+
+fn train_args<'a>(out: &'a str, exp: &'a str, epochs: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data-dir",
+        dataset().to_str().unwrap(),
+        "--output",
+        out,
+        "--experiment",
+        exp,
+        "--epochs",
+        epochs,
+        "-b",
+        "64",
+        "--lr",
+        "0.05",
+        "--sched",
+        "step",
+        "--decay-epochs",
+        "1",
+        "--decay-rate",
+        "0.5",
+        "--log-interval",
+        "1",
+        "--seed",
+        "3",
+    ]
+}
+
+/// Every tensor of a safetensors file, as raw bytes by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let f = TensorFile::open(path).unwrap();
+    let st = f.tensors().unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_same_weights(a: &Path, b: &Path) {
+    for file in ["last.safetensors", "last.state.safetensors"] {
+        let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
+        assert_eq!(ta.len(), tb.len());
+        for ((na, va), (nb, vb)) in ta.iter().zip(&tb) {
+            assert_eq!(na, nb);
+            assert!(
+                va == vb,
+                "{file}: {na} differs between {} and {}",
+                a.display(),
+                b.display()
+            );
+        }
+    }
+}
+
+fn summary(run: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(run.join("summary.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn train_eval_report_and_exact_resume() {
+    let out = scratch("runs");
+    let o = out.to_str().unwrap();
+    // Two epochs straight.
+    ok(&train_args(o, "straight", "2"));
+    let straight = out.join("straight");
+    for f in [
+        "summary.csv",
+        "metrics.jsonl",
+        "args.json",
+        "last.safetensors",
+        "last.state.safetensors",
+        "best.safetensors",
+    ] {
+        assert!(straight.join(f).is_file(), "run folder lacks {f}");
+    }
+    let rows = summary(&straight);
+    assert_eq!(
+        rows[0].join(","),
+        "epoch,lr,train_loss,train_acc,test_loss,test_acc,img_per_s,seconds"
+    );
+    assert_eq!(rows.len(), 3, "a row per epoch");
+    let test_acc: f64 = rows[2][5].parse().unwrap();
+    assert!(
+        test_acc > 0.5,
+        "test accuracy {test_acc} after 2 epochs is not far above chance (0.1)"
+    );
+    let jsonl = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(jsonl.lines().last().unwrap()).unwrap();
+    assert_eq!(last["epoch"], 2);
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["batch_size"], 64);
+    assert_eq!(args["nesterov"], true);
+
+    // eval agrees with the last epoch's test accuracy.
+    let ev = ok(&[
+        "eval",
+        "--checkpoint",
+        straight.join("last.safetensors").to_str().unwrap(),
+        "--data-dir",
+        dataset().to_str().unwrap(),
+    ]);
+    assert!(
+        ev.contains(&format!("accuracy {:.2}%", test_acc * 100.0)),
+        "eval says:\n{ev}\nsummary says {test_acc}"
+    );
+    assert!(
+        ev.contains("confusion matrix") && ev.contains("airplane"),
+        "{ev}"
+    );
+
+    // report draws the curves.
+    let rep = ok(&["report", straight.to_str().unwrap()]);
+    let svg = std::fs::read_to_string(straight.join("curves.svg")).unwrap();
+    assert!(rep.contains("curves.svg") && svg.starts_with("<svg") && svg.contains("accuracy"));
+
+    // One epoch, then resume to two: bitwise the same weights, statistics and momentum.
+    ok(&train_args(o, "resumed", "1"));
+    let resumed = out.join("resumed");
+    let mut args = train_args(o, "ignored", "2");
+    let ckpt = resumed.join("last.safetensors");
+    args.extend(["--resume", ckpt.to_str().unwrap()]);
+    ok(&args);
+    assert_same_weights(&straight, &resumed);
+    assert_eq!(summary(&resumed).len(), 3);
+
+    // Ctrl-C in the middle of a run: exit 130 with a checkpoint; resuming it ends bitwise
+    // where the straight run ended.
+    let mut child = incept()
+        .args(train_args(o, "interrupted", "2"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
+        let mut lines = Vec::new();
+        let mut signalled = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !signalled && line.contains("step=3 ") {
+                let pid = child.id().to_string();
+                assert!(Command::new("kill")
+                    .args(["-INT", &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+                signalled = true;
+            }
+            lines.push(line);
+        }
+        (child.wait().unwrap(), lines)
+    });
+    let (status, lines) = reader.join().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status after Ctrl-C:\n{}",
+        lines.join("\n")
+    );
+    let interrupted = out.join("interrupted");
+    let ckpt = interrupted.join("last.safetensors");
+    assert!(ckpt.is_file());
+    let mut args = train_args(o, "ignored", "2");
+    args.extend(["--resume", ckpt.to_str().unwrap()]);
+    ok(&args);
+    assert_same_weights(&straight, &interrupted);
+}
+
+#[test]
+fn no_arguments_means_train_with_defaults() {
+    // `incept --help` documents it; a bare `incept` in a folder without data would download,
+    // so check the parse by asking train for its defaults through --help instead.
+    let h = ok(&["train", "--help"]);
+    for flag in [
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--momentum",
+        "--weight-decay",
+        "--no-nesterov",
+        "--sched",
+        "--warmup-epochs",
+        "--smoothing",
+        "--seed",
+        "--output",
+        "--resume",
+        "--log-interval",
+        "--device",
+        "--workers",
+    ] {
+        assert!(h.contains(flag), "train --help lacks {flag}");
+    }
+    assert!(ok(&["--help"]).contains("With no subcommand, `incept` runs `incept train`"));
+}
+
+/// Runs incept expecting failure: non-zero exit, no panic, and every `needles` in the message.
+fn fails(args: &[&str], needles: &[&str]) {
+    let o = run(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "incept {args:?} should fail:\n{t}");
+    assert!(
+        !t.contains("panicked") && !t.contains("RUST_BACKTRACE"),
+        "incept {args:?} panicked:\n{t}"
+    );
+    for n in needles {
+        assert!(t.contains(n), "incept {args:?}: message lacks {n:?}:\n{t}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let d = dataset().to_str().unwrap();
+    let tmp = scratch("bad");
+    let out = tmp.to_str().unwrap();
+    fails(
+        &["train", "--data-dir", d, "--output", out, "-b", "1"],
+        &["--batch-size"],
+    );
+    fails(
+        &[
+            "train",
+            "--data-dir",
+            d,
+            "--output",
+            out,
+            "--device",
+            "cuda",
+        ],
+        &["--device cuda", "cudnn"],
+    );
+    fails(
+        &["train", "--data-dir", d, "--output", out, "--device", "tpu"],
+        &["--device tpu"],
+    );
+    fails(
+        &["train", "--data-dir", d, "--output", out, "--lr=-1"],
+        &["--lr"],
+    );
+    fails(&["train", "--epochs", "x"], &["--epochs"]);
+    fails(
+        &[
+            "train",
+            "--data-dir",
+            d,
+            "--output",
+            "/proc/incept-cannot-write",
+            "--epochs",
+            "1",
+        ],
+        &["/proc/incept-cannot-write"],
+    );
+
+    // A data folder with a truncated file, and one missing a file.
+    let broken = tmp.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(dataset()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
+    }
+    let b3 = broken.join("data_batch_3.bin");
+    let len = std::fs::metadata(&b3).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b3)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    fails(
+        &[
+            "train",
+            "--data-dir",
+            broken.to_str().unwrap(),
+            "--output",
+            out,
+        ],
+        &["data_batch_3.bin"],
+    );
+    std::fs::remove_file(&b3).unwrap();
+    fails(
+        &[
+            "train",
+            "--data-dir",
+            broken.to_str().unwrap(),
+            "--output",
+            out,
+        ],
+        &["data_batch_3.bin"],
+    );
+    fails(
+        &["data", "check", broken.to_str().unwrap()],
+        &["data_batch_3.bin"],
+    );
+
+    // Checkpoints: missing, damaged, of another model, without training state.
+    fails(
+        &[
+            "eval",
+            "--checkpoint",
+            "/nonexistent/m.safetensors",
+            "--data-dir",
+            d,
+        ],
+        &["/nonexistent/m.safetensors"],
+    );
+    let junk = tmp.join("junk.safetensors");
+    std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    fails(
+        &[
+            "eval",
+            "--checkpoint",
+            junk.to_str().unwrap(),
+            "--data-dir",
+            d,
+        ],
+        &["junk.safetensors"],
+    );
+    let other = tmp.join("other.safetensors");
+    incept::checkpoint::save(
+        &other,
+        &[(
+            "fc.weight".into(),
+            incept::checkpoint::OwnedTensor::f32(vec![2, 2], [0.0; 4]),
+        )],
+        Default::default(),
+    )
+    .unwrap();
+    fails(
+        &[
+            "eval",
+            "--checkpoint",
+            other.to_str().unwrap(),
+            "--data-dir",
+            d,
+        ],
+        &["other.safetensors", "block1.0.weight"],
+    );
+    let mut net: incept::model::net::Net<f32, incept::backend::cpu::Cpu> =
+        incept::model::net::Net::new(
+            incept::model::ModelSpec::inception_net_small(),
+            incept::backend::cpu::Cpu,
+            0,
+        )
+        .unwrap();
+    let weights_only = tmp.join("weights.safetensors");
+    incept::checkpoint::save_model(&mut net, &weights_only).unwrap();
+    fails(
+        &[
+            "train",
+            "--data-dir",
+            d,
+            "--output",
+            out,
+            "--resume",
+            weights_only.to_str().unwrap(),
+        ],
+        &["no training state", "--initial-checkpoint"],
+    );
+    fails(&["report", tmp.to_str().unwrap()], &["summary.csv"]);
+}
