@@ -613,12 +613,17 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
             let loss = net.loss(&y, cfg.smoothing)?;
             if !loss.is_finite() {
                 reporter.finish();
+                let last = run_dir.join("last.safetensors");
+                let keep = if last.exists() {
+                    format!("the last good checkpoint is {}", last.display())
+                } else {
+                    "no checkpoint was saved yet".to_string()
+                };
                 bail!(
-                    "the loss became {loss} at epoch {} step {} (global step {}); stopping without saving. Lower --lr, or check the data; the last good checkpoint is {}",
+                    "the loss became {loss} at epoch {} step {} (global step {}); stopping without saving ({keep}). Lower --lr, or check the data",
                     epoch + 1,
                     step + 1,
                     progress.global_step + 1,
-                    run_dir.join("last.safetensors").display()
                 );
             }
             net.backward();

@@ -306,6 +306,26 @@ fn bad_input_is_a_clear_error() {
         &["--lr"],
     );
     fails(&["train", "--epochs", "x"], &["--epochs"]);
+    // A diverging run stops at the first non-finite loss and names the step.
+    fails(
+        &[
+            "train",
+            "--data-dir",
+            d,
+            "--output",
+            out,
+            "--experiment",
+            "nan",
+            "--lr",
+            "1e30",
+            "--sched",
+            "step",
+            "-b",
+            "64",
+        ],
+        &["the loss became", "at epoch 1 step", "no checkpoint was saved yet"],
+    );
+    assert!(!tmp.join("nan/last.safetensors").exists());
     fails(
         &[
             "train",
