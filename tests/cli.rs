@@ -323,7 +323,11 @@ fn bad_input_is_a_clear_error() {
             "-b",
             "64",
         ],
-        &["the loss became", "at epoch 1 step", "no checkpoint was saved yet"],
+        &[
+            "the loss became",
+            "at epoch 1 step",
+            "no checkpoint was saved yet",
+        ],
     );
     assert!(!tmp.join("nan/last.safetensors").exists());
     fails(
@@ -445,4 +449,59 @@ fn bad_input_is_a_clear_error() {
         &["no training state", "--initial-checkpoint"],
     );
     fails(&["report", tmp.to_str().unwrap()], &["summary.csv"]);
+}
+
+#[test]
+fn pytorch_weights_evaluate_and_start_training() {
+    // The fixture's param/* tensors are the seed PyTorch model's state_dict, as
+    // safetensors.torch.save_file(model.state_dict(), path) writes it (f32, int64 counters).
+    let fixture = TensorFile::open(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/seed_inception_small.safetensors"),
+    )
+    .unwrap();
+    let st = fixture.tensors().unwrap();
+    let tensors: Vec<(String, incept::checkpoint::OwnedTensor)> = st
+        .iter()
+        .filter_map(|(n, v)| {
+            n.strip_prefix("param/").map(|n| {
+                let t = incept::checkpoint::OwnedTensor {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    bytes: v.data().to_vec(),
+                };
+                (n.to_string(), t)
+            })
+        })
+        .collect();
+    let dir = scratch("pytorch");
+    let path = dir.join("pytorch.safetensors");
+    incept::checkpoint::save(&path, &tensors, Default::default()).unwrap();
+    let d = dataset().to_str().unwrap();
+    let ev = ok(&[
+        "eval",
+        "--checkpoint",
+        path.to_str().unwrap(),
+        "--data-dir",
+        d,
+    ]);
+    assert!(ev.contains("test images 400"), "{ev}");
+    let out = dir.to_str().unwrap();
+    let p = path.to_str().unwrap();
+    ok(&[
+        "train",
+        "--data-dir",
+        d,
+        "--output",
+        out,
+        "--experiment",
+        "ft",
+        "--epochs",
+        "1",
+        "-b",
+        "100",
+        "--initial-checkpoint",
+        p,
+    ]);
+    assert_eq!(summary(&dir.join("ft")).len(), 2);
 }
