@@ -5,7 +5,7 @@
 //! step does not move them.
 
 use crate::backend::cpu::Cpu;
-use crate::backend::Sgd;
+use crate::backend::{Backend, Sgd};
 use crate::model::net::Net;
 use crate::model::ModelSpec;
 use crate::schedule::BranchSchedule;
@@ -23,6 +23,7 @@ pub struct BenchOpts {
 
 #[derive(Clone, Debug)]
 pub struct BenchResult {
+    pub device: String,
     pub batch: usize,
     pub threads: usize,
     pub train_ms: f64,
@@ -34,7 +35,7 @@ pub struct BenchResult {
 impl BenchResult {
     pub fn to_json(&self) -> String {
         serde_json::json!({
-            "device": "cpu",
+            "device": self.device,
             "batch": self.batch,
             "threads": self.threads,
             "train_ms": self.train_ms,
@@ -53,10 +54,29 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Times the seed model on the CPU backend.
 pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
-    let spec = ModelSpec::inception_net_small();
-    let (c, h, w) = spec.input;
-    let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, 0)?;
+    let mut net: Net<f32, Cpu> = Net::new(ModelSpec::inception_net_small(), Cpu, 0)?;
     net.schedule = opts.schedule;
+    bench_net(&mut net, opts, "cpu")
+}
+
+/// Times the seed model in fp32 on a CUDA device (one stream, branches in order).
+#[cfg(feature = "cudnn")]
+pub fn bench_cuda(opts: &BenchOpts, device: &str) -> Result<BenchResult> {
+    use crate::backend::cuda::{parse_device, Gpu};
+    let gpu = Gpu::new(parse_device(device)?)?;
+    let mut net: Net<f32, Gpu> = Net::new(ModelSpec::inception_net_small(), gpu, 0)?;
+    net.schedule = BranchSchedule::Sequential;
+    bench_net(&mut net, opts, device)
+}
+
+/// Median step times of `net`. Each timed step ends by reading the loss or the logits back,
+/// so queued device work is included.
+fn bench_net<B: Backend<f32>>(
+    net: &mut Net<f32, B>,
+    opts: &BenchOpts,
+    device: &str,
+) -> Result<BenchResult> {
+    let (c, h, w) = net.spec.input;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let n = opts.batch;
     let x: Vec<f32> = (0..n * c * h * w)
@@ -69,7 +89,7 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
         weight_decay: 5e-4,
         nesterov: true,
     };
-    let time = |train: bool, net: &mut Net<f32, Cpu>| -> Result<f64> {
+    let time = |train: bool, net: &mut Net<f32, B>| -> Result<f64> {
         let mut times = Vec::with_capacity(opts.steps);
         for i in 0..opts.warmup + opts.steps {
             let t = Instant::now();
@@ -84,9 +104,10 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
         }
         Ok(median(times))
     };
-    let train = time(true, &mut net)?;
-    let eval = time(false, &mut net)?;
+    let train = time(true, net)?;
+    let eval = time(false, net)?;
     Ok(BenchResult {
+        device: device.to_string(),
         batch: n,
         threads: rayon::current_num_threads(),
         train_ms: train * 1e3,

@@ -6,7 +6,8 @@
 //! - [`model`]: the network as data ([`model::ModelSpec`]: layers, Inception blocks, branches,
 //!   PyTorch module names) and [`model::net::Net`], the network instantiated on a backend.
 //! - [`backend`]: the [`backend::Backend`] trait, every op as a forward/backward pair, and the
-//!   CPU reference implementation [`backend::cpu::Cpu`] (NHWC, GEMM-based convolutions, rayon).
+//!   CPU reference implementation [`backend::cpu::Cpu`] (NHWC, GEMM-based convolutions, rayon);
+//!   with the `cudnn` feature, `backend::cuda::Gpu` (cuDNN, cuBLAS, the kernels of `cuda/`).
 //! - [`schedule`]: runs the branches of each Inception block, in sequence or concurrently.
 //! - [`checkpoint`]: safetensors files with PyTorch's names and shapes (NCHW/OIHW).
 //! - [`train`]: the training loop (epochs, LR schedule [`sched`], eval, metrics, checkpoints

@@ -46,6 +46,8 @@ enum Command {
     Data(DataCommand),
     /// Measure training and inference images/s of the seed model on random data.
     Bench(BenchArgs),
+    /// CUDA driver, devices, cuDNN, and whether the kernels load.
+    Info,
 }
 
 #[derive(Subcommand)]
@@ -145,16 +147,27 @@ fn bench(args: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     set_threads(args.threads)?;
-    let r = bench_cpu(&BenchOpts {
+    let opts = BenchOpts {
         batch: args.batch_size,
         warmup: args.warmup,
         steps: args.steps,
         schedule: args.branches,
-    })?;
+    };
+    #[cfg(feature = "cudnn")]
+    let r = if args.device == "cpu" {
+        bench_cpu(&opts)?
+    } else {
+        incept::bench::bench_cuda(&opts, &args.device)?
+    };
+    #[cfg(not(feature = "cudnn"))]
+    let r = bench_cpu(&opts)?;
     if args.json {
         println!("{}", r.to_json());
     } else {
-        println!("device cpu  threads {}  batch {}", r.threads, r.batch);
+        println!(
+            "device {}  threads {}  batch {}",
+            r.device, r.threads, r.batch
+        );
         println!(
             "train  {:8.2} ms/step  {:8.1} img/s",
             r.train_ms, r.train_img_s
@@ -176,10 +189,26 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     set_threads(args.threads)?;
     let test = incept::data::Cifar10::open(&args.data_dir, incept::data::Split::Test)?;
-    let mut net: Net<f32, Cpu> = Net::new(ModelSpec::inception_net_small(), Cpu, 0)?;
     let file = incept::checkpoint::TensorFile::open(&args.checkpoint)?;
-    incept::checkpoint::load_model(&mut net, &file, "")?;
-    let r = train::evaluate(&mut net, &test, args.batch_size)?;
+    let spec = ModelSpec::inception_net_small();
+    #[cfg(feature = "cudnn")]
+    let r = if args.device != "cpu" {
+        let gpu =
+            incept::backend::cuda::Gpu::new(incept::backend::cuda::parse_device(&args.device)?)?;
+        let mut net: Net<f32, incept::backend::cuda::Gpu> = Net::new(spec, gpu, 0)?;
+        incept::checkpoint::load_model(&mut net, &file, "")?;
+        train::evaluate(&mut net, &test, args.batch_size)?
+    } else {
+        let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, 0)?;
+        incept::checkpoint::load_model(&mut net, &file, "")?;
+        train::evaluate(&mut net, &test, args.batch_size)?
+    };
+    #[cfg(not(feature = "cudnn"))]
+    let r = {
+        let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, 0)?;
+        incept::checkpoint::load_model(&mut net, &file, "")?;
+        train::evaluate(&mut net, &test, args.batch_size)?
+    };
     println!("checkpoint {}", args.checkpoint.display());
     println!(
         "test images {}  loss {:.4}  accuracy {:.2}%",
@@ -208,6 +237,15 @@ fn eval(args: EvalArgs) -> Result<()> {
         println!("{acc:>7.1}%");
     }
     Ok(())
+}
+
+fn info() {
+    println!("incept {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu: {} threads", rayon::current_num_threads());
+    #[cfg(feature = "cudnn")]
+    print!("{}", incept::backend::cuda::info());
+    #[cfg(not(feature = "cudnn"))]
+    println!("cuda: not in this build (rebuild with `cargo build --release --features cudnn`)");
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -243,6 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Data(DataCommand::Check { dir }) => print!("{}", incept::data::check(&dir)?),
         Command::Bench(args) => bench(args)?,
+        Command::Info => info(),
     }
     Ok(ExitCode::SUCCESS)
 }

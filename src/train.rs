@@ -7,7 +7,7 @@
 //! the CPU a resumed run is bitwise the same as one that never stopped.
 
 use crate::backend::cpu::Cpu;
-use crate::backend::{Elem, Sgd};
+use crate::backend::{Backend, Elem, Sgd};
 use crate::checkpoint::{load_model, model_tensors, save, OwnedTensor, TensorFile};
 use crate::data::{self, Augment, Cifar10, Split};
 use crate::model::net::Net;
@@ -167,7 +167,7 @@ pub fn check_device(device: &str) -> Result<()> {
         "cpu" => Ok(()),
         d if d == "cuda" || d.starts_with("cuda:") => {
             if cfg!(feature = "cudnn") {
-                bail!("--device {d}: the CUDA backend is not implemented in this version; use --device cpu")
+                Ok(())
             } else {
                 bail!("--device {d}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu")
             }
@@ -197,7 +197,11 @@ fn argmax<T: Elem>(row: &[T]) -> usize {
 }
 
 /// Eval-mode pass over the whole dataset (no augmentation).
-pub fn evaluate(net: &mut Net<f32, Cpu>, ds: &Cifar10, batch: usize) -> Result<EvalResult> {
+pub fn evaluate<B: Backend<f32>>(
+    net: &mut Net<f32, B>,
+    ds: &Cifar10,
+    batch: usize,
+) -> Result<EvalResult> {
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut confusion = [[0u64; 10]; 10];
     let (mut loss_sum, mut correct) = (0.0, 0usize);
@@ -246,8 +250,8 @@ pub fn state_path(model: &Path) -> PathBuf {
 
 /// Writes `<name>.safetensors` (the model's state_dict, loadable by PyTorch with strict=True)
 /// and `<name>.state.safetensors` (momentum buffers, step counters, seed, batch size).
-fn save_checkpoint(
-    net: &mut Net<f32, Cpu>,
+fn save_checkpoint<B: Backend<f32>>(
+    net: &mut Net<f32, B>,
     dir: &Path,
     name: &str,
     p: &Progress,
@@ -297,7 +301,11 @@ fn scalar(file: &TensorFile, name: &str) -> Result<f64> {
 }
 
 /// Loads a checkpoint pair written by [`save_checkpoint`] and returns where the run stood.
-fn resume_from(net: &mut Net<f32, Cpu>, path: &Path, cfg: &TrainConfig) -> Result<Progress> {
+fn resume_from<B: Backend<f32>>(
+    net: &mut Net<f32, B>,
+    path: &Path,
+    cfg: &TrainConfig,
+) -> Result<Progress> {
     let model = TensorFile::open(path)?;
     let sp = state_path(path);
     if !sp.exists() {
@@ -500,9 +508,26 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
     let test_set = Cifar10::open(&cfg.data_dir, Split::Test)?;
 
     let spec = ModelSpec::inception_net_small();
+    #[cfg(feature = "cudnn")]
+    if cfg.device != "cpu" {
+        let gpu = crate::backend::cuda::Gpu::new(crate::backend::cuda::parse_device(&cfg.device)?)?;
+        let mut net: Net<f32, crate::backend::cuda::Gpu> = Net::new(spec, gpu, cfg.seed)?;
+        // One stream: the branches run in order (concurrent streams come with the fast path).
+        net.schedule = BranchSchedule::Sequential;
+        return train_loop(cfg, net, &train_set, &test_set);
+    }
     let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, cfg.seed)?;
     net.schedule = cfg.branches;
+    train_loop(cfg, net, &train_set, &test_set)
+}
 
+/// The epochs of [`train`] on an already built network.
+fn train_loop<B: Backend<f32>>(
+    cfg: &TrainConfig,
+    mut net: Net<f32, B>,
+    train_set: &Cifar10,
+    test_set: &Cifar10,
+) -> Result<(PathBuf, Outcome)> {
     let (run_dir, mut progress) = match &cfg.resume {
         Some(path) => {
             let p = resume_from(&mut net, path, cfg)?;
@@ -597,7 +622,7 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
             let start = step as usize * b;
             let idx = &order[start..(start + b).min(n)];
             data::make_batch(
-                &train_set,
+                train_set,
                 idx,
                 cfg.augment(),
                 cfg.seed,
@@ -626,7 +651,7 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
                     progress.global_step + 1,
                 );
             }
-            net.backward();
+            net.backward()?;
             net.sgd_step(&opt);
             progress.global_step += 1;
             progress.step_in_epoch = step + 1;
@@ -655,7 +680,7 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
         }
         reporter.finish();
         let train_secs = started.elapsed().as_secs_f64();
-        let ev = evaluate(&mut net, &test_set, cfg.eval_batch_size)?;
+        let ev = evaluate(&mut net, test_set, cfg.eval_batch_size)?;
         let row = EpochRow {
             epoch: epoch + 1,
             lr,

@@ -219,7 +219,7 @@ fn run_fixture<T: Elem>(path: &std::path::Path, tols: &Tols, what: &str) {
         tols.loss,
     );
     net.zero_grad();
-    net.backward();
+    net.backward().unwrap();
     let grads = net.grads();
     let conv_before_bn = |name: &str| name.ends_with(".0.bias") && !name.starts_with("fc");
     for (name, g) in &grads {

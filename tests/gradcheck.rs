@@ -700,10 +700,10 @@ fn max_pool_run(
 ) -> (Vec<f64>, Vec<u32>, Vec<f64>) {
     let be = cpu();
     let mut y = vec![f64::NAN; pool.out_shape(xs).len()];
-    let mut argmax = vec![u32::MAX; 3]; // wrong length and garbage: must be resized and set
-    be.max_pool2d_forward(&mut y, &mut argmax, x, xs, pool);
+    be.max_pool2d_forward(&mut y, x, xs, pool);
+    let argmax = incept::backend::cpu::max_pool2d_argmax(x, xs, pool);
     let mut dx = vec![f64::NAN; xs.len()];
-    be.max_pool2d_backward(&mut dx, dy, &argmax);
+    be.max_pool2d_backward(&mut dx, dy, x, &y, xs, pool);
     (y, argmax, dx)
 }
 
@@ -755,8 +755,7 @@ fn max_pool2d_backward_matches_finite_differences() {
         assert_eq!(argmax, want_arg, "{tag}: argmax vs naive");
         let fwd = |x: &Vec<f64>| {
             let mut y = vec![f64::NAN; ys.len()];
-            let mut a = Vec::new();
-            be.max_pool2d_forward(&mut y, &mut a, x, xs, &pool);
+            be.max_pool2d_forward(&mut y, x, xs, &pool);
             y
         };
         check_fd(&mut rep, &mut r, &format!("{tag} dx"), &dx, &x, &g, fwd);

@@ -162,6 +162,47 @@ pub fn col2im<T: Elem>(dx: &mut [T], dcols: &[T], xs: Nhwc, conv: &Conv2d) {
         });
 }
 
+/// For each output of a max pooling, the flat index into `x` of the value that wins: the
+/// first maximum of the window in scan order (row by row), NaN winning, as in PyTorch. Padding
+/// counts as −∞, so a window's winner is always a real input.
+pub fn max_pool2d_argmax<T: Elem>(x: &[T], xs: Nhwc, pool: &MaxPool2d) -> Vec<u32> {
+    let ys = pool.out_shape(xs);
+    let c = xs.c;
+    assert!(
+        xs.len() <= u32::MAX as usize,
+        "max_pool2d: input too large for u32 indices"
+    );
+    let mut argmax = vec![0u32; ys.len()];
+    argmax.par_chunks_mut(c).enumerate().for_each(|(p, ar)| {
+        let (n, oy, ox) = (p / (ys.h * ys.w), (p / ys.w) % ys.h, p % ys.w);
+        let mut best = vec![T::neg_infinity(); c];
+        let mut first = true;
+        for ky in 0..pool.k {
+            let iy = (oy * pool.stride + ky) as isize - pool.pad as isize;
+            if iy < 0 || iy >= xs.h as isize {
+                continue;
+            }
+            for kx in 0..pool.k {
+                let ix = (ox * pool.stride + kx) as isize - pool.pad as isize;
+                if ix < 0 || ix >= xs.w as isize {
+                    continue;
+                }
+                let base = ((n * xs.h + iy as usize) * xs.w + ix as usize) * c;
+                for ch in 0..c {
+                    let v = x[base + ch];
+                    // Strict >: a later equal value never wins. NaN wins, so it propagates.
+                    if first || v > best[ch] || v.is_nan() {
+                        best[ch] = v;
+                        ar[ch] = (base + ch) as u32;
+                    }
+                }
+                first = false;
+            }
+        }
+    });
+    argmax
+}
+
 /// OIHW → O(HW)I, the weight as the `[Cout, k·k·Cin]` matrix that matches [`im2col`]'s rows.
 fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
     let (kk, cin) = (conv.k * conv.k, conv.cin);
@@ -466,58 +507,26 @@ impl<T: Elem> Backend<T> for Cpu {
         });
     }
 
-    fn max_pool2d_forward(
+    fn max_pool2d_forward(&self, y: &mut Vec<T>, x: &Vec<T>, xs: Nhwc, pool: &MaxPool2d) {
+        let argmax = max_pool2d_argmax(x, xs, pool);
+        y.par_iter_mut()
+            .zip(argmax.par_iter())
+            .for_each(|(y, &i)| *y = x[i as usize]);
+    }
+
+    fn max_pool2d_backward(
         &self,
-        y: &mut Vec<T>,
-        argmax: &mut Vec<u32>,
+        dx: &mut Vec<T>,
+        dy: &Vec<T>,
         x: &Vec<T>,
+        _y: &Vec<T>,
         xs: Nhwc,
         pool: &MaxPool2d,
     ) {
-        let ys = pool.out_shape(xs);
-        let c = xs.c;
-        assert!(
-            xs.len() <= u32::MAX as usize,
-            "max_pool2d: input too large for u32 indices"
-        );
-        argmax.resize(ys.len(), 0);
-        y.par_chunks_mut(c)
-            .zip(argmax.par_chunks_mut(c))
-            .enumerate()
-            .for_each(|(p, (yr, ar))| {
-                let (n, oy, ox) = (p / (ys.h * ys.w), (p / ys.w) % ys.h, p % ys.w);
-                yr.fill(T::neg_infinity());
-                // Scan the window row by row; a later equal value never wins (strict >), so
-                // the first maximum in scan order gets the gradient, as in PyTorch.
-                let mut first = true;
-                for ky in 0..pool.k {
-                    let iy = (oy * pool.stride + ky) as isize - pool.pad as isize;
-                    if iy < 0 || iy >= xs.h as isize {
-                        continue;
-                    }
-                    for kx in 0..pool.k {
-                        let ix = (ox * pool.stride + kx) as isize - pool.pad as isize;
-                        if ix < 0 || ix >= xs.w as isize {
-                            continue;
-                        }
-                        let base = ((n * xs.h + iy as usize) * xs.w + ix as usize) * c;
-                        for ch in 0..c {
-                            let v = x[base + ch];
-                            // NaN wins, so it propagates as in PyTorch.
-                            if first || v > yr[ch] || v.is_nan() {
-                                yr[ch] = v;
-                                ar[ch] = (base + ch) as u32;
-                            }
-                        }
-                        first = false;
-                    }
-                }
-            });
-    }
-
-    fn max_pool2d_backward(&self, dx: &mut Vec<T>, dy: &Vec<T>, argmax: &[u32]) {
+        // The same scan as the forward finds the same winners.
+        let argmax = max_pool2d_argmax(x, xs, pool);
         dx.fill(T::zero());
-        for (g, &i) in dy.iter().zip(argmax) {
+        for (g, &i) in dy.iter().zip(&argmax) {
             dx[i as usize] += *g;
         }
     }

@@ -7,6 +7,8 @@
 //! `[out, in]`) so they load and save under PyTorch's names and shapes without conversion.
 
 pub mod cpu;
+#[cfg(feature = "cudnn")]
+pub mod cuda;
 
 use std::fmt::Debug;
 
@@ -51,7 +53,7 @@ impl Elem for f64 {
 }
 
 /// Shape of an NHWC activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Nhwc {
     pub n: usize,
     pub h: usize,
@@ -77,7 +79,7 @@ impl Nhwc {
 }
 
 /// A 2-D convolution: cross-correlation with zero padding, PyTorch's `Conv2d` with a bias.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Conv2d {
     pub cin: usize,
     pub cout: usize,
@@ -101,7 +103,7 @@ impl Conv2d {
 }
 
 /// A square max pooling window; padding counts as −∞.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MaxPool2d {
     pub k: usize,
     pub stride: usize,
@@ -155,6 +157,11 @@ pub trait Backend<T: Elem>: Sync {
     fn download(&self, buf: &Self::Buf) -> Vec<T>;
     /// Sets every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf);
+    /// The first error of an op since the last call (ops themselves cannot fail on the CPU; a
+    /// GPU backend records launch and allocation failures here), cleared by the call.
+    fn status(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// `y = conv2d(x, w) + b`. x: [N,H,W,Cin], w: [Cout,Cin,k,k], b: [Cout], y: [N,Ho,Wo,Cout].
     fn conv2d_forward(
@@ -230,18 +237,20 @@ pub trait Backend<T: Elem>: Sync {
     /// `dy *= [y > 0]`, in place (PyTorch masks with the output).
     fn relu_backward(&self, dy: &mut Self::Buf, y: &Self::Buf);
 
-    /// Max pooling; `argmax` receives, per output, the flat input index that won (first maximum
-    /// in scan order).
-    fn max_pool2d_forward(
+    /// Max pooling (padding counts as −∞).
+    fn max_pool2d_forward(&self, y: &mut Self::Buf, x: &Self::Buf, xs: Nhwc, pool: &MaxPool2d);
+    /// dx = dy routed to each window's first maximum in scan order (NaN wins), as PyTorch
+    /// does. Takes the forward's input and output instead of saved indices, as cuDNN does.
+    #[allow(clippy::too_many_arguments)]
+    fn max_pool2d_backward(
         &self,
-        y: &mut Self::Buf,
-        argmax: &mut Vec<u32>,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
         x: &Self::Buf,
+        y: &Self::Buf,
         xs: Nhwc,
         pool: &MaxPool2d,
     );
-    /// dx = scatter-add of dy to the winners.
-    fn max_pool2d_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, argmax: &[u32]);
 
     /// The backward of feeding one tensor to several branches: dx = Σ parts, summed in the
     /// order given (so the result does not depend on which branch finished first).

@@ -51,7 +51,6 @@ enum Op<Buf> {
     Relu,
     MaxPool {
         pool: MaxPool2d,
-        argmax: Vec<u32>,
     },
     Inception {
         branches: Vec<Vec<Node<Buf>>>,
@@ -141,13 +140,7 @@ fn build<T: Elem, B: Backend<T>>(
                     (name, op)
                 }
                 Layer::Relu { name } => (name, Op::Relu),
-                Layer::MaxPool { name, pool } => (
-                    name,
-                    Op::MaxPool {
-                        pool: *pool,
-                        argmax: Vec::new(),
-                    },
-                ),
+                Layer::MaxPool { name, pool } => (name, Op::MaxPool { pool: *pool }),
                 Layer::Inception { name, branches } => {
                     let branches = branches.iter().map(|b| build(be, &b.layers, rng)).collect();
                     (name, Op::Inception { branches })
@@ -242,9 +235,9 @@ impl<Buf: Send + Sync> Node<Buf> {
                 ensure(be, &mut self.out, xs);
                 be.relu_forward(&mut self.out.buf, &x.buf);
             }
-            Op::MaxPool { pool, argmax } => {
+            Op::MaxPool { pool } => {
                 ensure(be, &mut self.out, pool.out_shape(xs));
-                be.max_pool2d_forward(&mut self.out.buf, argmax, &x.buf, xs, pool);
+                be.max_pool2d_forward(&mut self.out.buf, &x.buf, xs, pool);
             }
             Op::Inception { branches } => {
                 let results = run_branches(ctx.schedule, branches, |_, nodes| {
@@ -328,9 +321,9 @@ impl<Buf: Send + Sync> Node<Buf> {
                 be.relu_backward(&mut dy, &self.out.buf);
                 Some(dy)
             }
-            Op::MaxPool { argmax, .. } => {
+            Op::MaxPool { pool } => {
                 let mut dx = be.zeros(xs.len());
-                be.max_pool2d_backward(&mut dx, &dy, argmax);
+                be.max_pool2d_backward(&mut dx, &dy, &x.buf, &self.out.buf, xs, pool);
                 Some(dx)
             }
             Op::Inception { branches } => {
@@ -537,6 +530,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             schedule: self.schedule,
         };
         forward_seq(&mut self.nodes, &self.input, &ctx)?;
+        self.be.status()?;
         Ok(self.be.download(&last_out(&self.nodes, &self.input).buf))
     }
 
@@ -571,7 +565,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     }
 
     /// Backpropagates the last [`loss`](Self::loss), accumulating into the gradients.
-    pub fn backward(&mut self) {
+    pub fn backward(&mut self) -> Result<()> {
         let k = self.spec.classes;
         let mut dlogits = self.be.zeros(self.labels.len() * k);
         self.be.cross_entropy_backward(
@@ -588,6 +582,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             schedule: self.schedule,
         };
         backward_seq(&mut self.nodes, &self.input, dlogits, false, &ctx);
+        self.be.status()
     }
 
     /// One SGD step over every parameter.
@@ -614,7 +609,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         self.zero_grad();
         let logits = self.forward(x, labels.len(), true)?;
         let loss = self.loss(labels, smoothing)?;
-        self.backward();
+        self.backward()?;
         self.sgd_step(opt);
         Ok((loss, logits))
     }

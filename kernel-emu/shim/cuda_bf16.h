@@ -1,0 +1,4 @@
+// Host stand-in for the CUDA toolkit's cuda_bf16.h: kernel-emu compiles cuda/*.cu for the CPU,
+// where cuda/emu.h supplies __nv_bfloat16 and the other CUDA built-ins.
+#pragma once
+#include "emu.h"

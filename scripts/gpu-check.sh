@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# GPU checks, run on the GPU machine from the folder `make gpu-bundle` made (no Rust toolchain
+# needed): the GPU test executables, `incept info`, `incept bench --device cuda`, and a short
+# training run on synthetic data. Every step's output goes to a log in the report folder and its
+# exit status and time to summary.txt; a failing step does not stop the others.
+#
+#   ./gpu-check.sh [report-dir]      # default target/gpu-check (relative to the current folder)
+#
+# Environment: STEP_TIMEOUT (seconds a step may take, default 300), GPU_TEST_ARGS (extra libtest
+# arguments, e.g. --nocapture), BENCH_BATCH (default 128), TRAIN_EPOCHS (default 2; 0 skips the
+# training run), INCEPT_PYTHON (a python whose site-packages hold the NVIDIA wheels).
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+# From the repo (scripts/gpu-check.sh) use the bundle in target/gpu-bundle.
+if [ ! -f "$here/tests.txt" ] && [ -f "$here/../target/gpu-bundle/tests.txt" ]; then
+  here="$(cd "$here/../target/gpu-bundle" && pwd)"
+fi
+if [ ! -x "$here/incept" ]; then
+  echo "gpu-check: no incept binary in $here: build the bundle with \`make gpu-bundle\`" >&2
+  exit 2
+fi
+report="${1:-target/gpu-check}"
+mkdir -p "$report" || exit 2
+report="$(cd "$report" && pwd)"
+summary="$report/summary.txt"
+step_timeout="${STEP_TIMEOUT:-300}"
+: >"$summary"
+
+# The NVIDIA libraries that PyTorch-style pip wheels install (cuDNN, cuBLAS, NVRTC, runtime),
+# for cudarc's dynamic loading; the driver's libcuda comes from the system.
+nvidia_lib_dirs() {
+  local py
+  for py in "${INCEPT_PYTHON:-}" python3; do
+    [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
+    "$py" - <<'PY' 2>/dev/null
+import os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit
+for base in list(getattr(nvidia, "__path__", [])):
+    for name in ("cudnn", "cublas", "cuda_nvrtc", "cuda_runtime", "nvjitlink", "cu13"):
+        lib = os.path.join(base, name, "lib")
+        if os.path.isdir(lib):
+            print(lib)
+PY
+  done
+}
+extra="$(nvidia_lib_dirs | awk '!seen[$0]++' | paste -sd: -)"
+if [ -n "$extra" ]; then
+  export LD_LIBRARY_PATH="$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+export INCEPT_BIN="$here/incept" RUST_BACKTRACE=1
+
+failed=0
+steps=0
+# step NAME CMD...: runs CMD in the bundle folder with a time limit, output to NAME.log.
+step() {
+  local name="$1" log="$report/$1.log" start rc secs
+  shift
+  steps=$((steps + 1))
+  echo "== $name: $*"
+  start="$(date +%s)"
+  {
+    echo "\$ $*"
+    echo "# $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+  } >"$log"
+  if command -v timeout >/dev/null; then
+    (cd "$here" && timeout -k 10 "$step_timeout" "$@") >>"$log" 2>&1 </dev/null
+  else
+    (cd "$here" && "$@") >>"$log" 2>&1 </dev/null
+  fi
+  rc=$?
+  secs=$(($(date +%s) - start))
+  [ "$rc" -eq 124 ] && echo "# timed out after ${step_timeout}s" >>"$log"
+  tail -n 5 "$log" | sed 's/^/   /'
+  local status="ok"
+  if [ "$rc" -ne 0 ]; then
+    status="FAIL"
+    failed=$((failed + 1))
+  fi
+  # libtest's closing line (passed/failed/ignored), so skipped GPU tests show in the summary.
+  local result
+  result="$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //')"
+  printf '%-4s %-28s exit %-3s %5ss  %s\n' "$status" "$name" "$rc" "$secs" "$result" >>"$summary"
+  return 0
+}
+
+{
+  echo "# gpu-check $(date -u '+%Y-%m-%dT%H:%M:%SZ') on $(hostname 2>/dev/null || echo '?')"
+  echo "bundle: $here"
+  cat "$here/BUILD-INFO.txt" 2>/dev/null
+  echo
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  uname -a
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
+    nvidia-smi 2>&1
+  else
+    echo "nvidia-smi: not found"
+  fi
+  for lib in libcuda.so.1 libcudnn.so.9 libcublas.so.12 libcublasLt.so.12 libnvrtc.so.12 libcublas.so.13 libnvrtc.so.13; do
+    found="$(ldconfig -p 2>/dev/null | grep -m1 " $lib " | sed 's/.*=> //')"
+    for d in ${LD_LIBRARY_PATH:+${LD_LIBRARY_PATH//:/ }}; do
+      [ -z "$found" ] && [ -e "$d/$lib" ] && found="$d/$lib"
+    done
+    echo "$lib: ${found:-NOT FOUND}"
+  done
+} >"$report/env.txt" 2>&1
+gpu="$(grep -A1 '^name, driver_version' "$report/env.txt" | tail -n 1)"
+echo "GPU: ${gpu:-none seen by nvidia-smi}"
+grep -E '^lib.*: ' "$report/env.txt"
+echo "report: $report"
+
+# GPU test executables (tests.txt: name<TAB>libtest filter).
+if [ -f "$here/tests.txt" ]; then
+  while IFS=$'\t' read -r name filter; do
+    [ -n "$name" ] || continue
+    # shellcheck disable=SC2086  # GPU_TEST_ARGS is a list of arguments
+    step "test-$name" "./tests/$name" ${filter:+"$filter"} ${GPU_TEST_ARGS:-}
+  done <"$here/tests.txt"
+fi
+
+help="$("$here/incept" --help 2>&1)"
+if echo "$help" | grep -qE '^\s+info\b'; then
+  step info ./incept info
+fi
+step bench-cuda ./incept bench --device cuda -b "${BENCH_BATCH:-128}" --json
+if [ "${TRAIN_EPOCHS:-2}" -gt 0 ]; then
+  # Data and checkpoints in a scratch folder; the report keeps the run's metrics only.
+  work="$(mktemp -d "${TMPDIR:-/tmp}/incept-gpu-check.XXXXXX")"
+  step synth-data ./incept data synth --out "$work/synth" --train 5000 --test 1000 --seed 0
+  step train-cuda ./incept train --device cuda --data-dir "$work/synth" \
+    --epochs "${TRAIN_EPOCHS:-2}" --output "$work/runs" --experiment gpu-check \
+    --log-format json
+  for f in summary.csv metrics.jsonl args.json; do
+    [ -f "$work/runs/gpu-check/$f" ] && cp "$work/runs/gpu-check/$f" "$report/train-$f"
+  done
+  rm -rf "$work"
+fi
+
+echo
+echo "== summary ($report/summary.txt)"
+cat "$summary"
+echo "$((steps - failed)) passed, $failed failed"
+echo "$((steps - failed)) passed, $failed failed" >>"$summary"
+[ "$failed" -eq 0 ]

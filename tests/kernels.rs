@@ -1,0 +1,1431 @@
+//! The CUDA kernels of cuda/*.cu, executed on the CPU through the host emulation (the
+//! kernel-emu dev-dependency compiles the same sources with cuda/emu.h), against the CPU
+//! reference backend and `make_batch`, at the model's real layer shapes with a small batch.
+//!
+//! Tolerances are `atol + rtol·|ref|` (plus `scale·max|ref|` where cancellation makes single
+//! elements small), each with its reason. f16/bf16 kernels get inputs already rounded to the
+//! 16-bit type, so the reference sees the very same values: what is left is the kernels' float
+//! arithmetic and the final rounding to 16 bits.
+
+mod common;
+
+use common::{Report, Tol};
+use half::{bf16, f16};
+use incept::backend::cpu::Cpu;
+use incept::backend::{Backend, BatchNormCfg, Nhwc, Sgd};
+use incept::data::{make_batch, write_synthetic, Augment, Cifar10, Split, MEAN, STD, TRAIN_FILES};
+use kernel_emu::{self as emu, Act, AugmentArgs, Cols, Launch, LossScale, SgdArgs};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Batch of the emulated runs: the real H, W, C of every layer, 8 images.
+const N: usize = 8;
+/// SMs of an H100/H200, for the launch geometry the GPU backend would use.
+const SMS: usize = 132;
+
+/// The BatchNorm+ReLU layers of the network: (name, H, W, C).
+const BN_LAYERS: [(&str, usize, usize, usize); 6] = [
+    ("block1 14x14x64", 14, 14, 64),
+    ("block2 7x7x128", 7, 7, 128),
+    ("block3 branch 7x7x64", 7, 7, 64),
+    ("block3 reduce 7x7x16", 7, 7, 16),
+    ("block4 reduce 4x4x32", 4, 4, 32),
+    ("block4 branch 4x4x96", 4, 4, 96),
+];
+
+/// The Inception joins: (name, H, W, channels of the four branches).
+const JOINS: [(&str, usize, usize, [usize; 4]); 2] = [
+    ("block3 join 7x7x256", 7, 7, [64, 64, 64, 64]),
+    ("block4 join 4x4x384", 4, 4, [96, 96, 96, 96]),
+];
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Roughly normal values (sum of uniforms), mean 0, deviation 1.
+fn normal(r: &mut ChaCha8Rng) -> f32 {
+    (0..4).map(|_| r.random::<f32>()).sum::<f32>() * 1.732 - 3.464
+}
+
+/// A conv output [p, c]: per-channel offset and spread, as BatchNorm sees them.
+fn activations(seed: u64, p: usize, c: usize) -> Vec<f32> {
+    let mut r = rng(seed);
+    let off: Vec<f32> = (0..c).map(|_| normal(&mut r) * 0.5).collect();
+    let spread: Vec<f32> = (0..c).map(|_| 0.2 + 2.0 * r.random::<f32>()).collect();
+    (0..p * c)
+        .map(|i| off[i % c] + spread[i % c] * normal(&mut r))
+        .collect()
+}
+
+fn uniform(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut r = rng(seed);
+    (0..n).map(|_| lo + (hi - lo) * r.random::<f32>()).collect()
+}
+
+/// `v` rounded to `T` (the kernel's input) and back (the reference's input).
+fn quantize<T: Act>(v: &[f32]) -> (Vec<T>, Vec<f32>) {
+    let t: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    let back = t.iter().map(|x| x.to_f32()).collect();
+    (t, back)
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn act_f64s<T: Act>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f32() as f64).collect()
+}
+
+/// Elementwise kernels: block 256, enough blocks for the grid-stride loop to run a few rounds
+/// (the emulated threads are real threads, so grids are kept modest).
+fn elementwise(n: usize) -> Launch {
+    Launch::linear(n.div_ceil(256).clamp(1, 16) as u32, 256)
+}
+
+/// The grid-wide BN reductions, with the geometry the kernel comments recommend.
+fn bn_launch(p: usize, c: usize) -> Launch {
+    let (bx, by) = if c <= 16 { (16, 32) } else { (32, 16) };
+    let gx = c.div_ceil(bx);
+    let g = (2 * SMS).div_ceil(gx).min(p / (8 * by)).max(1);
+    Launch::grid2((gx as u32, g as u32), (bx as u32, by as u32))
+}
+
+fn cpu() -> Cpu {
+    Cpu
+}
+
+// ---- the emulation's 16-bit conversions ------------------------------------------------------
+
+#[test]
+fn emu_half_and_bfloat16_conversions_round_to_nearest_even() {
+    let mut r = rng(1);
+    // Every 16-bit pattern to float, and every float that is a 16-bit value or the midpoint
+    // between neighbours (the ties) back, plus random floats over the whole range.
+    let mut probes: Vec<f32> = Vec::new();
+    for bits in 0..=u16::MAX {
+        let h = f16::from_bits(bits);
+        let b = bf16::from_bits(bits);
+        let (ef, eb) = (
+            emu::emu_f16_bits_to_f32(bits),
+            emu::emu_bf16_bits_to_f32(bits),
+        );
+        assert!(
+            ef.to_bits() == h.to_f32().to_bits() || (ef.is_nan() && h.is_nan()),
+            "__half2float({bits:#06x}) = {ef:e}, half says {:e}",
+            h.to_f32()
+        );
+        assert!(
+            eb.to_bits() == b.to_f32().to_bits() || (eb.is_nan() && b.is_nan()),
+            "__bfloat162float({bits:#06x}) = {eb:e}, half says {:e}",
+            b.to_f32()
+        );
+        probes.extend([h.to_f32(), b.to_f32()]);
+        if bits < u16::MAX {
+            let (hn, bn) = (f16::from_bits(bits + 1), bf16::from_bits(bits + 1));
+            for (a, z) in [(h.to_f32(), hn.to_f32()), (b.to_f32(), bn.to_f32())] {
+                if a.is_finite() && z.is_finite() {
+                    let mid = ((a as f64 + z as f64) / 2.0) as f32;
+                    probes.extend([
+                        mid,
+                        f32::from_bits(mid.to_bits() + 1),
+                        f32::from_bits(mid.to_bits().max(1) - 1),
+                    ]);
+                }
+            }
+        }
+    }
+    probes.extend((0..200_000).map(|_| f32::from_bits(r.random::<u32>())));
+    probes.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        65504.0,
+        65519.99,
+        65520.0,
+        1e-8,
+        3e38,
+    ]);
+    for &v in &probes {
+        let (eh, eb) = (emu::emu_f32_to_f16_bits(v), emu::emu_f32_to_bf16_bits(v));
+        let (h, b) = (f16::from_f32(v), bf16::from_f32(v));
+        if v.is_nan() {
+            assert!(
+                f16::from_bits(eh).is_nan() && bf16::from_bits(eb).is_nan(),
+                "NaN {v:e}"
+            );
+            continue;
+        }
+        assert_eq!(
+            eh,
+            h.to_bits(),
+            "__float2half({v:e} = {:#010x})",
+            v.to_bits()
+        );
+        assert_eq!(
+            eb,
+            b.to_bits(),
+            "__float2bfloat16({v:e} = {:#010x})",
+            v.to_bits()
+        );
+    }
+}
+
+// ---- concat ----------------------------------------------------------------------------------
+
+fn concat_case<T: Act>(report: &mut Report, name: &str, p: usize, channels: &[usize], seed: u64) {
+    let total: usize = channels.iter().sum();
+    let parts32: Vec<Vec<f32>> = channels
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| uniform(seed + i as u64, p * c, -3.0, 3.0))
+        .collect();
+    let parts: Vec<(Vec<T>, Vec<f32>)> = parts32.iter().map(|v| quantize::<T>(v)).collect();
+    // Reference: the CPU join of the (already rounded) parts.
+    let mut want = vec![0f32; p * total];
+    let refs: Vec<&Vec<f32>> = parts.iter().map(|(_, f)| f).collect();
+    Backend::<f32>::concat_forward(&cpu(), &mut want, &refs, channels);
+    let mut y = vec![T::default(); p * total];
+    let mut off = 0;
+    for ((part, _), &c) in parts.iter().zip(channels) {
+        emu::concat_forward(elementwise(p * c / 4), &mut y, total, off, part, p, c);
+        off += c;
+    }
+    let exact = Tol::new(0.0, 0.0, "a copy is exact");
+    report.check(
+        &format!("{name} {} forward", T::NAME),
+        &act_f64s(&y),
+        &f64s(&want),
+        exact,
+    );
+    // Backward: split the joined gradient (here: the joined tensor itself) back into parts.
+    let mut want_parts: Vec<Vec<f32>> = channels.iter().map(|&c| vec![0f32; p * c]).collect();
+    {
+        let mut dparts: Vec<&mut Vec<f32>> = want_parts.iter_mut().collect();
+        Backend::<f32>::concat_backward(&cpu(), &mut dparts, &want, channels);
+    }
+    let mut off = 0;
+    for (i, &c) in channels.iter().enumerate() {
+        let mut dx = vec![T::default(); p * c];
+        let dy = Cols {
+            data: &y[..],
+            ld: total,
+            off,
+        };
+        emu::concat_backward(elementwise(p * c / 4), &mut dx, dy, p, c);
+        report.check(
+            &format!("{name} {} backward part {i}", T::NAME),
+            &act_f64s(&dx),
+            &f64s(&want_parts[i]),
+            exact,
+        );
+        off += c;
+    }
+}
+
+#[test]
+fn concat_forward_backward_at_the_inception_joins() {
+    let mut report = Report::default();
+    for (k, (name, h, w, channels)) in JOINS.iter().enumerate() {
+        let p = N * h * w;
+        concat_case::<f32>(&mut report, name, p, channels, 10 + k as u64);
+        concat_case::<f16>(&mut report, name, p, channels, 20 + k as u64);
+        concat_case::<bf16>(&mut report, name, p, channels, 30 + k as u64);
+    }
+    // Channel counts and offsets that break 16-byte alignment take the element-wise path.
+    concat_case::<f32>(&mut report, "unaligned [3,5,2]", 50, &[3, 5, 2], 40);
+    concat_case::<f16>(&mut report, "unaligned [4,6,8]", 50, &[4, 6, 8], 41);
+    report.finish("concat");
+}
+
+// ---- BatchNorm statistics ---------------------------------------------------------------------
+
+/// Runs the stats kernel on `x` and the f64 CPU reference on the same values.
+#[allow(clippy::too_many_arguments)]
+fn stats_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    x32: &[f32],
+    p: usize,
+    c: usize,
+    launch: Launch,
+    tol_scale: f64,
+) {
+    let cfg = BatchNormCfg::default();
+    let (x, xr) = quantize::<T>(x32);
+    let rm0 = uniform(7, c, -0.5, 0.5);
+    let rv0 = uniform(8, c, 0.5, 2.0);
+    // Reference in f64, on exactly the values the kernel reads.
+    let xs = Nhwc::new(1, p, 1, c);
+    let x64 = f64s(&xr);
+    let (mut y64, mut mean64, mut inv64) = (vec![0f64; p * c], vec![0f64; c], vec![0f64; c]);
+    let (mut rm64, mut rv64) = (f64s(&rm0), f64s(&rv0));
+    let (g64, b64) = (vec![1f64; c], vec![0f64; c]);
+    Backend::<f64>::batch_norm_forward_train(
+        &cpu(),
+        &mut y64,
+        &mut mean64,
+        &mut inv64,
+        &mut rm64,
+        &mut rv64,
+        &x64,
+        &g64,
+        &b64,
+        xs,
+        &cfg,
+    )
+    .unwrap();
+    let (mut mean, mut invstd, mut rm, mut rv) =
+        (vec![0f32; c], vec![0f32; c], rm0.clone(), rv0.clone());
+    emu::batch_norm_stats(
+        launch,
+        &mut mean,
+        &mut invstd,
+        Some((&mut rm, &mut rv)),
+        &x,
+        p,
+        c,
+        cfg.eps as f32,
+        cfg.momentum as f32,
+    );
+    let t = T::NAME;
+    // The f64 reference rounded once to f32 is within half an ulp; the kernel adds float
+    // per-thread sums over ≤ ~32 values, then double.
+    report.check(
+        &format!("{name} {t} mean"),
+        &f64s(&mean),
+        &mean64,
+        Tol::scaled(
+            0.0,
+            2e-7,
+            2e-7 * tol_scale,
+            "float partial sums, double merge; vs f64 (~2 ulp)",
+        ),
+    );
+    report.check(
+        &format!("{name} {t} invstd"),
+        &f64s(&invstd),
+        &inv64,
+        Tol::new(
+            0.0,
+            4e-7 * tol_scale,
+            "corrected two-pass variance from float partials, vs f64 (~3 ulp)",
+        ),
+    );
+    report.check(
+        &format!("{name} {t} running_mean"),
+        &f64s(&rm),
+        &rm64,
+        Tol::scaled(
+            0.0,
+            2e-7,
+            2e-7 * tol_scale,
+            "0.9·rm + 0.1·mean in double, rounded once",
+        ),
+    );
+    report.check(
+        &format!("{name} {t} running_var"),
+        &f64s(&rv),
+        &rv64,
+        Tol::new(
+            0.0,
+            4e-7 * tol_scale,
+            "0.9·rv + 0.1·var·P/(P−1), var as for invstd",
+        ),
+    );
+}
+
+#[test]
+fn batch_norm_stats_and_running_stats_at_every_layer() {
+    let mut report = Report::default();
+    for (k, &(name, h, w, c)) in BN_LAYERS.iter().enumerate() {
+        let p = N * h * w;
+        let x = activations(100 + k as u64, p, c);
+        stats_case::<f32>(&mut report, name, &x, p, c, bn_launch(p, c), 1.0);
+        stats_case::<f16>(&mut report, name, &x, p, c, bn_launch(p, c), 1.0);
+        stats_case::<bf16>(&mut report, name, &x, p, c, bn_launch(p, c), 1.0);
+    }
+    // The training batch of 128 at block1 (P = 25088): the geometry the GPU runs.
+    let (p, c) = (128 * 14 * 14, 64);
+    let x = activations(200, p, c);
+    stats_case::<f32>(
+        &mut report,
+        "block1 batch 128",
+        &x,
+        p,
+        c,
+        bn_launch(p, c),
+        1.0,
+    );
+    // A mean 1000x the spread: a one-pass Σx² − (Σx)² formula would lose every digit here.
+    let (p, c) = (N * 7 * 7, 128);
+    let x: Vec<f32> = activations(201, p, c)
+        .iter()
+        .map(|v| 300.0 + 0.3 * v)
+        .collect();
+    stats_case::<f32>(
+        &mut report,
+        "offset 300, spread 0.3",
+        &x,
+        p,
+        c,
+        bn_launch(p, c),
+        4.0,
+    );
+    // Degenerate geometries: one chunk, and more chunks than rows per chunk (empty chunks).
+    let (p, c) = (N * 4 * 4, 96);
+    let x = activations(202, p, c);
+    stats_case::<f32>(
+        &mut report,
+        "G=1 block (32,1)",
+        &x,
+        p,
+        c,
+        Launch::grid2((3, 1), (32, 1)),
+        1.0,
+    );
+    stats_case::<f32>(
+        &mut report,
+        "G=100 (empty chunks)",
+        &x,
+        p,
+        c,
+        Launch::grid2((3, 100), (32, 4)),
+        1.0,
+    );
+    report.finish("batch_norm_stats");
+}
+
+#[test]
+fn batch_norm_stats_are_deterministic() {
+    let (p, c) = (N * 14 * 14, 64);
+    let x = activations(300, p, c);
+    let run = || {
+        let (mut m, mut s) = (vec![0f32; c], vec![0f32; c]);
+        emu::batch_norm_stats(bn_launch(p, c), &mut m, &mut s, None, &x, p, c, 1e-5, 0.1);
+        (m, s)
+    };
+    let first = run();
+    for _ in 0..3 {
+        assert_eq!(
+            run(),
+            first,
+            "batch_norm_stats differs between identical launches"
+        );
+    }
+}
+
+// ---- BatchNorm + ReLU forward (train and eval) -------------------------------------------------
+
+struct BnLayer {
+    x: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    rm: Vec<f32>,
+    rv: Vec<f32>,
+}
+
+fn bn_layer(seed: u64, p: usize, c: usize) -> BnLayer {
+    BnLayer {
+        x: activations(seed, p, c),
+        gamma: uniform(seed + 1, c, 0.5, 1.5),
+        beta: uniform(seed + 2, c, -0.5, 0.5),
+        rm: uniform(seed + 3, c, -0.5, 0.5),
+        rv: uniform(seed + 4, c, 0.3, 3.0),
+    }
+}
+
+/// CPU train forward + ReLU on `x`: (y, mean, invstd).
+fn cpu_bn_relu_train(l: &BnLayer, x: &[f32], p: usize, c: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut y, mut mean, mut inv) = (vec![0f32; p * c], vec![0f32; c], vec![0f32; c]);
+    let (mut rm, mut rv) = (l.rm.clone(), l.rv.clone());
+    Backend::<f32>::batch_norm_forward_train(
+        &cpu(),
+        &mut y,
+        &mut mean,
+        &mut inv,
+        &mut rm,
+        &mut rv,
+        &x.to_vec(),
+        &l.gamma,
+        &l.beta,
+        Nhwc::new(1, p, 1, c),
+        &BatchNormCfg::default(),
+    )
+    .unwrap();
+    let mut out = vec![0f32; p * c];
+    Backend::<f32>::relu_forward(&cpu(), &mut out, &y);
+    (out, mean, inv)
+}
+
+/// Tolerance of a BN(+ReLU) output in `T`, with outputs of order 1–5.
+fn y_tol<T: Act>() -> Tol {
+    match T::NAME {
+        "f32" => Tol::scaled(
+            0.0,
+            5e-7,
+            3e-7,
+            "f32: invstd·γ rounded in float, not from f64; FMA allowance",
+        ),
+        "f16" => Tol::scaled(
+            0.0,
+            1e-3,
+            1e-4,
+            "f16: one rounding of the output (2^-11) plus a tie flip",
+        ),
+        _ => Tol::scaled(
+            0.0,
+            8e-3,
+            1e-3,
+            "bf16: one rounding of the output (2^-8) plus a tie flip",
+        ),
+    }
+}
+
+fn apply_train_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize, seed: u64) {
+    let l = bn_layer(seed, p, c);
+    let (x, xr) = quantize::<T>(&l.x);
+    let (want, _, _) = cpu_bn_relu_train(&l, &xr, p, c);
+    // Kernel path: stats, then apply with the kernel's own statistics.
+    let (mut mean, mut inv, mut rm, mut rv) =
+        (vec![0f32; c], vec![0f32; c], l.rm.clone(), l.rv.clone());
+    emu::batch_norm_stats(
+        bn_launch(p, c),
+        &mut mean,
+        &mut inv,
+        Some((&mut rm, &mut rv)),
+        &x,
+        p,
+        c,
+        1e-5,
+        0.1,
+    );
+    let mut y = vec![T::default(); p * c];
+    emu::batch_norm_relu_apply(
+        elementwise(p * c),
+        &mut y,
+        c,
+        0,
+        &x,
+        &mean,
+        &inv,
+        &l.gamma,
+        &l.beta,
+        p,
+        c,
+        true,
+    );
+    report.check(
+        &format!("{name} {} train y", T::NAME),
+        &act_f64s(&y),
+        &f64s(&want),
+        y_tol::<T>(),
+    );
+}
+
+fn apply_eval_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize, seed: u64) {
+    let l = bn_layer(seed, p, c);
+    let (x, xr) = quantize::<T>(&l.x);
+    let cfg = BatchNormCfg::default();
+    let mut y = vec![0f32; p * c];
+    Backend::<f32>::batch_norm_forward_eval(
+        &cpu(),
+        &mut y,
+        &xr,
+        &l.gamma,
+        &l.beta,
+        &l.rm,
+        &l.rv,
+        Nhwc::new(1, p, 1, c),
+        &cfg,
+    );
+    let mut want = vec![0f32; p * c];
+    Backend::<f32>::relu_forward(&cpu(), &mut want, &y);
+    let mut inv = vec![0f32; c];
+    emu::batch_norm_eval_invstd(Launch::linear(1, 128), &mut inv, &l.rv, cfg.eps as f32);
+    let inv_want: Vec<f64> =
+        l.rv.iter()
+            .map(|&v| 1.0 / (v as f64 + cfg.eps).sqrt())
+            .collect();
+    report.check(
+        &format!("{name} eval invstd"),
+        &f64s(&inv),
+        &inv_want,
+        Tol::new(
+            0.0,
+            1.2e-7,
+            "double arithmetic rounded once to f32 (one ulp)",
+        ),
+    );
+    let mut out = vec![T::default(); p * c];
+    emu::batch_norm_relu_apply(
+        elementwise(p * c),
+        &mut out,
+        c,
+        0,
+        &x,
+        &l.rm,
+        &inv,
+        &l.gamma,
+        &l.beta,
+        p,
+        c,
+        true,
+    );
+    report.check(
+        &format!("{name} {} eval y", T::NAME),
+        &act_f64s(&out),
+        &f64s(&want),
+        y_tol::<T>(),
+    );
+}
+
+#[test]
+fn batch_norm_relu_apply_train_and_eval_at_every_layer() {
+    let mut report = Report::default();
+    for (k, &(name, h, w, c)) in BN_LAYERS.iter().enumerate() {
+        let p = N * h * w;
+        let seed = 400 + 10 * k as u64;
+        apply_train_case::<f32>(&mut report, name, p, c, seed);
+        apply_train_case::<f16>(&mut report, name, p, c, seed);
+        apply_train_case::<bf16>(&mut report, name, p, c, seed);
+        apply_eval_case::<f32>(&mut report, name, p, c, seed);
+        apply_eval_case::<f16>(&mut report, name, p, c, seed);
+        apply_eval_case::<bf16>(&mut report, name, p, c, seed);
+    }
+    report.finish("batch_norm_relu_apply");
+}
+
+/// Each branch's BN+ReLU writes straight into its channel slice of the join: the result must
+/// be the CPU's concat of the four branch outputs, and nothing outside the slices is touched.
+fn apply_into_join_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    p: usize,
+    channels: &[usize; 4],
+    seed: u64,
+) {
+    let total: usize = channels.iter().sum();
+    let sentinel = T::from_f32(-7.0); // BN+ReLU never writes a negative value
+    let mut joined = vec![sentinel; p * total + 5];
+    let mut branch_outputs = Vec::new();
+    let mut off = 0;
+    for (i, &c) in channels.iter().enumerate() {
+        let l = bn_layer(seed + 10 * i as u64, p, c);
+        let (x, xr) = quantize::<T>(&l.x);
+        let (want, mean, inv) = cpu_bn_relu_train(&l, &xr, p, c);
+        emu::batch_norm_relu_apply(
+            elementwise(p * c),
+            &mut joined,
+            total,
+            off,
+            &x,
+            &mean,
+            &inv,
+            &l.gamma,
+            &l.beta,
+            p,
+            c,
+            true,
+        );
+        branch_outputs.push(want);
+        off += c;
+    }
+    let mut want = vec![0f32; p * total];
+    let refs: Vec<&Vec<f32>> = branch_outputs.iter().collect();
+    Backend::<f32>::concat_forward(&cpu(), &mut want, &refs, channels);
+    report.check(
+        &format!("{name} {} joined y", T::NAME),
+        &act_f64s(&joined[..p * total]),
+        &f64s(&want),
+        y_tol::<T>(),
+    );
+    assert!(
+        joined[p * total..].iter().all(|v| v.to_f32() == -7.0),
+        "{name}: batch_norm_relu_apply wrote past the joined tensor"
+    );
+}
+
+#[test]
+fn batch_norm_relu_apply_writes_into_the_channel_slice_of_the_join() {
+    let mut report = Report::default();
+    for (k, (name, h, w, channels)) in JOINS.iter().enumerate() {
+        let p = N * h * w;
+        apply_into_join_case::<f32>(&mut report, name, p, channels, 500 + 100 * k as u64);
+        apply_into_join_case::<f16>(&mut report, name, p, channels, 500 + 100 * k as u64);
+    }
+    report.finish("batch_norm_relu_apply into join");
+}
+
+// ---- BatchNorm + ReLU backward ----------------------------------------------------------------
+
+/// `joined`: read y and dy as the channel slice `off` of wider [p, ld] tensors, as a branch of
+/// an Inception block does.
+fn backward_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    p: usize,
+    c: usize,
+    joined: Option<(usize, usize)>,
+    seed: u64,
+) {
+    let l = bn_layer(seed, p, c);
+    let (x, xr) = quantize::<T>(&l.x);
+    let (y_f32, mean, inv) = cpu_bn_relu_train(&l, &xr, p, c);
+    let (y, yr) = quantize::<T>(&y_f32);
+    let (dy, dyr) = quantize::<T>(&uniform(seed + 9, p * c, -1.0, 1.0));
+    // Reference: relu_backward (mask with the output the kernel sees), then BN backward.
+    let mut masked = dyr.clone();
+    Backend::<f32>::relu_backward(&cpu(), &mut masked, &yr);
+    let dgamma0 = uniform(seed + 11, c, -0.1, 0.1);
+    let dbeta0 = uniform(seed + 12, c, -0.1, 0.1);
+    let (mut dx_want, mut dg_want, mut db_want) =
+        (vec![0f32; p * c], dgamma0.clone(), dbeta0.clone());
+    Backend::<f32>::batch_norm_backward(
+        &cpu(),
+        &mut dx_want,
+        &mut dg_want,
+        &mut db_want,
+        &masked,
+        &xr,
+        &l.gamma,
+        &mean,
+        &inv,
+        Nhwc::new(1, p, 1, c),
+    );
+    // Kernel inputs: y and dy, inside wider tensors when `joined`.
+    let (ld, off) = joined.unwrap_or((c, 0));
+    let embed = |v: &[T], fill: f32| {
+        let mut wide = vec![T::from_f32(fill); p * ld];
+        for r in 0..p {
+            wide[r * ld + off..r * ld + off + c].copy_from_slice(&v[r * c..(r + 1) * c]);
+        }
+        wide
+    };
+    let (y_wide, dy_wide) = (embed(&y, 1.0), embed(&dy, 1e6));
+    let (y_cols, dy_cols) = (
+        Cols {
+            data: &y_wide[..],
+            ld,
+            off,
+        },
+        Cols {
+            data: &dy_wide[..],
+            ld,
+            off,
+        },
+    );
+    let (mut coef, mut dg, mut db) = (vec![0f32; 3 * c], dgamma0.clone(), dbeta0.clone());
+    emu::batch_norm_relu_backward_reduce(
+        bn_launch(p, c),
+        &mut coef,
+        Some(&mut dg),
+        Some(&mut db),
+        dy_cols,
+        y_cols,
+        &x,
+        &mean,
+        &inv,
+        &l.gamma,
+        p,
+        c,
+        true,
+    );
+    let mut dx = vec![T::default(); p * c];
+    emu::batch_norm_relu_backward_apply(
+        elementwise(p * c),
+        &mut dx,
+        dy_cols,
+        y_cols,
+        &x,
+        &mean,
+        &coef,
+        p,
+        c,
+        true,
+    );
+    let t = T::NAME;
+    let layout = if joined.is_some() {
+        " (slice of join)"
+    } else {
+        ""
+    };
+    // Σ over P ≤ 1568 values: float per-thread partials (≤ ~13 values), double after, vs the
+    // CPU's f64 sums rounded to f32; Σdy'·x̂ cancels, so the bound is relative to its largest
+    // channel.
+    let sum_tol = Tol::scaled(
+        1e-7,
+        2e-6,
+        2e-7,
+        "float partials of ≤ P/(G·BY) values, then double; cancelling sums",
+    );
+    report.check(
+        &format!("{name} {t}{layout} dbeta"),
+        &f64s(&db),
+        &f64s(&db_want),
+        sum_tol,
+    );
+    report.check(
+        &format!("{name} {t}{layout} dgamma"),
+        &f64s(&dg),
+        &f64s(&dg_want),
+        sum_tol,
+    );
+    let dx_tol = match t {
+        "f32" => Tol::scaled(
+            0.0,
+            1e-6,
+            5e-7,
+            "f32: a·dy + b·(x−μ) + c0 with coefficients from float sums; cancels",
+        ),
+        "f16" => Tol::scaled(
+            0.0,
+            1e-3,
+            5e-4,
+            "f16: one rounding of dx (2^-11) on top of the f32 error",
+        ),
+        _ => Tol::scaled(
+            0.0,
+            8e-3,
+            4e-3,
+            "bf16: one rounding of dx (2^-8) on top of the f32 error",
+        ),
+    };
+    report.check(
+        &format!("{name} {t}{layout} dx"),
+        &act_f64s(&dx),
+        &f64s(&dx_want),
+        dx_tol,
+    );
+}
+
+#[test]
+fn batch_norm_relu_backward_matches_relu_backward_then_batch_norm_backward() {
+    let mut report = Report::default();
+    for (k, &(name, h, w, c)) in BN_LAYERS.iter().enumerate() {
+        let p = N * h * w;
+        let seed = 700 + 20 * k as u64;
+        backward_case::<f32>(&mut report, name, p, c, None, seed);
+        backward_case::<f16>(&mut report, name, p, c, None, seed);
+        backward_case::<bf16>(&mut report, name, p, c, None, seed);
+    }
+    // A branch of each Inception block: y and dy are its slice of the joined tensors.
+    backward_case::<f32>(
+        &mut report,
+        "block3 branch3",
+        N * 49,
+        64,
+        Some((256, 128)),
+        900,
+    );
+    backward_case::<f16>(
+        &mut report,
+        "block3 branch3",
+        N * 49,
+        64,
+        Some((256, 128)),
+        901,
+    );
+    backward_case::<f32>(
+        &mut report,
+        "block4 branch4",
+        N * 16,
+        96,
+        Some((384, 288)),
+        902,
+    );
+    backward_case::<bf16>(
+        &mut report,
+        "block4 branch4",
+        N * 16,
+        96,
+        Some((384, 288)),
+        903,
+    );
+    report.finish("batch_norm_relu_backward");
+}
+
+// ---- cross-entropy ------------------------------------------------------------------------------
+
+fn cross_entropy_case(
+    report: &mut Report,
+    n: usize,
+    k: usize,
+    smoothing: f64,
+    scale: Option<f32>,
+    seed: u64,
+) {
+    let mut r = rng(seed);
+    let mut logits: Vec<f32> = (0..n * k).map(|_| 3.0 * normal(&mut r)).collect();
+    let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..k as u32)).collect();
+    // Rows whose maximum is tied between the label and a lower or a higher class, so the
+    // first-maximum rule of argmax is exercised both ways.
+    for row in 0..n.min(6) {
+        let label = labels[row] as usize;
+        let other = if row % 2 == 0 {
+            (label + 1) % k
+        } else {
+            (label + k - 1) % k
+        };
+        logits[row * k + label] = 20.0;
+        logits[row * k + other] = 20.0;
+    }
+    let name = format!("N={n} K={k} smoothing={smoothing} scale={scale:?}");
+    let mut probs = vec![0f32; n * k];
+    let loss_want =
+        Backend::<f32>::cross_entropy_forward(&cpu(), &mut probs, &logits, &labels, k, smoothing);
+    let mut d_want = vec![0f32; n * k];
+    Backend::<f32>::cross_entropy_backward(&cpu(), &mut d_want, &probs, &labels, k, smoothing);
+    let s = scale.unwrap_or(1.0) as f64;
+    let d_want: Vec<f64> = d_want.iter().map(|&v| v as f64 * s).collect();
+    let correct_want = (0..n)
+        .filter(|&i| {
+            let row = &logits[i * k..(i + 1) * k];
+            let best = (0..k).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            best == labels[i] as usize
+        })
+        .count();
+
+    let labels_i32: Vec<i32> = labels.iter().map(|&v| v as i32).collect();
+    let block = (32 * n).div_ceil(32).min(32) as u32 * 32;
+    let mut dlogits = vec![0f32; n * k];
+    let out = emu::cross_entropy_forward_backward(
+        Launch::linear(1, block),
+        &mut dlogits,
+        &logits,
+        &labels_i32,
+        k,
+        smoothing as f32,
+        scale,
+    );
+    report.check(
+        &format!("{name} loss"),
+        &[out.loss as f64],
+        &[loss_want],
+        Tol::new(
+            0.0,
+            5e-7,
+            "float expf sums (GPU expf: 2 ulp), double per-row loss, vs f64",
+        ),
+    );
+    report.check(
+        &format!("{name} dlogits"),
+        &f64s(&dlogits),
+        &d_want,
+        Tol::scaled(
+            0.0,
+            4e-6,
+            4e-7,
+            "float expf and 1/Σ vs f64 softmax rounded to f32; ×scale exact",
+        ),
+    );
+    report.check(
+        &format!("{name} correct"),
+        &[out.correct as f64],
+        &[correct_want as f64],
+        Tol::new(0.0, 0.0, "an exact count"),
+    );
+}
+
+#[test]
+fn cross_entropy_loss_gradient_and_correct_count() {
+    let mut report = Report::default();
+    for (i, smoothing) in [0.0, 0.1].into_iter().enumerate() {
+        for (j, scale) in [None, Some(1024.0), Some(65536.0)].into_iter().enumerate() {
+            cross_entropy_case(
+                &mut report,
+                128,
+                10,
+                smoothing,
+                scale,
+                1000 + 10 * i as u64 + j as u64,
+            );
+        }
+    }
+    // More classes than lanes (each lane loops), rows not a multiple of the warps.
+    cross_entropy_case(&mut report, 37, 100, 0.1, Some(8.0), 1100);
+    cross_entropy_case(&mut report, 3, 10, 0.0, None, 1101);
+    report.finish("cross_entropy");
+}
+
+// ---- mixed precision: unscale, SGD, loss scale -------------------------------------------------
+
+fn unscale_case<T: Act>(bad: Option<f32>) -> (Vec<f32>, i32, Vec<f32>) {
+    let n = 10_000;
+    let scale = 1024.0f32;
+    let mut g32 = uniform(1200, n, -2000.0, 2000.0);
+    if let Some(v) = bad {
+        g32[4321] = v;
+    }
+    let (g, gr) = quantize::<T>(&g32);
+    let mut master = vec![0f32; n];
+    let mut flag = 0;
+    emu::amp_unscale(elementwise(n), &mut master, &g, scale, &mut flag);
+    (master, flag, gr.iter().map(|v| v * (1.0 / scale)).collect())
+}
+
+#[test]
+fn amp_unscale_divides_by_the_scale_and_flags_inf_and_nan() {
+    fn clean<T: Act>() {
+        let (master, flag, want) = unscale_case::<T>(None);
+        assert_eq!(flag, 0, "{}: overflow flagged on finite gradients", T::NAME);
+        // ×2^-10 of a 16-bit value is exact in f32: bitwise.
+        for (i, (m, w)) in master.iter().zip(&want).enumerate() {
+            assert_eq!(
+                m.to_bits(),
+                w.to_bits(),
+                "{}: master[{i}] = {m:e}, want {w:e}",
+                T::NAME
+            );
+        }
+    }
+    fn flagged<T: Act>(v: f32) {
+        let (_, flag, _) = unscale_case::<T>(Some(v));
+        assert_eq!(flag, 1, "{}: a gradient {v} was not flagged", T::NAME);
+    }
+    clean::<f16>();
+    clean::<bf16>();
+    clean::<f32>();
+    for v in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        flagged::<f16>(v);
+        flagged::<bf16>(v);
+        flagged::<f32>(v);
+    }
+    // 1e5 overflows f16 (max 65504) on the way in: flagged too.
+    flagged::<f16>(1e5);
+    // The flag is only ever set: a clean pass leaves a raised flag raised.
+    let mut flag = 1;
+    let mut master = vec![0f32; 4];
+    emu::amp_unscale(
+        Launch::linear(1, 32),
+        &mut master,
+        &[f16::from_f32(1.0); 4],
+        2.0,
+        &mut flag,
+    );
+    assert_eq!(flag, 1, "amp_unscale cleared the flag");
+    // f32 in place.
+    let mut g = vec![2.0f32, -4.0, 8.0, f32::NAN];
+    let mut flag = 0;
+    emu::amp_unscale_in_place(Launch::linear(1, 32), &mut g, 4.0, &mut flag);
+    assert_eq!((g[0], g[1], g[2], flag), (0.5, -1.0, 2.0, 1));
+}
+
+/// The parameters of the model as one flat buffer (its real size), with gradients.
+fn flat_params(seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let n = 575_050; // about the model's parameter count
+    (
+        uniform(seed, n, -0.3, 0.3),
+        uniform(seed + 1, n, -0.05, 0.05),
+    )
+}
+
+fn sgd_case(report: &mut Report, opt: Sgd, steps: usize, seed: u64) {
+    let (mut p_ref, _) = flat_params(seed);
+    let mut p = p_ref.clone();
+    let mut buf_ref = vec![0f32; p.len()];
+    let mut buf = vec![0f32; p.len()];
+    for step in 0..steps {
+        let (_, grad) = flat_params(seed + 10 + step as u64);
+        let first = step == 0;
+        Backend::<f32>::sgd_step(&cpu(), &mut p_ref, &grad, &mut buf_ref, first, &opt);
+        let args = SgdArgs {
+            lr: opt.lr as f32,
+            momentum: opt.momentum as f32,
+            weight_decay: opt.weight_decay as f32,
+            nesterov: opt.nesterov,
+            first_step: first,
+            found_inf: Some(0),
+            lr_device: None,
+        };
+        emu::sgd_step(Launch::linear(64, 256), &mut p, &grad, &mut buf, &args);
+    }
+    let name = format!(
+        "lr {} momentum {} wd {} nesterov {} x{steps}",
+        opt.lr, opt.momentum, opt.weight_decay, opt.nesterov
+    );
+    // Same f32 operations in the same order (the emulation does not contract to FMA): the
+    // tolerance only allows for an FMA-contracting compiler.
+    let tol = Tol::new(
+        1e-8,
+        1e-6,
+        "f32 elementwise, same operation order; FMA allowance",
+    );
+    report.check(&format!("{name} param"), &f64s(&p), &f64s(&p_ref), tol);
+    if opt.momentum != 0.0 {
+        report.check(
+            &format!("{name} momentum"),
+            &f64s(&buf),
+            &f64s(&buf_ref),
+            tol,
+        );
+    }
+}
+
+#[test]
+fn sgd_step_matches_the_cpu_over_a_flat_buffer() {
+    let mut report = Report::default();
+    let base = Sgd {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: false,
+    };
+    sgd_case(&mut report, base, 3, 1300);
+    sgd_case(
+        &mut report,
+        Sgd {
+            nesterov: true,
+            ..base
+        },
+        3,
+        1310,
+    );
+    sgd_case(
+        &mut report,
+        Sgd {
+            momentum: 0.0,
+            ..base
+        },
+        2,
+        1320,
+    );
+    sgd_case(
+        &mut report,
+        Sgd {
+            weight_decay: 0.0,
+            lr: 0.05,
+            ..base
+        },
+        1,
+        1330,
+    );
+    report.finish("sgd_step");
+}
+
+#[test]
+fn sgd_step_is_skipped_on_overflow_and_reads_a_device_learning_rate() {
+    let (p0, grad) = flat_params(1400);
+    let buf0 = uniform(1402, p0.len(), -0.01, 0.01);
+    let args = SgdArgs {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: true,
+        first_step: false,
+        found_inf: Some(1),
+        lr_device: None,
+    };
+    let (mut p, mut buf) = (p0.clone(), buf0.clone());
+    emu::sgd_step(Launch::linear(64, 256), &mut p, &grad, &mut buf, &args);
+    assert!(
+        p.iter().zip(&p0).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "params changed on an overflowed step"
+    );
+    assert!(
+        buf.iter()
+            .zip(&buf0)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "momentum changed on an overflowed step"
+    );
+    // A learning rate in device memory overrides the argument.
+    let run = |lr: f32, lr_device: Option<f32>| {
+        let (mut p, mut buf) = (p0.clone(), buf0.clone());
+        let a = SgdArgs {
+            lr,
+            lr_device,
+            found_inf: None,
+            ..args
+        };
+        emu::sgd_step(Launch::linear(64, 256), &mut p, &grad, &mut buf, &a);
+        p
+    };
+    assert_eq!(
+        run(123.0, Some(0.05)),
+        run(0.05, None),
+        "lr_device not used"
+    );
+}
+
+#[test]
+fn update_loss_scale_halves_on_overflow_and_doubles_after_clean_steps() {
+    let mut s = LossScale {
+        scale: 65536.0,
+        growth_tracker: 0,
+        found_inf: 0,
+        skipped_steps: 0,
+    };
+    let interval = 5;
+    // Overflow: halve, restart the count, count the skipped step, clear the flag.
+    s.growth_tracker = 3;
+    s.found_inf = 1;
+    emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
+    assert_eq!(
+        s,
+        LossScale {
+            scale: 32768.0,
+            growth_tracker: 0,
+            found_inf: 0,
+            skipped_steps: 1
+        }
+    );
+    // interval − 1 clean steps: counted, scale kept.
+    for k in 1..interval {
+        emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
+        assert_eq!((s.scale, s.growth_tracker), (32768.0, k));
+    }
+    // The interval-th clean step doubles and restarts the count.
+    emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
+    assert_eq!(
+        s,
+        LossScale {
+            scale: 65536.0,
+            growth_tracker: 0,
+            found_inf: 0,
+            skipped_steps: 1
+        }
+    );
+    // Two overflows in a row.
+    for expect in [32768.0, 16384.0] {
+        s.found_inf = 1;
+        emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
+        assert_eq!((s.scale, s.growth_tracker, s.found_inf), (expect, 0, 0));
+    }
+    assert_eq!(s.skipped_steps, 3);
+    // Growth that would overflow f32 is not applied (torch keeps the scale).
+    let mut big = LossScale {
+        scale: f32::MAX,
+        growth_tracker: 0,
+        found_inf: 0,
+        skipped_steps: 0,
+    };
+    emu::update_loss_scale(&mut big, 2.0, 0.5, 1);
+    assert_eq!((big.scale, big.growth_tracker), (f32::MAX, 0));
+}
+
+// ---- the data kernel --------------------------------------------------------------------------
+
+struct Records {
+    _tmp: tempfile::TempDir,
+    ds: Cifar10,
+    bytes: Vec<u8>,
+}
+
+fn records(n: usize) -> Records {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cifar");
+    write_synthetic(&dir, n, 1, 11).unwrap();
+    let ds = Cifar10::open(&dir, Split::Train).unwrap();
+    // The records in the order Cifar10 numbers them: the training files in order.
+    let mut bytes = Vec::new();
+    for f in TRAIN_FILES {
+        bytes.extend(std::fs::read(dir.join(f)).unwrap());
+    }
+    assert_eq!(bytes.len(), ds.len() * emu::RECORD);
+    Records {
+        _tmp: tmp,
+        ds,
+        bytes,
+    }
+}
+
+/// 1024 threads per block, 3 blocks per image (fewer, larger blocks emulate faster).
+const AUG_LAUNCH_BLOCK: u32 = 1024;
+
+fn augment<T: Act>(
+    rec: &Records,
+    indices: &[i32],
+    dy: &[i32],
+    dx: &[i32],
+    flip: &[i32],
+) -> (Vec<T>, Vec<i32>) {
+    let b = indices.len();
+    let mut out = vec![T::default(); b * 3072];
+    let mut labels = vec![-2; b];
+    let a = AugmentArgs {
+        indices,
+        dy,
+        dx,
+        flip,
+        mean: MEAN,
+        std: STD,
+    };
+    emu::augment_batch(
+        Launch::grid2((3072 / AUG_LAUNCH_BLOCK, b as u32), (AUG_LAUNCH_BLOCK, 1)),
+        &mut out,
+        &mut labels,
+        &rec.bytes,
+        &a,
+    );
+    (out, labels)
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len()
+}
+
+#[test]
+fn augment_without_crop_or_flip_is_make_batch_bitwise() {
+    let rec = records(40);
+    let idx: Vec<usize> = (0..40).rev().step_by(3).collect();
+    let (mut want, mut want_y) = (Vec::new(), Vec::new());
+    make_batch(
+        &rec.ds,
+        &idx,
+        Augment::NONE,
+        5,
+        0,
+        0,
+        &mut want,
+        &mut want_y,
+    );
+    let b = idx.len();
+    let idx_i32: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
+    let zeros = vec![0; b];
+    let (got, labels) = augment::<f32>(&rec, &idx_i32, &zeros, &zeros, &zeros);
+    assert!(
+        same_bits(&got, &want),
+        "augment_batch_f32 differs from make_batch (no augmentation)"
+    );
+    assert_eq!(
+        labels,
+        want_y.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+        "labels"
+    );
+    // f16/bf16: make_batch's floats rounded to nearest even.
+    let (h, _) = augment::<f16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
+    assert!(
+        h.iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()),
+        "f16"
+    );
+    let (bf, _) = augment::<bf16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
+    assert!(
+        bf.iter()
+            .zip(&want)
+            .all(|(g, w)| g.to_bits() == bf16::from_f32(*w).to_bits()),
+        "bf16"
+    );
+}
+
+/// make_batch draws each image's (dy, dx, flip) privately. Here every image of a training
+/// batch is the same record, so one launch renders that record under all 162 (dy, dx, flip)
+/// the kernel can be given; each of make_batch's images must equal exactly one of them, bit for
+/// bit, and over the batch those cover the extreme offsets ±4 and both flips.
+#[test]
+fn augment_with_crop_and_flip_reproduces_make_batch_bitwise() {
+    let rec = records(20);
+    let batch = 128;
+    let record = 13;
+    let (mut want, mut want_y) = (Vec::new(), Vec::new());
+    make_batch(
+        &rec.ds,
+        &vec![record; batch],
+        Augment::TRAIN,
+        3,
+        2,
+        640,
+        &mut want,
+        &mut want_y,
+    );
+    let combos: Vec<(i32, i32, i32)> = (-4..=4)
+        .flat_map(|dy| (-4..=4).flat_map(move |dx| [(dy, dx, 0), (dy, dx, 1)]))
+        .collect();
+    let n = combos.len();
+    let indices = vec![record as i32; n];
+    let dy: Vec<i32> = combos.iter().map(|c| c.0).collect();
+    let dx: Vec<i32> = combos.iter().map(|c| c.1).collect();
+    let flip: Vec<i32> = combos.iter().map(|c| c.2).collect();
+    let (out, labels) = augment::<f32>(&rec, &indices, &dy, &dx, &flip);
+    assert!(labels.iter().all(|&l| l == want_y[0] as i32), "labels");
+    let (mut seen_dy, mut seen_dx, mut seen_flip) = (Vec::new(), Vec::new(), Vec::new());
+    for j in 0..batch {
+        let image = &want[j * 3072..(j + 1) * 3072];
+        let matches: Vec<(i32, i32, i32)> = (0..n)
+            .filter(|&k| same_bits(&out[k * 3072..(k + 1) * 3072], image))
+            .map(|k| combos[k])
+            .collect();
+        assert_eq!(
+            matches.len(),
+            1,
+            "image {j}: {} of the 162 crops/flips reproduce make_batch: {matches:?}",
+            matches.len()
+        );
+        let (dy, dx, flip) = matches[0];
+        seen_dy.push(dy);
+        seen_dx.push(dx);
+        seen_flip.push(flip);
+    }
+    for extreme in [-4, 4] {
+        assert!(
+            seen_dy.contains(&extreme),
+            "no image of the batch had dy = {extreme}: {seen_dy:?}"
+        );
+        assert!(
+            seen_dx.contains(&extreme),
+            "no image of the batch had dx = {extreme}: {seen_dx:?}"
+        );
+    }
+    assert!(
+        seen_flip.contains(&0) && seen_flip.contains(&1),
+        "flips: {seen_flip:?}"
+    );
+}
+
+#[test]
+fn augment_rejects_a_bad_index_visibly() {
+    let rec = records(5);
+    let (out, labels) = augment::<f32>(&rec, &[1, 7], &[0, 0], &[0, 0], &[0, 0]);
+    assert!(out[..3072].iter().all(|v| v.is_finite()));
+    assert!(
+        out[3072..].iter().all(|v| v.is_nan()),
+        "record 7 of 5 must give NaN"
+    );
+    assert_eq!(labels[1], -1);
+}
+
+// ---- elementwise.cu: ReLU and the branch-gradient sum -------------------------------------------
+
+#[test]
+fn relu_and_fork_backward_match_the_cpu_bitwise() {
+    // The block3 Inception input: 8 images of 7×7×128; values around 0, exact zeros and a NaN.
+    let n = 8 * 7 * 7 * 128;
+    let mut x = uniform(0xE1E, n, -1.0, 1.0);
+    x[3] = 0.0;
+    x[5] = -0.0;
+    x[7] = f32::NAN;
+    let (be, l) = (cpu(), elementwise(n));
+    let mut y = vec![f32::INFINITY; n];
+    emu::relu_forward(l, &mut y, &x);
+    let mut want = vec![0.0; n];
+    be.relu_forward(&mut want, &x.clone());
+    assert!(
+        y.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+        "relu_forward differs"
+    );
+    assert!(y[7].is_nan(), "NaN passes through");
+
+    let dy = uniform(0xE1F, n, -1.0, 1.0);
+    let mut got = dy.clone();
+    emu::relu_backward(l, &mut got, &y);
+    let mut want = dy.clone();
+    be.relu_backward(&mut want, &y);
+    assert_eq!(got, want, "relu_backward differs");
+
+    // The four branch gradients of block3, summed in branch order.
+    let parts: Vec<Vec<f32>> = (0..4).map(|i| uniform(0xF00 + i, n, -1.0, 1.0)).collect();
+    for k in 1..=4 {
+        let refs: Vec<&[f32]> = parts[..k].iter().map(|p| p.as_slice()).collect();
+        let mut got = vec![f32::NAN; n];
+        emu::fork_backward(l, &mut got, &refs);
+        let mut want = vec![0.0; n];
+        let owned: Vec<Vec<f32>> = parts[..k].to_vec();
+        be.fork_backward(&mut want, &owned.iter().collect::<Vec<_>>());
+        assert_eq!(got, want, "fork_backward of {k} parts differs");
+    }
+}
