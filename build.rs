@@ -48,7 +48,8 @@ The `cudnn` feature compiles cuda/*.cu to PTX at build time and needs one of:
         python3 -m venv /tmp/incept-cuda-venv
         /tmp/incept-cuda-venv/bin/pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
         export INCEPT_PYTHON=/tmp/incept-cuda-venv/bin/python
-    (INCEPT_PYTHON is needed when pip installed into a venv; `scripts/cuda-venv.sh` does all three);
+    (INCEPT_PYTHON is needed when pip installed into a venv). `scripts/cuda-venv.sh` does all
+    three with the versions CI uses (12.4: a newer NVRTC emits PTX that needs a newer driver);
   - or INCEPT_NVRTC=/path/to/libnvrtc.so.12.
 Build without `--features cudnn` for the CPU-only binary, which needs none of this.";
 

@@ -116,3 +116,109 @@ fn bench_net<B: Backend<f32>>(
         eval_img_s: n as f64 / eval,
     })
 }
+
+/// f32 GEMM throughput of this machine through the same GEMM the convolutions use
+/// (square `size`³ products, best of `reps`), in GFLOP/s: the ceiling to compare layers with.
+pub fn gemm_ceiling(size: usize, reps: usize) -> f64 {
+    let a = vec![1.0f32; size * size];
+    let b = vec![0.5f32; size * size];
+    let mut c = vec![0.0f32; size * size];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        crate::backend::cpu::matmul(
+            &mut c,
+            size,
+            (&a, size, 1),
+            (&b, size, 1),
+            size,
+            size,
+            size,
+            false,
+        );
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (size as f64).powi(3) / best / 1e9
+}
+
+/// `incept bench --profile`: time per layer, forward and backward, over `opts.steps` training
+/// steps (branches in sequence, so each layer's time is its own), with each convolution's
+/// GFLOP/s next to the GEMM ceiling.
+pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
+    use std::fmt::Write;
+    let mut net: Net<f32, Cpu> = Net::new(ModelSpec::inception_net_small(), Cpu, 0)?;
+    net.schedule = BranchSchedule::Sequential;
+    let (c, h, w) = net.spec.input;
+    let n = opts.batch;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let x: Vec<f32> = (0..n * c * h * w)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
+    let opt = Sgd {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: true,
+    };
+    for _ in 0..opts.warmup {
+        net.train_step(&x, &labels, &opt, 0.0)?;
+    }
+    net.profile = true;
+    net.reset_layer_times();
+    let t = Instant::now();
+    for _ in 0..opts.steps {
+        net.train_step(&x, &labels, &opt, 0.0)?;
+    }
+    let step_ms = t.elapsed().as_secs_f64() * 1e3 / opts.steps as f64;
+    let ceiling = gemm_ceiling(1024, 5);
+    let steps = opts.steps as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "per-layer profile: batch {n}, {} threads, {} steps, branches in sequence; {step_ms:.1} ms/step; f32 GEMM ceiling {ceiling:.0} GFLOP/s",
+        rayon::current_num_threads(),
+        opts.steps
+    );
+    let _ = writeln!(
+        out,
+        "{:<34} {:<10} {:>9} {:>9} {:>9} {:>9}",
+        "layer", "op", "fwd ms", "bwd ms", "fwd GF/s", "bwd GF/s"
+    );
+    let (mut tf, mut tb) = (0.0, 0.0);
+    for l in net.layer_times() {
+        let (f, b) = (l.forward_s / steps * 1e3, l.backward_s / steps * 1e3);
+        tf += f;
+        tb += b;
+        let rate = |flop: f64, ms: f64| {
+            if flop > 0.0 && ms > 0.0 {
+                format!("{:.0}", flop / ms / 1e6)
+            } else {
+                String::new()
+            }
+        };
+        // The backward of a layer with an input gradient does two products (dx and dw); the
+        // first layer computes no dx.
+        let bwd_flop = if l.name == "block1.0" {
+            l.forward_flop
+        } else {
+            2.0 * l.forward_flop
+        };
+        let _ = writeln!(
+            out,
+            "{:<34} {:<10} {f:>9.2} {b:>9.2} {:>9} {:>9}",
+            l.name,
+            l.op,
+            rate(l.forward_flop, f),
+            rate(bwd_flop, b)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<34} {:<10} {tf:>9.2} {tb:>9.2}   (+ loss, SGD, input copy: {:.2} ms)",
+        "total",
+        "",
+        step_ms - tf - tb
+    );
+    Ok(out)
+}

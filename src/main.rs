@@ -114,6 +114,9 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time every layer (CPU): forward and backward ms and each convolution's GFLOP/s.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Flags of `incept train`, for running it when no subcommand is given.
@@ -147,6 +150,21 @@ fn bench(args: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     set_threads(args.threads)?;
+    if args.profile {
+        if args.device != "cpu" {
+            bail!("--profile times layers on the CPU only; use --device cpu (on a GPU, use Nsight Systems)");
+        }
+        print!(
+            "{}",
+            incept::bench::profile_cpu(&BenchOpts {
+                batch: args.batch_size,
+                warmup: args.warmup,
+                steps: args.steps,
+                schedule: BranchSchedule::Sequential,
+            })?
+        );
+        return Ok(());
+    }
     let opts = BenchOpts {
         batch: args.batch_size,
         warmup: args.warmup,

@@ -203,6 +203,18 @@ pub fn max_pool2d_argmax<T: Elem>(x: &[T], xs: Nhwc, pool: &MaxPool2d) -> Vec<u3
     argmax
 }
 
+/// Calls `f(iy, ix)` for the in-bounds positions of output `(oy, ox)`'s window, row by row.
+#[inline]
+fn for_window(xs: Nhwc, pool: &MaxPool2d, oy: usize, ox: usize, mut f: impl FnMut(usize, usize)) {
+    let y0 = (oy * pool.stride) as isize - pool.pad as isize;
+    let x0 = (ox * pool.stride) as isize - pool.pad as isize;
+    for iy in y0.max(0)..(y0 + pool.k as isize).min(xs.h as isize) {
+        for ix in x0.max(0)..(x0 + pool.k as isize).min(xs.w as isize) {
+            f(iy as usize, ix as usize);
+        }
+    }
+}
+
 /// OIHW → O(HW)I, the weight as the `[Cout, k·k·Cin]` matrix that matches [`im2col`]'s rows.
 fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
     let (kk, cin) = (conv.k * conv.k, conv.cin);
@@ -500,18 +512,44 @@ impl<T: Elem> Backend<T> for Cpu {
     }
 
     fn relu_backward(&self, dy: &mut Vec<T>, y: &Vec<T>) {
-        dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, y)| {
-            if *y <= T::zero() {
-                *g = T::zero();
-            }
-        });
+        // A select on every element rather than a conditional store: about half the outputs
+        // are zero in no predictable pattern, and the select vectorises.
+        dy.par_chunks_mut(4096)
+            .zip(y.par_chunks(4096))
+            .for_each(|(g, y)| {
+                for (g, y) in g.iter_mut().zip(y) {
+                    // `y <= 0` (not `!(y > 0)`): a NaN output keeps its gradient, as in PyTorch.
+                    *g = if *y <= T::zero() { T::zero() } else { *g };
+                }
+            });
     }
 
     fn max_pool2d_forward(&self, y: &mut Vec<T>, x: &Vec<T>, xs: Nhwc, pool: &MaxPool2d) {
-        let argmax = max_pool2d_argmax(x, xs, pool);
-        y.par_iter_mut()
-            .zip(argmax.par_iter())
-            .for_each(|(y, &i)| *y = x[i as usize]);
+        let ys = pool.out_shape(xs);
+        let c = xs.c;
+        // One output row per task; each output pixel starts from the first in-bounds window
+        // position and keeps a later value only if it is larger (or NaN), as PyTorch does.
+        y.par_chunks_mut(ys.w * c)
+            .enumerate()
+            .for_each(|(row, yrow)| {
+                let (n, oy) = (row / ys.h, row % ys.h);
+                for (ox, yr) in yrow.chunks_mut(c).enumerate() {
+                    let mut first = true;
+                    for_window(xs, pool, oy, ox, |iy, ix| {
+                        let xr = &x[((n * xs.h + iy) * xs.w + ix) * c..][..c];
+                        if first {
+                            yr.copy_from_slice(xr);
+                            first = false;
+                        } else {
+                            for (b, &v) in yr.iter_mut().zip(xr) {
+                                if v > *b || v.is_nan() {
+                                    *b = v;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
     }
 
     fn max_pool2d_backward(
@@ -519,16 +557,48 @@ impl<T: Elem> Backend<T> for Cpu {
         dx: &mut Vec<T>,
         dy: &Vec<T>,
         x: &Vec<T>,
-        _y: &Vec<T>,
+        y: &Vec<T>,
         xs: Nhwc,
         pool: &MaxPool2d,
     ) {
-        // The same scan as the forward finds the same winners.
-        let argmax = max_pool2d_argmax(x, xs, pool);
-        dx.fill(T::zero());
-        for (g, &i) in dy.iter().zip(&argmax) {
-            dx[i as usize] += *g;
-        }
+        let ys = pool.out_shape(xs);
+        let c = xs.c;
+        // The winner of a window is its first element equal to the maximum in scan order (the
+        // last NaN when the maximum is NaN), which is what the forward kept. Images own
+        // disjoint parts of dx, so they run in parallel.
+        let plane = xs.h * xs.w * c;
+        dx.par_chunks_mut(plane).enumerate().for_each(|(n, img)| {
+            img.fill(T::zero());
+            let xi = &x[n * plane..(n + 1) * plane];
+            let mut found = vec![false; c];
+            let mut last_nan = vec![usize::MAX; c];
+            for oy in 0..ys.h {
+                for ox in 0..ys.w {
+                    let o = ((n * ys.h + oy) * ys.w + ox) * c;
+                    let (m, g) = (&y[o..o + c], &dy[o..o + c]);
+                    found.fill(false);
+                    for_window(xs, pool, oy, ox, |iy, ix| {
+                        let at = (iy * xs.w + ix) * c;
+                        for ch in 0..c {
+                            let v = xi[at + ch];
+                            if !found[ch] && v == m[ch] {
+                                img[at + ch] += g[ch];
+                                found[ch] = true;
+                            } else if v.is_nan() {
+                                last_nan[ch] = at + ch;
+                            }
+                        }
+                    });
+                    // A NaN maximum equals nothing: its gradient goes to the last NaN.
+                    for ch in 0..c {
+                        if m[ch].is_nan() && last_nan[ch] != usize::MAX {
+                            img[last_nan[ch]] += g[ch];
+                        }
+                        last_nan[ch] = usize::MAX;
+                    }
+                }
+            }
+        });
     }
 
     fn fork_backward(&self, dx: &mut Vec<T>, parts: &[&Vec<T>]) {

@@ -68,6 +68,8 @@ struct Node<Buf> {
     name: String,
     op: Op<Buf>,
     out: Act<Buf>,
+    /// Seconds spent in forward and backward since the last profile reset (with profiling on).
+    time: [f64; 2],
 }
 
 /// What every layer needs to know besides its own state.
@@ -76,6 +78,7 @@ struct Ctx<'a, B> {
     train: bool,
     bn: BatchNormCfg,
     schedule: BranchSchedule,
+    profile: bool,
 }
 
 /// The network on backend `B`, computing in `T`.
@@ -91,6 +94,8 @@ pub struct Net<T: Elem, B: Backend<T>> {
     smoothing: f64,
     /// SGD steps taken (the first one initialises the momentum buffers).
     pub sgd_steps: u64,
+    /// Time every layer's forward and backward (see [`Net::profile`]).
+    pub profile: bool,
     _elem: PhantomData<T>,
 }
 
@@ -167,6 +172,7 @@ fn build<T: Elem, B: Backend<T>>(
                     buf: be.zeros(0),
                     shape: Nhwc::new(0, 0, 0, 0),
                 },
+                time: [0.0; 2],
             }
         })
         .collect()
@@ -448,7 +454,11 @@ fn forward_seq<T: Elem, B: Backend<T>>(
 ) -> Result<()> {
     for i in 0..nodes.len() {
         let (done, rest) = nodes.split_at_mut(i);
+        let t = ctx.profile.then(std::time::Instant::now);
         rest[0].forward(last_out(done, input), ctx)?;
+        if let Some(t) = t {
+            rest[0].time[0] += t.elapsed().as_secs_f64();
+        }
     }
     Ok(())
 }
@@ -464,9 +474,81 @@ fn backward_seq<T: Elem, B: Backend<T>>(
     for i in (0..nodes.len()).rev() {
         let (before, rest) = nodes.split_at_mut(i);
         let need = i > 0 || need_dx;
-        grad = rest[0].backward(last_out(before, input), grad, need, ctx)?;
+        let t = ctx.profile.then(std::time::Instant::now);
+        let g = rest[0].backward(last_out(before, input), grad, need, ctx);
+        if let Some(t) = t {
+            rest[0].time[1] += t.elapsed().as_secs_f64();
+        }
+        grad = g?;
     }
     Some(grad)
+}
+
+/// Time spent in one layer, from [`Net::profile`].
+#[derive(Clone, Debug)]
+pub struct LayerTime {
+    /// PyTorch module path; an Inception block's own entry is its join (concat, gradient sum).
+    pub name: String,
+    pub op: &'static str,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// Multiply-adds ×2 of one forward at the last batch (convolutions and linear only).
+    pub forward_flop: f64,
+}
+
+fn collect_times<Buf>(nodes: &[Node<Buf>], out: &mut Vec<LayerTime>) -> [f64; 2] {
+    let mut total = [0.0; 2];
+    for node in nodes {
+        let (op, flop, inner) = match &node.op {
+            Op::Conv { conv, .. } => {
+                let s = node.out.shape;
+                (
+                    "conv",
+                    2.0 * (s.len() * conv.cin * conv.k * conv.k) as f64,
+                    [0.0; 2],
+                )
+            }
+            Op::BatchNorm { .. } => ("batch_norm", 0.0, [0.0; 2]),
+            Op::Relu => ("relu", 0.0, [0.0; 2]),
+            Op::MaxPool { .. } => ("max_pool", 0.0, [0.0; 2]),
+            Op::AvgPool2 => ("avg_pool", 0.0, [0.0; 2]),
+            Op::Linear { fin, .. } => (
+                "linear",
+                2.0 * (node.out.shape.len() * fin) as f64,
+                [0.0; 2],
+            ),
+            Op::Inception { branches } => {
+                let mut inner = [0.0; 2];
+                for b in branches {
+                    let t = collect_times(b, out);
+                    inner[0] += t[0];
+                    inner[1] += t[1];
+                }
+                ("join", 0.0, inner)
+            }
+        };
+        out.push(LayerTime {
+            name: node.name.clone(),
+            op,
+            forward_s: (node.time[0] - inner[0]).max(0.0),
+            backward_s: (node.time[1] - inner[1]).max(0.0),
+            forward_flop: flop,
+        });
+        total[0] += node.time[0];
+        total[1] += node.time[1];
+    }
+    total
+}
+
+fn reset_times<Buf>(nodes: &mut [Node<Buf>]) {
+    for node in nodes {
+        node.time = [0.0; 2];
+        if let Op::Inception { branches } = &mut node.op {
+            for b in branches {
+                reset_times(b);
+            }
+        }
+    }
 }
 
 /// A tensor read from or written to a checkpoint, in host memory.
@@ -499,6 +581,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             nodes,
             be,
             sgd_steps: 0,
+            profile: false,
             _elem: PhantomData,
         })
     }
@@ -528,6 +611,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             train,
             bn: self.spec.bn,
             schedule: self.schedule,
+            profile: self.profile,
         };
         forward_seq(&mut self.nodes, &self.input, &ctx)?;
         self.be.status()?;
@@ -580,6 +664,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             train: true,
             bn: self.spec.bn,
             schedule: self.schedule,
+            profile: self.profile,
         };
         backward_seq(&mut self.nodes, &self.input, dlogits, false, &ctx);
         self.be.status()
@@ -656,6 +741,20 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             }
         });
         out
+    }
+
+    /// Time per layer accumulated while [`Net::profile`] was on, in execution order (branch
+    /// layers before their block's join). Meaningful with the sequential branch schedule and
+    /// a backend that finishes its work before returning (the CPU).
+    pub fn layer_times(&self) -> Vec<LayerTime> {
+        let mut out = Vec::new();
+        collect_times(&self.nodes, &mut out);
+        out
+    }
+
+    /// Clears the accumulated layer times.
+    pub fn reset_layer_times(&mut self) {
+        reset_times(&mut self.nodes);
     }
 
     /// Every SGD momentum buffer, in `state_dict()` order of its parameter.
