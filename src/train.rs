@@ -236,6 +236,11 @@ pub struct Progress {
     /// Optimizer steps done in the whole run.
     pub global_step: u64,
     pub best_acc: f64,
+    /// Running sums of the epoch so far (summed loss, correct and seen images), so an epoch
+    /// interrupted and resumed still reports its whole training loss and accuracy.
+    pub epoch_loss_sum: f64,
+    pub epoch_correct: u64,
+    pub epoch_seen: u64,
 }
 
 /// Paths of a checkpoint: the model (PyTorch-loadable) and its training state beside it.
@@ -286,6 +291,12 @@ fn save_checkpoint<B: Backend<f32>>(
         "train.best_acc".into(),
         OwnedTensor::f64(vec![], [p.best_acc]),
     ));
+    state.push((
+        "train.epoch_loss_sum".into(),
+        OwnedTensor::f64(vec![], [p.epoch_loss_sum]),
+    ));
+    state.push(("train.epoch_correct".into(), scalar(p.epoch_correct)));
+    state.push(("train.epoch_seen".into(), scalar(p.epoch_seen)));
     // The state goes first: if the model write fails, the step counters of the pair disagree
     // and a resume refuses the pair instead of mixing two steps.
     save(&state_path(&model_path), &state, meta.clone())?;
@@ -321,6 +332,9 @@ fn resume_from<B: Backend<f32>>(
         step_in_epoch: scalar(&state, "train.step_in_epoch")? as u64,
         global_step: scalar(&state, "train.global_step")? as u64,
         best_acc: scalar(&state, "train.best_acc")?,
+        epoch_loss_sum: scalar(&state, "train.epoch_loss_sum")?,
+        epoch_correct: scalar(&state, "train.epoch_correct")? as u64,
+        epoch_seen: scalar(&state, "train.epoch_seen")? as u64,
     };
     let model_step = model
         .metadata()?
@@ -561,6 +575,9 @@ fn train_loop<B: Backend<f32>>(
                 step_in_epoch: 0,
                 global_step: 0,
                 best_acc: f64::NEG_INFINITY,
+                epoch_loss_sum: 0.0,
+                epoch_correct: 0,
+                epoch_seen: 0,
             };
             (dir, p)
         }
@@ -616,7 +633,8 @@ fn train_loop<B: Backend<f32>>(
             cfg.log_interval,
         );
         let started = Instant::now();
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        // Images trained by this process in this epoch, for images/s.
+        let mut seen_now = 0usize;
         let mut lr = schedule.lr(progress.global_step);
         for step in progress.step_in_epoch..steps_per_epoch {
             let start = step as usize * b;
@@ -655,19 +673,21 @@ fn train_loop<B: Backend<f32>>(
             net.sgd_step(&opt);
             progress.global_step += 1;
             progress.step_in_epoch = step + 1;
-            loss_sum += loss * idx.len() as f64;
-            seen += idx.len();
-            correct += logits
+            seen_now += idx.len();
+            progress.epoch_loss_sum += loss * idx.len() as f64;
+            progress.epoch_seen += idx.len() as u64;
+            progress.epoch_correct += logits
                 .chunks(k)
                 .zip(&y)
                 .filter(|(row, &l)| argmax(row) == l as usize)
-                .count();
+                .count() as u64;
+            let seen = progress.epoch_seen as f64;
             reporter.step(
                 step,
                 &Running {
-                    loss: loss_sum / seen as f64,
-                    acc: correct as f64 / seen as f64,
-                    img_s: seen as f64 / started.elapsed().as_secs_f64(),
+                    loss: progress.epoch_loss_sum / seen,
+                    acc: progress.epoch_correct as f64 / seen,
+                    img_s: seen_now as f64 / started.elapsed().as_secs_f64(),
                     lr,
                 },
             );
@@ -684,19 +704,19 @@ fn train_loop<B: Backend<f32>>(
         let row = EpochRow {
             epoch: epoch + 1,
             lr,
-            train_loss: if seen > 0 {
-                loss_sum / seen as f64
+            train_loss: if progress.epoch_seen > 0 {
+                progress.epoch_loss_sum / progress.epoch_seen as f64
             } else {
                 f64::NAN
             },
-            train_acc: if seen > 0 {
-                correct as f64 / seen as f64
+            train_acc: if progress.epoch_seen > 0 {
+                progress.epoch_correct as f64 / progress.epoch_seen as f64
             } else {
                 f64::NAN
             },
             test_loss: ev.loss,
             test_acc: ev.accuracy,
-            img_per_s: seen as f64 / train_secs,
+            img_per_s: seen_now as f64 / train_secs,
             seconds: started.elapsed().as_secs_f64(),
         };
         info!(
@@ -729,6 +749,9 @@ fn train_loop<B: Backend<f32>>(
         )?;
         progress.epoch += 1;
         progress.step_in_epoch = 0;
+        progress.epoch_loss_sum = 0.0;
+        progress.epoch_correct = 0;
+        progress.epoch_seen = 0;
         let improved = ev.accuracy > progress.best_acc;
         if improved {
             progress.best_acc = ev.accuracy;

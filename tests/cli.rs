@@ -233,6 +233,12 @@ fn train_eval_report_and_exact_resume() {
     args.extend(["--resume", ckpt.to_str().unwrap()]);
     ok(&args);
     assert_same_weights(&straight, &interrupted);
+    // The interrupted epoch's row still covers the whole epoch: same loss and accuracies.
+    let (a, b) = (summary(&straight), summary(&interrupted));
+    assert_eq!(a.len(), b.len());
+    for (ra, rb) in a.iter().zip(&b).skip(1) {
+        assert_eq!(ra[..6], rb[..6], "epoch, lr, train/test loss and accuracy");
+    }
 }
 
 #[test]
