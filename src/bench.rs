@@ -47,6 +47,27 @@ impl BenchResult {
     }
 }
 
+/// The optimizer of the timed training steps (the default recipe's, at a small lr).
+const BENCH_SGD: Sgd = Sgd {
+    lr: 0.01,
+    momentum: 0.9,
+    weight_decay: 5e-4,
+    nesterov: true,
+};
+
+/// A fixed random NHWC batch of `n` images and labels for `spec`.
+fn random_batch(spec: &ModelSpec, n: usize) -> (Vec<f32>, Vec<u32>) {
+    let (c, h, w) = spec.input;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let x = (0..n * c * h * w)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let labels = (0..n)
+        .map(|_| rng.random_range(0..spec.classes as u32))
+        .collect();
+    (x, labels)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -76,19 +97,9 @@ fn bench_net<B: Backend<f32>>(
     opts: &BenchOpts,
     device: &str,
 ) -> Result<BenchResult> {
-    let (c, h, w) = net.spec.input;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let n = opts.batch;
-    let x: Vec<f32> = (0..n * c * h * w)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
-    let opt = Sgd {
-        lr: 0.01,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-    };
+    let (x, labels) = random_batch(&net.spec, n);
+    let opt = BENCH_SGD;
     let time = |train: bool, net: &mut Net<f32, B>| -> Result<f64> {
         let mut times = Vec::with_capacity(opts.steps);
         for i in 0..opts.warmup + opts.steps {
@@ -148,19 +159,9 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
     use std::fmt::Write;
     let mut net: Net<f32, Cpu> = Net::new(ModelSpec::inception_net_small(), Cpu, 0)?;
     net.schedule = BranchSchedule::Sequential;
-    let (c, h, w) = net.spec.input;
     let n = opts.batch;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let x: Vec<f32> = (0..n * c * h * w)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
-    let opt = Sgd {
-        lr: 0.01,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-    };
+    let (x, labels) = random_batch(&net.spec, n);
+    let opt = BENCH_SGD;
     for _ in 0..opts.warmup {
         net.train_step(&x, &labels, &opt, 0.0)?;
     }
