@@ -1,34 +1,121 @@
-// Small f32 kernels of the fp32 reference GPU path: ReLU forward/backward and the sum of the
-// branch gradients of an Inception block (the backward of feeding one tensor to four branches).
-// One thread per element, grid-stride loops; launch with block 256, grid = min(ceil(n/256), 65535).
+// Small element-wise kernels of both GPU paths: ReLU forward/backward, the sum of the branch
+// gradients of an Inception block (the backward of feeding one tensor to four branches), the
+// fp32 ⇄ fp16/bf16 conversions of mixed precision (master weights → working copy, 16-bit
+// gradients → fp32 accumulators) and the bias add after a convolution.
+// Templated on the activation type T (float, __half, __nv_bfloat16); every value is widened to
+// float, the arithmetic is done in float and the result is rounded to T once, at the store, so
+// the _f32 instantiations are the plain float kernels.
+// One thread per element, grid-stride loops; launch with block 256,
+// grid = min(ceil(n/256), 4096) (n = P·C for bias_add). n < 2^31.
 
 #include "common.cuh"
 
-// y = max(x, 0); NaN passes through, as in PyTorch.
-extern "C" __global__ void relu_forward_f32(float* __restrict__ y, const float* __restrict__ x, int n) {
+namespace incept {
+
+// y = max(x, 0); NaN passes through, as in PyTorch. The input itself is stored when it is kept
+// (no float round trip), so a 16-bit NaN keeps its payload and -0 stays -0.
+template <typename T>
+__device__ __forceinline__ void relu_forward_impl(T* __restrict__ y, const T* __restrict__ x, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        float v = x[i];
-        y[i] = v < 0.0f ? 0.0f : v;
+        const T v = x[i];
+        y[i] = to_float(v) < 0.0f ? from_float<T>(0.0f) : v;
     }
 }
 
-// dy *= [y > 0], in place (PyTorch masks with the output).
-extern "C" __global__ void relu_backward_f32(float* __restrict__ dy, const float* __restrict__ y, int n) {
+// dy *= [y > 0], in place (PyTorch masks with the output). `y <= 0` rather than `!(y > 0)`: a
+// NaN output keeps its gradient, as in PyTorch and the CPU reference.
+template <typename T>
+__device__ __forceinline__ void relu_backward_impl(T* __restrict__ dy, const T* __restrict__ y, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        if (y[i] <= 0.0f) dy[i] = 0.0f;
+        if (to_float(y[i]) <= 0.0f) dy[i] = from_float<T>(0.0f);
     }
 }
 
-// dx = a + b + c + d, summed in that order (deterministic whatever branch finished first).
-// Unused parts are passed as null pointers, from the last one backwards.
-extern "C" __global__ void fork_backward_f32(float* __restrict__ dx, const float* __restrict__ a,
-                                             const float* __restrict__ b, const float* __restrict__ c,
-                                             const float* __restrict__ d, int n) {
+// dx = a + b + c + d, summed in float in that order (deterministic whatever branch finished
+// first) and rounded to T once. Unused parts are null pointers, from the last one backwards.
+// dx and a are not __restrict__: the host folds more than four parts by passing dx as `a`
+// (each element is read and then written by the same thread, so that is safe).
+template <typename T>
+__device__ __forceinline__ void fork_backward_impl(T* dx, const T* a, const T* __restrict__ b,
+                                                   const T* __restrict__ c, const T* __restrict__ d, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        float s = a[i];
-        if (b) s += b[i];
-        if (c) s += c[i];
-        if (d) s += d[i];
-        dx[i] = s;
+        float s = to_float(a[i]);
+        if (b) s += to_float(b[i]);
+        if (c) s += to_float(c[i]);
+        if (d) s += to_float(d[i]);
+        dx[i] = from_float<T>(s);
     }
 }
+
+// dst = src rounded to T (nearest even; beyond the 16-bit range → ±inf, NaN stays NaN): the
+// working copy of the fp32 master weights.
+template <typename T>
+__device__ __forceinline__ void convert_from_f32_impl(T* __restrict__ dst, const float* __restrict__ src, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        dst[i] = from_float<T>(src[i]);
+}
+
+// dst = src widened to float (exact).
+template <typename T>
+__device__ __forceinline__ void convert_to_f32_impl(float* __restrict__ dst, const T* __restrict__ src, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        dst[i] = to_float(src[i]);
+}
+
+// grad += g widened to float: a 16-bit parameter gradient accumulated into its fp32 gradient
+// (autograd's +=). inf/NaN propagate, so amp_unscale still sees an overflow.
+template <typename T>
+__device__ __forceinline__ void accumulate_grad_impl(float* __restrict__ grad, const T* __restrict__ g, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        grad[i] += to_float(g[i]);
+}
+
+// y[p·C + c] += b[c] in place, in float, rounded to T once: the bias of a convolution whose
+// output came from cuDNN without it.
+template <typename T>
+__device__ __forceinline__ void bias_add_impl(T* __restrict__ y, const float* __restrict__ b, int P, int C) {
+    const int total = P * C;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
+        const int c = i - (i / C) * C;
+        y[i] = from_float<T>(to_float(y[i]) + b[c]);
+    }
+}
+
+}  // namespace incept
+
+// relu_forward_{f32,f16,bf16}(T* y, const T* x, int n)
+//   y[i] = x[i] < 0 ? 0 : x[i] (NaN and -0 pass through unchanged). y and x distinct.
+//   Launch: block 256, grid = min(ceil(n/256), 4096) (grid-stride).
+INCEPT_INSTANTIATE_3(relu_forward, (T* __restrict__ y, const T* __restrict__ x, int n), (y, x, n))
+
+// relu_backward_{f32,f16,bf16}(T* dy, const T* y, int n)
+//   dy[i] = y[i] <= 0 ? 0 : dy[i], in place; y is the forward's output (NaN keeps dy).
+//   Launch: as relu_forward.
+INCEPT_INSTANTIATE_3(relu_backward, (T* __restrict__ dy, const T* __restrict__ y, int n), (dy, y, n))
+
+// fork_backward_{f32,f16,bf16}(T* dx, const T* a, const T* b, const T* c, const T* d, int n)
+//   dx[i] = T(a[i] + b[i] + c[i] + d[i]), summed in float in that order, one rounding; b, c, d
+//   may be null (trailing parts only: d, then c, then b). dx may be the same buffer as a, not
+//   as b, c or d. Launch: as relu_forward.
+INCEPT_INSTANTIATE_3(fork_backward,
+                     (T* dx, const T* a, const T* __restrict__ b, const T* __restrict__ c,
+                      const T* __restrict__ d, int n),
+                     (dx, a, b, c, d, n))
+
+// convert_from_f32_{f32,f16,bf16}(T* dst, const float* src, int n)
+//   dst[i] = T(src[i]), round to nearest even (overflow → ±inf; _f32 is a copy).
+//   Launch: as relu_forward.
+INCEPT_INSTANTIATE_3(convert_from_f32, (T* __restrict__ dst, const float* __restrict__ src, int n), (dst, src, n))
+
+// convert_to_f32_{f32,f16,bf16}(float* dst, const T* src, int n)
+//   dst[i] = float(src[i]) (exact). Launch: as relu_forward.
+INCEPT_INSTANTIATE_3(convert_to_f32, (float* __restrict__ dst, const T* __restrict__ src, int n), (dst, src, n))
+
+// accumulate_grad_{f32,f16,bf16}(float* grad, const T* g, int n)
+//   grad[i] += float(g[i]) (inf/NaN propagate). Launch: as relu_forward.
+INCEPT_INSTANTIATE_3(accumulate_grad, (float* __restrict__ grad, const T* __restrict__ g, int n), (grad, g, n))
+
+// bias_add_{f32,f16,bf16}(T* y, const float* b, int P, int C)
+//   y[p·C + c] = T(float(y[p·C + c]) + b[c]) for p < P, c < C, in place; y [P, C] contiguous,
+//   P·C < 2^31. Launch: block 256, grid = min(ceil(P·C/256), 4096) (grid-stride over P·C).
+INCEPT_INSTANTIATE_3(bias_add, (T* __restrict__ y, const float* __restrict__ b, int P, int C), (y, b, P, C))

@@ -80,6 +80,10 @@ fi
 
 strip_copy target/release/incept "$bundle/incept"
 cp scripts/gpu-check.sh "$bundle/gpu-check.sh"
+# The PyTorch baseline and the seed model it times; the golden fixtures for the GPU tests.
+cp benches/pytorch_gpu.py tests/fixtures/seed_model.py "$bundle/"
+mkdir -p "$bundle/fixtures"
+cp tests/fixtures/*.safetensors "$bundle/fixtures/"
 chmod +x "$bundle/gpu-check.sh"
 
 out_dir="$(ls -td target/release/build/incept-*/out 2>/dev/null | head -n 1 || true)"

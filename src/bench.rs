@@ -24,6 +24,8 @@ pub struct BenchOpts {
 #[derive(Clone, Debug)]
 pub struct BenchResult {
     pub device: String,
+    /// `fp32`, `amp-f16` or `amp-bf16`.
+    pub precision: String,
     pub batch: usize,
     pub threads: usize,
     pub train_ms: f64,
@@ -36,6 +38,7 @@ impl BenchResult {
     pub fn to_json(&self) -> String {
         serde_json::json!({
             "device": self.device,
+            "precision": self.precision,
             "batch": self.batch,
             "threads": self.threads,
             "train_ms": self.train_ms,
@@ -80,14 +83,21 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
     bench_net(&mut net, opts, "cpu")
 }
 
-/// Times the seed model in fp32 on a CUDA device (one stream, branches in order).
+/// Times the seed model on a CUDA device (one stream, branches in order) in the precision
+/// `precision` asks for.
 #[cfg(feature = "cudnn")]
-pub fn bench_cuda(opts: &BenchOpts, device: &str) -> Result<BenchResult> {
-    use crate::backend::cuda::{parse_device, Gpu};
-    let gpu = Gpu::new(parse_device(device)?)?;
+pub fn bench_cuda(
+    opts: &BenchOpts,
+    device: &str,
+    precision: &crate::train::PrecisionArgs,
+) -> Result<BenchResult> {
+    use crate::backend::cuda::Gpu;
+    let gpu = crate::train::open_gpu(device, precision)?;
     let mut net: Net<f32, Gpu> = Net::new(ModelSpec::inception_net_small(), gpu, 0)?;
     net.schedule = BranchSchedule::Sequential;
-    bench_net(&mut net, opts, device)
+    let mut r = bench_net(&mut net, opts, device)?;
+    r.precision = precision.describe(device).to_string();
+    Ok(r)
 }
 
 /// Median step times of `net`. Each timed step ends by reading the loss or the logits back,
@@ -119,6 +129,7 @@ fn bench_net<B: Backend<f32>>(
     let eval = time(false, net)?;
     Ok(BenchResult {
         device: device.to_string(),
+        precision: "fp32".to_string(),
         batch: n,
         threads: rayon::current_num_threads(),
         train_ms: train * 1e3,

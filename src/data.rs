@@ -185,6 +185,12 @@ impl Cifar10 {
         &self.record(i)[1..]
     }
 
+    /// The raw records ([`RECORD`] bytes each: label, then the R, G, B planes), file by file
+    /// in record order: what a device copies once to build batches itself.
+    pub fn record_chunks(&self) -> impl Iterator<Item = &[u8]> {
+        self.files.iter().map(|f| &f.map[..])
+    }
+
     /// Records per class.
     pub fn class_counts(&self) -> [usize; 10] {
         self.counts
@@ -352,6 +358,15 @@ pub fn make_batch(
             let view = View::draw(aug, seed, epoch, first_pos + j as u64);
             view.render(ds.image(i), &table, out);
         });
+}
+
+/// The crop offsets `(dy, dx)` (each in −4..=4) and the flip of the image at position `pos` of
+/// epoch `epoch`: what [`make_batch`] renders it with, for a device that renders the batch
+/// itself (`cuda/data.cu`). Output pixel `(oy, ox)` shows source pixel `(oy + dy, ox' + dx)`,
+/// `ox' = 31 − ox` when flipped.
+pub fn augment_view(aug: Augment, seed: u64, epoch: u64, pos: u64) -> (i32, i32, bool) {
+    let v = View::draw(aug, seed, epoch, pos);
+    (v.dy as i32, v.dx as i32, v.flip)
 }
 
 /// Where one augmented image comes from: output pixel `(oy, ox)` shows source pixel

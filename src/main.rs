@@ -89,6 +89,8 @@ struct EvalArgs {
     /// CPU threads (default: all cores).
     #[arg(short = 'j', long = "workers", alias = "threads")]
     threads: Option<usize>,
+    #[command(flatten)]
+    precision: train::PrecisionArgs,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +119,8 @@ struct BenchArgs {
     /// Time every layer (CPU): forward and backward ms and each convolution's GFLOP/s.
     #[arg(long)]
     profile: bool,
+    #[command(flatten)]
+    precision: train::PrecisionArgs,
 }
 
 /// Flags of `incept train`, for running it when no subcommand is given.
@@ -141,6 +145,7 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     train::check_device(&args.device)?;
+    args.precision.validate(&args.device)?;
     if args.batch_size < 2 {
         bail!(
             "--batch-size must be at least 2 (BatchNorm needs two values per channel in training)"
@@ -175,7 +180,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let r = if args.device == "cpu" {
         bench_cpu(&opts)?
     } else {
-        incept::bench::bench_cuda(&opts, &args.device)?
+        incept::bench::bench_cuda(&opts, &args.device, &args.precision)?
     };
     #[cfg(not(feature = "cudnn"))]
     let r = bench_cpu(&opts)?;
@@ -183,8 +188,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("{}", r.to_json());
     } else {
         println!(
-            "device {}  threads {}  batch {}",
-            r.device, r.threads, r.batch
+            "device {}  precision {}  threads {}  batch {}",
+            r.device, r.precision, r.threads, r.batch
         );
         println!(
             "train  {:8.2} ms/step  {:8.1} img/s",
@@ -202,6 +207,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     use incept::backend::cpu::Cpu;
     use incept::model::{net::Net, ModelSpec};
     train::check_device(&args.device)?;
+    args.precision.validate(&args.device)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -211,8 +217,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let spec = ModelSpec::inception_net_small();
     #[cfg(feature = "cudnn")]
     let r = if args.device != "cpu" {
-        let gpu =
-            incept::backend::cuda::Gpu::new(incept::backend::cuda::parse_device(&args.device)?)?;
+        let gpu = train::open_gpu(&args.device, &args.precision)?;
         let mut net: Net<f32, incept::backend::cuda::Gpu> = Net::new(spec, gpu, 0)?;
         incept::checkpoint::load_model(&mut net, &file, "")?;
         train::evaluate(&mut net, &test, args.batch_size)?

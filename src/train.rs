@@ -108,6 +108,89 @@ pub struct TrainConfig {
     /// Images per evaluation step.
     #[arg(long, default_value_t = 500)]
     pub eval_batch_size: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub precision: PrecisionArgs,
+    /// CUDA: build the training batches on the CPU and copy each one over, instead of keeping
+    /// the training set on the GPU and cropping/flipping there (same images, same bits).
+    #[arg(long)]
+    pub host_batches: bool,
+}
+
+/// The 16-bit type of mixed precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AmpDtype {
+    F16,
+    Bf16,
+}
+
+/// How a CUDA device computes (`train`, `eval`, `bench`). The CPU always computes in fp32 and
+/// is deterministic, so there `--no-amp` and `--deterministic` change nothing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
+pub struct PrecisionArgs {
+    /// Mixed precision on CUDA (the default there): fp16 activations and convolutions, fp32
+    /// master weights, BatchNorm statistics and loss, dynamic loss scaling.
+    #[arg(long, overrides_with = "no_amp")]
+    #[serde(skip)]
+    pub amp: bool,
+    /// fp32 everywhere on CUDA (no TF32): slower, and matches the CPU reference closely.
+    #[arg(long)]
+    pub no_amp: bool,
+    /// The 16-bit type of --amp: f16 (with loss scaling) or bf16 (needs compute capability 8.0+).
+    #[arg(long, value_enum)]
+    pub amp_dtype: Option<AmpDtype>,
+    /// Only deterministic cuDNN algorithms: the same run gives the same bits on the same GPU.
+    #[arg(long)]
+    pub deterministic: bool,
+}
+
+impl PrecisionArgs {
+    /// Refuses mixed-precision flags where they cannot apply.
+    pub fn validate(&self, device: &str) -> Result<()> {
+        if device == "cpu" {
+            if self.amp {
+                bail!("--amp applies to --device cuda; the CPU trains in fp32 (drop --amp)");
+            }
+            if self.amp_dtype.is_some() {
+                bail!("--amp-dtype applies to --device cuda; the CPU trains in fp32 (drop --amp-dtype)");
+            }
+        }
+        if self.no_amp && self.amp_dtype.is_some() {
+            bail!("--amp-dtype chooses the type of mixed precision, which --no-amp turns off; drop one of them");
+        }
+        Ok(())
+    }
+
+    /// What a CUDA device runs: mixed precision unless --no-amp.
+    #[cfg(feature = "cudnn")]
+    pub fn gpu_options(&self) -> crate::backend::cuda::GpuOptions {
+        use crate::backend::cuda::{DType, GpuOptions};
+        GpuOptions {
+            activations: match (self.no_amp, self.amp_dtype) {
+                (true, _) => DType::F32,
+                (false, Some(AmpDtype::Bf16)) => DType::Bf16,
+                (false, _) => DType::F16,
+            },
+            deterministic: self.deterministic,
+        }
+    }
+
+    /// `fp32`, `amp-f16` or `amp-bf16` on CUDA; `fp32` on the CPU.
+    pub fn describe(&self, device: &str) -> &'static str {
+        match (device == "cpu" || self.no_amp, self.amp_dtype) {
+            (true, _) => "fp32",
+            (false, Some(AmpDtype::Bf16)) => "amp-bf16",
+            (false, _) => "amp-f16",
+        }
+    }
+}
+
+/// Opens the CUDA device `device` (`cuda` or `cuda:N`) as `precision` says.
+#[cfg(feature = "cudnn")]
+pub fn open_gpu(device: &str, precision: &PrecisionArgs) -> Result<crate::backend::cuda::Gpu> {
+    use crate::backend::cuda::{parse_device, Gpu};
+    Gpu::with_options(parse_device(device)?, precision.gpu_options())
 }
 
 impl TrainConfig {
@@ -157,7 +240,11 @@ impl TrainConfig {
         if self.resume.is_some() && self.initial_checkpoint.is_some() {
             bail!("--resume and --initial-checkpoint exclude each other: resume continues a run, the other starts a new one");
         }
-        check_device(&self.device)
+        check_device(&self.device)?;
+        if self.host_batches && self.device == "cpu" {
+            bail!("--host-batches applies to --device cuda; the CPU always builds batches on the host (drop --host-batches)");
+        }
+        self.precision.validate(&self.device)
     }
 }
 
@@ -524,21 +611,133 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
     let spec = ModelSpec::inception_net_small();
     #[cfg(feature = "cudnn")]
     if cfg.device != "cpu" {
-        let gpu = crate::backend::cuda::Gpu::new(crate::backend::cuda::parse_device(&cfg.device)?)?;
+        let gpu = open_gpu(&cfg.device, &cfg.precision)?;
+        info!(
+            device = %gpu.describe(),
+            precision = cfg.precision.describe(&cfg.device),
+            deterministic = cfg.precision.deterministic,
+            "CUDA"
+        );
+        let records = if cfg.host_batches {
+            None
+        } else {
+            Some(gpu.upload_records(&train_set)?)
+        };
         let mut net: Net<f32, crate::backend::cuda::Gpu> = Net::new(spec, gpu, cfg.seed)?;
         // One stream: the branches run in order (concurrent streams come with the fast path).
         net.schedule = BranchSchedule::Sequential;
-        return train_loop(cfg, net, &train_set, &test_set);
+        return match records {
+            Some(records) => {
+                let mut feed = DeviceFeed {
+                    set: &train_set,
+                    records,
+                    aug: cfg.augment(),
+                    seed: cfg.seed,
+                };
+                train_loop(cfg, net, &mut feed, &train_set, &test_set)
+            }
+            None => {
+                let mut feed = HostFeed::new(&train_set, cfg);
+                train_loop(cfg, net, &mut feed, &train_set, &test_set)
+            }
+        };
     }
     let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, cfg.seed)?;
     net.schedule = cfg.branches;
-    train_loop(cfg, net, &train_set, &test_set)
+    let mut feed = HostFeed::new(&train_set, cfg);
+    train_loop(cfg, net, &mut feed, &train_set, &test_set)
+}
+
+/// Where the training batches are built.
+trait Feed<B: Backend<f32>> {
+    /// The images `idx` (positions `first_pos..` of epoch `epoch`'s order), augmented, as an
+    /// input on the backend; their labels go to `labels`.
+    fn batch(
+        &mut self,
+        be: &B,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        labels: &mut Vec<u32>,
+    ) -> B::Buf;
+}
+
+/// [`data::make_batch`] on the CPU, then a copy to the backend.
+struct HostFeed<'a> {
+    set: &'a Cifar10,
+    aug: Augment,
+    seed: u64,
+    x: Vec<f32>,
+}
+
+impl<'a> HostFeed<'a> {
+    fn new(set: &'a Cifar10, cfg: &TrainConfig) -> Self {
+        HostFeed {
+            set,
+            aug: cfg.augment(),
+            seed: cfg.seed,
+            x: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend<f32>> Feed<B> for HostFeed<'_> {
+    fn batch(
+        &mut self,
+        be: &B,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        labels: &mut Vec<u32>,
+    ) -> B::Buf {
+        data::make_batch(
+            self.set,
+            idx,
+            self.aug,
+            self.seed,
+            epoch,
+            first_pos,
+            &mut self.x,
+            labels,
+        );
+        be.upload_act(&self.x)
+    }
+}
+
+/// The training set resident on the GPU: each step sends only the indices and the crop/flip
+/// draws (the same draws as [`data::make_batch`]), and `cuda/data.cu` renders the batch.
+#[cfg(feature = "cudnn")]
+struct DeviceFeed<'a> {
+    set: &'a Cifar10,
+    records: crate::backend::cuda::DeviceRecords,
+    aug: Augment,
+    seed: u64,
+}
+
+#[cfg(feature = "cudnn")]
+impl Feed<crate::backend::cuda::Gpu> for DeviceFeed<'_> {
+    fn batch(
+        &mut self,
+        be: &crate::backend::cuda::Gpu,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        labels: &mut Vec<u32>,
+    ) -> crate::backend::cuda::GpuBuf {
+        labels.clear();
+        labels.extend(idx.iter().map(|&i| u32::from(self.set.label(i))));
+        let views: Vec<(i32, i32, bool)> = (0..idx.len() as u64)
+            .map(|j| data::augment_view(self.aug, self.seed, epoch, first_pos + j))
+            .collect();
+        be.augment_batch(&self.records, idx, &views)
+    }
 }
 
 /// The epochs of [`train`] on an already built network.
 fn train_loop<B: Backend<f32>>(
     cfg: &TrainConfig,
     mut net: Net<f32, B>,
+    feed: &mut dyn Feed<B>,
     train_set: &Cifar10,
     test_set: &Cifar10,
 ) -> Result<(PathBuf, Outcome)> {
@@ -620,7 +819,7 @@ fn train_loop<B: Backend<f32>>(
         run = %run_dir.display(), train = n, test = test_set.len(), epochs = cfg.epochs, batch = b,
         steps_per_epoch, threads = rayon::current_num_threads(), "training {}", net.spec.name
     );
-    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut y = Vec::new();
     let k = net.spec.classes;
     while (progress.epoch as usize) < cfg.epochs {
         let epoch = progress.epoch;
@@ -639,20 +838,11 @@ fn train_loop<B: Backend<f32>>(
         for step in progress.step_in_epoch..steps_per_epoch {
             let start = step as usize * b;
             let idx = &order[start..(start + b).min(n)];
-            data::make_batch(
-                train_set,
-                idx,
-                cfg.augment(),
-                cfg.seed,
-                epoch,
-                start as u64,
-                &mut x,
-                &mut y,
-            );
+            let input = feed.batch(net.backend(), idx, epoch, start as u64, &mut y);
             lr = schedule.lr(progress.global_step);
             opt.lr = lr;
             net.zero_grad();
-            let logits = net.forward(&x, idx.len(), true)?;
+            let logits = net.forward_buf(input, idx.len(), true)?;
             let loss = net.loss(&y, cfg.smoothing)?;
             if !loss.is_finite() {
                 reporter.finish();
@@ -729,6 +919,13 @@ fn train_loop<B: Backend<f32>>(
             seconds = row.seconds,
             "epoch done"
         );
+        if let Some((scale, skipped)) = net.backend().loss_scale()? {
+            info!(
+                loss_scale = scale,
+                skipped_steps = skipped,
+                "mixed precision"
+            );
+        }
         append(
             &run_dir.join("summary.csv"),
             &format!(

@@ -1,15 +1,19 @@
-//! The CUDA backend against the CPU reference, op by op at the model's real shapes, then a
-//! whole training step, then training on synthetic data. Built only with `--features cudnn`.
+//! The CUDA backend against the CPU reference, op by op at the model's real shapes in fp32
+//! and in mixed precision (fp16, bf16), then the PyTorch golden fixture, whole training steps,
+//! loss scaling, determinism, and training on synthetic data through the binary. Built only
+//! with `--features cudnn`.
 //!
 //! A plain program (no libtest harness), so that without a GPU every test reports itself
 //! `skipped` with the reason, and the run ends with an `N passed, N failed, N skipped` line.
 //! Without a driver, one test checks the error the binary gives instead.
 
+mod common;
+
 use incept::backend::cpu::Cpu;
-use incept::backend::cuda::Gpu;
+use incept::backend::cuda::{DType, Gpu, GpuOptions};
 use incept::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd};
 use incept::model::net::{HostTensor, Net};
-use incept::model::ModelSpec;
+use incept::model::{ModelSpec, TensorKind};
 use rand::{Rng, SeedableRng};
 
 type Outcome = Result<(), String>;
@@ -57,18 +61,114 @@ fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> Outcome
 const ATOL: f32 = 1e-4;
 const RTOL: f32 = 1e-3;
 
-fn conv_case<B: Backend<f32>>(be: &B, xs: Nhwc, conv: &Conv2d, seed: u64) -> Vec<Vec<f32>> {
+/// A precision the GPU runs in, and what its comparison with the CPU allows.
+#[derive(Clone, Copy)]
+struct Prec {
+    name: &'static str,
+    dtype: DType,
+    /// Rounds a host value as the GPU stores it in this precision. Inputs (activations,
+    /// incoming gradients, convolution weights) are rounded on both sides, so what is left is
+    /// the rounding of the GPU's own results.
+    q: fn(f32) -> f32,
+    /// Relative tolerance of a 16-bit result (also × the tensor's largest value as an
+    /// absolute floor, for elements that are small because terms cancelled): a few units in
+    /// the last place of the type (f16: 2^-11 = 4.9e-4; bf16: 2^-8 = 3.9e-3).
+    tol: f32,
+}
+
+const FP32: Prec = Prec {
+    name: "fp32",
+    dtype: DType::F32,
+    q: |v| v,
+    tol: 0.0,
+};
+const F16: Prec = Prec {
+    name: "amp-f16",
+    dtype: DType::F16,
+    q: |v| half::f16::from_f32(v).to_f32(),
+    tol: 5e-3,
+};
+const BF16: Prec = Prec {
+    name: "amp-bf16",
+    dtype: DType::Bf16,
+    q: |v| half::bf16::from_f32(v).to_f32(),
+    tol: 4e-2,
+};
+
+impl Prec {
+    fn gpu(&self) -> Result<Gpu, String> {
+        Gpu::with_options(
+            0,
+            GpuOptions {
+                activations: self.dtype,
+                deterministic: false,
+            },
+        )
+        .map_err(|e| format!("{e:#}"))
+    }
+    fn round(&self, v: Vec<f32>) -> Vec<f32> {
+        v.into_iter().map(self.q).collect()
+    }
+    /// fp32: `atol`/`rtol` as given; 16-bit: [`Prec::tol`] relative and × max|want|.
+    fn close(&self, what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> Outcome {
+        if self.dtype == DType::F32 {
+            return close(what, got, want, atol, rtol);
+        }
+        let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        close(
+            &format!("{what} [{}]", self.name),
+            got,
+            want,
+            self.tol * max.max(1e-6),
+            self.tol,
+        )
+    }
+}
+
+/// Relative L2 distance `|got − want| / |want|`, at most `max`.
+fn close_l2(what: &str, got: &[f32], want: &[f32], max: f64) -> Outcome {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let (mut d, mut w) = (0f64, 0f64);
+    for (g, v) in got.iter().zip(want) {
+        d += (*g as f64 - *v as f64).powi(2);
+        w += (*v as f64).powi(2);
+    }
+    let rel = (d / w.max(1e-30)).sqrt();
+    if rel <= max {
+        return Ok(());
+    }
+    let n = got.len().min(5);
+    Err(format!(
+        "{what}: relative L2 distance {rel:.3e} > {max:e}\n  gpu {:?}\n  cpu {:?}",
+        &got[..n],
+        &want[..n]
+    ))
+}
+
+fn conv_case<B: Backend<f32>>(
+    be: &B,
+    xs: Nhwc,
+    conv: &Conv2d,
+    seed: u64,
+    p: &Prec,
+) -> Vec<Vec<f32>> {
     let mut r = rng(seed);
     let ys = conv.out_shape(xs);
     let bound = 1.0 / ((conv.cin * conv.k * conv.k) as f32).sqrt();
-    let x = be.upload(&uniform(&mut r, xs.len(), -1.0, 1.0));
-    let w = be.upload(&uniform(&mut r, conv.weight_len(), -bound, bound));
+    let x = be.upload_act(&p.round(uniform(&mut r, xs.len(), -1.0, 1.0)));
+    let w = be.upload(&p.round(uniform(&mut r, conv.weight_len(), -bound, bound)));
     let b = be.upload(&uniform(&mut r, conv.cout, -bound, bound));
-    let dy = be.upload(&uniform(&mut r, ys.len(), -1.0, 1.0));
-    let mut y = be.zeros(ys.len());
+    let dy = be.upload_act(&p.round(uniform(&mut r, ys.len(), -1.0, 1.0)));
+    let mut y = be.act_zeros(ys.len());
     be.conv2d_forward(&mut y, &x, &w, &b, xs, conv);
     let (mut dx, mut dw, mut db) = (
-        be.zeros(xs.len()),
+        be.act_zeros(xs.len()),
         be.zeros(conv.weight_len()),
         be.zeros(conv.cout),
     );
@@ -77,7 +177,8 @@ fn conv_case<B: Backend<f32>>(be: &B, xs: Nhwc, conv: &Conv2d, seed: u64) -> Vec
 }
 
 /// Every convolution of the seed model, at batch 16.
-fn test_conv(gpu: &Gpu) -> Outcome {
+fn test_conv(p: &Prec) -> Outcome {
+    let gpu = &p.gpu()?;
     let n = 16;
     let cases = [
         (
@@ -172,11 +273,11 @@ fn test_conv(gpu: &Gpu) -> Outcome {
         ),
     ];
     for (i, (xs, conv)) in cases.iter().enumerate() {
-        let g = conv_case(gpu, *xs, conv, i as u64);
+        let g = conv_case(gpu, *xs, conv, i as u64, p);
         gpu.status().map_err(|e| format!("{e:#}"))?;
-        let c = conv_case(&Cpu, *xs, conv, i as u64);
+        let c = conv_case(&Cpu, *xs, conv, i as u64, p);
         for (name, (gv, cv)) in ["y", "dx", "dw", "db"].iter().zip(g.iter().zip(&c)) {
-            close(
+            p.close(
                 &format!("conv {conv:?} on {xs:?}: {name}"),
                 gv,
                 cv,
@@ -188,18 +289,24 @@ fn test_conv(gpu: &Gpu) -> Outcome {
     Ok(())
 }
 
-fn bn_case<B: Backend<f32>>(be: &B, xs: Nhwc, seed: u64) -> anyhow::Result<Vec<Vec<f32>>> {
+fn bn_case<B: Backend<f32>>(
+    be: &B,
+    xs: Nhwc,
+    seed: u64,
+    p: &Prec,
+) -> anyhow::Result<Vec<Vec<f32>>> {
     let mut r = rng(seed);
     let c = xs.c;
-    let x = be.upload(&uniform(&mut r, xs.len(), -2.0, 3.0));
+    let x = be.upload_act(&p.round(uniform(&mut r, xs.len(), -2.0, 3.0)));
     let gamma = be.upload(&uniform(&mut r, c, 0.5, 1.5));
     let beta = be.upload(&uniform(&mut r, c, -0.5, 0.5));
-    let dy = be.upload(&uniform(&mut r, xs.len(), -1.0, 1.0));
+    let dy_host = p.round(uniform(&mut r, xs.len(), -1.0, 1.0));
+    let dy = be.upload_act(&dy_host);
     let (mut rm, mut rv) = (
         be.upload(&uniform(&mut r, c, -0.1, 0.1)),
         be.upload(&uniform(&mut r, c, 0.9, 1.1)),
     );
-    let (mut mean, mut invstd, mut y) = (be.zeros(c), be.zeros(c), be.zeros(xs.len()));
+    let (mut mean, mut invstd, mut y) = (be.zeros(c), be.zeros(c), be.act_zeros(xs.len()));
     let cfg = BatchNormCfg::default();
     be.batch_norm_forward_train(
         &mut y,
@@ -213,15 +320,17 @@ fn bn_case<B: Backend<f32>>(be: &B, xs: Nhwc, seed: u64) -> anyhow::Result<Vec<V
         xs,
         &cfg,
     )?;
-    let (mut dx, mut dg, mut dbeta) = (be.zeros(xs.len()), be.zeros(c), be.zeros(c));
+    let (mut dx, mut dg, mut dbeta) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
     be.batch_norm_backward(
         &mut dx, &mut dg, &mut dbeta, &dy, &x, &gamma, &mean, &invstd, xs,
     );
-    let mut ye = be.zeros(xs.len());
+    let mut ye = be.act_zeros(xs.len());
     be.batch_norm_forward_eval(&mut ye, &x, &gamma, &beta, &rm, &rv, xs, &cfg);
-    let mut yr = be.zeros(xs.len());
-    be.relu_forward(&mut yr, &y);
-    let mut g = be.upload(&be.download(&dy));
+    // ReLU on a rounded copy of y, so both sides start from the same values.
+    let yq = be.upload_act(&p.round(be.download(&y)));
+    let mut yr = be.act_zeros(xs.len());
+    be.relu_forward(&mut yr, &yq);
+    let mut g = be.upload_act(&dy_host);
     be.relu_backward(&mut g, &yr);
     Ok([y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g]
         .iter()
@@ -230,7 +339,8 @@ fn bn_case<B: Backend<f32>>(be: &B, xs: Nhwc, seed: u64) -> anyhow::Result<Vec<V
 }
 
 /// BatchNorm (train, running statistics, eval, backward) and ReLU at every BN shape.
-fn test_batch_norm_relu(gpu: &Gpu) -> Outcome {
+fn test_batch_norm_relu(p: &Prec) -> Outcome {
+    let gpu = &p.gpu()?;
     let n = 16;
     let shapes = [
         Nhwc::new(n, 14, 14, 64),
@@ -255,41 +365,64 @@ fn test_batch_norm_relu(gpu: &Gpu) -> Outcome {
         "relu dx",
     ];
     for (i, xs) in shapes.iter().enumerate() {
-        let g = bn_case(gpu, *xs, 100 + i as u64).map_err(|e| format!("{e:#}"))?;
+        let g = bn_case(gpu, *xs, 100 + i as u64, p).map_err(|e| format!("{e:#}"))?;
         gpu.status().map_err(|e| format!("{e:#}"))?;
-        let c = bn_case(&Cpu, *xs, 100 + i as u64).map_err(|e| format!("{e:#}"))?;
+        let c = bn_case(&Cpu, *xs, 100 + i as u64, p).map_err(|e| format!("{e:#}"))?;
         for (name, (gv, cv)) in names.iter().zip(g.iter().zip(&c)) {
-            close(&format!("batch norm {xs:?}: {name}"), gv, cv, ATOL, RTOL)?;
+            let what = format!("batch norm {xs:?}: {name}");
+            if p.dtype != DType::F32 && *name == "relu y" {
+                // ReLU only selects: exact in any precision.
+                close(&what, gv, cv, 0.0, 0.0)?;
+            } else {
+                p.close(&what, gv, cv, ATOL, RTOL)?;
+            }
         }
     }
     Ok(())
 }
 
-fn pool_case<B: Backend<f32>>(be: &B, xs: Nhwc, pool: &MaxPool2d, seed: u64) -> Vec<Vec<f32>> {
+fn pool_case<B: Backend<f32>>(
+    be: &B,
+    xs: Nhwc,
+    pool: &MaxPool2d,
+    seed: u64,
+    p: &Prec,
+) -> Vec<Vec<f32>> {
     let mut r = rng(seed);
-    // Distinct values: ties would make the gradient's destination a convention, checked on
-    // the CPU by the gradient tests.
-    let mut v: Vec<f32> = (0..xs.len()).map(|i| i as f32 * 1e-3).collect();
-    for i in (1..v.len()).rev() {
-        v.swap(i, r.random_range(0..=i));
+    // Values distinct within each image plane of a channel (a random permutation of
+    // 0..H·W, /8: exact even in bf16), so no window has a tie: with ties the gradient's
+    // destination is a convention, checked on the CPU by the gradient tests.
+    let plane = xs.h * xs.w;
+    let mut v = vec![0f32; xs.len()];
+    for img in 0..xs.n {
+        for ch in 0..xs.c {
+            let mut perm: Vec<usize> = (0..plane).collect();
+            for i in (1..plane).rev() {
+                perm.swap(i, r.random_range(0..=i));
+            }
+            for (pix, &k) in perm.iter().enumerate() {
+                v[(img * plane + pix) * xs.c + ch] = k as f32 / 8.0;
+            }
+        }
     }
     let ys = pool.out_shape(xs);
-    let x = be.upload(&v);
-    let dy = be.upload(&uniform(&mut r, ys.len(), -1.0, 1.0));
-    let (mut y, mut dx) = (be.zeros(ys.len()), be.zeros(xs.len()));
+    let x = be.upload_act(&v);
+    let dy = be.upload_act(&p.round(uniform(&mut r, ys.len(), -1.0, 1.0)));
+    let (mut y, mut dx) = (be.act_zeros(ys.len()), be.act_zeros(xs.len()));
     be.max_pool2d_forward(&mut y, &x, xs, pool);
     be.max_pool2d_backward(&mut dx, &dy, &x, &y, xs, pool);
     let a = Nhwc::new(xs.n, 2, 2, xs.c);
-    let xa = be.upload(&uniform(&mut r, a.len(), -1.0, 1.0));
-    let dya = be.upload(&uniform(&mut r, a.n * a.c, -1.0, 1.0));
-    let (mut ya, mut dxa) = (be.zeros(a.n * a.c), be.zeros(a.len()));
+    let xa = be.upload_act(&p.round(uniform(&mut r, a.len(), -1.0, 1.0)));
+    let dya = be.upload_act(&p.round(uniform(&mut r, a.n * a.c, -1.0, 1.0)));
+    let (mut ya, mut dxa) = (be.act_zeros(a.n * a.c), be.act_zeros(a.len()));
     be.avg_pool2d_forward(&mut ya, &xa, a);
     be.avg_pool2d_backward(&mut dxa, &dya, a);
     [y, dx, ya, dxa].iter().map(|t| be.download(t)).collect()
 }
 
 /// Max pooling (k3 s1 p1 in the branches, k3 s2 p1 after the blocks) and the 2×2 average.
-fn test_pooling(gpu: &Gpu) -> Outcome {
+fn test_pooling(p: &Prec) -> Outcome {
+    let gpu = &p.gpu()?;
     let k3s1 = MaxPool2d {
         k: 3,
         stride: 1,
@@ -309,14 +442,15 @@ fn test_pooling(gpu: &Gpu) -> Outcome {
     .iter()
     .enumerate()
     {
-        let g = pool_case(gpu, *xs, pool, 200 + i as u64);
+        let g = pool_case(gpu, *xs, pool, 200 + i as u64, p);
         gpu.status().map_err(|e| format!("{e:#}"))?;
-        let c = pool_case(&Cpu, *xs, pool, 200 + i as u64);
+        let c = pool_case(&Cpu, *xs, pool, 200 + i as u64, p);
         for (name, (gv, cv)) in ["max y", "max dx", "avg y", "avg dx"]
             .iter()
             .zip(g.iter().zip(&c))
         {
-            close(
+            // Max pooling selects (exact in any type); the average rounds once in 16 bits.
+            p.close(
                 &format!("pooling {pool:?} on {xs:?}: {name}"),
                 gv,
                 cv,
@@ -328,10 +462,10 @@ fn test_pooling(gpu: &Gpu) -> Outcome {
     Ok(())
 }
 
-fn head_case<B: Backend<f32>>(be: &B, seed: u64) -> Vec<Vec<f32>> {
+fn head_case<B: Backend<f32>>(be: &B, seed: u64, p: &Prec) -> Vec<Vec<f32>> {
     let mut r = rng(seed);
     let (n, fin, fout) = (16, 384, 10);
-    let x = be.upload(&uniform(&mut r, n * fin, -1.0, 1.0));
+    let x = be.upload_act(&p.round(uniform(&mut r, n * fin, -1.0, 1.0)));
     let w = be.upload(&uniform(&mut r, fout * fin, -0.05, 0.05));
     let b = be.upload(&uniform(&mut r, fout, -0.05, 0.05));
     let mut y = be.zeros(n * fout);
@@ -341,18 +475,18 @@ fn head_case<B: Backend<f32>>(be: &B, seed: u64) -> Vec<Vec<f32>> {
     let loss = be.cross_entropy_forward(&mut probs, &y, &labels, fout, 0.1);
     let mut dl = be.zeros(n * fout);
     be.cross_entropy_backward(&mut dl, &probs, &labels, fout, 0.1);
-    let (mut dx, mut dw, mut db) = (be.zeros(n * fin), be.zeros(fout * fin), be.zeros(fout));
+    let (mut dx, mut dw, mut db) = (be.act_zeros(n * fin), be.zeros(fout * fin), be.zeros(fout));
     be.linear_backward(Some(&mut dx), &mut dw, &mut db, &dl, &x, &w, n, fin, fout);
     // The Inception join and its split, and the branch-gradient sum.
     let parts: Vec<_> = [64, 64, 64, 64]
         .iter()
-        .map(|&c| be.upload(&uniform(&mut r, 98 * c, -1.0, 1.0)))
+        .map(|&c| be.upload_act(&p.round(uniform(&mut r, 98 * c, -1.0, 1.0))))
         .collect();
-    let mut joined = be.zeros(98 * 256);
+    let mut joined = be.act_zeros(98 * 256);
     be.concat_forward(&mut joined, &parts.iter().collect::<Vec<_>>(), &[64; 4]);
-    let mut back: Vec<_> = (0..4).map(|_| be.zeros(98 * 64)).collect();
+    let mut back: Vec<_> = (0..4).map(|_| be.act_zeros(98 * 64)).collect();
     be.concat_backward(&mut back.iter_mut().collect::<Vec<_>>(), &joined, &[64; 4]);
-    let mut sum = be.zeros(98 * 64);
+    let mut sum = be.act_zeros(98 * 64);
     be.fork_backward(&mut sum, &back.iter().collect::<Vec<_>>());
     // SGD, Nesterov, over three steps.
     let mut p = be.upload(&uniform(&mut r, 1000, -1.0, 1.0));
@@ -377,10 +511,20 @@ fn head_case<B: Backend<f32>>(be: &B, seed: u64) -> Vec<Vec<f32>> {
 }
 
 /// Linear head, cross-entropy with smoothing, concat/split, branch sum, SGD.
-fn test_head_concat_sgd(gpu: &Gpu) -> Outcome {
-    let g = head_case(gpu, 300);
+fn test_head_concat_sgd(p: &Prec) -> Outcome {
+    let gpu = &p.gpu()?;
+    let mut g = head_case(gpu, 300, p);
     gpu.status().map_err(|e| format!("{e:#}"))?;
-    let c = head_case(&Cpu, 300);
+    // In mixed precision the loss gradient comes out multiplied by the loss scale (a power of
+    // two, so dividing it out is exact), and so does everything computed from it.
+    let scale = gpu
+        .read_loss_scale()
+        .map_err(|e| format!("{e:#}"))?
+        .map_or(1.0, |(s, _)| s);
+    for t in &mut g[1..=4] {
+        t.iter_mut().for_each(|v| *v /= scale);
+    }
+    let c = head_case(&Cpu, 300, p);
     let names = [
         "linear y",
         "dlogits",
@@ -398,7 +542,13 @@ fn test_head_concat_sgd(gpu: &Gpu) -> Outcome {
         "split 3",
     ];
     for (name, (gv, cv)) in names.iter().zip(g.iter().zip(&c)) {
-        close(name, gv, cv, 1e-5, 1e-4)?;
+        // In mixed precision the head still computes in fp32 from the same (rounded) inputs:
+        // only its 16-bit outputs (dx, the branch-gradient sum) round once more.
+        if p.dtype == DType::F32 || !matches!(*name, "linear dx" | "fork sum") {
+            close(name, gv, cv, 1e-5, 1e-4)?;
+        } else {
+            p.close(name, gv, cv, 0.0, 0.0)?;
+        }
     }
     Ok(())
 }
@@ -432,28 +582,311 @@ fn train_steps<B: Backend<f32>>(
     Ok((losses, state))
 }
 
+/// The parameters (no running statistics or counters) of a network.
+fn params<B: Backend<f32>>(net: &mut Net<f32, B>) -> Vec<f32> {
+    net.state()
+        .into_iter()
+        .filter(|(info, _)| info.kind == TensorKind::Param)
+        .flat_map(|(_, t)| match t {
+            HostTensor::Float(v) => v,
+            HostTensor::Int(_) => Vec::new(),
+        })
+        .collect()
+}
+
+/// A network on a GPU in precision `p`, with loss scale `scale` in mixed precision.
+fn gpu_net(p: &Prec, seed: u64, scale: f32, deterministic: bool) -> Result<Net<f32, Gpu>, String> {
+    let mut gpu = Gpu::with_options(
+        0,
+        GpuOptions {
+            activations: p.dtype,
+            deterministic,
+        },
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    if p.dtype != DType::F32 {
+        gpu.set_loss_scale(scale).map_err(|e| format!("{e:#}"))?;
+    }
+    let mut net =
+        Net::new(ModelSpec::inception_net_small(), gpu, seed).map_err(|e| format!("{e:#}"))?;
+    net.schedule = incept::schedule::BranchSchedule::Sequential;
+    Ok(net)
+}
+
 /// Three whole training steps of the network on the GPU and on the CPU from the same weights.
-fn test_training_steps(gpu: Gpu) -> Outcome {
-    let spec = ModelSpec::inception_net_small();
-    let mut g: Net<f32, Gpu> = Net::new(spec.clone(), gpu, 9).map_err(|e| format!("{e:#}"))?;
-    g.schedule = incept::schedule::BranchSchedule::Sequential;
-    let mut c: Net<f32, Cpu> = Net::new(spec, Cpu, 9).map_err(|e| format!("{e:#}"))?;
+fn test_training_steps(p: &Prec) -> Outcome {
+    // A loss scale that cannot overflow here, so no step is skipped and the trajectories are
+    // comparable (the dynamic scale itself is checked by loss_scale_overflow_skips_step).
+    let mut g = gpu_net(p, 9, 1024.0, false)?;
+    let mut c: Net<f32, Cpu> =
+        Net::new(ModelSpec::inception_net_small(), Cpu, 9).map_err(|e| format!("{e:#}"))?;
     let (gl, gs) = train_steps(&mut g, 3).map_err(|e| format!("{e:#}"))?;
     let (cl, cs) = train_steps(&mut c, 3).map_err(|e| format!("{e:#}"))?;
-    close("losses of 3 steps", &gl, &cl, 1e-4, 1e-3)?;
-    // After 3 steps rounding differences have grown through the network: a looser bound.
+    if p.dtype == DType::F32 {
+        close("losses of 3 steps", &gl, &cl, 1e-4, 1e-3)?;
+        // After 3 steps rounding differences have grown through the network: a looser bound.
+        return close(
+            "weights, running statistics, counters after 3 steps",
+            &gs,
+            &cs,
+            1e-3,
+            1e-2,
+        );
+    }
+    if let Some((_, skipped)) = g
+        .backend()
+        .read_loss_scale()
+        .map_err(|e| format!("{e:#}"))?
+    {
+        if skipped != 0 {
+            return Err(format!("{skipped} of 3 steps skipped at loss scale 1024"));
+        }
+    }
+    // 16-bit activations through 14 layers: the loss moves by about the type's precision
+    // times the depth; the state after 3 steps is compared as a whole.
     close(
-        "weights, running statistics, counters after 3 steps",
+        &format!("losses of 3 steps [{}]", p.name),
+        &gl,
+        &cl,
+        0.0,
+        4.0 * p.tol,
+    )?;
+    close_l2(
+        &format!(
+            "weights, running statistics, counters after 3 steps [{}]",
+            p.name
+        ),
         &gs,
         &cs,
-        1e-3,
-        1e-2,
+        4.0 * p.tol as f64,
     )
+}
+
+/// A loss scale so large that the 16-bit gradients overflow: the step must be skipped on the
+/// device (no parameter moves), the scale halved, and the skip counted.
+fn test_loss_scale_overflow(p: &Prec) -> Outcome {
+    let scale = 1e30f32;
+    let mut g = gpu_net(p, 9, scale, false)?;
+    // Materialise the parameters once, then take one step.
+    let before = params(&mut g);
+    train_steps(&mut g, 1).map_err(|e| format!("{e:#}"))?;
+    let after = params(&mut g);
+    if before != after {
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        return Err(format!(
+            "{moved} parameters changed in a step whose gradients overflowed"
+        ));
+    }
+    match g
+        .backend()
+        .read_loss_scale()
+        .map_err(|e| format!("{e:#}"))?
+    {
+        Some((s, 1)) if s == scale * 0.5 => {}
+        other => {
+            return Err(format!(
+                "after an overflow expected (scale {}, 1 skipped step), got {other:?}",
+                scale * 0.5
+            ))
+        }
+    }
+    // The next steps at a sane scale move the parameters again.
+    g.backend_mut()
+        .set_loss_scale(1024.0)
+        .map_err(|e| format!("{e:#}"))?;
+    train_steps(&mut g, 1).map_err(|e| format!("{e:#}"))?;
+    if params(&mut g) == after {
+        return Err("the parameters did not move at loss scale 1024".into());
+    }
+    Ok(())
+}
+
+/// `--deterministic`: two runs of 3 steps give the same bits.
+fn test_deterministic(p: &Prec) -> Outcome {
+    let mut a = gpu_net(p, 5, 1024.0, true)?;
+    let mut b = gpu_net(p, 5, 1024.0, true)?;
+    let (la, sa) = train_steps(&mut a, 3).map_err(|e| format!("{e:#}"))?;
+    let (lb, sb) = train_steps(&mut b, 3).map_err(|e| format!("{e:#}"))?;
+    if la != lb {
+        return Err(format!(
+            "losses differ between two deterministic runs: {la:?} vs {lb:?}"
+        ));
+    }
+    if sa != sb {
+        let n = sa
+            .iter()
+            .zip(&sb)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        return Err(format!(
+            "{n} state values differ between two deterministic runs"
+        ));
+    }
+    Ok(())
+}
+
+/// The PyTorch golden fixture (tests/fixtures) through the GPU in fp32, with the CPU's f32
+/// tolerances (tests/common/golden.rs says why they are what they are).
+fn test_golden_fp32() -> Outcome {
+    let paths = std::panic::catch_unwind(common::golden::fixtures)
+        .map_err(|_| "cannot list the fixtures: set INCEPT_FIXTURES to their folder".to_string())?;
+    for path in paths {
+        let r = std::panic::catch_unwind(|| {
+            common::golden::run_fixture::<f32, Gpu>(
+                &path,
+                &common::golden::tols_f32(),
+                "golden gpu fp32",
+                &|| Gpu::new(0).expect("the GPU opened a moment ago"),
+            )
+        });
+        if let Err(e) = r {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            return Err(format!("{}: {msg}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// `incept train --device cuda` on a synthetic set, as tests/cli.rs does on the CPU: the same
+/// recipe must get well above chance in 2 epochs (the CPU gets > 50% against 10%).
+fn test_train_binary(p: &Prec) -> Outcome {
+    let dir = scratch("train", p);
+    let r = train_binary(&dir, p, &["--epochs", "2"], "x").and_then(|run| {
+        let summary =
+            std::fs::read_to_string(run.join("summary.csv")).map_err(|e| e.to_string())?;
+        let last = summary.lines().last().unwrap_or_default().to_string();
+        let acc: f64 = last
+            .split(',')
+            .nth(5)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no test_acc in summary.csv line {last:?}"))?;
+        if acc > 0.5 {
+            Ok(())
+        } else {
+            Err(format!(
+                "test accuracy {acc} after 2 epochs [{}]; the CPU gets > 0.5",
+                p.name
+            ))
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// The training set on the GPU with batches rendered there (the default) against batches
+/// built on the CPU and copied (`--host-batches`): the same images, so with deterministic
+/// algorithms one epoch ends in the same checkpoint, byte for byte.
+fn test_device_batches_match_host(p: &Prec) -> Outcome {
+    let dir = scratch("feed", p);
+    let r = (|| {
+        let device = train_binary(&dir, p, &["--epochs", "1", "--deterministic"], "device")?;
+        let host = train_binary(
+            &dir,
+            p,
+            &["--epochs", "1", "--deterministic", "--host-batches"],
+            "host",
+        )?;
+        let read = |d: &std::path::Path| {
+            std::fs::read(d.join("last.safetensors")).map_err(|e| format!("{}: {e}", d.display()))
+        };
+        if read(&device)? != read(&host)? {
+            return Err(format!(
+                "[{}] last.safetensors differs between batches built on the GPU and on the host",
+                p.name
+            ));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn scratch(what: &str, p: &Prec) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "incept-gpu-{what}-{}-{}",
+        std::process::id(),
+        p.name
+    ))
+}
+
+/// Trains through the binary on a synthetic set in `dir` (written on first use) with the
+/// recipe of tests/cli.rs plus `extra`; returns the run folder.
+fn train_binary(
+    dir: &std::path::Path,
+    p: &Prec,
+    extra: &[&str],
+    experiment: &str,
+) -> Result<std::path::PathBuf, String> {
+    let exe = incept_bin();
+    let run = |args: &[&str]| -> Outcome {
+        let out = std::process::Command::new(&exe)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "incept {}: {:?}\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    };
+    let data = dir.join("data");
+    let d = data.to_str().ok_or("temp path is not UTF-8")?;
+    if !data.join("test_batch.bin").exists() {
+        run(&[
+            "data", "synth", "--out", d, "--train", "1200", "--test", "400", "--seed", "5",
+        ])?;
+    }
+    let out = dir.join("runs");
+    let o = out.to_str().ok_or("temp path is not UTF-8")?;
+    let mut args = vec![
+        "train",
+        "--device",
+        "cuda",
+        "--data-dir",
+        d,
+        "--output",
+        o,
+        "--experiment",
+        experiment,
+        "-b",
+        "64",
+        "--lr",
+        "0.05",
+        "--sched",
+        "step",
+        "--decay-epochs",
+        "1",
+        "--decay-rate",
+        "0.5",
+        "--seed",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    match p.dtype {
+        DType::F32 => args.push("--no-amp"),
+        DType::F16 => args.extend(["--amp-dtype", "f16"]),
+        DType::Bf16 => args.extend(["--amp-dtype", "bf16"]),
+    }
+    run(&args)?;
+    Ok(out.join(experiment))
+}
+
+/// The binary under test: `INCEPT_BIN` (the GPU bundle's), else the one cargo built.
+fn incept_bin() -> String {
+    std::env::var("INCEPT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_incept").to_string())
 }
 
 /// Without a driver, the binary must say so clearly (and not panic).
 fn test_no_driver_error() -> Outcome {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_incept"))
+    let out = std::process::Command::new(incept_bin())
         .args(["bench", "--device", "cuda", "--steps", "1"])
         .output()
         .map_err(|e| e.to_string())?;
@@ -470,30 +903,65 @@ fn test_no_driver_error() -> Outcome {
 
 fn main() {
     let device = Gpu::new(0).map(|_| ()).map_err(|e| format!("{e:#}"));
-    let mut results: Vec<(&str, Result<Outcome, String>)> = Vec::new();
-    let mut run = |name: &'static str, f: &dyn Fn(&Gpu) -> Outcome| {
+    let mut results: Vec<(String, Result<Outcome, String>)> = Vec::new();
+    let mut run = |name: String, f: &dyn Fn() -> Outcome| {
         let r = match &device {
             Err(why) => Err(why.clone()),
-            Ok(()) => Ok(Gpu::new(0)
-                .map_err(|e| format!("{e:#}"))
-                .and_then(|g| f(&g))),
+            Ok(()) => Ok(f()),
         };
         results.push((name, r));
     };
-    run("conv2d_gpu_matches_cpu", &test_conv);
-    run("batch_norm_relu_gpu_matches_cpu", &test_batch_norm_relu);
-    run("pooling_gpu_matches_cpu", &test_pooling);
-    run("head_concat_sgd_gpu_matches_cpu", &test_head_concat_sgd);
-    run("training_steps_gpu_match_cpu", &|_| {
-        Gpu::new(0)
-            .map_err(|e| format!("{e:#}"))
-            .and_then(test_training_steps)
-    });
+    for p in [FP32, F16, BF16] {
+        let tag = p.name.replace('-', "_");
+        run(format!("conv2d_gpu_matches_cpu_{tag}"), &|| test_conv(&p));
+        run(format!("batch_norm_relu_gpu_matches_cpu_{tag}"), &|| {
+            test_batch_norm_relu(&p)
+        });
+        run(format!("pooling_gpu_matches_cpu_{tag}"), &|| {
+            test_pooling(&p)
+        });
+        run(format!("head_concat_sgd_gpu_matches_cpu_{tag}"), &|| {
+            test_head_concat_sgd(&p)
+        });
+        run(format!("training_steps_gpu_match_cpu_{tag}"), &|| {
+            test_training_steps(&p)
+        });
+        run(
+            format!("deterministic_runs_are_bitwise_equal_{tag}"),
+            &|| test_deterministic(&p),
+        );
+        run(format!("train_binary_learns_{tag}"), &|| {
+            test_train_binary(&p)
+        });
+        run(format!("device_batches_match_host_batches_{tag}"), &|| {
+            test_device_batches_match_host(&p)
+        });
+    }
+    for p in [F16, BF16] {
+        let tag = p.name.replace('-', "_");
+        run(format!("loss_scale_overflow_skips_step_{tag}"), &|| {
+            test_loss_scale_overflow(&p)
+        });
+    }
+    run("golden_fixture_gpu_fp32".into(), &test_golden_fp32);
+    // Needs no GPU: every kernel the backend launches is in the embedded PTX.
+    let missing = incept::backend::cuda::missing_kernels();
+    results.push((
+        "embedded_ptx_defines_every_kernel".into(),
+        Ok(if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "kernels missing from the PTX: {}",
+                missing.join(", ")
+            ))
+        }),
+    ));
     let no_driver = match &device {
         Err(why) if why.contains("no NVIDIA driver") => Ok(test_no_driver_error()),
         _ => Err("a driver is present".to_string()),
     };
-    results.push(("no_driver_error_is_clear", no_driver));
+    results.push(("no_driver_error_is_clear".into(), no_driver));
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for (name, r) in &results {
         match r {

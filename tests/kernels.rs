@@ -1375,6 +1375,67 @@ fn augment_with_crop_and_flip_reproduces_make_batch_bitwise() {
     );
 }
 
+/// What training on a GPU does each step: the host draws every image's crop and flip with
+/// `augment_view` (the draws make_batch uses), the kernel renders the batch. Over several
+/// batches of an epoch, in f32 the result is make_batch's batch bit for bit, and in f16 its
+/// values rounded to nearest even.
+#[test]
+fn augment_with_host_drawn_views_is_make_batch_bitwise() {
+    let rec = records(60);
+    let (seed, epoch) = (11, 3);
+    let order = incept::data::epoch_order(60, seed, epoch);
+    for (k, idx) in order.chunks(16).enumerate() {
+        let first = (k * 16) as u64;
+        let (mut want, mut want_y) = (Vec::new(), Vec::new());
+        make_batch(
+            &rec.ds,
+            idx,
+            Augment::TRAIN,
+            seed,
+            epoch,
+            first,
+            &mut want,
+            &mut want_y,
+        );
+        let views: Vec<(i32, i32, bool)> = (0..idx.len() as u64)
+            .map(|j| incept::data::augment_view(Augment::TRAIN, seed, epoch, first + j))
+            .collect();
+        let idx_i32: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
+        let dy: Vec<i32> = views.iter().map(|v| v.0).collect();
+        let dx: Vec<i32> = views.iter().map(|v| v.1).collect();
+        let flip: Vec<i32> = views.iter().map(|v| v.2 as i32).collect();
+        let (got, labels) = augment::<f32>(&rec, &idx_i32, &dy, &dx, &flip);
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!(
+                "batch {k}: value {i} (image {}): kernel {} make_batch {}; first values {:?} vs {:?}",
+                i / 3072,
+                got[i],
+                want[i],
+                &got[..4],
+                &want[..4]
+            );
+        }
+        assert_eq!(
+            labels,
+            want_y.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            "batch {k}: labels"
+        );
+        let (h, _) = augment::<f16>(&rec, &idx_i32, &dy, &dx, &flip);
+        assert!(
+            h.iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()),
+            "batch {k}: f16 values are not make_batch's rounded to nearest even"
+        );
+    }
+    // The draws really vary (a constant view would also pass above only by luck).
+    let views: Vec<_> = (0..64)
+        .map(|p| incept::data::augment_view(Augment::TRAIN, seed, epoch, p))
+        .collect();
+    assert!(views.iter().any(|v| v.2) && views.iter().any(|v| !v.2));
+    assert!(views.iter().any(|v| v.0 != 0) && views.iter().any(|v| v.1 != 0));
+}
+
 #[test]
 fn augment_rejects_a_bad_index_visibly() {
     let rec = records(5);
@@ -1387,45 +1448,687 @@ fn augment_rejects_a_bad_index_visibly() {
     assert_eq!(labels[1], -1);
 }
 
-// ---- elementwise.cu: ReLU and the branch-gradient sum -------------------------------------------
+// ---- elementwise.cu -----------------------------------------------------------------------------
 
-#[test]
-fn relu_and_fork_backward_match_the_cpu_bitwise() {
-    // The block3 Inception input: 8 images of 7×7×128; values around 0, exact zeros and a NaN.
-    let n = 8 * 7 * 7 * 128;
-    let mut x = uniform(0xE1E, n, -1.0, 1.0);
-    x[3] = 0.0;
-    x[5] = -0.0;
-    x[7] = f32::NAN;
-    let (be, l) = (cpu(), elementwise(n));
-    let mut y = vec![f32::INFINITY; n];
+/// The launch of the GPU backend's element-wise kernels: block 256, grid min(ceil(n/256), 4096),
+/// so the largest tensors also take the grid-stride loop.
+fn gpu_elementwise(n: usize) -> Launch {
+    Launch::linear(n.div_ceil(256).clamp(1, 4096) as u32, 256)
+}
+
+/// The elements of the largest activation of the model at batch 128: [128, 16, 16, 64].
+const BIG: usize = 128 * 16 * 16 * 64;
+
+/// Bitwise comparison of values widened to f32 (exact and injective for every type except NaN
+/// payloads): NaN matches NaN, −0 does not match +0. On failure records the number of
+/// mismatches, the first one, the worst finite difference and the first values.
+fn check_bits(report: &mut Report, name: &str, got: &[f32], want: &[f32], why: &str) {
+    report.checked += 1;
+    let same = |g: f32, w: f32| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+    if got.len() != want.len() {
+        report.failures.push(format!(
+            "{name}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+        return;
+    }
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| !same(got[i], want[i])).collect();
+    if bad.is_empty() {
+        report.lines.push(format!("{name}: bitwise equal"));
+        return;
+    }
+    let worst = bad
+        .iter()
+        .copied()
+        .max_by(|&a, &b| {
+            let d = |i: usize| {
+                let d = (got[i] as f64 - want[i] as f64).abs();
+                if d.is_nan() {
+                    f64::INFINITY
+                } else {
+                    d
+                }
+            };
+            d(a).total_cmp(&d(b))
+        })
+        .unwrap();
+    let first = bad[0];
+    let n = got.len().min(6);
+    report.failures.push(format!(
+        "{name}: {} of {} values differ from the bitwise reference ({why})\n  first at [{first}]: got {:e} ({:#010x}), want {:e} ({:#010x})\n  worst at [{worst}]: got {:.8e}, want {:.8e}, |diff| {:.3e}\n  first got:  {:?}\n  first want: {:?}",
+        bad.len(),
+        got.len(),
+        got[first],
+        got[first].to_bits(),
+        want[first],
+        want[first].to_bits(),
+        got[worst],
+        want[worst],
+        (got[worst] as f64 - want[worst] as f64).abs(),
+        &got[..n],
+        &want[..n]
+    ));
+}
+
+fn widen<T: Act>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// `v` rounded to `T` and back: what a kernel that rounds once to `T` must store.
+fn round_to<T: Act>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+/// Values around zero with the special cases of ReLU at the front: ±0, NaN, ±inf and values
+/// that are subnormal in `T` (for f32: in f32).
+fn relu_input<T: Act>(seed: u64, n: usize) -> Vec<f32> {
+    let mut v = uniform(seed, n, -1.0, 1.0);
+    let tiny = if T::NAME == "f32" { 1e-40 } else { 1e-6 };
+    let special = [
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        tiny,
+        -tiny,
+    ];
+    v[..special.len()].copy_from_slice(&special);
+    // Some further ones spread over the tensor, in other blocks of the grid.
+    for (k, &s) in special.iter().enumerate() {
+        v[(n / 2 + 997 * k) % n] = s;
+    }
+    v
+}
+
+fn relu_case<T: Act>(report: &mut Report, name: &str, n: usize, l: Launch, seed: u64) {
+    let (x, xr) = quantize::<T>(&relu_input::<T>(seed, n));
+    let t = T::NAME;
+    let mut y = vec![T::from_f32(7.0); n];
     emu::relu_forward(l, &mut y, &x);
-    let mut want = vec![0.0; n];
-    be.relu_forward(&mut want, &x.clone());
-    assert!(
-        y.iter()
-            .zip(&want)
-            .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
-        "relu_forward differs"
+    let mut want = vec![0f32; n];
+    Backend::<f32>::relu_forward(&cpu(), &mut want, &xr);
+    // max(x, 0) of a T value is that value or 0: no rounding anywhere.
+    check_bits(
+        report,
+        &format!("{name} {t} relu_forward"),
+        &widen(&y),
+        &want,
+        "max(x, 0) of a T value is exact; NaN and -0 pass",
     );
-    assert!(y[7].is_nan(), "NaN passes through");
-
-    let dy = uniform(0xE1F, n, -1.0, 1.0);
+    // The gradient against the kernel's own output, which holds every special case.
+    let yr = widen(&y);
+    let (dy, dyr) = quantize::<T>(&uniform(seed + 1, n, -1.0, 1.0));
     let mut got = dy.clone();
     emu::relu_backward(l, &mut got, &y);
-    let mut want = dy.clone();
-    be.relu_backward(&mut want, &y);
-    assert_eq!(got, want, "relu_backward differs");
+    let mut want = dyr.clone();
+    Backend::<f32>::relu_backward(&cpu(), &mut want, &yr);
+    check_bits(
+        report,
+        &format!("{name} {t} relu_backward"),
+        &widen(&got),
+        &want,
+        "a mask: dy or 0, no arithmetic",
+    );
+}
 
-    // The four branch gradients of block3, summed in branch order.
-    let parts: Vec<Vec<f32>> = (0..4).map(|i| uniform(0xF00 + i, n, -1.0, 1.0)).collect();
-    for k in 1..=4 {
-        let refs: Vec<&[f32]> = parts[..k].iter().map(|p| p.as_slice()).collect();
-        let mut got = vec![f32::NAN; n];
-        emu::fork_backward(l, &mut got, &refs);
-        let mut want = vec![0.0; n];
-        let owned: Vec<Vec<f32>> = parts[..k].to_vec();
-        be.fork_backward(&mut want, &owned.iter().collect::<Vec<_>>());
-        assert_eq!(got, want, "fork_backward of {k} parts differs");
+#[test]
+fn relu_forward_and_backward_match_the_cpu_bitwise() {
+    let mut report = Report::default();
+    // The largest activation at batch 128 (the grid-stride loop runs twice), and the block3
+    // Inception input of the emulated batch.
+    for (name, n) in [("[128,16,16,64]", BIG), ("[8,7,7,128]", N * 7 * 7 * 128)] {
+        let l = elementwise(n);
+        relu_case::<f32>(&mut report, name, n, l, 0xE1E);
+        relu_case::<f16>(&mut report, name, n, l, 0xE2E);
+        relu_case::<bf16>(&mut report, name, n, l, 0xE3E);
     }
+    // The GPU backend's geometry (4096 blocks, two rounds of the loop) once; fewer elements
+    // than one block; a count that is not a multiple of the block.
+    relu_case::<bf16>(&mut report, "GPU grid", BIG, gpu_elementwise(BIG), 0xE4E);
+    relu_case::<f16>(&mut report, "n=77", 77, gpu_elementwise(77), 0xE5E);
+    relu_case::<f32>(&mut report, "n=1000", 1000, Launch::linear(3, 256), 0xE6E);
+    report.finish("relu");
+}
+
+fn fork_case<T: Act>(report: &mut Report, name: &str, n: usize, l: Launch, seed: u64) {
+    let t = T::NAME;
+    // Gradients of different sizes, so that the float sums do round.
+    let parts: Vec<(Vec<T>, Vec<f32>)> = [1.0f32, 8.0, 0.25, 64.0]
+        .iter()
+        .enumerate()
+        .map(|(i, &m)| quantize::<T>(&uniform(seed + i as u64, n, -m, m)))
+        .collect();
+    for k in 1..=4 {
+        let refs: Vec<&[T]> = parts[..k].iter().map(|(p, _)| p.as_slice()).collect();
+        let mut got = vec![T::from_f32(f32::NAN); n];
+        emu::fork_backward(l, &mut got, &refs);
+        // Reference: the CPU's f32 sum in branch order of the very same values, rounded once.
+        let mut want = vec![0f32; n];
+        let owned: Vec<Vec<f32>> = parts[..k].iter().map(|(_, r)| r.clone()).collect();
+        Backend::<f32>::fork_backward(&cpu(), &mut want, &owned.iter().collect::<Vec<_>>());
+        check_bits(
+            report,
+            &format!("{name} {t} fork_backward of {k}"),
+            &widen(&got),
+            &round_to::<T>(&want),
+            "the same float additions in the same order, one rounding to T",
+        );
+    }
+    // dx as its own first part (the host folds a fifth to seventh branch this way).
+    let mut got: Vec<T> = parts[0].0.clone();
+    let rest: Vec<&[T]> = parts[1..].iter().map(|(p, _)| p.as_slice()).collect();
+    emu::fork_backward_into(l, &mut got, &rest);
+    let mut want = vec![0f32; n];
+    let owned: Vec<Vec<f32>> = parts.iter().map(|(_, r)| r.clone()).collect();
+    Backend::<f32>::fork_backward(&cpu(), &mut want, &owned.iter().collect::<Vec<_>>());
+    check_bits(
+        report,
+        &format!("{name} {t} fork_backward in place"),
+        &widen(&got),
+        &round_to::<T>(&want),
+        "dx = dx + b + c + d, as with four separate parts",
+    );
+}
+
+#[test]
+fn fork_backward_sums_in_float_in_branch_order_and_rounds_once() {
+    let mut report = Report::default();
+    for (name, n) in [("[128,16,16,64]", BIG), ("[8,7,7,256]", N * 7 * 7 * 256)] {
+        let l = elementwise(n);
+        fork_case::<f32>(&mut report, name, n, l, 0xF00);
+        fork_case::<f16>(&mut report, name, n, l, 0xF11);
+        fork_case::<bf16>(&mut report, name, n, l, 0xF22);
+    }
+    fork_case::<f16>(&mut report, "n=1000", 1000, gpu_elementwise(1000), 0xF33);
+    // Rounding after every addition would lose what only the float sum keeps: 1 + ½ulp + ½ulp
+    // is 1 + 1ulp, but each ½ulp alone is a tie that rounds back to 1.
+    fn ties<T: Act>(report: &mut Report, half_ulp: f32) {
+        let one = [T::from_f32(1.0); 300];
+        let tie = [T::from_f32(half_ulp); 300];
+        let mut got = [T::default(); 300];
+        emu::fork_backward(Launch::linear(2, 256), &mut got, &[&one, &tie, &tie]);
+        check_bits(
+            report,
+            &format!("{} 1 + ½ulp + ½ulp", T::NAME),
+            &widen(&got),
+            &[1.0 + 2.0 * half_ulp; 300],
+            "summed in float, rounded once",
+        );
+    }
+    ties::<f16>(&mut report, 2f32.powi(-11));
+    ties::<bf16>(&mut report, 2f32.powi(-8));
+    report.finish("fork_backward");
+}
+
+/// Probes of the f32 → 16-bit rounding: every kind of value the training can produce.
+fn conversion_probes(seed: u64) -> Vec<f32> {
+    let mut r = rng(seed);
+    let mut v = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45, // the smallest f32 subnormal
+        -1e-40,
+        // f16: the largest finite, the last value that rounds to it, the first that overflows,
+        // and beyond.
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        1e5,
+        -1e9,
+        // f16 subnormals: the smallest (2^-24), the tie below it (→ 0), just above the tie
+        // (→ 2^-24), the largest subnormal and the smallest normal.
+        2f32.powi(-24),
+        2f32.powi(-25),
+        2f32.powi(-25) * 1.0001,
+        -2f32.powi(-25) * 1.5,
+        1023.0 * 2f32.powi(-24),
+        2f32.powi(-14),
+        // bf16: the largest finite and the first that overflows (f32::MAX rounds up to inf).
+        3.389_531_4e38,
+        3.395e38,
+        // Ties to even: 1 + 2^-11 (f16 tie → 1), 1 + 3·2^-11 (→ 1 + 2^-9), 1 + 2^-8 (bf16).
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+    ];
+    // Random bit patterns (every exponent) and weights-like values.
+    v.extend((0..50_000).map(|_| f32::from_bits(r.random::<u32>())));
+    v.extend((0..50_000).map(|_| normal(&mut r) * 0.05));
+    v
+}
+
+fn convert_case<T: Act>(report: &mut Report, seed: u64) {
+    let t = T::NAME;
+    let src = conversion_probes(seed);
+    let l = gpu_elementwise(src.len());
+    let mut dst = vec![T::default(); src.len()];
+    emu::convert_from_f32(l, &mut dst, &src);
+    // The `half` crate rounds to nearest even (and is checked against the emulation's
+    // conversions bit for bit in emu_half_and_bfloat16_conversions_round_to_nearest_even).
+    check_bits(
+        report,
+        &format!("convert_from_f32_{t} vs half"),
+        &widen(&dst),
+        &src.iter()
+            .map(|&v| T::from_f32(v).to_f32())
+            .collect::<Vec<_>>(),
+        "round to nearest even, overflow to inf, subnormals kept",
+    );
+    // Back to f32: exact.
+    let mut back = vec![f32::NAN; src.len()];
+    emu::convert_to_f32(l, &mut back, &dst);
+    check_bits(
+        report,
+        &format!("convert_to_f32_{t} of the rounded probes"),
+        &back,
+        &widen(&dst),
+        "widening is exact",
+    );
+}
+
+#[test]
+fn conversions_round_trip_and_match_the_half_crate() {
+    let mut report = Report::default();
+    convert_case::<f32>(&mut report, 1500);
+    convert_case::<f16>(&mut report, 1501);
+    convert_case::<bf16>(&mut report, 1502);
+    // Every 16-bit pattern: to f32 as `half` widens it, and back to the same bits (NaN stays
+    // NaN). Through the kernels, so the widening and the rounding are checked on all values.
+    fn all_patterns<T: Act>(report: &mut Report, from_bits: fn(u16) -> T) {
+        let t = T::NAME;
+        let src: Vec<T> = (0..=u16::MAX).map(from_bits).collect();
+        let l = gpu_elementwise(src.len());
+        let mut wide = vec![f32::NAN; src.len()];
+        emu::convert_to_f32(l, &mut wide, &src);
+        check_bits(
+            report,
+            &format!("convert_to_f32_{t} of every pattern"),
+            &wide,
+            &widen(&src),
+            "exact widening",
+        );
+        let mut back = vec![T::default(); src.len()];
+        emu::convert_from_f32(l, &mut back, &wide);
+        check_bits(
+            report,
+            &format!("convert_from_f32_{t} of every widened pattern"),
+            &widen(&back),
+            &widen(&src),
+            "a 16-bit value survives the round trip",
+        );
+    }
+    all_patterns::<f16>(&mut report, f16::from_bits);
+    all_patterns::<bf16>(&mut report, bf16::from_bits);
+    // f32: a copy, NaN payloads included.
+    let src: Vec<f32> = conversion_probes(1503);
+    let mut dst = vec![0f32; src.len()];
+    emu::convert_from_f32(gpu_elementwise(src.len()), &mut dst, &src);
+    report.checked += 1;
+    let bad: Vec<usize> = (0..src.len())
+        .filter(|&i| dst[i].to_bits() != src[i].to_bits())
+        .collect();
+    if let Some(&i) = bad.first() {
+        report.failures.push(format!(
+            "convert_from_f32_f32: {} of {} values not copied bit for bit; first at [{i}]: got {:e} ({:#010x}), want {:e} ({:#010x})",
+            bad.len(),
+            src.len(),
+            dst[i],
+            dst[i].to_bits(),
+            src[i],
+            src[i].to_bits()
+        ));
+    }
+    report.finish("convert");
+}
+
+fn accumulate_case<T: Act>(report: &mut Report, n: usize, seed: u64) {
+    let t = T::NAME;
+    let mut g32 = uniform(seed, n, -1.0, 1.0);
+    let mut grad0 = uniform(seed + 1, n, -0.5, 0.5);
+    // Overflowed 16-bit gradients and a NaN must reach the fp32 gradient; +inf + −inf is NaN.
+    let specials = [
+        (3, f32::INFINITY, 0.5),
+        (n / 3, f32::NEG_INFINITY, -0.5),
+        (n / 2, f32::NAN, 1.0),
+        (n - 1, 1e6, 0.0), // beyond f16: inf there, finite in bf16 and f32
+        (n - 2, f32::INFINITY, f32::NEG_INFINITY),
+    ];
+    for &(i, g, acc) in &specials {
+        g32[i] = g;
+        grad0[i] = acc;
+    }
+    let (g, gr) = quantize::<T>(&g32);
+    let mut grad = grad0.clone();
+    emu::accumulate_grad(elementwise(n), &mut grad, &g);
+    let want: Vec<f32> = grad0.iter().zip(&gr).map(|(a, b)| a + b).collect();
+    check_bits(
+        report,
+        &format!("accumulate_grad_{t} n={n}"),
+        &grad,
+        &want,
+        "one float addition of the exactly widened gradient",
+    );
+    let mut trouble = vec![(3, "+inf"), (n / 3, "-inf"), (n / 2, "NaN"), (n - 2, "NaN")];
+    if t == "f16" {
+        trouble.push((n - 1, "+inf"));
+    }
+    // The bitwise check covers these too; spelled out so a failure names the rule it broke.
+    for (i, what) in trouble {
+        let ok = match what {
+            "+inf" => grad[i] == f32::INFINITY,
+            "-inf" => grad[i] == f32::NEG_INFINITY,
+            _ => grad[i].is_nan(),
+        };
+        report.checked += 1;
+        if !ok {
+            report.failures.push(format!(
+                "accumulate_grad_{t} n={n}: grad[{i}] = {:e} (g = {:e}, grad before {:e}), want {what}",
+                grad[i], gr[i], grad0[i]
+            ));
+        }
+    }
+}
+
+#[test]
+fn accumulate_grad_adds_the_widened_gradient_and_propagates_inf_and_nan() {
+    let mut report = Report::default();
+    // The model's parameter count (every gradient accumulated in one launch), and a small one.
+    for (n, seed) in [(575_050, 1600), (1000, 1610)] {
+        accumulate_case::<f32>(&mut report, n, seed);
+        accumulate_case::<f16>(&mut report, n, seed + 1);
+        accumulate_case::<bf16>(&mut report, n, seed + 2);
+    }
+    report.finish("accumulate_grad");
+}
+
+/// The [P, C] shapes of the bias kernels: convolution outputs at batch 128 and odd ones.
+const BIAS_SHAPES: [(&str, usize, usize); 5] = [
+    ("stem 128x32x32, C=32", 128 * 32 * 32, 32),
+    ("512x8x8, C=128", 512 * 8 * 8, 128),
+    ("block3 reduce 128x7x7, C=16", 128 * 7 * 7, 16),
+    ("P=1000, C=10", 1000, 10),
+    ("P=999, C=33", 999, 33),
+];
+
+fn bias_add_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    p: usize,
+    c: usize,
+    l: Launch,
+    seed: u64,
+) {
+    let t = T::NAME;
+    let (y0, y0r) = quantize::<T>(&activations(seed, p, c));
+    let b = uniform(seed + 1, c, -1.0, 1.0);
+    // A tail past P·C that the kernel must not touch.
+    let sentinel = T::from_f32(-7.0);
+    let mut y = y0.clone();
+    y.extend([sentinel; 5]);
+    emu::bias_add(l, &mut y, &b, p, c);
+    let want: Vec<f32> = (0..p * c).map(|i| y0r[i] + b[i % c]).collect();
+    check_bits(
+        report,
+        &format!("{name} {t} bias_add"),
+        &widen(&y[..p * c]),
+        &round_to::<T>(&want),
+        "one float addition, one rounding to T",
+    );
+    assert!(
+        y[p * c..].iter().all(|v| v.to_f32() == -7.0),
+        "{name} {t}: bias_add wrote past P·C"
+    );
+}
+
+#[test]
+fn bias_add_adds_the_channel_bias_and_rounds_once() {
+    let mut report = Report::default();
+    for (k, &(name, p, c)) in BIAS_SHAPES.iter().enumerate() {
+        let (seed, l) = (1700 + 10 * k as u64, elementwise(p * c));
+        bias_add_case::<f32>(&mut report, name, p, c, l, seed);
+        bias_add_case::<f16>(&mut report, name, p, c, l, seed + 1);
+        bias_add_case::<bf16>(&mut report, name, p, c, l, seed + 2);
+    }
+    // The GPU backend's geometry: 4096 blocks over 131072·32 values.
+    let (p, c) = (BIAS_SHAPES[0].1, BIAS_SHAPES[0].2);
+    bias_add_case::<f16>(&mut report, "GPU grid", p, c, gpu_elementwise(p * c), 1790);
+    report.finish("bias_add");
+}
+
+// ---- bias_grad (bn_relu.cu) ---------------------------------------------------------------------
+
+/// The launch of the per-channel reductions with `g` row chunks: block (32, 16), or (16, 32)
+/// when C ≤ 16, as the kernel comments recommend.
+fn reduction_launch(c: usize, g: usize) -> Launch {
+    let (bx, by) = if c <= 16 { (16, 32) } else { (32, 16) };
+    Launch::grid2((c.div_ceil(bx) as u32, g as u32), (bx as u32, by as u32))
+}
+
+/// Row chunk counts to try: one, a few, and the recommended one. (Every block is a round of
+/// barriers across 512 host threads in the emulation, so the number of large launches is kept
+/// small; empty chunks have their own small cases.)
+fn chunk_counts(p: usize, c: usize) -> Vec<usize> {
+    let mut g = vec![1, 7, bn_launch(p, c).grid[1] as usize];
+    g.sort();
+    g.dedup();
+    g
+}
+
+/// f64 column sums of `dy` [p, c] plus `db0`: the reference of bias_grad.
+fn column_sums(dy: &[f32], db0: &[f32], p: usize, c: usize) -> Vec<f64> {
+    let mut s = f64s(db0);
+    for r in 0..p {
+        for (ch, acc) in s.iter_mut().enumerate() {
+            *acc += dy[r * c + ch] as f64;
+        }
+    }
+    s
+}
+
+/// Multiples of 2^-6 in [-2, 2]: exact in f16 and bf16, and every partial sum of up to 2^17 of
+/// them is a multiple of 2^-6 below 2^18 in magnitude, which float holds exactly. The kernel's
+/// per-thread float sums, double merges and the conversion of the total are then all exact, and
+/// only the final `db + total` rounds: the result must equal the f64 reference rounded once.
+fn exact_gradients(seed: u64, p: usize, c: usize) -> Vec<f32> {
+    assert!(p <= 1 << 17, "the exactness argument needs P ≤ 2^17");
+    let mut r = rng(seed);
+    (0..p * c)
+        .map(|_| r.random_range(-128i32..=128) as f32 / 64.0)
+        .collect()
+}
+
+fn bias_grad_exact_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    p: usize,
+    c: usize,
+    chunks: &[usize],
+    seed: u64,
+) {
+    let (dy, dyr) = quantize::<T>(&exact_gradients(seed, p, c));
+    assert_eq!(dyr, exact_gradients(seed, p, c), "inputs not exact in T");
+    let db0 = uniform(seed + 1, c, -0.3, 0.3);
+    // db0 + Σ is exact in f64 (both are floats less than 2^29 apart in exponent), so `as f32`
+    // is the one rounding the kernel's float addition makes.
+    let want: Vec<f32> = column_sums(&dyr, &db0, p, c)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    for &g in chunks {
+        let mut db = db0.clone();
+        emu::bias_grad(reduction_launch(c, g), &mut db, &dy, p, c);
+        check_bits(
+            report,
+            &format!("{name} {} G={g} exact inputs", T::NAME),
+            &db,
+            &want,
+            "exact partial sums: only db + Σ rounds",
+        );
+    }
+}
+
+/// Σ|dy| and the bound of bias_grad's error on one channel with `g` chunks: the float sums of
+/// m = ceil(ceil(P/G)/BY) values per thread err by at most (m−1)·2^-24 of the |values| they add
+/// (recursive summation), the double stages by ~2^-50 of that, and the conversion of the total
+/// and the final addition by 2^-24 of |Σ| and of |db0 + Σ| each: in all at most
+/// (m+1)·2^-24·(Σ|dy| + |db0|).
+fn bias_grad_bound(dy: &[f32], db0: &[f32], p: usize, c: usize, l: Launch) -> f64 {
+    let g = l.grid[1] as usize;
+    let m = p.div_ceil(g).div_ceil(l.block[1] as usize) as f64;
+    let mut abs = db0.iter().map(|v| v.abs() as f64).collect::<Vec<_>>();
+    for r in 0..p {
+        for (ch, acc) in abs.iter_mut().enumerate() {
+            *acc += dy[r * c + ch].abs() as f64;
+        }
+    }
+    let worst = abs.iter().fold(0.0f64, |a, &b| a.max(b));
+    (m + 1.0) * 2f64.powi(-24) * worst
+}
+
+fn bias_grad_random_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    p: usize,
+    c: usize,
+    chunks: &[usize],
+    seed: u64,
+) {
+    // Gradients of a conv output: per-channel offsets (so the column sums are large) and
+    // spread, rounded to T; the reference sums the very same values in f64.
+    let (dy, dyr) = quantize::<T>(&activations(seed, p, c));
+    let db0 = uniform(seed + 1, c, -0.3, 0.3);
+    let want = column_sums(&dyr, &db0, p, c);
+    for &g in chunks {
+        let l = reduction_launch(c, g);
+        let mut db = db0.clone();
+        emu::bias_grad(l, &mut db, &dy, p, c);
+        report.check(
+            &format!("{name} {} G={g} random", T::NAME),
+            &f64s(&db),
+            &want,
+            Tol::new(
+                bias_grad_bound(&dyr, &db0, p, c, l),
+                0.0,
+                "(m+1)·2^-24·Σ|dy|: m-term float sums per thread, double after, 2 roundings",
+            ),
+        );
+    }
+}
+
+#[test]
+fn bias_grad_accumulates_the_column_sums_of_dy() {
+    let mut report = Report::default();
+    for (k, &(name, p, c)) in BIAS_SHAPES.iter().enumerate() {
+        let seed = 1800 + 10 * k as u64;
+        // Exact inputs at every chunk count including the recommended one; realistic inputs
+        // at the cheap ones (the bound holds whatever G).
+        let all = chunk_counts(p, c);
+        bias_grad_exact_case::<f32>(&mut report, name, p, c, &all, seed);
+        bias_grad_exact_case::<f16>(&mut report, name, p, c, &all, seed + 1);
+        bias_grad_exact_case::<bf16>(&mut report, name, p, c, &all, seed + 2);
+        let cheap = [1, 7];
+        bias_grad_random_case::<f32>(&mut report, name, p, c, &cheap, seed + 3);
+        bias_grad_random_case::<f16>(&mut report, name, p, c, &cheap, seed + 4);
+        bias_grad_random_case::<bf16>(&mut report, name, p, c, &cheap, seed + 5);
+    }
+    // Empty trailing chunks: P = 50 in 40 chunks of 2 rows (chunks 25..39 empty), and P = 1000
+    // in 300 chunks of 4 (250..299 empty).
+    for (p, g, seed) in [(50, 40, 1880), (1000, 300, 1881)] {
+        let name = format!("P={p} C=10 (empty chunks)");
+        bias_grad_exact_case::<f16>(&mut report, &name, p, 10, &[g], seed);
+        bias_grad_random_case::<bf16>(&mut report, &name, p, 10, &[g], seed + 100);
+    }
+    // C = 10 with the (32, 16) block: 22 idle columns of threads.
+    let (p, c) = (1000, 10);
+    let (dy, dyr) = quantize::<f16>(&exact_gradients(1890, p, c));
+    let want: Vec<f32> = column_sums(&dyr, &[0.0; 10], p, c)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let mut db = vec![0f32; c];
+    emu::bias_grad(Launch::grid2((1, 5), (32, 16)), &mut db, &dy, p, c);
+    check_bits(
+        &mut report,
+        "P=1000 C=10 block (32,16) f16",
+        &db,
+        &want,
+        "exact partial sums",
+    );
+    report.finish("bias_grad");
+}
+
+#[test]
+fn bias_grad_is_deterministic_reuses_its_counters_and_accumulates() {
+    // Four channel groups (four counters), seven chunks of 1170 rows.
+    let (p, c) = (128 * 8 * 8, 128);
+    let (dy, dyr) = quantize::<f16>(&activations(1900, p, c));
+    let db0 = uniform(1901, c, -0.3, 0.3);
+    let g = 7;
+    let l = reduction_launch(c, g);
+    // One workspace and one set of counters for every launch, as the GPU backend keeps them.
+    let mut ws = vec![0f64; 2 * g * c];
+    let mut counters = vec![0i32; c.div_ceil(32)];
+    let mut run = |l: Launch, db: &mut Vec<f32>, ws: &mut Vec<f64>| {
+        emu::bias_grad_with(l, db, ws, &mut counters, &dy, p, c);
+        assert!(
+            counters.iter().all(|&v| v == 0),
+            "bias_grad left the counters at {counters:?}"
+        );
+    };
+    let mut first = db0.clone();
+    run(l, &mut first, &mut ws);
+    for _ in 0..3 {
+        let mut again = db0.clone();
+        run(l, &mut again, &mut ws);
+        assert!(
+            same_bits(&again, &first),
+            "bias_grad differs between identical launches: {again:?} vs {first:?}"
+        );
+    }
+    // Other chunk counts sum in other orders: equal within the two error bounds.
+    let mut report = Report::default();
+    for g1 in [1, bn_launch(p, c).grid[1] as usize] {
+        let l1 = reduction_launch(c, g1);
+        let mut ws1 = vec![0f64; g1 * c];
+        let mut other = db0.clone();
+        run(l1, &mut other, &mut ws1);
+        let tol = bias_grad_bound(&dyr, &db0, p, c, l) + bias_grad_bound(&dyr, &db0, p, c, l1);
+        report.check(
+            &format!("G={g} vs G={g1}"),
+            &f64s(&other),
+            &f64s(&first),
+            Tol::new(tol, 0.0, "the sum of both launches' error bounds"),
+        );
+    }
+    // A second launch accumulates onto the first: db0 + 2·Σ.
+    let mut twice = first.clone();
+    run(l, &mut twice, &mut ws);
+    let want: Vec<f64> = column_sums(&dyr, &db0, p, c)
+        .iter()
+        .zip(&db0)
+        .map(|(s, &d0)| 2.0 * s - d0 as f64)
+        .collect();
+    report.check(
+        "two launches accumulate",
+        &f64s(&twice),
+        &want,
+        Tol::new(
+            3.0 * bias_grad_bound(&dyr, &db0, p, c, l),
+            0.0,
+            "two launches' bounds plus the extra addition",
+        ),
+    );
+    report.finish("bias_grad determinism");
 }

@@ -53,6 +53,8 @@ EMU_WRAP_3(batch_norm_relu_backward_apply,
            (T * dx, const T* dy, int ld_dy, int dy_off, const T* y, int ld_y, int y_off, const T* x,
             const float* mean, const float* coef, int P, int C, int relu),
            (dx, dy, ld_dy, dy_off, y, ld_y, y_off, x, mean, coef, P, C, relu))
+EMU_WRAP_3(bias_grad, (float* db, double* workspace, int* counters, const T* dy, int P, int C),
+           (db, workspace, counters, dy, P, C))
 EMU_WRAP(batch_norm_eval_invstd, (float* invstd, const float* running_var, int C, float eps),
          (invstd, running_var, C, eps))
 
@@ -87,8 +89,10 @@ extern "C" uint16_t emu_float2bfloat16_bits(float v) { return __float2bfloat16(v
 extern "C" float emu_bfloat16_bits2float(uint16_t b) { return __bfloat162float(__nv_bfloat16{b}); }
 
 // ---- elementwise.cu
-EMU_WRAP(relu_forward_f32, (float* y, const float* x, int n), (y, x, n))
-EMU_WRAP(relu_backward_f32, (float* dy, const float* y, int n), (dy, y, n))
-EMU_WRAP(fork_backward_f32,
-         (float* dx, const float* a, const float* b, const float* c, const float* e, int n),
-         (dx, a, b, c, e, n))
+EMU_WRAP_3(relu_forward, (T * y, const T* x, int n), (y, x, n))
+EMU_WRAP_3(relu_backward, (T * dy, const T* y, int n), (dy, y, n))
+EMU_WRAP_3(fork_backward, (T * dx, const T* a, const T* b, const T* c, const T* e, int n), (dx, a, b, c, e, n))
+EMU_WRAP_3(convert_from_f32, (T * dst, const float* src, int n), (dst, src, n))
+EMU_WRAP_3(convert_to_f32, (float* dst, const T* src, int n), (dst, src, n))
+EMU_WRAP_3(accumulate_grad, (float* grad, const T* g, int n), (grad, g, n))
+EMU_WRAP_3(bias_add, (T * y, const float* b, int P, int C), (y, b, P, C))

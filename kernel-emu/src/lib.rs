@@ -69,8 +69,28 @@ mod ffi {
     use half::{bf16, f16};
     use std::os::raw::c_int;
 
+    // The launch wrappers of one instantiation, each name given with its kernel's label, so a
+    // misplaced name (several kernels share a signature) cannot compile.
     macro_rules! instance {
-        ($t:ty, $cf:ident, $cb:ident, $st:ident, $ap:ident, $br:ident, $ba:ident, $au:ident, $ag:ident) => {
+        (
+            $t:ty,
+            concat_forward: $cf:ident,
+            concat_backward: $cb:ident,
+            batch_norm_stats: $st:ident,
+            batch_norm_relu_apply: $ap:ident,
+            batch_norm_relu_backward_reduce: $br:ident,
+            batch_norm_relu_backward_apply: $ba:ident,
+            amp_unscale: $au:ident,
+            augment_batch: $ag:ident,
+            relu_forward: $rf:ident,
+            relu_backward: $rb:ident,
+            fork_backward: $fb:ident,
+            convert_from_f32: $cvf:ident,
+            convert_to_f32: $cvt:ident,
+            accumulate_grad: $acc:ident,
+            bias_add: $bad:ident,
+            bias_grad: $bgr:ident,
+        ) => {
             extern "C" {
                 pub fn $cf(
                     d: Dims,
@@ -177,41 +197,89 @@ mod ffi {
                     stdev: *const f32,
                     batch: c_int,
                 );
+                pub fn $rf(d: Dims, y: *mut $t, x: *const $t, n: c_int);
+                pub fn $rb(d: Dims, dy: *mut $t, y: *const $t, n: c_int);
+                pub fn $fb(
+                    d: Dims,
+                    dx: *mut $t,
+                    a: *const $t,
+                    b: *const $t,
+                    c: *const $t,
+                    e: *const $t,
+                    n: c_int,
+                );
+                pub fn $cvf(d: Dims, dst: *mut $t, src: *const f32, n: c_int);
+                pub fn $cvt(d: Dims, dst: *mut f32, src: *const $t, n: c_int);
+                pub fn $acc(d: Dims, grad: *mut f32, g: *const $t, n: c_int);
+                pub fn $bad(d: Dims, y: *mut $t, b: *const f32, p: c_int, c: c_int);
+                pub fn $bgr(
+                    d: Dims,
+                    db: *mut f32,
+                    workspace: *mut f64,
+                    counters: *mut c_int,
+                    dy: *const $t,
+                    p: c_int,
+                    c: c_int,
+                );
             }
         };
     }
     instance!(
         f32,
-        emu_concat_forward_f32,
-        emu_concat_backward_f32,
-        emu_batch_norm_stats_f32,
-        emu_batch_norm_relu_apply_f32,
-        emu_batch_norm_relu_backward_reduce_f32,
-        emu_batch_norm_relu_backward_apply_f32,
-        emu_amp_unscale_f32,
-        emu_augment_batch_f32
+        concat_forward: emu_concat_forward_f32,
+        concat_backward: emu_concat_backward_f32,
+        batch_norm_stats: emu_batch_norm_stats_f32,
+        batch_norm_relu_apply: emu_batch_norm_relu_apply_f32,
+        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f32,
+        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f32,
+        amp_unscale: emu_amp_unscale_f32,
+        augment_batch: emu_augment_batch_f32,
+        relu_forward: emu_relu_forward_f32,
+        relu_backward: emu_relu_backward_f32,
+        fork_backward: emu_fork_backward_f32,
+        convert_from_f32: emu_convert_from_f32_f32,
+        convert_to_f32: emu_convert_to_f32_f32,
+        accumulate_grad: emu_accumulate_grad_f32,
+        bias_add: emu_bias_add_f32,
+        bias_grad: emu_bias_grad_f32,
     );
     instance!(
         f16,
-        emu_concat_forward_f16,
-        emu_concat_backward_f16,
-        emu_batch_norm_stats_f16,
-        emu_batch_norm_relu_apply_f16,
-        emu_batch_norm_relu_backward_reduce_f16,
-        emu_batch_norm_relu_backward_apply_f16,
-        emu_amp_unscale_f16,
-        emu_augment_batch_f16
+        concat_forward: emu_concat_forward_f16,
+        concat_backward: emu_concat_backward_f16,
+        batch_norm_stats: emu_batch_norm_stats_f16,
+        batch_norm_relu_apply: emu_batch_norm_relu_apply_f16,
+        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f16,
+        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f16,
+        amp_unscale: emu_amp_unscale_f16,
+        augment_batch: emu_augment_batch_f16,
+        relu_forward: emu_relu_forward_f16,
+        relu_backward: emu_relu_backward_f16,
+        fork_backward: emu_fork_backward_f16,
+        convert_from_f32: emu_convert_from_f32_f16,
+        convert_to_f32: emu_convert_to_f32_f16,
+        accumulate_grad: emu_accumulate_grad_f16,
+        bias_add: emu_bias_add_f16,
+        bias_grad: emu_bias_grad_f16,
     );
     instance!(
         bf16,
-        emu_concat_forward_bf16,
-        emu_concat_backward_bf16,
-        emu_batch_norm_stats_bf16,
-        emu_batch_norm_relu_apply_bf16,
-        emu_batch_norm_relu_backward_reduce_bf16,
-        emu_batch_norm_relu_backward_apply_bf16,
-        emu_amp_unscale_bf16,
-        emu_augment_batch_bf16
+        concat_forward: emu_concat_forward_bf16,
+        concat_backward: emu_concat_backward_bf16,
+        batch_norm_stats: emu_batch_norm_stats_bf16,
+        batch_norm_relu_apply: emu_batch_norm_relu_apply_bf16,
+        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_bf16,
+        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_bf16,
+        amp_unscale: emu_amp_unscale_bf16,
+        augment_batch: emu_augment_batch_bf16,
+        relu_forward: emu_relu_forward_bf16,
+        relu_backward: emu_relu_backward_bf16,
+        fork_backward: emu_fork_backward_bf16,
+        convert_from_f32: emu_convert_from_f32_bf16,
+        convert_to_f32: emu_convert_to_f32_bf16,
+        accumulate_grad: emu_accumulate_grad_bf16,
+        bias_add: emu_bias_add_bf16,
+        bias_grad: emu_bias_grad_bf16,
     );
 
     extern "C" {
@@ -351,10 +419,19 @@ pub struct Kernels<T: 'static> {
         *const f32,
         c_int,
     ),
+    relu_forward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int),
+    relu_backward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int),
+    fork_backward:
+        unsafe extern "C" fn(Dims, *mut T, *const T, *const T, *const T, *const T, c_int),
+    convert_from_f32: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int),
+    convert_to_f32: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
+    accumulate_grad: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
+    bias_add: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int),
+    bias_grad: unsafe extern "C" fn(Dims, *mut f32, *mut f64, *mut c_int, *const T, c_int, c_int),
 }
 
 macro_rules! act {
-    ($t:ty, $name:literal, $to:expr, $from:expr, $cf:ident, $cb:ident, $st:ident, $ap:ident, $br:ident, $ba:ident, $au:ident, $ag:ident) => {
+    ($t:ty, $name:literal, $to:expr, $from:expr, { $($field:ident: $f:ident),* $(,)? }) => {
         impl Act for $t {
             const NAME: &'static str = $name;
             fn to_f32(self) -> f32 {
@@ -363,15 +440,9 @@ macro_rules! act {
             fn from_f32(v: f32) -> Self {
                 $from(v)
             }
+            // Every field named once: a missing or repeated kernel is a compile error.
             const K: Kernels<Self> = Kernels {
-                concat_forward: ffi::$cf,
-                concat_backward: ffi::$cb,
-                batch_norm_stats: ffi::$st,
-                batch_norm_relu_apply: ffi::$ap,
-                batch_norm_relu_backward_reduce: ffi::$br,
-                batch_norm_relu_backward_apply: ffi::$ba,
-                amp_unscale: ffi::$au,
-                augment_batch: ffi::$ag,
+                $($field: ffi::$f),*
             };
         }
     };
@@ -382,42 +453,72 @@ act!(
     "f32",
     |v: f32| v,
     |v: f32| v,
-    emu_concat_forward_f32,
-    emu_concat_backward_f32,
-    emu_batch_norm_stats_f32,
-    emu_batch_norm_relu_apply_f32,
-    emu_batch_norm_relu_backward_reduce_f32,
-    emu_batch_norm_relu_backward_apply_f32,
-    emu_amp_unscale_f32,
-    emu_augment_batch_f32
+    {
+        concat_forward: emu_concat_forward_f32,
+        concat_backward: emu_concat_backward_f32,
+        batch_norm_stats: emu_batch_norm_stats_f32,
+        batch_norm_relu_apply: emu_batch_norm_relu_apply_f32,
+        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f32,
+        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f32,
+        amp_unscale: emu_amp_unscale_f32,
+        augment_batch: emu_augment_batch_f32,
+        relu_forward: emu_relu_forward_f32,
+        relu_backward: emu_relu_backward_f32,
+        fork_backward: emu_fork_backward_f32,
+        convert_from_f32: emu_convert_from_f32_f32,
+        convert_to_f32: emu_convert_to_f32_f32,
+        accumulate_grad: emu_accumulate_grad_f32,
+        bias_add: emu_bias_add_f32,
+        bias_grad: emu_bias_grad_f32,
+    }
 );
 act!(
     f16,
     "f16",
     |v: f16| v.to_f32(),
     f16::from_f32,
-    emu_concat_forward_f16,
-    emu_concat_backward_f16,
-    emu_batch_norm_stats_f16,
-    emu_batch_norm_relu_apply_f16,
-    emu_batch_norm_relu_backward_reduce_f16,
-    emu_batch_norm_relu_backward_apply_f16,
-    emu_amp_unscale_f16,
-    emu_augment_batch_f16
+    {
+        concat_forward: emu_concat_forward_f16,
+        concat_backward: emu_concat_backward_f16,
+        batch_norm_stats: emu_batch_norm_stats_f16,
+        batch_norm_relu_apply: emu_batch_norm_relu_apply_f16,
+        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f16,
+        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f16,
+        amp_unscale: emu_amp_unscale_f16,
+        augment_batch: emu_augment_batch_f16,
+        relu_forward: emu_relu_forward_f16,
+        relu_backward: emu_relu_backward_f16,
+        fork_backward: emu_fork_backward_f16,
+        convert_from_f32: emu_convert_from_f32_f16,
+        convert_to_f32: emu_convert_to_f32_f16,
+        accumulate_grad: emu_accumulate_grad_f16,
+        bias_add: emu_bias_add_f16,
+        bias_grad: emu_bias_grad_f16,
+    }
 );
 act!(
     bf16,
     "bf16",
     |v: bf16| v.to_f32(),
     bf16::from_f32,
-    emu_concat_forward_bf16,
-    emu_concat_backward_bf16,
-    emu_batch_norm_stats_bf16,
-    emu_batch_norm_relu_apply_bf16,
-    emu_batch_norm_relu_backward_reduce_bf16,
-    emu_batch_norm_relu_backward_apply_bf16,
-    emu_amp_unscale_bf16,
-    emu_augment_batch_bf16
+    {
+        concat_forward: emu_concat_forward_bf16,
+        concat_backward: emu_concat_backward_bf16,
+        batch_norm_stats: emu_batch_norm_stats_bf16,
+        batch_norm_relu_apply: emu_batch_norm_relu_apply_bf16,
+        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_bf16,
+        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_bf16,
+        amp_unscale: emu_amp_unscale_bf16,
+        augment_batch: emu_augment_batch_bf16,
+        relu_forward: emu_relu_forward_bf16,
+        relu_backward: emu_relu_backward_bf16,
+        fork_backward: emu_fork_backward_bf16,
+        convert_from_f32: emu_convert_from_f32_bf16,
+        convert_to_f32: emu_convert_to_f32_bf16,
+        accumulate_grad: emu_accumulate_grad_bf16,
+        bias_add: emu_bias_add_bf16,
+        bias_grad: emu_bias_grad_bf16,
+    }
 );
 
 fn int(v: usize, what: &str) -> c_int {
@@ -516,9 +617,8 @@ pub fn concat_backward<T: Act>(l: Launch, dx: &mut [T], dy: Cols<T>, p: usize, c
     }
 }
 
-/// Checks the geometry of the two grid-wide BN reductions and returns the workspace (2·G·C
-/// doubles) and the zeroed counters (one per channel group).
-fn bn_reduction_buffers(l: Launch, c: usize, what: &str) -> (Vec<f64>, Vec<c_int>) {
+/// Checks the geometry of the grid-wide per-channel reductions (the two BN ones, bias_grad).
+fn check_reduction_launch(l: Launch, c: usize, what: &str) {
     l.check();
     let [bx, by, bz] = l.block;
     assert!(
@@ -532,6 +632,12 @@ fn bn_reduction_buffers(l: Launch, c: usize, what: &str) -> (Vec<f64>, Vec<c_int
         "{what}: grid.x must be ceil(C / block.x)"
     );
     assert_eq!(l.grid[2], 1, "{what}: grid.z must be 1");
+}
+
+/// Checks the geometry of a grid-wide reduction and returns the workspace (2·G·C doubles) and
+/// the zeroed counters (one per channel group).
+fn bn_reduction_buffers(l: Launch, c: usize, what: &str) -> (Vec<f64>, Vec<c_int>) {
+    check_reduction_launch(l, c, what);
     let g = l.grid[1] as usize;
     (vec![0.0; 2 * g * c], vec![0; l.grid[0] as usize])
 }
@@ -758,46 +864,25 @@ pub fn batch_norm_eval_invstd(l: Launch, invstd: &mut [f32], running_var: &[f32]
     }
 }
 
-mod elementwise_ffi {
-    use super::Launch as Dims;
-    use std::ffi::c_int;
-    extern "C" {
-        pub fn emu_relu_forward_f32(d: Dims, y: *mut f32, x: *const f32, n: c_int);
-        pub fn emu_relu_backward_f32(d: Dims, dy: *mut f32, y: *const f32, n: c_int);
-        pub fn emu_fork_backward_f32(
-            d: Dims,
-            dx: *mut f32,
-            a: *const f32,
-            b: *const f32,
-            c: *const f32,
-            e: *const f32,
-            n: c_int,
-        );
-    }
-}
-
-/// `relu_forward_f32`: `y = max(x, 0)`, NaN passing through.
-pub fn relu_forward(l: Launch, y: &mut [f32], x: &[f32]) {
+/// `relu_forward_*`: `y = max(x, 0)`, NaN and −0 passing through unchanged.
+pub fn relu_forward<T: Act>(l: Launch, y: &mut [T], x: &[T]) {
     l.check();
     assert_eq!(y.len(), x.len(), "relu_forward y and x");
-    // SAFETY: both slices hold n values.
-    unsafe {
-        elementwise_ffi::emu_relu_forward_f32(l, y.as_mut_ptr(), x.as_ptr(), int(x.len(), "n"))
-    }
+    // SAFETY: both slices hold n values and do not alias.
+    unsafe { (T::K.relu_forward)(l, y.as_mut_ptr(), x.as_ptr(), int(x.len(), "n")) }
 }
 
-/// `relu_backward_f32`: `dy *= [y > 0]` in place.
-pub fn relu_backward(l: Launch, dy: &mut [f32], y: &[f32]) {
+/// `relu_backward_*`: `dy *= [y > 0]` in place (`y <= 0` zeroes; NaN keeps its gradient).
+pub fn relu_backward<T: Act>(l: Launch, dy: &mut [T], y: &[T]) {
     l.check();
     assert_eq!(dy.len(), y.len(), "relu_backward dy and y");
-    // SAFETY: both slices hold n values.
-    unsafe {
-        elementwise_ffi::emu_relu_backward_f32(l, dy.as_mut_ptr(), y.as_ptr(), int(y.len(), "n"))
-    }
+    // SAFETY: both slices hold n values and do not alias.
+    unsafe { (T::K.relu_backward)(l, dy.as_mut_ptr(), y.as_ptr(), int(y.len(), "n")) }
 }
 
-/// `fork_backward_f32`: `dx = Σ parts` in order (one to four parts; absent ones are null).
-pub fn fork_backward(l: Launch, dx: &mut [f32], parts: &[&[f32]]) {
+/// `fork_backward_*`: `dx = Σ parts` in order, in float, rounded once (one to four parts;
+/// absent ones are null).
+pub fn fork_backward<T: Act>(l: Launch, dx: &mut [T], parts: &[&[T]]) {
     l.check();
     assert!((1..=4).contains(&parts.len()), "one to four parts");
     for p in parts {
@@ -806,7 +891,7 @@ pub fn fork_backward(l: Launch, dx: &mut [f32], parts: &[&[f32]]) {
     let ptr = |i: usize| parts.get(i).map_or(std::ptr::null(), |p| p.as_ptr());
     // SAFETY: every non-null pointer covers n values; dx does not alias the parts.
     unsafe {
-        elementwise_ffi::emu_fork_backward_f32(
+        (T::K.fork_backward)(
             l,
             dx.as_mut_ptr(),
             ptr(0),
@@ -814,6 +899,96 @@ pub fn fork_backward(l: Launch, dx: &mut [f32], parts: &[&[f32]]) {
             ptr(2),
             ptr(3),
             int(dx.len(), "n"),
+        )
+    }
+}
+
+/// `fork_backward_*` with `dx` as its own first part (`dx = dx + Σ rest`): how the GPU host
+/// folds more than four parts, which the kernel allows.
+pub fn fork_backward_into<T: Act>(l: Launch, dx: &mut [T], rest: &[&[T]]) {
+    l.check();
+    assert!(rest.len() <= 3, "at most three more parts");
+    for p in rest {
+        assert_eq!(p.len(), dx.len(), "fork_backward part length");
+    }
+    let ptr = |i: usize| rest.get(i).map_or(std::ptr::null(), |p| p.as_ptr());
+    let d = dx.as_mut_ptr();
+    // SAFETY: as fork_backward; dx is read and then written element by element by the same
+    // thread, the aliasing the kernel documents as allowed.
+    unsafe { (T::K.fork_backward)(l, d, d, ptr(0), ptr(1), ptr(2), int(dx.len(), "n")) }
+}
+
+/// `convert_from_f32_*`: `dst = T(src)`, round to nearest even.
+pub fn convert_from_f32<T: Act>(l: Launch, dst: &mut [T], src: &[f32]) {
+    l.check();
+    assert_eq!(dst.len(), src.len(), "convert_from_f32 dst and src");
+    // SAFETY: both slices hold n values.
+    unsafe { (T::K.convert_from_f32)(l, dst.as_mut_ptr(), src.as_ptr(), int(src.len(), "n")) }
+}
+
+/// `convert_to_f32_*`: `dst = f32(src)`.
+pub fn convert_to_f32<T: Act>(l: Launch, dst: &mut [f32], src: &[T]) {
+    l.check();
+    assert_eq!(dst.len(), src.len(), "convert_to_f32 dst and src");
+    // SAFETY: both slices hold n values.
+    unsafe { (T::K.convert_to_f32)(l, dst.as_mut_ptr(), src.as_ptr(), int(src.len(), "n")) }
+}
+
+/// `accumulate_grad_*`: `grad += f32(g)`.
+pub fn accumulate_grad<T: Act>(l: Launch, grad: &mut [f32], g: &[T]) {
+    l.check();
+    assert_eq!(grad.len(), g.len(), "accumulate_grad grad and g");
+    // SAFETY: both slices hold n values.
+    unsafe { (T::K.accumulate_grad)(l, grad.as_mut_ptr(), g.as_ptr(), int(g.len(), "n")) }
+}
+
+/// `bias_add_*`: `y[p·C + c] = T(f32(y[p·C + c]) + b[c])` in place, y `[p, c]`.
+pub fn bias_add<T: Act>(l: Launch, y: &mut [T], b: &[f32], p: usize, c: usize) {
+    l.check();
+    check_len(y, p * c, "bias_add y");
+    check_len(b, c, "bias_add b");
+    // SAFETY: bounds checked above; y is the only buffer written.
+    unsafe { (T::K.bias_add)(l, y.as_mut_ptr(), b.as_ptr(), int(p, "P"), int(c, "C")) }
+}
+
+/// `bias_grad_*`: `db[c] += Σ_p dy[p·C + c]`, dy `[p, c]`, with the launch geometry of the BN
+/// reductions. Workspace (G·C doubles) and counters are allocated here; the counters are
+/// checked to come back zero.
+pub fn bias_grad<T: Act>(l: Launch, db: &mut [f32], dy: &[T], p: usize, c: usize) {
+    let (mut ws, mut counters) = bn_reduction_buffers(l, c, "bias_grad");
+    bias_grad_with(l, db, &mut ws, &mut counters, dy, p, c);
+    assert_counters_reset(&counters, "bias_grad");
+}
+
+/// `bias_grad_*` with the caller's workspace (at least G·C doubles) and counters (grid.x ints,
+/// which the kernel expects zero), so tests can reuse them across launches as the GPU does.
+/// Does not check the counters afterwards.
+pub fn bias_grad_with<T: Act>(
+    l: Launch,
+    db: &mut [f32],
+    workspace: &mut [f64],
+    counters: &mut [i32],
+    dy: &[T],
+    p: usize,
+    c: usize,
+) {
+    check_reduction_launch(l, c, "bias_grad");
+    check_len(workspace, l.grid[1] as usize * c, "bias_grad workspace");
+    check_len(counters, l.grid[0] as usize, "bias_grad counters");
+    check_len(db, c, "bias_grad db");
+    check_len(dy, p * c, "bias_grad dy");
+    int(p * c, "P·C");
+    // SAFETY: db holds C values, dy P·C, the workspace G·C doubles (all the kernel indexes),
+    // the counters one per channel group; all distinct borrows.
+    unsafe {
+        (T::K.bias_grad)(
+            l,
+            db.as_mut_ptr(),
+            workspace.as_mut_ptr(),
+            counters.as_mut_ptr(),
+            dy.as_ptr(),
+            int(p, "P"),
+            int(c, "C"),
         )
     }
 }

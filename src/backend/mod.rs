@@ -144,6 +144,13 @@ pub struct Sgd {
     pub nesterov: bool,
 }
 
+/// One parameter as the optimizer sees it.
+pub struct SgdParam<'a, B> {
+    pub value: &'a mut B,
+    pub grad: &'a mut B,
+    pub momentum: &'a mut B,
+}
+
 /// Every op as a forward/backward pair. Buffers are flat; shapes travel beside them.
 ///
 /// Backward ops that produce parameter gradients *accumulate* into them (`+=`), as autograd
@@ -152,8 +159,19 @@ pub trait Backend<T: Elem>: Sync {
     /// A flat buffer of `T` owned by this backend.
     type Buf: Send + Sync;
 
+    /// A zeroed buffer in full precision: parameters, their gradients and momentum, BatchNorm
+    /// statistics, logits.
     fn zeros(&self, len: usize) -> Self::Buf;
     fn upload(&self, data: &[T]) -> Self::Buf;
+    /// A zeroed buffer for an activation or an activation gradient. The CPU keeps them in `T`;
+    /// a mixed-precision backend stores them in 16 bits.
+    fn act_zeros(&self, len: usize) -> Self::Buf {
+        self.zeros(len)
+    }
+    /// An activation (the network input) from the host, stored as [`Backend::act_zeros`] does.
+    fn upload_act(&self, data: &[T]) -> Self::Buf {
+        self.upload(data)
+    }
     fn download(&self, buf: &Self::Buf) -> Vec<T>;
     /// Sets every element to zero.
     fn fill_zero(&self, buf: &mut Self::Buf);
@@ -161,6 +179,12 @@ pub trait Backend<T: Elem>: Sync {
     /// GPU backend records launch and allocation failures here), cleared by the call.
     fn status(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    /// In mixed precision: the current loss scale and how many optimizer steps were skipped
+    /// for an overflowed gradient so far. `None` for a backend that does not scale.
+    fn loss_scale(&self) -> anyhow::Result<Option<(f64, u64)>> {
+        Ok(None)
     }
 
     /// `y = conv2d(x, w) + b`. x: [N,H,W,Cin], w: [Cout,Cin,k,k], b: [Cout], y: [N,Ho,Wo,Cout].
@@ -302,7 +326,8 @@ pub trait Backend<T: Elem>: Sync {
         k: usize,
         smoothing: f64,
     ) -> f64;
-    /// dlogits = (softmax − target) / N.
+    /// dlogits = (softmax − target) / N, times the loss scale on a mixed-precision backend
+    /// (which its [`Backend::sgd_step_all`] divides out again).
     fn cross_entropy_backward(
         &self,
         dlogits: &mut Self::Buf,
@@ -311,6 +336,15 @@ pub trait Backend<T: Elem>: Sync {
         k: usize,
         smoothing: f64,
     );
+
+    /// One optimizer step over every parameter: `(value, grad, momentum)` triples. The default
+    /// runs [`Backend::sgd_step`] on each; a mixed-precision backend first unscales every
+    /// gradient and checks them all for overflow, so that a step is taken whole or skipped whole.
+    fn sgd_step_all(&self, params: &mut [SgdParam<'_, Self::Buf>], first_step: bool, opt: &Sgd) {
+        for p in params {
+            self.sgd_step(p.value, p.grad, p.momentum, first_step, opt);
+        }
+    }
 
     /// One SGD step over a parameter tensor. On the first step (`first_step`) the momentum
     /// buffer is set to the gradient, as PyTorch does, instead of being decayed.

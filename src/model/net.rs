@@ -6,7 +6,7 @@
 //! branch scheduler, which runs the branches; the block then joins them in branch order.
 
 use super::{Layer, ModelSpec, TensorInfo, TensorKind};
-use crate::backend::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd};
+use crate::backend::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd, SgdParam};
 use crate::schedule::{run_branches, BranchSchedule};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -178,8 +178,17 @@ fn build<T: Elem, B: Backend<T>>(
         .collect()
 }
 
-/// Gives `act` the shape `shape`, reallocating only when the shape changes.
+/// Gives the activation `act` the shape `shape`, reallocating only when the shape changes.
 fn ensure<T: Elem, B: Backend<T>>(be: &B, act: &mut Act<B::Buf>, shape: Nhwc) {
+    if act.shape != shape {
+        act.buf = be.act_zeros(shape.len());
+        act.shape = shape;
+    }
+}
+
+/// [`ensure`] for the logits and the softmax, which stay in full precision on every backend
+/// (mixed-precision training computes the loss in fp32, as autocast does).
+fn ensure_full<T: Elem, B: Backend<T>>(be: &B, act: &mut Act<B::Buf>, shape: Nhwc) {
     if act.shape != shape {
         act.buf = be.zeros(shape.len());
         act.shape = shape;
@@ -266,7 +275,7 @@ impl<Buf: Send + Sync> Node<Buf> {
                 be.avg_pool2d_forward(&mut self.out.buf, &x.buf, xs);
             }
             Op::Linear { fin, fout, w, b } => {
-                ensure(be, &mut self.out, Nhwc::new(xs.n, 1, 1, *fout));
+                ensure_full(be, &mut self.out, Nhwc::new(xs.n, 1, 1, *fout));
                 be.linear_forward(
                     &mut self.out.buf,
                     &x.buf,
@@ -293,7 +302,7 @@ impl<Buf: Send + Sync> Node<Buf> {
         let xs = x.shape;
         match &mut self.op {
             Op::Conv { conv, w, b } => {
-                let mut dx = need_dx.then(|| be.zeros(xs.len()));
+                let mut dx = need_dx.then(|| be.act_zeros(xs.len()));
                 be.conv2d_backward(
                     dx.as_mut(),
                     &mut w.grad,
@@ -309,7 +318,7 @@ impl<Buf: Send + Sync> Node<Buf> {
             Op::BatchNorm {
                 w, b, mean, invstd, ..
             } => {
-                let mut dx = be.zeros(xs.len());
+                let mut dx = be.act_zeros(xs.len());
                 be.batch_norm_backward(
                     &mut dx,
                     &mut w.grad,
@@ -328,7 +337,7 @@ impl<Buf: Send + Sync> Node<Buf> {
                 Some(dy)
             }
             Op::MaxPool { pool } => {
-                let mut dx = be.zeros(xs.len());
+                let mut dx = be.act_zeros(xs.len());
                 be.max_pool2d_backward(&mut dx, &dy, &x.buf, &self.out.buf, xs, pool);
                 Some(dx)
             }
@@ -336,7 +345,8 @@ impl<Buf: Send + Sync> Node<Buf> {
                 let channels: Vec<usize> =
                     branches.iter().map(|b| last_out(b, x).shape.c).collect();
                 let pixels = self.out.shape.pixels();
-                let mut dparts: Vec<Buf> = channels.iter().map(|c| be.zeros(pixels * c)).collect();
+                let mut dparts: Vec<Buf> =
+                    channels.iter().map(|c| be.act_zeros(pixels * c)).collect();
                 {
                     let mut refs: Vec<&mut Buf> = dparts.iter_mut().collect();
                     be.concat_backward(&mut refs, &dy, &channels);
@@ -356,17 +366,17 @@ impl<Buf: Send + Sync> Node<Buf> {
                     .into_iter()
                     .map(|d| d.expect("branch input gradient"))
                     .collect();
-                let mut dx = be.zeros(xs.len());
+                let mut dx = be.act_zeros(xs.len());
                 be.fork_backward(&mut dx, &dxs.iter().collect::<Vec<_>>());
                 Some(dx)
             }
             Op::AvgPool2 => {
-                let mut dx = be.zeros(xs.len());
+                let mut dx = be.act_zeros(xs.len());
                 be.avg_pool2d_backward(&mut dx, &dy, xs);
                 Some(dx)
             }
             Op::Linear { fin, fout, w, b } => {
-                let mut dx = need_dx.then(|| be.zeros(xs.len()));
+                let mut dx = need_dx.then(|| be.act_zeros(xs.len()));
                 be.linear_backward(
                     dx.as_mut(),
                     &mut w.grad,
@@ -440,6 +450,24 @@ impl<Buf: Send + Sync> Node<Buf> {
 fn visit_nodes<Buf: Send + Sync>(nodes: &mut [Node<Buf>], f: &mut dyn FnMut(String, Slot<Buf>)) {
     for node in nodes {
         node.visit(f);
+    }
+}
+
+/// Every parameter, in `state_dict()` order.
+fn collect_params<'a, Buf>(nodes: &'a mut [Node<Buf>], out: &mut Vec<&'a mut Param<Buf>>) {
+    for node in nodes {
+        match &mut node.op {
+            Op::Conv { w, b, .. } | Op::Linear { w, b, .. } | Op::BatchNorm { w, b, .. } => {
+                out.push(w);
+                out.push(b);
+            }
+            Op::Inception { branches } => {
+                for branch in branches {
+                    collect_params(branch, out);
+                }
+            }
+            Op::Relu | Op::MaxPool { .. } | Op::AvgPool2 => {}
+        }
     }
 }
 
@@ -590,6 +618,10 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         &self.be
     }
 
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.be
+    }
+
     /// Runs the network on `x` ([N,H,W,C], NHWC) and returns the logits [N, classes].
     /// `train` selects batch statistics (and updates the running ones) over running statistics.
     pub fn forward(&mut self, x: &[T], n: usize, train: bool) -> Result<Vec<T>> {
@@ -602,10 +634,16 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
                 shape.len()
             );
         }
-        self.input = Act {
-            buf: self.be.upload(x),
-            shape,
-        };
+        let buf = self.be.upload_act(x);
+        self.forward_buf(buf, n, train)
+    }
+
+    /// [`Net::forward`] on an input already on the backend (NHWC, as
+    /// [`Backend::act_zeros`] stores activations), e.g. a batch a data kernel built there.
+    pub fn forward_buf(&mut self, x: B::Buf, n: usize, train: bool) -> Result<Vec<T>> {
+        let (c, h, w) = self.spec.input;
+        let shape = Nhwc::new(n, h, w, c);
+        self.input = Act { buf: x, shape };
         let ctx = Ctx {
             be: &self.be,
             train,
@@ -629,7 +667,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         if let Some(bad) = labels.iter().find(|&&l| l as usize >= k) {
             bail!("label {bad} is out of range: the model has {k} classes");
         }
-        ensure(&self.be, &mut self.probs, logits.shape);
+        ensure_full(&self.be, &mut self.probs, logits.shape);
         let loss =
             self.be
                 .cross_entropy_forward(&mut self.probs.buf, &logits.buf, labels, k, smoothing);
@@ -673,12 +711,17 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     /// One SGD step over every parameter.
     pub fn sgd_step(&mut self, opt: &Sgd) {
         let first = self.sgd_steps == 0;
-        let be = &self.be;
-        visit_nodes(&mut self.nodes, &mut |_, slot| {
-            if let Slot::Param(p) = slot {
-                be.sgd_step(&mut p.value, &p.grad, &mut p.momentum, first, opt);
-            }
-        });
+        let mut params = Vec::new();
+        collect_params(&mut self.nodes, &mut params);
+        let mut params: Vec<SgdParam<B::Buf>> = params
+            .into_iter()
+            .map(|p| SgdParam {
+                value: &mut p.value,
+                grad: &mut p.grad,
+                momentum: &mut p.momentum,
+            })
+            .collect();
+        self.be.sgd_step_all(&mut params, first, opt);
         self.sgd_steps += 1;
     }
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use std::fmt::Write;
 
 /// Tolerance `atol + rtol·|want|` for one tensor, with the reason it is what it is.

@@ -1,7 +1,10 @@
 //! cuDNN through its C API (cudarc's `sys`): one handle on the backend's stream, descriptors
-//! that free themselves, convolution forward / backward-data / backward-filter in NHWC, pooling,
-//! bias add and bias gradient. Algorithms are chosen once per shape and cached.
+//! that free themselves, convolution forward / backward-data / backward-filter in NHWC (fp32,
+//! fp16 or bf16 data, fp32 accumulation), pooling, bias add and bias gradient (fp32). Algorithms
+//! are measured with `cudnnFind*` once per shape and data type and cached; cuDNN's heuristics
+//! are the fallback.
 
+use super::DType;
 use crate::backend::{Conv2d, MaxPool2d, Nhwc};
 use anyhow::{bail, Result};
 use cudarc::cudnn::sys;
@@ -22,18 +25,27 @@ pub fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
 pub struct Tensor(pub sys::cudnnTensorDescriptor_t);
 
 impl Tensor {
-    /// An fp32 NHWC activation of shape `s`.
-    pub fn nhwc(s: Nhwc) -> Result<Tensor> {
+    /// An NHWC activation of shape `s` and element type `dt`.
+    pub fn nhwc(s: Nhwc, dt: DType) -> Result<Tensor> {
         Tensor::new(
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+            dt,
             [s.n, s.c, s.h, s.w],
         )
     }
-    /// A per-channel vector `[1, C, 1, 1]` (bias).
+    /// An fp32 per-channel vector `[1, C, 1, 1]` (bias).
     pub fn channels(c: usize) -> Result<Tensor> {
-        Tensor::new(sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, [1, c, 1, 1])
+        Tensor::new(
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            DType::F32,
+            [1, c, 1, 1],
+        )
     }
-    fn new(format: sys::cudnnTensorFormat_t, [n, c, h, w]: [usize; 4]) -> Result<Tensor> {
+    fn new(
+        format: sys::cudnnTensorFormat_t,
+        dt: DType,
+        [n, c, h, w]: [usize; 4],
+    ) -> Result<Tensor> {
         let mut d = std::ptr::null_mut();
         // SAFETY: plain descriptor creation and setting; `d` is owned by the returned value.
         unsafe {
@@ -46,7 +58,7 @@ impl Tensor {
                 sys::cudnnSetTensor4dDescriptor(
                     d,
                     format,
-                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                    dt.cudnn(),
                     n as i32,
                     c as i32,
                     h as i32,
@@ -70,7 +82,8 @@ impl Drop for Tensor {
 pub struct Filter(pub sys::cudnnFilterDescriptor_t);
 
 impl Filter {
-    pub fn oihw(conv: &Conv2d) -> Result<Filter> {
+    /// The weight of `conv` in element type `dt`.
+    pub fn oihw(conv: &Conv2d, dt: DType) -> Result<Filter> {
         let mut d = std::ptr::null_mut();
         // SAFETY: as for Tensor::new.
         unsafe {
@@ -82,7 +95,7 @@ impl Filter {
             check(
                 sys::cudnnSetFilter4dDescriptor(
                     d,
-                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                    dt.cudnn(),
                     sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                     conv.cout as i32,
                     conv.cin as i32,
@@ -103,12 +116,13 @@ impl Drop for Filter {
     }
 }
 
-/// A convolution descriptor: cross-correlation, fp32 compute, no TF32 (`FMA_MATH`), so the
-/// result is comparable with the CPU reference at fp32 tolerances.
+/// A convolution descriptor: cross-correlation, fp32 accumulation, and the math type of the
+/// algorithm that will run (fp32 data only ever gets `FMA_MATH`: no TF32, so the result is
+/// comparable with the CPU reference at fp32 tolerances).
 pub struct Convolution(pub sys::cudnnConvolutionDescriptor_t);
 
 impl Convolution {
-    pub fn new(conv: &Conv2d) -> Result<Convolution> {
+    pub fn new(conv: &Conv2d, math: sys::cudnnMathType_t) -> Result<Convolution> {
         let mut d = std::ptr::null_mut();
         // SAFETY: as for Tensor::new.
         unsafe {
@@ -133,7 +147,7 @@ impl Convolution {
                 "set convolution descriptor",
             )?;
             check(
-                sys::cudnnSetConvolutionMathType(d, sys::cudnnMathType_t::CUDNN_FMA_MATH),
+                sys::cudnnSetConvolutionMathType(d, math),
                 "set convolution math type",
             )?;
             Ok(c)
@@ -205,20 +219,106 @@ impl Drop for Pooling {
     }
 }
 
-/// Algorithms chosen for one convolution shape.
-#[derive(Clone, Copy)]
-struct Algos {
-    fwd: sys::cudnnConvolutionFwdAlgo_t,
-    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
-    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
-    workspace: usize,
+/// What the convolutions of one shape run: per direction the algorithm and its math type.
+#[derive(Clone, Copy, Debug)]
+pub struct Algos {
+    pub fwd: (sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t),
+    pub bwd_data: (sys::cudnnConvolutionBwdDataAlgo_t, sys::cudnnMathType_t),
+    pub bwd_filter: (sys::cudnnConvolutionBwdFilterAlgo_t, sys::cudnnMathType_t),
+    /// Bytes of workspace the largest of the three needs.
+    pub workspace: usize,
+    /// Whether `cudnnFind*` measured them (false: cuDNN's heuristics ranked them).
+    pub measured: bool,
+}
+
+/// The math type a descriptor starts with: tensor cores for 16-bit data, plain FMA for fp32.
+fn default_math(dt: DType) -> sys::cudnnMathType_t {
+    match dt {
+        DType::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        DType::F16 | DType::Bf16 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    }
+}
+
+/// The fields of cuDNN's three `*AlgoPerf_t` result structs that the choice looks at.
+trait Perf: Copy {
+    type Algo: Copy;
+    fn algo(&self) -> Self::Algo;
+    fn ok(&self) -> bool;
+    fn memory(&self) -> usize;
+    fn deterministic(&self) -> bool;
+    fn math(&self) -> sys::cudnnMathType_t;
+}
+
+macro_rules! perf {
+    ($perf:ty, $algo:ty) => {
+        impl Perf for $perf {
+            type Algo = $algo;
+            fn algo(&self) -> $algo {
+                self.algo
+            }
+            fn ok(&self) -> bool {
+                self.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+            }
+            fn memory(&self) -> usize {
+                self.memory
+            }
+            fn deterministic(&self) -> bool {
+                self.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+            }
+            fn math(&self) -> sys::cudnnMathType_t {
+                self.mathType
+            }
+        }
+    };
+}
+perf!(
+    sys::cudnnConvolutionFwdAlgoPerf_t,
+    sys::cudnnConvolutionFwdAlgo_t
+);
+perf!(
+    sys::cudnnConvolutionBwdDataAlgoPerf_t,
+    sys::cudnnConvolutionBwdDataAlgo_t
+);
+perf!(
+    sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+    sys::cudnnConvolutionBwdFilterAlgo_t
+);
+
+/// The most workspace one algorithm may ask for: the fastest algorithm that needs more is
+/// passed over for the next one.
+const MAX_WORKSPACE: usize = 1 << 30;
+
+/// The first usable result, in cuDNN's order (fastest first for `Find`, best-ranked first for
+/// the heuristics): it succeeded, fits the workspace cap, and is deterministic when asked.
+/// Returns the algorithm with the math type to run it in: the one cuDNN measured it with, but
+/// always plain FMA for fp32 data (the descriptor asked for FMA; a result reporting the default
+/// math type must not turn into TF32 on Ampere and later, which would put the fp32 path out of
+/// reach of the CPU reference's tolerances).
+fn choose<P: Perf>(
+    results: &[P],
+    dt: DType,
+    deterministic: bool,
+) -> Option<(P::Algo, sys::cudnnMathType_t)> {
+    results
+        .iter()
+        .find(|p| p.ok() && p.memory() <= MAX_WORKSPACE && (!deterministic || p.deterministic()))
+        .map(|p| {
+            let math = if dt == DType::F32 {
+                sys::cudnnMathType_t::CUDNN_FMA_MATH
+            } else {
+                p.math()
+            };
+            (p.algo(), math)
+        })
 }
 
 /// The cuDNN handle with its algorithm cache. Not thread-safe: the backend keeps it behind a
 /// mutex.
 pub struct Dnn {
     pub handle: sys::cudnnHandle_t,
-    algos: HashMap<(Nhwc, Conv2d), Algos>,
+    algos: HashMap<(Nhwc, Conv2d, DType), Algos>,
+    /// Only algorithms cuDNN reports as deterministic (`--deterministic`).
+    deterministic: bool,
 }
 
 // SAFETY: a cuDNN handle may be used from any thread as long as calls are not concurrent;
@@ -240,6 +340,7 @@ pub struct ConvPtrs {
     pub workspace: *mut c_void,
 }
 
+// cuDNN's scaling factors are floats for fp32, fp16 and bf16 data alike.
 const ONE: f32 = 1.0;
 const ZERO: f32 = 0.0;
 
@@ -250,9 +351,30 @@ fn zero() -> *const c_void {
     (&ZERO as *const f32).cast()
 }
 
+/// The descriptors of one convolution: input, output, filter, and the convolution itself
+/// with math type `math`.
+struct ConvDescs {
+    x: Tensor,
+    y: Tensor,
+    w: Filter,
+    conv: Convolution,
+}
+
+impl ConvDescs {
+    fn new(xs: Nhwc, conv: &Conv2d, dt: DType, math: sys::cudnnMathType_t) -> Result<ConvDescs> {
+        Ok(ConvDescs {
+            x: Tensor::nhwc(xs, dt)?,
+            y: Tensor::nhwc(conv.out_shape(xs), dt)?,
+            w: Filter::oihw(conv, dt)?,
+            conv: Convolution::new(conv, math)?,
+        })
+    }
+}
+
 impl Dnn {
-    /// A handle whose work goes to `stream`.
-    pub fn new(stream: sys::cudaStream_t) -> Result<Dnn> {
+    /// A handle whose work goes to `stream`; `deterministic` restricts the convolution
+    /// algorithms to those cuDNN reports as deterministic.
+    pub fn new(stream: sys::cudaStream_t, deterministic: bool) -> Result<Dnn> {
         let mut handle = std::ptr::null_mut();
         // SAFETY: creates a handle and binds it to a live stream of the current context.
         unsafe {
@@ -260,6 +382,7 @@ impl Dnn {
             let d = Dnn {
                 handle,
                 algos: HashMap::new(),
+                deterministic,
             };
             check(sys::cudnnSetStream(handle, stream), "set stream")?;
             Ok(d)
@@ -273,149 +396,206 @@ impl Dnn {
         format!("{}.{}.{}", v / 10000, v % 10000 / 100, v % 100)
     }
 
-    /// The algorithms (and the workspace they need) for convolving `xs` with `conv`: the
-    /// fastest that cuDNN's heuristics rank first, chosen once per shape.
-    pub fn algos(
-        &mut self,
-        xs: Nhwc,
-        conv: &Conv2d,
-    ) -> Result<(
-        sys::cudnnConvolutionFwdAlgo_t,
-        sys::cudnnConvolutionBwdDataAlgo_t,
-        sys::cudnnConvolutionBwdFilterAlgo_t,
-        usize,
-    )> {
-        if let Some(a) = self.algos.get(&(xs, *conv)) {
-            return Ok((a.fwd, a.bwd_data, a.bwd_filter, a.workspace));
+    /// The algorithms for convolving `xs` with `conv` in `dt`, chosen on first use of the shape
+    /// and cached: measured by `cudnnFind*` (which runs every candidate once, on scratch memory
+    /// cuDNN allocates itself), or ranked by the heuristics if measuring fails.
+    pub fn algos(&mut self, xs: Nhwc, conv: &Conv2d, dt: DType) -> Result<Algos> {
+        if let Some(a) = self.algos.get(&(xs, *conv, dt)) {
+            return Ok(*a);
         }
-        let (xd, yd) = (Tensor::nhwc(xs)?, Tensor::nhwc(conv.out_shape(xs))?);
-        let (wd, cd) = (Filter::oihw(conv)?, Convolution::new(conv)?);
+        let a = match self.search(xs, conv, dt, true) {
+            Ok(a) => a,
+            Err(find) => self.search(xs, conv, dt, false).map_err(|heur| {
+                anyhow::anyhow!("{find:#}; with cuDNN's heuristics instead: {heur:#}")
+            })?,
+        };
+        tracing::debug!(
+            ?xs,
+            ?conv,
+            ?dt,
+            measured = a.measured,
+            ?a,
+            "cuDNN convolution algorithms"
+        );
+        self.algos.insert((xs, *conv, dt), a);
+        Ok(a)
+    }
+
+    /// One search: `measure` runs `cudnnFind*`, otherwise `cudnnGet*_v7` (heuristics).
+    fn search(&self, xs: Nhwc, conv: &Conv2d, dt: DType, measure: bool) -> Result<Algos> {
+        let d = ConvDescs::new(xs, conv, dt, default_math(dt))?;
         let h = self.handle;
-        // SAFETY: descriptors are live for the whole block; result arrays are sized as passed.
-        let a = unsafe {
+        let det = self.deterministic;
+        let none = |what: &str| {
+            anyhow::anyhow!(
+                "cuDNN offers no usable {what} algorithm for input {xs:?}, {conv:?}, {dt:?}{}",
+                if det {
+                    " among its deterministic ones (--deterministic)"
+                } else {
+                    ""
+                }
+            )
+        };
+        const N: usize = 16;
+        // SAFETY: descriptors live for the whole block; result arrays hold N entries, the
+        // count passed; only the first `n` returned are read.
+        unsafe {
             let mut n = 0;
-            let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; 8] = std::mem::zeroed();
-            check(
-                sys::cudnnGetConvolutionForwardAlgorithm_v7(
-                    h,
-                    xd.0,
-                    wd.0,
-                    cd.0,
-                    yd.0,
-                    8,
-                    &mut n,
-                    fwd.as_mut_ptr(),
-                ),
-                "choose forward algorithm",
-            )?;
-            let fwd = fwd[..n as usize]
-                .iter()
-                .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-                .map(|p| p.algo)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("cuDNN has no forward algorithm for {xs:?} {conv:?}")
-                })?;
-            let mut bd: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
-            check(
-                sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
-                    h,
-                    wd.0,
-                    yd.0,
-                    cd.0,
-                    xd.0,
-                    8,
-                    &mut n,
-                    bd.as_mut_ptr(),
-                ),
-                "choose backward-data algorithm",
-            )?;
-            let bwd_data = bd[..n as usize]
-                .iter()
-                .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-                .map(|p| p.algo)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("cuDNN has no backward-data algorithm for {xs:?} {conv:?}")
-                })?;
-            let mut bf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 8] = std::mem::zeroed();
-            check(
-                sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-                    h,
-                    xd.0,
-                    yd.0,
-                    cd.0,
-                    wd.0,
-                    8,
-                    &mut n,
-                    bf.as_mut_ptr(),
-                ),
-                "choose backward-filter algorithm",
-            )?;
-            let bwd_filter = bf[..n as usize]
-                .iter()
-                .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-                .map(|p| p.algo)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("cuDNN has no backward-filter algorithm for {xs:?} {conv:?}")
-                })?;
+            let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
+            if measure {
+                check(
+                    sys::cudnnFindConvolutionForwardAlgorithm(
+                        h,
+                        d.x.0,
+                        d.w.0,
+                        d.conv.0,
+                        d.y.0,
+                        N as i32,
+                        &mut n,
+                        fwd.as_mut_ptr(),
+                    ),
+                    "find forward algorithm",
+                )?;
+            } else {
+                check(
+                    sys::cudnnGetConvolutionForwardAlgorithm_v7(
+                        h,
+                        d.x.0,
+                        d.w.0,
+                        d.conv.0,
+                        d.y.0,
+                        N as i32,
+                        &mut n,
+                        fwd.as_mut_ptr(),
+                    ),
+                    "choose forward algorithm",
+                )?;
+            }
+            let f = choose(&fwd[..n as usize], dt, det).ok_or_else(|| none("forward"))?;
+            let mut bd: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
+            if measure {
+                check(
+                    sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                        h,
+                        d.w.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.x.0,
+                        N as i32,
+                        &mut n,
+                        bd.as_mut_ptr(),
+                    ),
+                    "find backward-data algorithm",
+                )?;
+            } else {
+                check(
+                    sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
+                        h,
+                        d.w.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.x.0,
+                        N as i32,
+                        &mut n,
+                        bd.as_mut_ptr(),
+                    ),
+                    "choose backward-data algorithm",
+                )?;
+            }
+            let bd = choose(&bd[..n as usize], dt, det).ok_or_else(|| none("backward-data"))?;
+            let mut bf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
+            if measure {
+                check(
+                    sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                        h,
+                        d.x.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.w.0,
+                        N as i32,
+                        &mut n,
+                        bf.as_mut_ptr(),
+                    ),
+                    "find backward-filter algorithm",
+                )?;
+            } else {
+                check(
+                    sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
+                        h,
+                        d.x.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.w.0,
+                        N as i32,
+                        &mut n,
+                        bf.as_mut_ptr(),
+                    ),
+                    "choose backward-filter algorithm",
+                )?;
+            }
+            let bf = choose(&bf[..n as usize], dt, det).ok_or_else(|| none("backward-filter"))?;
+            // The sizes for the math type each algorithm runs with, as the calls will set it.
             let (mut s1, mut s2, mut s3) = (0usize, 0usize, 0usize);
+            let df = ConvDescs::new(xs, conv, dt, f.1)?;
             check(
                 sys::cudnnGetConvolutionForwardWorkspaceSize(
-                    h, xd.0, wd.0, cd.0, yd.0, fwd, &mut s1,
+                    h, df.x.0, df.w.0, df.conv.0, df.y.0, f.0, &mut s1,
                 ),
                 "forward workspace size",
             )?;
+            let dd = ConvDescs::new(xs, conv, dt, bd.1)?;
             check(
                 sys::cudnnGetConvolutionBackwardDataWorkspaceSize(
-                    h, wd.0, yd.0, cd.0, xd.0, bwd_data, &mut s2,
+                    h, dd.w.0, dd.y.0, dd.conv.0, dd.x.0, bd.0, &mut s2,
                 ),
                 "backward-data workspace size",
             )?;
+            let dw = ConvDescs::new(xs, conv, dt, bf.1)?;
             check(
                 sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(
-                    h, xd.0, yd.0, cd.0, wd.0, bwd_filter, &mut s3,
+                    h, dw.x.0, dw.y.0, dw.conv.0, dw.w.0, bf.0, &mut s3,
                 ),
                 "backward-filter workspace size",
             )?;
-            Algos {
-                fwd,
-                bwd_data,
-                bwd_filter,
+            Ok(Algos {
+                fwd: f,
+                bwd_data: bd,
+                bwd_filter: bf,
                 workspace: s1.max(s2).max(s3),
-            }
-        };
-        self.algos.insert((xs, *conv), a);
-        Ok((a.fwd, a.bwd_data, a.bwd_filter, a.workspace))
+                measured: measure,
+            })
+        }
     }
 
     /// y = conv(x, w) (overwrites y).
     ///
     /// # Safety
-    /// The pointers are live device buffers of the shapes given, on the handle's stream, and
-    /// the workspace holds at least [`Dnn::algos`]'s size.
+    /// The pointers are live device buffers of the shapes given, in `dt`, on the handle's
+    /// stream, and the workspace holds at least [`Dnn::algos`]'s size.
     pub unsafe fn conv_forward(
         &mut self,
         p: &ConvPtrs,
         ws: usize,
         xs: Nhwc,
         conv: &Conv2d,
+        dt: DType,
     ) -> Result<()> {
-        let (algo, _, _, _) = self.algos(xs, conv)?;
-        let (xd, yd) = (Tensor::nhwc(xs)?, Tensor::nhwc(conv.out_shape(xs))?);
-        let (wd, cd) = (Filter::oihw(conv)?, Convolution::new(conv)?);
+        let (algo, math) = self.algos(xs, conv, dt)?.fwd;
+        let d = ConvDescs::new(xs, conv, dt, math)?;
         check(
             sys::cudnnConvolutionForward(
                 self.handle,
                 one(),
-                xd.0,
+                d.x.0,
                 p.x,
-                wd.0,
+                d.w.0,
                 p.w,
-                cd.0,
+                d.conv.0,
                 algo,
                 p.workspace,
                 ws,
                 zero(),
-                yd.0,
+                d.y.0,
                 p.y,
             ),
             "convolution forward",
@@ -432,82 +612,85 @@ impl Dnn {
         ws: usize,
         xs: Nhwc,
         conv: &Conv2d,
+        dt: DType,
     ) -> Result<()> {
-        let (_, algo, _, _) = self.algos(xs, conv)?;
-        let (xd, yd) = (Tensor::nhwc(xs)?, Tensor::nhwc(conv.out_shape(xs))?);
-        let (wd, cd) = (Filter::oihw(conv)?, Convolution::new(conv)?);
+        let (algo, math) = self.algos(xs, conv, dt)?.bwd_data;
+        let d = ConvDescs::new(xs, conv, dt, math)?;
         check(
             sys::cudnnConvolutionBackwardData(
                 self.handle,
                 one(),
-                wd.0,
+                d.w.0,
                 p.w,
-                yd.0,
+                d.y.0,
                 p.y,
-                cd.0,
+                d.conv.0,
                 algo,
                 p.workspace,
                 ws,
                 zero(),
-                xd.0,
+                d.x.0,
                 p.x,
             ),
             "convolution backward data",
         )
     }
 
-    /// dw += ∂L/∂w; `p.y` holds dy and `p.w` dw.
+    /// dw = ∂L/∂w, added to dw when `accumulate`, else overwriting it; `p.y` holds dy and
+    /// `p.w` dw.
     ///
     /// # Safety
     /// As [`Dnn::conv_forward`].
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn conv_backward_filter(
         &mut self,
         p: &ConvPtrs,
         ws: usize,
         xs: Nhwc,
         conv: &Conv2d,
+        dt: DType,
+        accumulate: bool,
     ) -> Result<()> {
-        let (_, _, algo, _) = self.algos(xs, conv)?;
-        let (xd, yd) = (Tensor::nhwc(xs)?, Tensor::nhwc(conv.out_shape(xs))?);
-        let (wd, cd) = (Filter::oihw(conv)?, Convolution::new(conv)?);
+        let (algo, math) = self.algos(xs, conv, dt)?.bwd_filter;
+        let d = ConvDescs::new(xs, conv, dt, math)?;
         check(
             sys::cudnnConvolutionBackwardFilter(
                 self.handle,
                 one(),
-                xd.0,
+                d.x.0,
                 p.x,
-                yd.0,
+                d.y.0,
                 p.y,
-                cd.0,
+                d.conv.0,
                 algo,
                 p.workspace,
                 ws,
-                one(),
-                wd.0,
+                if accumulate { one() } else { zero() },
+                d.w.0,
                 p.w,
             ),
             "convolution backward filter",
         )
     }
 
-    /// y[p, c] += b[c] over an NHWC tensor.
+    /// y[p, c] += b[c] over an fp32 NHWC tensor.
     ///
     /// # Safety
     /// `b` holds `ys.c` floats and `y` `ys.len()`, on the handle's stream.
     pub unsafe fn add_bias(&mut self, y: *mut c_void, b: *const c_void, ys: Nhwc) -> Result<()> {
-        let (bd, yd) = (Tensor::channels(ys.c)?, Tensor::nhwc(ys)?);
+        let (bd, yd) = (Tensor::channels(ys.c)?, Tensor::nhwc(ys, DType::F32)?);
         check(
             sys::cudnnAddTensor(self.handle, one(), bd.0, b, one(), yd.0, y),
             "add bias",
         )
     }
 
-    /// db[c] += Σ_pixels dy[p, c].
+    /// db[c] += Σ_pixels dy[p, c] over an fp32 NHWC tensor.
     ///
     /// # Safety
     /// As [`Dnn::add_bias`].
     pub unsafe fn bias_grad(&mut self, db: *mut c_void, dy: *const c_void, ys: Nhwc) -> Result<()> {
-        let (bd, yd) = (Tensor::channels(ys.c)?, Tensor::nhwc(ys)?);
+        let (bd, yd) = (Tensor::channels(ys.c)?, Tensor::nhwc(ys, DType::F32)?);
         check(
             sys::cudnnConvolutionBackwardBias(self.handle, one(), yd.0, dy, one(), bd.0, db),
             "bias gradient",
@@ -517,7 +700,7 @@ impl Dnn {
     /// Pooling forward (overwrites y).
     ///
     /// # Safety
-    /// Live buffers of the shapes given, on the handle's stream.
+    /// Live buffers of the shapes given, in `dt`, on the handle's stream.
     pub unsafe fn pool_forward(
         &mut self,
         pd: &Pooling,
@@ -525,8 +708,9 @@ impl Dnn {
         x: *const c_void,
         xs: Nhwc,
         ys: Nhwc,
+        dt: DType,
     ) -> Result<()> {
-        let (xd, yd) = (Tensor::nhwc(xs)?, Tensor::nhwc(ys)?);
+        let (xd, yd) = (Tensor::nhwc(xs, dt)?, Tensor::nhwc(ys, dt)?);
         check(
             sys::cudnnPoolingForward(self.handle, pd.0, one(), xd.0, x, zero(), yd.0, y),
             "pooling forward",
@@ -547,8 +731,9 @@ impl Dnn {
         y: *const c_void,
         xs: Nhwc,
         ys: Nhwc,
+        dt: DType,
     ) -> Result<()> {
-        let (xd, yd) = (Tensor::nhwc(xs)?, Tensor::nhwc(ys)?);
+        let (xd, yd) = (Tensor::nhwc(xs, dt)?, Tensor::nhwc(ys, dt)?);
         check(
             sys::cudnnPoolingBackward(
                 self.handle,

@@ -1,27 +1,132 @@
 //! The CUDA backend (`--features cudnn`): cuDNN convolutions and pooling, cuBLAS for the
-//! linear head, and the PTX kernels of `cuda/` (BatchNorm, concat, loss, optimizer, ReLU).
+//! linear head, and the PTX kernels of `cuda/` (BatchNorm, concat, loss, optimizer, ReLU,
+//! conversions).
 //!
-//! This is the fp32 path: it implements the same [`Backend`] trait as the CPU reference, so
-//! the same [`crate::model::net::Net`] trains on it and every op is compared with the CPU at
-//! the model's shapes (`tests/gpu.rs`). Work goes to one stream; cudarc's automatic event
-//! tracking is off, since this backend orders its own work. Ops cannot return errors through
-//! the trait: the first failure (a launch, an allocation) is recorded and reported by
-//! [`Backend::status`], which the network checks after each forward and backward.
+//! It implements the same [`Backend`] trait as the CPU reference, so the same
+//! [`crate::model::net::Net`] trains on it and every op is compared with the CPU at the
+//! model's shapes (`tests/gpu.rs`). Two precisions:
+//! - fp32 everywhere (`--no-amp`), no TF32: the path that matches the CPU reference tightly;
+//! - mixed precision (`--amp`, the default on CUDA): activations and their gradients in fp16
+//!   (or bf16), convolutions on tensor cores with fp32 accumulation; fp32 master weights (each
+//!   convolution weight keeps a 16-bit copy, refreshed after every optimizer step), fp32
+//!   BatchNorm statistics, fp32 logits and loss; dynamic loss scaling on the device
+//!   (torch.amp.GradScaler's rule), an overflowed step skipped on the device.
+//!
+//! Work goes to one stream; cudarc's automatic event tracking is off, since this backend
+//! orders its own work. Ops cannot return errors through the trait: the first failure (a
+//! launch, an allocation) is recorded and reported by [`Backend::status`], which the network
+//! checks after each forward and backward.
 
 mod dnn;
 pub mod libs;
 mod ops;
 
+pub use ops::DeviceRecords;
+
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 /// The PTX of every `cuda/*.cu`, compiled by build.rs: `PTX: &[(module, source)]`.
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+
+/// The element type of a device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+    /// The suffix of the kernels instantiated for this type (`relu_forward_f16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+    fn cudnn(self) -> cudarc::cudnn::sys::cudnnDataType_t {
+        use cudarc::cudnn::sys::cudnnDataType_t as D;
+        match self {
+            DType::F32 => D::CUDNN_DATA_FLOAT,
+            DType::F16 => D::CUDNN_DATA_HALF,
+            DType::Bf16 => D::CUDNN_DATA_BFLOAT16,
+        }
+    }
+}
+
+/// How a [`Gpu`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Element type of activations and their gradients: `F32` is the fp32 path, `F16`/`Bf16`
+    /// mixed precision with fp32 master weights and loss scaling.
+    pub activations: DType,
+    /// Only convolution algorithms cuDNN reports as deterministic.
+    pub deterministic: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            activations: DType::F32,
+            deterministic: false,
+        }
+    }
+}
+
+/// A device buffer: `len` elements of `dtype`.
+pub struct GpuBuf {
+    mem: CudaSlice<u8>,
+    len: usize,
+    dtype: DType,
+    /// For an fp32 weight in mixed precision: its 16-bit copy for the convolutions, made on
+    /// first use and remade after each change (`shadow_fresh` false).
+    shadow: Mutex<Option<CudaSlice<u8>>>,
+    shadow_fresh: AtomicBool,
+}
+
+impl GpuBuf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// Dynamic loss scaling, all in device memory so that no step needs a host sync.
+struct LossScale {
+    /// The scale (starts at 2^16).
+    scale: CudaSlice<f32>,
+    /// Clean steps since the last change of the scale.
+    growth: CudaSlice<i32>,
+    /// Set by the unscale kernel when a gradient is inf or NaN; cleared by the update.
+    found_inf: CudaSlice<i32>,
+    /// Steps skipped because of an overflow, since the start.
+    skipped: CudaSlice<i32>,
+}
+
+/// torch.amp.GradScaler's defaults.
+pub const LOSS_SCALE_INIT: f32 = 65536.0;
+const LOSS_SCALE_GROWTH: f32 = 2.0;
+const LOSS_SCALE_BACKOFF: f32 = 0.5;
+const LOSS_SCALE_INTERVAL: i32 = 2000;
 
 /// A CUDA device with its stream, library handles and loaded kernels.
 pub struct Gpu {
@@ -30,6 +135,9 @@ pub struct Gpu {
     dnn: Mutex<dnn::Dnn>,
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
+    opts: GpuOptions,
+    /// Present in mixed precision.
+    loss_scale: Option<LossScale>,
     /// Scratch memory for cuDNN, grown on demand.
     workspace: Mutex<CudaSlice<u8>>,
     /// Partial sums (doubles) and arrival counters of the BatchNorm reductions.
@@ -83,25 +191,63 @@ fn cudnn_present() -> Result<()> {
     Ok(())
 }
 
-/// Every kernel the backend launches, by module.
+/// Every kernel the backend launches. Those in `TYPED` exist once per activation type
+/// (`_f32`, `_f16`, `_bf16`).
 const KERNELS: &[&str] = &[
-    "relu_forward_f32",
-    "relu_backward_f32",
-    "fork_backward_f32",
-    "batch_norm_stats_f32",
-    "batch_norm_relu_apply_f32",
     "batch_norm_eval_invstd",
-    "batch_norm_relu_backward_reduce_f32",
-    "batch_norm_relu_backward_apply_f32",
-    "concat_forward_f32",
-    "concat_backward_f32",
     "cross_entropy_forward_backward",
     "sgd_step",
+    "update_loss_scale",
+];
+const TYPED: &[&str] = &[
+    "augment_batch",
+    "relu_forward",
+    "relu_backward",
+    "fork_backward",
+    "convert_from_f32",
+    "convert_to_f32",
+    "accumulate_grad",
+    "bias_add",
+    "bias_grad",
+    "batch_norm_stats",
+    "batch_norm_relu_apply",
+    "batch_norm_relu_backward_reduce",
+    "batch_norm_relu_backward_apply",
+    "concat_forward",
+    "concat_backward",
+    "amp_unscale",
 ];
 
+fn kernel_names() -> Vec<String> {
+    let mut names: Vec<String> = KERNELS.iter().map(|k| k.to_string()).collect();
+    for k in TYPED {
+        for t in [DType::F32, DType::F16, DType::Bf16] {
+            names.push(format!("{k}_{}", t.suffix()));
+        }
+    }
+    names
+}
+
+/// The kernels the backend launches that no embedded PTX module defines (an `.entry`), so a
+/// build whose kernels and launches disagree is caught without a GPU.
+pub fn missing_kernels() -> Vec<String> {
+    kernel_names()
+        .into_iter()
+        .filter(|name| {
+            let entry = format!(".entry {name}(");
+            !ptx::PTX.iter().any(|(_, src)| src.contains(&entry))
+        })
+        .collect()
+}
+
 impl Gpu {
-    /// Opens device `ordinal`, its cuDNN and cuBLAS handles, and loads the kernels.
+    /// Opens device `ordinal` for the fp32 path.
     pub fn new(ordinal: usize) -> Result<Gpu> {
+        Gpu::with_options(ordinal, GpuOptions::default())
+    }
+
+    /// Opens device `ordinal`, its cuDNN and cuBLAS handles, and loads the kernels.
+    pub fn with_options(ordinal: usize, opts: GpuOptions) -> Result<Gpu> {
         driver_present()?;
         let count = CudaContext::device_count()
             .map_err(|e| anyhow::anyhow!("cannot query CUDA devices: {e}"))?;
@@ -123,9 +269,10 @@ impl Gpu {
             .new_stream()
             .map_err(|e| anyhow::anyhow!("cannot create a CUDA stream: {e}"))?;
         cudnn_present()?;
-        let dnn = dnn::Dnn::new(stream.cu_stream() as _)?;
+        let dnn = dnn::Dnn::new(stream.cu_stream() as _, opts.deterministic)?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow::anyhow!("cannot start cuBLAS: {e}"))?;
+        let names = kernel_names();
         let mut funcs = HashMap::new();
         for (module, src) in ptx::PTX {
             let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(*src)).map_err(|e| {
@@ -135,13 +282,13 @@ impl Gpu {
                     driver_version().unwrap_or_else(|_| "?".into())
                 )
             })?;
-            for name in KERNELS {
+            for name in &names {
                 if let Ok(f) = m.load_function(name) {
-                    funcs.insert(name.to_string(), f);
+                    funcs.insert(name.clone(), f);
                 }
             }
         }
-        if let Some(missing) = KERNELS.iter().find(|k| !funcs.contains_key(**k)) {
+        if let Some(missing) = names.iter().find(|k| !funcs.contains_key(*k)) {
             bail!("kernel {missing} is missing from the embedded PTX; the build is inconsistent");
         }
         let alloc = |e| anyhow::anyhow!("CUDA allocation failed: {e}");
@@ -150,12 +297,30 @@ impl Gpu {
             stream.alloc_zeros::<f64>(1).map_err(alloc)?,
             stream.alloc_zeros::<i32>(1).map_err(alloc)?,
         );
+        if opts.activations == DType::Bf16 {
+            let (major, _) = ctx.compute_capability().unwrap_or((0, 0));
+            if major < 8 {
+                bail!("--amp-dtype bf16 needs a GPU of compute capability 8.0 or newer (Ampere); use --amp-dtype f16");
+            }
+        }
+        let loss_scale = if opts.activations == DType::F32 {
+            None
+        } else {
+            Some(LossScale {
+                scale: stream.clone_htod(&[LOSS_SCALE_INIT]).map_err(alloc)?,
+                growth: stream.alloc_zeros::<i32>(1).map_err(alloc)?,
+                found_inf: stream.alloc_zeros::<i32>(1).map_err(alloc)?,
+                skipped: stream.alloc_zeros::<i32>(1).map_err(alloc)?,
+            })
+        };
         Ok(Gpu {
             ctx,
             stream,
             dnn: Mutex::new(dnn),
             blas,
             funcs,
+            opts,
+            loss_scale,
             workspace: Mutex::new(workspace),
             bn_scratch: Mutex::new(bn_scratch),
             error: Mutex::new(None),
@@ -164,6 +329,36 @@ impl Gpu {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    pub fn options(&self) -> GpuOptions {
+        self.opts
+    }
+
+    /// Sets the loss scale of mixed precision (e.g. to continue a run at its scale); an
+    /// error on the fp32 path, which has none.
+    pub fn set_loss_scale(&mut self, scale: f32) -> Result<()> {
+        let Some(ls) = &mut self.loss_scale else {
+            bail!("the fp32 path has no loss scale");
+        };
+        if !(scale.is_finite() && scale > 0.0) {
+            bail!("the loss scale must be a positive finite number, got {scale}");
+        }
+        self.stream
+            .memcpy_htod(&[scale], &mut ls.scale)
+            .map_err(|e| anyhow::anyhow!("setting the loss scale: {e}"))
+    }
+
+    /// The current loss scale and the number of optimizer steps skipped for an overflow so
+    /// far, in mixed precision (reading them waits for the queued work).
+    pub fn read_loss_scale(&self) -> Result<Option<(f32, u64)>> {
+        let Some(ls) = &self.loss_scale else {
+            return Ok(None);
+        };
+        let err = |e| anyhow::anyhow!("reading the loss scale: {e}");
+        let scale = self.stream.clone_dtoh(&ls.scale).map_err(err)?;
+        let skipped = self.stream.clone_dtoh(&ls.skipped).map_err(err)?;
+        Ok(Some((scale[0], skipped[0].max(0) as u64)))
     }
 
     /// Waits for all queued work and reports any failure.

@@ -1,13 +1,16 @@
-//! `Backend<f32>` for [`Gpu`]: each op is a cuDNN or cuBLAS call or a kernel of `cuda/`.
+//! `Backend<f32>` for [`Gpu`]: each op is a cuDNN or cuBLAS call or a kernel of `cuda/`, in
+//! the element type of its activations (fp32, or fp16/bf16 in mixed precision).
 
 use super::dnn::{ConvPtrs, Pooling};
-use super::Gpu;
-use crate::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd};
-use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use super::{DType, Gpu, GpuBuf, LOSS_SCALE_BACKOFF, LOSS_SCALE_GROWTH, LOSS_SCALE_INTERVAL};
+use crate::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd, SgdParam};
+use cudarc::cublas::sys::{cublasOperation_t, cublasSgemm_v2, cublasStatus_t};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-type Buf = CudaSlice<f32>;
+type Buf = GpuBuf;
 
 /// A kernel parameter: a device address (0 for null), an `int` or a `float`.
 #[derive(Clone, Copy)]
@@ -30,16 +33,107 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
+/// `name_f32`, `name_f16` or `name_bf16`.
+fn typed(name: &str, dt: DType) -> String {
+    format!("{name}_{}", dt.suffix())
+}
+
+/// Host values → the little-endian bytes of `dt` (round to nearest even, as the kernels).
+fn to_bytes(data: &[f32], dt: DType) -> Vec<u8> {
+    match dt {
+        DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => data
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        DType::Bf16 => data
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+/// The inverse of [`to_bytes`].
+fn from_bytes(bytes: &[u8], dt: DType) -> Vec<f32> {
+    match dt {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        DType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+    }
+}
+
 impl Gpu {
     /// The raw device address of a buffer, for cuDNN calls and kernel arguments. Work is
     /// ordered on the one stream, so no event is needed.
     fn ptr(&self, b: &Buf) -> u64 {
-        let (p, _sync) = b.device_ptr(&self.stream);
+        let (p, _sync) = b.mem.device_ptr(&self.stream);
         p
     }
 
     fn vptr(&self, b: &Buf) -> *mut c_void {
         self.ptr(b) as *mut c_void
+    }
+
+    /// A zeroed buffer of `len` elements of `dtype`.
+    fn alloc(&self, len: usize, dtype: DType) -> Buf {
+        let bytes = len.max(1) * dtype.size();
+        let mem = match self.stream.alloc_zeros::<u8>(bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                self.record(
+                    &format!(
+                        "out of GPU memory allocating {} MiB; use a smaller --batch-size",
+                        bytes >> 20
+                    ),
+                    e,
+                );
+                // A small stand-in keeps the op going; `status` reports the failure.
+                self.stream
+                    .alloc_zeros::<u8>(4)
+                    .expect("a 4-byte allocation")
+            }
+        };
+        Buf {
+            mem,
+            len,
+            dtype,
+            shadow: Mutex::new(None),
+            shadow_fresh: AtomicBool::new(false),
+        }
+    }
+
+    /// The 16-bit copy of the fp32 weight `w` in `dt`, remade if `w` changed since.
+    fn low(&self, w: &Buf, dt: DType) -> u64 {
+        let mut shadow = w.shadow.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = w.len.max(1) * dt.size();
+        if shadow.as_ref().is_none_or(|s| s.len() != bytes) {
+            match self.stream.alloc_zeros::<u8>(bytes) {
+                Ok(s) => *shadow = Some(s),
+                Err(e) => {
+                    self.record("out of GPU memory for a 16-bit weight copy", e);
+                    return self.ptr(w);
+                }
+            }
+            w.shadow_fresh.store(false, Ordering::Release);
+        }
+        let Some(s) = shadow.as_ref() else {
+            return self.ptr(w);
+        };
+        let (sp, _sync) = s.device_ptr(&self.stream);
+        if !w.shadow_fresh.swap(true, Ordering::AcqRel) {
+            let args = [P(sp), P(self.ptr(w)), I(w.len as i32)];
+            self.launch(&typed("convert_from_f32", dt), elementwise(w.len), &args);
+        }
+        sp
     }
 
     /// A cuDNN workspace of at least `bytes`, grown (never shrunk) as shapes need.
@@ -81,52 +175,107 @@ impl Gpu {
             self.record(what, e);
         }
     }
+
+    /// Column-major fp32 `C = A·B (+ C when beta = 1)` through cuBLAS (no TF32: the handle
+    /// keeps cuBLAS's default math mode).
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm(
+        &self,
+        what: &str,
+        (ta, tb): (cublasOperation_t, cublasOperation_t),
+        (m, n, k): (usize, usize, usize),
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        let alpha = 1.0f32;
+        // SAFETY: the caller passes live fp32 buffers of the shapes given; the handle works on
+        // this backend's stream.
+        let status = unsafe {
+            cublasSgemm_v2(
+                *self.blas.handle(),
+                ta,
+                tb,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha,
+                a as *const f32,
+                lda as i32,
+                b as *const f32,
+                ldb as i32,
+                &beta,
+                c as *mut f32,
+                ldc as i32,
+            )
+        };
+        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            self.record(&format!("{what} (cuBLAS)"), format!("{status:?}"));
+        }
+    }
+
+    /// An fp32 view of `x`: `x` itself, or a converted copy (kept alive by the returned
+    /// buffer) for a 16-bit activation.
+    fn as_f32(&self, x: &Buf) -> (u64, Option<Buf>) {
+        if x.dtype == DType::F32 {
+            return (self.ptr(x), None);
+        }
+        let copy = self.alloc(x.len, DType::F32);
+        let args = [P(self.ptr(&copy)), P(self.ptr(x)), I(x.len as i32)];
+        self.launch(&typed("convert_to_f32", x.dtype), elementwise(x.len), &args);
+        (self.ptr(&copy), Some(copy))
+    }
+
+    /// Logits and the softmax buffer are fp32 on every path; anything else is a bug in the
+    /// caller, reported rather than computed wrongly.
+    fn expect_f32(&self, what: &str, b: &Buf) -> bool {
+        if b.dtype != DType::F32 {
+            self.record(what, format!("expected an fp32 buffer, got {:?}", b.dtype));
+            return false;
+        }
+        true
+    }
 }
 
 impl Backend<f32> for Gpu {
     type Buf = Buf;
 
     fn zeros(&self, len: usize) -> Buf {
-        match self.stream.alloc_zeros::<f32>(len.max(1)) {
-            Ok(b) => b,
-            Err(e) => {
-                self.record(
-                    &format!(
-                        "out of GPU memory allocating {} MiB; use a smaller --batch-size",
-                        (len * 4) >> 20
-                    ),
-                    e,
-                );
-                // A one-element stand-in keeps the op going; `status` reports the failure.
-                self.stream
-                    .alloc_zeros::<f32>(1)
-                    .expect("a 4-byte allocation")
-            }
-        }
+        self.alloc(len, DType::F32)
+    }
+
+    fn act_zeros(&self, len: usize) -> Buf {
+        self.alloc(len, self.opts.activations)
     }
 
     fn upload(&self, data: &[f32]) -> Buf {
-        if data.is_empty() {
-            return self.zeros(0);
-        }
-        match self.stream.clone_htod(data) {
-            Ok(b) => b,
+        self.upload_as(data, DType::F32)
+    }
+
+    fn upload_act(&self, data: &[f32]) -> Buf {
+        self.upload_as(data, self.opts.activations)
+    }
+
+    fn download(&self, buf: &Buf) -> Vec<f32> {
+        match self.stream.clone_dtoh(&buf.mem) {
+            Ok(bytes) => {
+                let mut v = from_bytes(&bytes, buf.dtype);
+                v.truncate(buf.len);
+                v
+            }
             Err(e) => {
-                self.record("copying to the GPU", e);
-                self.zeros(0)
+                self.record("copying from the GPU", e);
+                vec![f32::NAN; buf.len]
             }
         }
     }
 
-    fn download(&self, buf: &Buf) -> Vec<f32> {
-        self.stream.clone_dtoh(buf).unwrap_or_else(|e| {
-            self.record("copying from the GPU", e);
-            vec![f32::NAN; buf.len()]
-        })
-    }
-
     fn fill_zero(&self, buf: &mut Buf) {
-        if let Err(e) = self.stream.memset_zeros(buf) {
+        if let Err(e) = self.stream.memset_zeros(&mut buf.mem) {
             self.record("memset", e);
         }
     }
@@ -135,23 +284,46 @@ impl Backend<f32> for Gpu {
         self.take_error()
     }
 
+    fn loss_scale(&self) -> anyhow::Result<Option<(f64, u64)>> {
+        Ok(self.read_loss_scale()?.map(|(s, k)| (s as f64, k)))
+    }
+
     fn conv2d_forward(&self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, xs: Nhwc, conv: &Conv2d) {
+        let dt = x.dtype;
         let ys = conv.out_shape(xs);
+        let wp = if dt == DType::F32 {
+            self.ptr(w)
+        } else {
+            self.low(w, dt)
+        };
         self.dnn_call("conv2d_forward", |d| {
-            let (_, _, _, need) = d.algos(xs, conv)?;
+            let need = d.algos(xs, conv, dt)?.workspace;
             let (ws, ws_len) = self.workspace(need);
             let p = ConvPtrs {
                 x: self.vptr(x),
-                w: self.vptr(w),
+                w: wp as *mut c_void,
                 y: self.vptr(y),
                 workspace: ws as *mut c_void,
             };
             // SAFETY: buffers sized by the network for these shapes, on the handle's stream.
             unsafe {
-                d.conv_forward(&p, ws_len, xs, conv)?;
-                d.add_bias(p.y, self.vptr(b), ys)
+                d.conv_forward(&p, ws_len, xs, conv, dt)?;
+                if dt == DType::F32 {
+                    d.add_bias(p.y, self.vptr(b), ys)?;
+                }
+                Ok(())
             }
         });
+        if dt != DType::F32 {
+            // cuDNN's bias add wants the bias in the data type; ours stays fp32.
+            let args = [
+                P(self.ptr(y)),
+                P(self.ptr(b)),
+                I(ys.pixels() as i32),
+                I(ys.c as i32),
+            ];
+            self.launch(&typed("bias_add", dt), self.strided(ys.len()), &args);
+        }
     }
 
     fn conv2d_backward(
@@ -165,33 +337,68 @@ impl Backend<f32> for Gpu {
         xs: Nhwc,
         conv: &Conv2d,
     ) {
+        let dt = dy.dtype;
         let ys = conv.out_shape(xs);
         let dx_ptr = dx.map(|d| self.vptr(d));
-        self.dnn_call("conv2d_backward", |d| {
-            let (_, _, _, need) = d.algos(xs, conv)?;
-            let (ws, ws_len) = self.workspace(need);
-            // SAFETY: as in conv2d_forward.
-            unsafe {
-                d.bias_grad(self.vptr(db), self.vptr(dy), ys)?;
-                let filter = ConvPtrs {
-                    x: self.vptr(x),
-                    w: self.vptr(dw),
-                    y: self.vptr(dy),
-                    workspace: ws as *mut c_void,
-                };
-                d.conv_backward_filter(&filter, ws_len, xs, conv)?;
-                if let Some(dxp) = dx_ptr {
-                    let data = ConvPtrs {
-                        x: dxp,
-                        w: self.vptr(w),
+        if dt == DType::F32 {
+            self.dnn_call("conv2d_backward", |d| {
+                let need = d.algos(xs, conv, dt)?.workspace;
+                let (ws, ws_len) = self.workspace(need);
+                // SAFETY: as in conv2d_forward.
+                unsafe {
+                    d.bias_grad(self.vptr(db), self.vptr(dy), ys)?;
+                    let filter = ConvPtrs {
+                        x: self.vptr(x),
+                        w: self.vptr(dw),
                         y: self.vptr(dy),
                         workspace: ws as *mut c_void,
                     };
-                    d.conv_backward_data(&data, ws_len, xs, conv)?;
+                    d.conv_backward_filter(&filter, ws_len, xs, conv, dt, true)?;
+                    if let Some(dxp) = dx_ptr {
+                        let data = ConvPtrs {
+                            x: dxp,
+                            w: self.vptr(w),
+                            y: self.vptr(dy),
+                            workspace: ws as *mut c_void,
+                        };
+                        d.conv_backward_data(&data, ws_len, xs, conv, dt)?;
+                    }
+                    Ok(())
+                }
+            });
+            return;
+        }
+        // Mixed precision: the bias gradient is reduced by a kernel straight into fp32; the
+        // weight gradient comes out of cuDNN in the data type and is added to the fp32 one.
+        self.bias_grad(db, dy, ys);
+        let dw_low = self.alloc(conv.weight_len(), dt);
+        let wp = dx_ptr.map(|_| self.low(w, dt));
+        self.dnn_call("conv2d_backward", |d| {
+            let need = d.algos(xs, conv, dt)?.workspace;
+            let (ws, ws_len) = self.workspace(need);
+            // SAFETY: as in conv2d_forward.
+            unsafe {
+                let filter = ConvPtrs {
+                    x: self.vptr(x),
+                    w: self.vptr(&dw_low),
+                    y: self.vptr(dy),
+                    workspace: ws as *mut c_void,
+                };
+                d.conv_backward_filter(&filter, ws_len, xs, conv, dt, false)?;
+                if let (Some(dxp), Some(wp)) = (dx_ptr, wp) {
+                    let data = ConvPtrs {
+                        x: dxp,
+                        w: wp as *mut c_void,
+                        y: self.vptr(dy),
+                        workspace: ws as *mut c_void,
+                    };
+                    d.conv_backward_data(&data, ws_len, xs, conv, dt)?;
                 }
                 Ok(())
             }
         });
+        let args = [P(self.ptr(dw)), P(self.ptr(&dw_low)), I(dw.len as i32)];
+        self.launch(&typed("accumulate_grad", dt), elementwise(dw.len), &args);
     }
 
     fn batch_norm_forward_train(
@@ -250,20 +457,21 @@ impl Backend<f32> for Gpu {
     }
 
     fn relu_forward(&self, y: &mut Buf, x: &Buf) {
-        let args = [P(self.ptr(y)), P(self.ptr(x)), I(x.len() as i32)];
-        self.launch("relu_forward_f32", elementwise(x.len()), &args);
+        let args = [P(self.ptr(y)), P(self.ptr(x)), I(x.len as i32)];
+        self.launch(&typed("relu_forward", x.dtype), elementwise(x.len), &args);
     }
 
     fn relu_backward(&self, dy: &mut Buf, y: &Buf) {
-        let args = [P(self.ptr(dy)), P(self.ptr(y)), I(y.len() as i32)];
-        self.launch("relu_backward_f32", elementwise(y.len()), &args);
+        let args = [P(self.ptr(dy)), P(self.ptr(y)), I(y.len as i32)];
+        self.launch(&typed("relu_backward", y.dtype), elementwise(y.len), &args);
     }
 
     fn max_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc, pool: &MaxPool2d) {
+        let dt = x.dtype;
         self.dnn_call("max_pool2d_forward", |d| {
             let pd = Pooling::max(pool)?;
             // SAFETY: buffers sized for these shapes, on the handle's stream.
-            unsafe { d.pool_forward(&pd, self.vptr(y), self.vptr(x), xs, pool.out_shape(xs)) }
+            unsafe { d.pool_forward(&pd, self.vptr(y), self.vptr(x), xs, pool.out_shape(xs), dt) }
         });
     }
 
@@ -276,6 +484,7 @@ impl Backend<f32> for Gpu {
         xs: Nhwc,
         pool: &MaxPool2d,
     ) {
+        let dt = x.dtype;
         self.dnn_call("max_pool2d_backward", |d| {
             let pd = Pooling::max(pool)?;
             // SAFETY: as above.
@@ -288,6 +497,7 @@ impl Backend<f32> for Gpu {
                     self.vptr(y),
                     xs,
                     pool.out_shape(xs),
+                    dt,
                 )
             }
         });
@@ -295,7 +505,8 @@ impl Backend<f32> for Gpu {
 
     fn fork_backward(&self, dx: &mut Buf, parts: &[&Buf]) {
         // The kernel sums up to four parts in order; more are folded in four at a time.
-        let n = dx.len() as i32;
+        let n = dx.len as i32;
+        let name = typed("fork_backward", dx.dtype);
         let dxp = self.ptr(dx);
         let mut first = true;
         for chunk in parts.chunks(4) {
@@ -313,7 +524,7 @@ impl Backend<f32> for Gpu {
             }
             first = false;
             let args = [P(dxp), P(p[0]), P(p[1]), P(p[2]), P(p[3]), I(n)];
-            self.launch("fork_backward_f32", elementwise(dx.len()), &args);
+            self.launch(&name, elementwise(dx.len), &args);
         }
     }
 
@@ -327,15 +538,17 @@ impl Backend<f32> for Gpu {
 
     fn avg_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc) {
         let ys = Nhwc::new(xs.n, xs.h / 2, xs.w / 2, xs.c);
+        let dt = x.dtype;
         self.dnn_call("avg_pool2d_forward", |d| {
             let pd = Pooling::avg2()?;
             // SAFETY: as above.
-            unsafe { d.pool_forward(&pd, self.vptr(y), self.vptr(x), xs, ys) }
+            unsafe { d.pool_forward(&pd, self.vptr(y), self.vptr(x), xs, ys, dt) }
         });
     }
 
     fn avg_pool2d_backward(&self, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
         let ys = Nhwc::new(xs.n, xs.h / 2, xs.w / 2, xs.c);
+        let dt = dy.dtype;
         self.dnn_call("avg_pool2d_backward", |d| {
             let pd = Pooling::avg2()?;
             // cuDNN's average-pooling backward reads neither x nor y; dx and dy stand in.
@@ -349,6 +562,7 @@ impl Backend<f32> for Gpu {
                     self.vptr(dy),
                     xs,
                     ys,
+                    dt,
                 )
             }
         });
@@ -364,23 +578,28 @@ impl Backend<f32> for Gpu {
         fin: usize,
         fout: usize,
     ) {
-        // Row-major y[n, out] = x[n, in]·wᵀ is column-major yᵀ[out, n] = w(in×out)ᵀ · xᵀ(in×n).
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: fout as i32,
-            n: n as i32,
-            k: fin as i32,
-            alpha: 1.0f32,
-            lda: fin as i32,
-            ldb: fin as i32,
-            beta: 0.0f32,
-            ldc: fout as i32,
-        };
-        // SAFETY: w is [out, in], x [n, in], y [n, out], all on this stream.
-        if let Err(e) = unsafe { self.blas.gemm(cfg, w, x, y) } {
-            self.record("linear_forward (cuBLAS)", e);
+        // The head is tiny ([N, 256]·[256, 10]) and produces the logits, so it runs in fp32 on
+        // every path: a 16-bit input is widened first.
+        if !self.expect_f32("linear_forward output", y) {
+            return;
         }
+        let (xp, _x32) = self.as_f32(x);
+        // Row-major y[n, out] = x[n, in]·wᵀ is column-major yᵀ[out, n] = w(in×out)ᵀ · xᵀ(in×n).
+        self.sgemm(
+            "linear_forward",
+            (
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+            ),
+            (fout, n, fin),
+            self.ptr(w),
+            fin,
+            xp,
+            fin,
+            0.0,
+            self.ptr(y),
+            fout,
+        );
         self.dnn_call("linear_forward bias", |d| {
             // SAFETY: y holds n·out floats, b out.
             unsafe { d.add_bias(self.vptr(y), self.vptr(b), Nhwc::new(n, 1, 1, fout)) }
@@ -399,40 +618,53 @@ impl Backend<f32> for Gpu {
         fin: usize,
         fout: usize,
     ) {
-        // dw[out, in] += dyᵀ·x  ⇔  column-major dwᵀ(in×out) += xᵀ(in×n) · dy(n×out).
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_T,
-            m: fin as i32,
-            n: fout as i32,
-            k: n as i32,
-            alpha: 1.0f32,
-            lda: fin as i32,
-            ldb: fout as i32,
-            beta: 1.0f32,
-            ldc: fin as i32,
-        };
-        // SAFETY: shapes as documented above, all on this stream.
-        if let Err(e) = unsafe { self.blas.gemm(cfg, x, dy, dw) } {
-            self.record("linear_backward dw (cuBLAS)", e);
+        if !self.expect_f32("linear_backward gradient", dy) {
+            return;
         }
+        let (xp, _x32) = self.as_f32(x);
+        // dw[out, in] += dyᵀ·x  ⇔  column-major dwᵀ(in×out) += xᵀ(in×n) · dy(n×out).
+        self.sgemm(
+            "linear_backward dw",
+            (
+                cublasOperation_t::CUBLAS_OP_N,
+                cublasOperation_t::CUBLAS_OP_T,
+            ),
+            (fin, fout, n),
+            xp,
+            fin,
+            self.ptr(dy),
+            fout,
+            1.0,
+            self.ptr(dw),
+            fin,
+        );
         if let Some(dx) = dx {
-            // dx[n, in] = dy·w  ⇔  column-major dxᵀ(in×n) = wᵀ(in×out) · dyᵀ(out×n).
-            let cfg = GemmConfig {
-                transa: cublasOperation_t::CUBLAS_OP_N,
-                transb: cublasOperation_t::CUBLAS_OP_N,
-                m: fin as i32,
-                n: n as i32,
-                k: fout as i32,
-                alpha: 1.0f32,
-                lda: fin as i32,
-                ldb: fout as i32,
-                beta: 0.0f32,
-                ldc: fin as i32,
-            };
-            // SAFETY: as above.
-            if let Err(e) = unsafe { self.blas.gemm(cfg, w, dy, dx) } {
-                self.record("linear_backward dx (cuBLAS)", e);
+            // dx[n, in] = dy·w  ⇔  column-major dxᵀ(in×n) = wᵀ(in×out) · dyᵀ(out×n), in fp32,
+            // then narrowed to the activation type.
+            let dx32 = (dx.dtype != DType::F32).then(|| self.alloc(dx.len, DType::F32));
+            let target = dx32.as_ref().map_or(self.ptr(dx), |b| self.ptr(b));
+            self.sgemm(
+                "linear_backward dx",
+                (
+                    cublasOperation_t::CUBLAS_OP_N,
+                    cublasOperation_t::CUBLAS_OP_N,
+                ),
+                (fin, n, fout),
+                self.ptr(w),
+                fin,
+                self.ptr(dy),
+                fout,
+                0.0,
+                target,
+                fin,
+            );
+            if let Some(dx32) = &dx32 {
+                let args = [P(self.ptr(dx)), P(self.ptr(dx32)), I(dx.len as i32)];
+                self.launch(
+                    &typed("convert_from_f32", dx.dtype),
+                    elementwise(dx.len),
+                    &args,
+                );
             }
         }
         self.dnn_call("linear_backward bias", |d| {
@@ -449,6 +681,11 @@ impl Backend<f32> for Gpu {
         k: usize,
         smoothing: f64,
     ) -> f64 {
+        if !self.expect_f32("cross_entropy_forward logits", logits)
+            || !self.expect_f32("cross_entropy_forward softmax", probs)
+        {
+            return f64::NAN;
+        }
         self.cross_entropy(probs, logits, labels, k, smoothing)
     }
 
@@ -460,9 +697,54 @@ impl Backend<f32> for Gpu {
         _k: usize,
         _smoothing: f64,
     ) {
-        // The forward kernel already wrote (softmax − target)/N into `probs`.
-        if let Err(e) = self.stream.memcpy_dtod(probs, dlogits) {
+        // The forward kernel already wrote (softmax − target)/N (× the loss scale in mixed
+        // precision) into `probs`.
+        if let Err(e) = self.stream.memcpy_dtod(&probs.mem, &mut dlogits.mem) {
             self.record("cross_entropy_backward copy", e);
+        }
+    }
+
+    fn sgd_step_all(&self, params: &mut [SgdParam<'_, Buf>], first_step: bool, opt: &Sgd) {
+        match &self.loss_scale {
+            None => {
+                for p in params.iter_mut() {
+                    self.sgd(p.value, p.grad, p.momentum, first_step, opt, 0);
+                }
+            }
+            Some(ls) => {
+                let (scale, _s1) = ls.scale.device_ptr(&self.stream);
+                let (found_inf, _s2) = ls.found_inf.device_ptr(&self.stream);
+                // Every gradient is unscaled and checked before any parameter moves, so an
+                // overflow anywhere skips the whole step (on the device, without a sync).
+                for p in params.iter_mut() {
+                    let g = self.ptr(p.grad);
+                    let args = [P(g), P(g), I(p.grad.len as i32), P(scale), P(found_inf)];
+                    self.launch("amp_unscale_f32", self.strided(p.grad.len), &args);
+                }
+                for p in params.iter_mut() {
+                    self.sgd(p.value, p.grad, p.momentum, first_step, opt, found_inf);
+                }
+                let (growth, _s3) = ls.growth.device_ptr(&self.stream);
+                let (skipped, _s4) = ls.skipped.device_ptr(&self.stream);
+                let args = [
+                    P(scale),
+                    P(growth),
+                    P(found_inf),
+                    P(skipped),
+                    F(LOSS_SCALE_GROWTH),
+                    F(LOSS_SCALE_BACKOFF),
+                    I(LOSS_SCALE_INTERVAL),
+                ];
+                let one = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (1, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                self.launch("update_loss_scale", one, &args);
+            }
+        }
+        for p in params.iter() {
+            p.value.shadow_fresh.store(false, Ordering::Release);
         }
     }
 
@@ -474,7 +756,131 @@ impl Backend<f32> for Gpu {
         first_step: bool,
         opt: &Sgd,
     ) {
-        self.sgd(param, grad, momentum_buf, first_step, opt);
+        self.sgd(param, grad, momentum_buf, first_step, opt, 0);
+        param.shadow_fresh.store(false, Ordering::Release);
+    }
+}
+
+/// A CIFAR-10 split resident in device memory (the uint8 records, as in the files), with the
+/// normalisation constants: what `augment_batch` builds training batches from.
+pub struct DeviceRecords {
+    bytes: cudarc::driver::CudaSlice<u8>,
+    records: usize,
+    /// MEAN then STD, 3 floats each.
+    norm: cudarc::driver::CudaSlice<f32>,
+}
+
+impl DeviceRecords {
+    pub fn len(&self) -> usize {
+        self.records
+    }
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+}
+
+impl Gpu {
+    /// Copies the records of `set` to the device, once (about 150 MB for the training split).
+    pub fn upload_records(&self, set: &crate::data::Cifar10) -> anyhow::Result<DeviceRecords> {
+        use crate::data::{MEAN, RECORD, STD};
+        let total: usize = set.record_chunks().map(|c| c.len()).sum();
+        let err = |e| {
+            anyhow::anyhow!(
+                "copying the training set to the GPU ({} MB): {e}",
+                total >> 20
+            )
+        };
+        let mut bytes = self.stream.alloc_zeros::<u8>(total.max(1)).map_err(err)?;
+        let mut at = 0;
+        for chunk in set.record_chunks() {
+            let mut dst = bytes.slice_mut(at..at + chunk.len());
+            self.stream.memcpy_htod(chunk, &mut dst).map_err(err)?;
+            at += chunk.len();
+        }
+        let norm: Vec<f32> = MEAN.iter().chain(STD.iter()).copied().collect();
+        let norm = self.stream.clone_htod(&norm).map_err(err)?;
+        Ok(DeviceRecords {
+            bytes,
+            records: total / RECORD,
+            norm,
+        })
+    }
+
+    /// Renders the training batch of records `indices`, image `j` cropped by `views[j].0/1`
+    /// (dy, dx in −4..=4) and mirrored when `views[j].2`, normalised, into an activation
+    /// buffer (NHWC, the activation type): `make_batch` on the device (`cuda/data.cu`).
+    pub fn augment_batch(
+        &self,
+        records: &DeviceRecords,
+        indices: &[usize],
+        views: &[(i32, i32, bool)],
+    ) -> Buf {
+        let b = indices.len();
+        let out = self.act_zeros(b * 3072);
+        if b == 0 || views.len() != b {
+            self.record(
+                "augment_batch",
+                format!("{b} images but {} crop/flip draws", views.len()),
+            );
+            return out;
+        }
+        // One small copy per step: indices, dy, dx, flip.
+        let mut params = Vec::with_capacity(4 * b);
+        params.extend(indices.iter().map(|&i| i as i32));
+        params.extend(views.iter().map(|v| v.0));
+        params.extend(views.iter().map(|v| v.1));
+        params.extend(views.iter().map(|v| v.2 as i32));
+        let params = match self.stream.clone_htod(&params) {
+            Ok(p) => p,
+            Err(e) => {
+                self.record("copying the batch indices to the GPU", e);
+                return out;
+            }
+        };
+        let (pp, _s1) = params.device_ptr(&self.stream);
+        let (rp, _s2) = records.bytes.device_ptr(&self.stream);
+        let (np, _s3) = records.norm.device_ptr(&self.stream);
+        let at = |k: usize| pp + (k * b * 4) as u64;
+        let args = [
+            P(self.ptr(&out)),
+            P(0), // labels_out: the host knows the labels
+            P(rp),
+            I(records.records as i32),
+            P(at(0)),
+            P(at(1)),
+            P(at(2)),
+            P(at(3)),
+            P(np),
+            P(np + 12),
+            I(b as i32),
+        ];
+        let launch = LaunchConfig {
+            grid_dim: (12, (b as u32).min(65535), 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = typed("augment_batch", out.dtype);
+        self.launch(&name, launch, &args);
+        out
+    }
+
+    fn upload_as(&self, data: &[f32], dt: DType) -> Buf {
+        if data.is_empty() {
+            return self.alloc(0, dt);
+        }
+        match self.stream.clone_htod(&to_bytes(data, dt)) {
+            Ok(mem) => Buf {
+                mem,
+                len: data.len(),
+                dtype: dt,
+                shadow: Mutex::new(None),
+                shadow_fresh: AtomicBool::new(false),
+            },
+            Err(e) => {
+                self.record("copying to the GPU", e);
+                self.alloc(0, dt)
+            }
+        }
     }
 }
 
@@ -578,7 +984,7 @@ impl Gpu {
             F(cfg.eps as f32),
             F(cfg.momentum as f32),
         ];
-        self.launch("batch_norm_stats_f32", r.cfg, &args);
+        self.launch(&typed("batch_norm_stats", x.dtype), r.cfg, &args);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -607,7 +1013,11 @@ impl Gpu {
             I(c),
             I(relu as i32),
         ];
-        self.launch("batch_norm_relu_apply_f32", self.strided(xs.len()), &args);
+        self.launch(
+            &typed("batch_norm_relu_apply", x.dtype),
+            self.strided(xs.len()),
+            &args,
+        );
     }
 
     fn bn_eval_invstd(&self, invstd: &mut Buf, running_var: &Buf, c: usize, cfg: &BatchNormCfg) {
@@ -665,7 +1075,11 @@ impl Gpu {
             I(c),
             I(0),
         ];
-        self.launch("batch_norm_relu_backward_reduce_f32", r.cfg, &args);
+        self.launch(
+            &typed("batch_norm_relu_backward_reduce", x.dtype),
+            r.cfg,
+            &args,
+        );
         let args = [
             P(self.ptr(dx)),
             P(dyp),
@@ -682,7 +1096,7 @@ impl Gpu {
             I(0),
         ];
         self.launch(
-            "batch_norm_relu_backward_apply_f32",
+            &typed("batch_norm_relu_backward_apply", x.dtype),
             self.strided(xs.len()),
             &args,
         );
@@ -690,7 +1104,8 @@ impl Gpu {
 
     fn concat(&self, y: &mut Buf, parts: &[&Buf], channels: &[usize]) {
         let ld: i32 = channels.iter().sum::<usize>() as i32;
-        let pixels = (y.len() / ld.max(1) as usize) as i32;
+        let pixels = (y.len / ld.max(1) as usize) as i32;
+        let name = typed("concat_forward", y.dtype);
         let yp = self.ptr(y);
         let mut off = 0i32;
         for (part, &c) in parts.iter().zip(channels) {
@@ -702,18 +1117,15 @@ impl Gpu {
                 I(pixels),
                 I(c as i32),
             ];
-            self.launch(
-                "concat_forward_f32",
-                self.strided(pixels as usize * c),
-                &args,
-            );
+            self.launch(&name, self.strided(pixels as usize * c), &args);
             off += c as i32;
         }
     }
 
     fn split(&self, dparts: &mut [&mut Buf], dy: &Buf, channels: &[usize]) {
         let ld: i32 = channels.iter().sum::<usize>() as i32;
-        let pixels = (dy.len() / ld.max(1) as usize) as i32;
+        let pixels = (dy.len / ld.max(1) as usize) as i32;
+        let name = typed("concat_backward", dy.dtype);
         let dyp = self.ptr(dy);
         let mut off = 0i32;
         for (part, &c) in dparts.iter_mut().zip(channels) {
@@ -725,11 +1137,7 @@ impl Gpu {
                 I(pixels),
                 I(c as i32),
             ];
-            self.launch(
-                "concat_backward_f32",
-                self.strided(pixels as usize * c),
-                &args,
-            );
+            self.launch(&name, self.strided(pixels as usize * c), &args);
             off += c as i32;
         }
     }
@@ -761,6 +1169,10 @@ impl Gpu {
                 return f64::NAN;
             }
         };
+        let scale = self
+            .loss_scale
+            .as_ref()
+            .map_or(0, |ls| ls.scale.device_ptr(&self.stream).0);
         let (correct_p, _s1) = correct.device_ptr(&self.stream);
         let (labels_p, _s2) = labels_d.device_ptr(&self.stream);
         let args = [
@@ -772,7 +1184,7 @@ impl Gpu {
             I(n as i32),
             I(k as i32),
             F(smoothing as f32),
-            P(0), // loss_scale: none, the fp32 path does not scale
+            P(scale), // null on the fp32 path, which does not scale
         ];
         let threads = ((32 * n as u32).min(1024)).div_ceil(32) * 32;
         let launch = LaunchConfig {
@@ -784,6 +1196,8 @@ impl Gpu {
         self.download(&loss).first().map_or(f64::NAN, |&l| l as f64)
     }
 
+    /// torch.optim.SGD over one parameter; with `found_inf` (a device flag, 0 for none) the
+    /// kernel does nothing when the flag is set.
     fn sgd(
         &self,
         param: &mut Buf,
@@ -791,20 +1205,36 @@ impl Gpu {
         momentum_buf: &mut Buf,
         first_step: bool,
         opt: &Sgd,
+        found_inf: u64,
     ) {
         let args = [
             P(self.ptr(param)),
             P(self.ptr(grad)),
             P(self.ptr(momentum_buf)),
-            I(param.len() as i32),
+            I(param.len as i32),
             F(opt.lr as f32),
             F(opt.momentum as f32),
             F(opt.weight_decay as f32),
             I(opt.nesterov as i32),
             I(first_step as i32),
-            P(0), // found_inf: none, fp32 never overflows the way fp16 does
+            P(found_inf),
             P(0), // lr_device: the lr argument is used
         ];
-        self.launch("sgd_step", self.strided(param.len()), &args);
+        self.launch("sgd_step", self.strided(param.len), &args);
+    }
+
+    /// db[c] += Σ_pixels dy[p, c] for a 16-bit dy, by the deterministic reduction kernel.
+    fn bias_grad(&self, db: &mut Buf, dy: &Buf, ys: Nhwc) {
+        let r = self.reduction(ys.pixels(), ys.c);
+        let (ws, counters) = self.reduction_buffers(&r);
+        let args = [
+            P(self.ptr(db)),
+            P(ws),
+            P(counters),
+            P(self.ptr(dy)),
+            I(ys.pixels() as i32),
+            I(ys.c as i32),
+        ];
+        self.launch(&typed("bias_grad", dy.dtype), r.cfg, &args);
     }
 }
