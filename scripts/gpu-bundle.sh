@@ -81,7 +81,7 @@ fi
 strip_copy target/release/incept "$bundle/incept"
 cp scripts/gpu-check.sh "$bundle/gpu-check.sh"
 # The PyTorch baseline and the seed model it times; the golden fixtures for the GPU tests.
-cp benches/pytorch_gpu.py tests/fixtures/seed_model.py "$bundle/"
+cp benches/pytorch_baseline.py benches/bench_report.py tests/fixtures/seed_model.py "$bundle/"
 mkdir -p "$bundle/fixtures"
 cp tests/fixtures/*.safetensors "$bundle/fixtures/"
 chmod +x "$bundle/gpu-check.sh"

@@ -11,7 +11,7 @@
 #
 # Environment: STEP_TIMEOUT (seconds a step may take, default 300), GPU_CHECK_BUDGET (seconds for
 # all steps, default 480: later steps are cut short or skipped), GPU_TEST_ARGS (extra libtest
-# arguments, e.g. --nocapture), BENCH_BATCHES (default "128 512"), TRAIN_EPOCHS (default 2; 0
+# arguments, e.g. --nocapture), BENCH_BATCHES (PyTorch's, default "128 512"), TRAIN_EPOCHS (default 2; 0
 # skips the training run), INCEPT_PYTHON (a python whose site-packages hold the NVIDIA wheels).
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -142,20 +142,18 @@ help="$("$here/incept" --help 2>&1)"
 if echo "$help" | grep -qE '^\s+info\b'; then
   step info ./incept info
 fi
-# The benchmark matrix: {fp32, AMP fp16} x {batch 128, 512}, incept and, where the machine's
-# python3 has PyTorch with CUDA, the seed model in PyTorch timed the same way (same card, same
-# run), so the report has the ratios side by side.
-for b in ${BENCH_BATCHES:-128 512}; do
-  step "bench-fp32-b$b" ./incept bench --device cuda -b "$b" --steps 30 --warmup 5 --no-amp --json
-  step "bench-amp-f16-b$b" ./incept bench --device cuda -b "$b" --steps 30 --warmup 5 --json
-  if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    step "pytorch-b$b" python3 ./pytorch_gpu.py -b "$b" --json
-  fi
-done
-{
-  echo "# bench: train/eval img/s (JSON lines from the bench-* and pytorch-* logs)"
-  grep -h '^{' "$report"/bench-*.log "$report"/pytorch-*.log 2>/dev/null
-} >"$report/bench.jsonl"
+# The benchmark matrix {streams 1, 4} x {fp32, AMP fp16} x {batch 128, 512}, and, where the
+# machine's python3 has PyTorch with CUDA, the seed model in PyTorch timed the same way (same
+# card, same run: eager and torch.compile, fp32 and AMP), so the report has the ratios side by
+# side (bench.txt).
+step bench-matrix ./incept bench --device cuda --matrix --steps 30 --warmup 5 --json
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  for b in ${BENCH_BATCHES:-128 512}; do
+    step "pytorch-b$b" python3 ./pytorch_baseline.py -b "$b" --steps 30 --warmup 5 --json
+  done
+fi
+grep -h '^{' "$report"/bench-*.log "$report"/pytorch-*.log >"$report/bench.jsonl" 2>/dev/null
+python3 ./bench_report.py "$report/bench.jsonl" >"$report/bench.txt" 2>&1 && cat "$report/bench.txt"
 if [ "${TRAIN_EPOCHS:-2}" -gt 0 ]; then
   # Data and checkpoints in a scratch folder; the report keeps the run's metrics only.
   work="$(mktemp -d "${TMPDIR:-/tmp}/incept-gpu-check.XXXXXX")"

@@ -26,6 +26,8 @@ pub struct BenchResult {
     pub device: String,
     /// `fp32`, `amp-f16` or `amp-bf16`.
     pub precision: String,
+    /// CUDA streams of the Inception branches (1: one stream for everything); 0 on the CPU.
+    pub streams: usize,
     pub batch: usize,
     pub threads: usize,
     pub train_ms: f64,
@@ -39,6 +41,7 @@ impl BenchResult {
         serde_json::json!({
             "device": self.device,
             "precision": self.precision,
+            "streams": self.streams,
             "batch": self.batch,
             "threads": self.threads,
             "train_ms": self.train_ms,
@@ -83,21 +86,51 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
     bench_net(&mut net, opts, "cpu")
 }
 
-/// Times the seed model on a CUDA device (one stream, branches in order) in the precision
-/// `precision` asks for.
+/// Times the seed model on a CUDA device in the precision and with the streams `cuda` asks
+/// for (the branches are issued in order; with several streams they run concurrently).
 #[cfg(feature = "cudnn")]
 pub fn bench_cuda(
     opts: &BenchOpts,
     device: &str,
-    precision: &crate::train::PrecisionArgs,
+    cuda: &crate::train::CudaArgs,
 ) -> Result<BenchResult> {
     use crate::backend::cuda::Gpu;
-    let gpu = crate::train::open_gpu(device, precision)?;
+    let gpu = crate::train::open_gpu(device, cuda)?;
     let mut net: Net<f32, Gpu> = Net::new(ModelSpec::inception_net_small(), gpu, 0)?;
     net.schedule = BranchSchedule::Sequential;
     let mut r = bench_net(&mut net, opts, device)?;
-    r.precision = precision.describe(device).to_string();
+    r.precision = cuda.describe(device).to_string();
+    r.streams = cuda.streams;
     Ok(r)
+}
+
+/// [`bench_cuda`] over {streams 1, 4} × {fp32, AMP fp16} × `batches`, in that order.
+#[cfg(feature = "cudnn")]
+pub fn bench_cuda_matrix(
+    opts: &BenchOpts,
+    device: &str,
+    base: &crate::train::CudaArgs,
+    batches: &[usize],
+) -> Result<Vec<BenchResult>> {
+    let mut out = Vec::new();
+    for &batch in batches {
+        for no_amp in [true, false] {
+            for streams in [1, 4] {
+                let cuda = crate::train::CudaArgs {
+                    no_amp,
+                    amp_dtype: None,
+                    streams,
+                    ..base.clone()
+                };
+                let o = BenchOpts {
+                    batch,
+                    ..opts.clone()
+                };
+                out.push(bench_cuda(&o, device, &cuda)?);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Median step times of `net`. Each timed step ends by reading the loss or the logits back,
@@ -130,6 +163,7 @@ fn bench_net<B: Backend<f32>>(
     Ok(BenchResult {
         device: device.to_string(),
         precision: "fp32".to_string(),
+        streams: 0,
         batch: n,
         threads: rayon::current_num_threads(),
         train_ms: train * 1e3,

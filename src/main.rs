@@ -90,7 +90,7 @@ struct EvalArgs {
     #[arg(short = 'j', long = "workers", alias = "threads")]
     threads: Option<usize>,
     #[command(flatten)]
-    precision: train::PrecisionArgs,
+    cuda: train::CudaArgs,
 }
 
 #[derive(clap::Args)]
@@ -98,9 +98,9 @@ struct BenchArgs {
     /// Device to run on (`cpu`; `cuda` needs a build with `--features cudnn`).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Images per step.
-    #[arg(short = 'b', long = "batch-size", default_value_t = 128)]
-    batch_size: usize,
+    /// Images per step (default 128; with --matrix, both 128 and 512).
+    #[arg(short = 'b', long = "batch-size")]
+    batch_size: Option<usize>,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -119,8 +119,12 @@ struct BenchArgs {
     /// Time every layer (CPU): forward and backward ms and each convolution's GFLOP/s.
     #[arg(long)]
     profile: bool,
+    /// CUDA: the whole matrix {--streams 1, 4} × {fp32, AMP fp16} × batch {128, 512} (or the
+    /// --batch-size given), as a table and, with --json, one JSON object per line.
+    #[arg(long)]
+    matrix: bool,
     #[command(flatten)]
-    precision: train::PrecisionArgs,
+    cuda: train::CudaArgs,
 }
 
 /// Flags of `incept train`, for running it when no subcommand is given.
@@ -145,8 +149,9 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     train::check_device(&args.device)?;
-    args.precision.validate(&args.device)?;
-    if args.batch_size < 2 {
+    args.cuda.validate(&args.device)?;
+    let batch = args.batch_size.unwrap_or(128);
+    if batch < 2 {
         bail!(
             "--batch-size must be at least 2 (BatchNorm needs two values per channel in training)"
         );
@@ -162,7 +167,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         print!(
             "{}",
             incept::bench::profile_cpu(&BenchOpts {
-                batch: args.batch_size,
+                batch,
                 warmup: args.warmup,
                 steps: args.steps,
                 schedule: BranchSchedule::Sequential,
@@ -171,16 +176,28 @@ fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let opts = BenchOpts {
-        batch: args.batch_size,
+        batch,
         warmup: args.warmup,
         steps: args.steps,
         schedule: args.branches,
     };
+    if args.matrix {
+        if args.device == "cpu" {
+            bail!("--matrix compares CUDA streams and precisions; use --device cuda");
+        }
+        #[cfg(feature = "cudnn")]
+        {
+            let batches = args.batch_size.map_or(vec![128, 512], |b| vec![b]);
+            let rows = incept::bench::bench_cuda_matrix(&opts, &args.device, &args.cuda, &batches)?;
+            print_matrix(&rows, args.json);
+        }
+        return Ok(());
+    }
     #[cfg(feature = "cudnn")]
     let r = if args.device == "cpu" {
         bench_cpu(&opts)?
     } else {
-        incept::bench::bench_cuda(&opts, &args.device, &args.precision)?
+        incept::bench::bench_cuda(&opts, &args.device, &args.cuda)?
     };
     #[cfg(not(feature = "cudnn"))]
     let r = bench_cpu(&opts)?;
@@ -203,11 +220,31 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The benchmark matrix as a table, and as JSON lines with `json`.
+#[cfg(feature = "cudnn")]
+fn print_matrix(rows: &[incept::bench::BenchResult], json: bool) {
+    println!(
+        "{:<10} {:>7} {:>6} {:>10} {:>12} {:>10} {:>12}",
+        "precision", "streams", "batch", "train ms", "train img/s", "eval ms", "eval img/s"
+    );
+    for r in rows {
+        println!(
+            "{:<10} {:>7} {:>6} {:>10.2} {:>12.1} {:>10.2} {:>12.1}",
+            r.precision, r.streams, r.batch, r.train_ms, r.train_img_s, r.eval_ms, r.eval_img_s
+        );
+    }
+    if json {
+        for r in rows {
+            println!("{}", r.to_json());
+        }
+    }
+}
+
 fn eval(args: EvalArgs) -> Result<()> {
     use incept::backend::cpu::Cpu;
     use incept::model::{net::Net, ModelSpec};
     train::check_device(&args.device)?;
-    args.precision.validate(&args.device)?;
+    args.cuda.validate(&args.device)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -217,7 +254,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let spec = ModelSpec::inception_net_small();
     #[cfg(feature = "cudnn")]
     let r = if args.device != "cpu" {
-        let gpu = train::open_gpu(&args.device, &args.precision)?;
+        let gpu = train::open_gpu(&args.device, &args.cuda)?;
         let mut net: Net<f32, incept::backend::cuda::Gpu> = Net::new(spec, gpu, 0)?;
         incept::checkpoint::load_model(&mut net, &file, "")?;
         train::evaluate(&mut net, &test, args.batch_size)?

@@ -110,7 +110,12 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     #[command(flatten)]
     #[serde(flatten)]
-    pub precision: PrecisionArgs,
+    pub cuda: CudaArgs,
+    /// CUDA: profile only training steps A to B−1 (counted from 0 over the whole run):
+    /// cuProfilerStart before step A, cuProfilerStop after step B−1, for
+    /// `nsys profile --capture-range=cudaProfilerApi` and `ncu --profile-from-start off`.
+    #[arg(long, value_name = "A..B")]
+    pub profile_steps: Option<String>,
     /// CUDA: build the training batches on the CPU and copy each one over, instead of keeping
     /// the training set on the GPU and cropping/flipping there (same images, same bits).
     #[arg(long)]
@@ -126,9 +131,9 @@ pub enum AmpDtype {
 }
 
 /// How a CUDA device computes (`train`, `eval`, `bench`). The CPU always computes in fp32 and
-/// is deterministic, so there `--no-amp` and `--deterministic` change nothing.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
-pub struct PrecisionArgs {
+/// is deterministic, so there `--no-amp`, `--deterministic` and `--streams` change nothing.
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
+pub struct CudaArgs {
     /// Mixed precision on CUDA (the default there): fp16 activations and convolutions, fp32
     /// master weights, BatchNorm statistics and loss, dynamic loss scaling.
     #[arg(long, overrides_with = "no_amp")]
@@ -140,12 +145,29 @@ pub struct PrecisionArgs {
     /// The 16-bit type of --amp: f16 (with loss scaling) or bf16 (needs compute capability 8.0+).
     #[arg(long, value_enum)]
     pub amp_dtype: Option<AmpDtype>,
-    /// Only deterministic cuDNN algorithms: the same run gives the same bits on the same GPU.
+    /// Only deterministic cuDNN algorithms, chosen without timing: the same run gives the same
+    /// bits on the same GPU.
     #[arg(long)]
     pub deterministic: bool,
+    /// CUDA streams for the Inception branches: 1 runs everything in order on one stream; N
+    /// runs the four branches of each block concurrently on N streams of their own.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
 }
 
-impl PrecisionArgs {
+impl Default for CudaArgs {
+    fn default() -> Self {
+        CudaArgs {
+            amp: false,
+            no_amp: false,
+            amp_dtype: None,
+            deterministic: false,
+            streams: 4,
+        }
+    }
+}
+
+impl CudaArgs {
     /// Refuses mixed-precision flags where they cannot apply.
     pub fn validate(&self, device: &str) -> Result<()> {
         if device == "cpu" {
@@ -155,6 +177,9 @@ impl PrecisionArgs {
             if self.amp_dtype.is_some() {
                 bail!("--amp-dtype applies to --device cuda; the CPU trains in fp32 (drop --amp-dtype)");
             }
+        }
+        if !(1..=16).contains(&self.streams) {
+            bail!("--streams must be between 1 and 16, got {}", self.streams);
         }
         if self.no_amp && self.amp_dtype.is_some() {
             bail!("--amp-dtype chooses the type of mixed precision, which --no-amp turns off; drop one of them");
@@ -173,6 +198,7 @@ impl PrecisionArgs {
                 (false, _) => DType::F16,
             },
             deterministic: self.deterministic,
+            streams: self.streams,
         }
     }
 
@@ -188,7 +214,7 @@ impl PrecisionArgs {
 
 /// Opens the CUDA device `device` (`cuda` or `cuda:N`) as `precision` says.
 #[cfg(feature = "cudnn")]
-pub fn open_gpu(device: &str, precision: &PrecisionArgs) -> Result<crate::backend::cuda::Gpu> {
+pub fn open_gpu(device: &str, precision: &CudaArgs) -> Result<crate::backend::cuda::Gpu> {
     use crate::backend::cuda::{parse_device, Gpu};
     Gpu::with_options(parse_device(device)?, precision.gpu_options())
 }
@@ -241,11 +267,33 @@ impl TrainConfig {
             bail!("--resume and --initial-checkpoint exclude each other: resume continues a run, the other starts a new one");
         }
         check_device(&self.device)?;
+        if let Some(r) = &self.profile_steps {
+            if self.device == "cpu" {
+                bail!("--profile-steps applies to --device cuda (on the CPU, use `incept bench --profile`)");
+            }
+            parse_steps(r)?;
+        }
         if self.host_batches && self.device == "cpu" {
             bail!("--host-batches applies to --device cuda; the CPU always builds batches on the host (drop --host-batches)");
         }
-        self.precision.validate(&self.device)
+        self.cuda.validate(&self.device)
     }
+}
+
+/// Parses `--profile-steps A..B` into the steps `A..B` (B > A).
+pub fn parse_steps(s: &str) -> Result<std::ops::Range<u64>> {
+    let bad = || {
+        anyhow::anyhow!("--profile-steps {s}: expected A..B with whole numbers A < B, e.g. 20..30")
+    };
+    let (a, b) = s.split_once("..").ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a >= b {
+        return Err(bad());
+    }
+    Ok(a..b)
 }
 
 /// Accepts `cpu`; says clearly why `cuda` is not available in this build.
@@ -611,11 +659,11 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
     let spec = ModelSpec::inception_net_small();
     #[cfg(feature = "cudnn")]
     if cfg.device != "cpu" {
-        let gpu = open_gpu(&cfg.device, &cfg.precision)?;
+        let gpu = open_gpu(&cfg.device, &cfg.cuda)?;
         info!(
             device = %gpu.describe(),
-            precision = cfg.precision.describe(&cfg.device),
-            deterministic = cfg.precision.deterministic,
+            precision = cfg.cuda.describe(&cfg.device),
+            deterministic = cfg.cuda.deterministic,
             "CUDA"
         );
         let records = if cfg.host_batches {
@@ -821,6 +869,11 @@ fn train_loop<B: Backend<f32>>(
     );
     let mut y = Vec::new();
     let k = net.spec.classes;
+    // Validated with the flags; an empty range (no capture) without the flag.
+    let profile = match &cfg.profile_steps {
+        Some(r) => parse_steps(r)?,
+        None => u64::MAX..u64::MAX,
+    };
     while (progress.epoch as usize) < cfg.epochs {
         let epoch = progress.epoch;
         let order = data::epoch_order(n, cfg.seed, epoch);
@@ -838,6 +891,10 @@ fn train_loop<B: Backend<f32>>(
         for step in progress.step_in_epoch..steps_per_epoch {
             let start = step as usize * b;
             let idx = &order[start..(start + b).min(n)];
+            if profile.start == progress.global_step {
+                net.backend().profiler(true)?;
+                info!(step = progress.global_step, "profiler capture started");
+            }
             let input = feed.batch(net.backend(), idx, epoch, start as u64, &mut y);
             lr = schedule.lr(progress.global_step);
             opt.lr = lr;
@@ -862,6 +919,10 @@ fn train_loop<B: Backend<f32>>(
             net.backward()?;
             net.sgd_step(&opt);
             progress.global_step += 1;
+            if profile.end == progress.global_step {
+                net.backend().profiler(false)?;
+                info!(step = progress.global_step - 1, "profiler capture stopped");
+            }
             progress.step_in_epoch = step + 1;
             seen_now += idx.len();
             progress.epoch_loss_sum += loss * idx.len() as f64;

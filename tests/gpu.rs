@@ -102,6 +102,7 @@ impl Prec {
             GpuOptions {
                 activations: self.dtype,
                 deterministic: false,
+                streams: 1,
             },
         )
         .map_err(|e| format!("{e:#}"))
@@ -595,12 +596,19 @@ fn params<B: Backend<f32>>(net: &mut Net<f32, B>) -> Vec<f32> {
 }
 
 /// A network on a GPU in precision `p`, with loss scale `scale` in mixed precision.
-fn gpu_net(p: &Prec, seed: u64, scale: f32, deterministic: bool) -> Result<Net<f32, Gpu>, String> {
+fn gpu_net(
+    p: &Prec,
+    seed: u64,
+    scale: f32,
+    deterministic: bool,
+    streams: usize,
+) -> Result<Net<f32, Gpu>, String> {
     let mut gpu = Gpu::with_options(
         0,
         GpuOptions {
             activations: p.dtype,
             deterministic,
+            streams,
         },
     )
     .map_err(|e| format!("{e:#}"))?;
@@ -613,11 +621,19 @@ fn gpu_net(p: &Prec, seed: u64, scale: f32, deterministic: bool) -> Result<Net<f
     Ok(net)
 }
 
-/// Three whole training steps of the network on the GPU and on the CPU from the same weights.
+/// Three whole training steps of the network on the GPU and on the CPU from the same weights,
+/// with the branches on one stream and on four.
 fn test_training_steps(p: &Prec) -> Outcome {
+    for streams in [1, 4] {
+        training_steps(p, streams).map_err(|e| format!("--streams {streams}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn training_steps(p: &Prec, streams: usize) -> Outcome {
     // A loss scale that cannot overflow here, so no step is skipped and the trajectories are
     // comparable (the dynamic scale itself is checked by loss_scale_overflow_skips_step).
-    let mut g = gpu_net(p, 9, 1024.0, false)?;
+    let mut g = gpu_net(p, 9, 1024.0, false, streams)?;
     let mut c: Net<f32, Cpu> =
         Net::new(ModelSpec::inception_net_small(), Cpu, 9).map_err(|e| format!("{e:#}"))?;
     let (gl, gs) = train_steps(&mut g, 3).map_err(|e| format!("{e:#}"))?;
@@ -666,7 +682,7 @@ fn test_training_steps(p: &Prec) -> Outcome {
 /// device (no parameter moves), the scale halved, and the skip counted.
 fn test_loss_scale_overflow(p: &Prec) -> Outcome {
     let scale = 1e30f32;
-    let mut g = gpu_net(p, 9, scale, false)?;
+    let mut g = gpu_net(p, 9, scale, false, 4)?;
     // Materialise the parameters once, then take one step.
     let before = params(&mut g);
     train_steps(&mut g, 1).map_err(|e| format!("{e:#}"))?;
@@ -701,15 +717,17 @@ fn test_loss_scale_overflow(p: &Prec) -> Outcome {
     Ok(())
 }
 
-/// `--deterministic`: two runs of 3 steps give the same bits.
+/// `--deterministic`: a run of 3 steps with the branches on one stream and one with them on
+/// four concurrent streams give the same bits (the same algorithms, the same per-branch work,
+/// the branch gradients summed in the same order).
 fn test_deterministic(p: &Prec) -> Outcome {
-    let mut a = gpu_net(p, 5, 1024.0, true)?;
-    let mut b = gpu_net(p, 5, 1024.0, true)?;
+    let mut a = gpu_net(p, 5, 1024.0, true, 1)?;
+    let mut b = gpu_net(p, 5, 1024.0, true, 4)?;
     let (la, sa) = train_steps(&mut a, 3).map_err(|e| format!("{e:#}"))?;
     let (lb, sb) = train_steps(&mut b, 3).map_err(|e| format!("{e:#}"))?;
     if la != lb {
         return Err(format!(
-            "losses differ between two deterministic runs: {la:?} vs {lb:?}"
+            "losses differ between deterministic runs on 1 and 4 streams: {la:?} vs {lb:?}"
         ));
     }
     if sa != sb {
@@ -719,7 +737,7 @@ fn test_deterministic(p: &Prec) -> Outcome {
             .filter(|(x, y)| x.to_bits() != y.to_bits())
             .count();
         return Err(format!(
-            "{n} state values differ between two deterministic runs"
+            "{n} state values differ between deterministic runs on 1 and 4 streams"
         ));
     }
     Ok(())

@@ -181,6 +181,23 @@ pub trait Backend<T: Elem>: Sync {
         Ok(())
     }
 
+    /// The `n` branches of an Inception block are about to run (on the input computed so far).
+    /// A backend with several streams makes each branch stream wait for that input.
+    fn branches_begin(&self, _n: usize) {}
+    /// The ops from now on belong to branch `i` of the current block (`None`: back to the main
+    /// line of the network). Called from one thread, with the branches issued in order.
+    fn branch(&self, _i: Option<usize>) {}
+    /// The branches are done: what follows (the join) waits for all `n` of them.
+    fn branches_end(&self, _n: usize) {}
+    /// A named range around a layer, a branch or a block, for profilers (NVTX on CUDA).
+    fn range_push(&self, _name: &str) {}
+    fn range_pop(&self) {}
+    /// Starts (`true`) or stops the device profiler's capture (`cuProfilerStart/Stop`, for
+    /// `nsys profile --capture-range=cudaProfilerApi`); nothing on the CPU.
+    fn profiler(&self, _on: bool) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// In mixed precision: the current loss scale and how many optimizer steps were skipped
     /// for an overflowed gradient so far. `None` for a backend that does not scale.
     fn loss_scale(&self) -> anyhow::Result<Option<(f64, u64)>> {

@@ -255,9 +255,16 @@ impl<Buf: Send + Sync> Node<Buf> {
                 be.max_pool2d_forward(&mut self.out.buf, &x.buf, xs, pool);
             }
             Op::Inception { branches } => {
-                let results = run_branches(ctx.schedule, branches, |_, nodes| {
-                    forward_seq(nodes, x, ctx)
+                be.branches_begin(branches.len());
+                let results = run_branches(ctx.schedule, branches, |i, nodes| {
+                    be.branch(Some(i));
+                    be.range_push(&format!("{}/branch{}", self.name, i + 1));
+                    let r = forward_seq(nodes, x, ctx);
+                    be.range_pop();
+                    r
                 });
+                be.branch(None);
+                be.branches_end(branches.len());
                 results.into_iter().collect::<Result<Vec<()>>>()?;
                 let outs: Vec<&Act<Buf>> = branches.iter().map(|b| last_out(b, x)).collect();
                 let channels: Vec<usize> = outs.iter().map(|o| o.shape.c).collect();
@@ -355,10 +362,17 @@ impl<Buf: Send + Sync> Node<Buf> {
                     .iter_mut()
                     .zip(dparts.into_iter().map(Some))
                     .collect();
-                let dxs = run_branches(ctx.schedule, &mut work, |_, (nodes, d)| {
+                be.branches_begin(work.len());
+                let dxs = run_branches(ctx.schedule, &mut work, |i, (nodes, d)| {
                     let d = d.take().expect("each branch gradient is used once");
-                    backward_seq(nodes, x, d, need_dx, ctx)
+                    be.branch(Some(i));
+                    be.range_push(&format!("{}/branch{}", self.name, i + 1));
+                    let r = backward_seq(nodes, x, d, need_dx, ctx);
+                    be.range_pop();
+                    r
                 });
+                be.branch(None);
+                be.branches_end(dxs.len());
                 if !need_dx {
                     return None;
                 }
@@ -483,7 +497,10 @@ fn forward_seq<T: Elem, B: Backend<T>>(
     for i in 0..nodes.len() {
         let (done, rest) = nodes.split_at_mut(i);
         let t = ctx.profile.then(std::time::Instant::now);
-        rest[0].forward(last_out(done, input), ctx)?;
+        ctx.be.range_push(&rest[0].name);
+        let r = rest[0].forward(last_out(done, input), ctx);
+        ctx.be.range_pop();
+        r?;
         if let Some(t) = t {
             rest[0].time[0] += t.elapsed().as_secs_f64();
         }
@@ -503,7 +520,9 @@ fn backward_seq<T: Elem, B: Backend<T>>(
         let (before, rest) = nodes.split_at_mut(i);
         let need = i > 0 || need_dx;
         let t = ctx.profile.then(std::time::Instant::now);
+        ctx.be.range_push(&rest[0].name);
         let g = rest[0].backward(last_out(before, input), grad, need, ctx);
+        ctx.be.range_pop();
         if let Some(t) = t {
             rest[0].time[1] += t.elapsed().as_secs_f64();
         }

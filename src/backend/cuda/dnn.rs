@@ -398,16 +398,23 @@ impl Dnn {
 
     /// The algorithms for convolving `xs` with `conv` in `dt`, chosen on first use of the shape
     /// and cached: measured by `cudnnFind*` (which runs every candidate once, on scratch memory
-    /// cuDNN allocates itself), or ranked by the heuristics if measuring fails.
+    /// cuDNN allocates itself), or ranked by the heuristics if measuring fails, and always
+    /// under `--deterministic`.
     pub fn algos(&mut self, xs: Nhwc, conv: &Conv2d, dt: DType) -> Result<Algos> {
         if let Some(a) = self.algos.get(&(xs, *conv, dt)) {
             return Ok(*a);
         }
-        let a = match self.search(xs, conv, dt, true) {
-            Ok(a) => a,
-            Err(find) => self.search(xs, conv, dt, false).map_err(|heur| {
-                anyhow::anyhow!("{find:#}; with cuDNN's heuristics instead: {heur:#}")
-            })?,
+        // Timing decides between algorithms of nearly equal speed by noise, so under
+        // --deterministic the heuristics choose: the same choice in every run.
+        let a = if self.deterministic {
+            self.search(xs, conv, dt, false)?
+        } else {
+            match self.search(xs, conv, dt, true) {
+                Ok(a) => a,
+                Err(find) => self.search(xs, conv, dt, false).map_err(|heur| {
+                    anyhow::anyhow!("{find:#}; with cuDNN's heuristics instead: {heur:#}")
+                })?,
+            }
         };
         tracing::debug!(
             ?xs,

@@ -20,7 +20,7 @@ pub fn search_dirs() -> Vec<PathBuf> {
     }
     dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
     for site in site_packages() {
-        for pkg in ["cuda_runtime", "cublas", "cuda_nvrtc", "cudnn"] {
+        for pkg in ["cuda_runtime", "cublas", "cuda_nvrtc", "cudnn", "nvtx"] {
             dirs.push(site.join("nvidia").join(pkg).join("lib"));
         }
     }
@@ -83,7 +83,7 @@ fn libraries(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
     v
 }
 
-/// Opens the runtime, cuBLAS, NVRTC and cuDNN libraries found in [`search_dirs`] (once per
+/// Opens the runtime, cuBLAS, NVRTC, cuDNN and NVTX libraries found in [`search_dirs`] (once per
 /// process) and returns the files opened. cuDNN's parts depend on each other, so files that
 /// fail are retried until a round opens nothing new.
 pub fn preload() -> &'static [PathBuf] {
@@ -100,6 +100,7 @@ pub fn preload() -> &'static [PathBuf] {
                         "libcublas",
                         "libnvrtc",
                         "libcudnn",
+                        "libnvToolsExt",
                     ],
                 )
             })

@@ -25,9 +25,9 @@ pub use ops::DeviceRecords;
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 /// The PTX of every `cuda/*.cu`, compiled by build.rs: `PTX: &[(module, source)]`.
@@ -74,8 +74,13 @@ pub struct GpuOptions {
     /// Element type of activations and their gradients: `F32` is the fp32 path, `F16`/`Bf16`
     /// mixed precision with fp32 master weights and loss scaling.
     pub activations: DType,
-    /// Only convolution algorithms cuDNN reports as deterministic.
+    /// Only convolution algorithms cuDNN reports as deterministic, chosen by cuDNN's
+    /// heuristics rather than by timing, so that every run makes the same choices.
     pub deterministic: bool,
+    /// Streams for the Inception branches: 1 runs everything in order on the main stream;
+    /// N > 1 gives the branches N streams of their own beside the main one (branch `i` on
+    /// branch stream `i mod N`).
+    pub streams: usize,
 }
 
 impl Default for GpuOptions {
@@ -83,22 +88,53 @@ impl Default for GpuOptions {
         GpuOptions {
             activations: DType::F32,
             deterministic: false,
+            streams: 1,
         }
     }
 }
 
+/// Device memory whose last users may still be queued on other streams: freed only once every
+/// stream has passed the point where it was dropped (see [`Gpu::settle`]).
+type Graveyard = Arc<Mutex<Vec<CudaSlice<u8>>>>;
+
 /// A device buffer: `len` elements of `dtype`.
 pub struct GpuBuf {
-    mem: CudaSlice<u8>,
+    /// Always `Some` (taken only by `drop`).
+    mem: Option<CudaSlice<u8>>,
     len: usize,
     dtype: DType,
     /// For an fp32 weight in mixed precision: its 16-bit copy for the convolutions, made on
     /// first use and remade after each change (`shadow_fresh` false).
     shadow: Mutex<Option<CudaSlice<u8>>>,
     shadow_fresh: AtomicBool,
+    /// With several streams: where the memory goes when dropped, instead of being freed on
+    /// the stream that allocated it while another stream may still read it.
+    grave: Option<Graveyard>,
+}
+
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        if let Some(grave) = &self.grave {
+            let mut g = grave.lock().unwrap_or_else(|p| p.into_inner());
+            g.extend(self.mem.take());
+            g.extend(
+                self.shadow
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take(),
+            );
+        }
+    }
 }
 
 impl GpuBuf {
+    fn mem(&self) -> &CudaSlice<u8> {
+        self.mem.as_ref().expect("a live buffer has its memory")
+    }
+    fn mem_mut(&mut self) -> &mut CudaSlice<u8> {
+        self.mem.as_mut().expect("a live buffer has its memory")
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -128,20 +164,37 @@ const LOSS_SCALE_GROWTH: f32 = 2.0;
 const LOSS_SCALE_BACKOFF: f32 = 0.5;
 const LOSS_SCALE_INTERVAL: i32 = 2000;
 
-/// A CUDA device with its stream, library handles and loaded kernels.
-pub struct Gpu {
-    ctx: Arc<CudaContext>,
+/// One CUDA stream with what work on it needs to itself: cuDNN handles and workspaces are
+/// per stream, and so are the BatchNorm reduction buffers (two reductions running at once on
+/// different streams must not share partial sums or arrival counters).
+struct Lane {
     stream: Arc<CudaStream>,
     dnn: Mutex<dnn::Dnn>,
+    /// Scratch memory for cuDNN, grown on demand.
+    workspace: Mutex<CudaSlice<u8>>,
+    /// Partial sums (doubles) and arrival counters of the per-channel reductions.
+    bn_scratch: Mutex<(CudaSlice<f64>, CudaSlice<i32>)>,
+    /// Marks a point of this stream's work for another stream to wait on.
+    event: CudaEvent,
+}
+
+/// A CUDA device with its streams, library handles and loaded kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    /// `lanes[0]` is the main stream (everything outside the Inception branches); the others
+    /// run branches.
+    lanes: Vec<Lane>,
+    /// The lane ops go to now (set around each branch by the network).
+    current: AtomicUsize,
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
     opts: GpuOptions,
     /// Present in mixed precision.
     loss_scale: Option<LossScale>,
-    /// Scratch memory for cuDNN, grown on demand.
-    workspace: Mutex<CudaSlice<u8>>,
-    /// Partial sums (doubles) and arrival counters of the BatchNorm reductions.
-    bn_scratch: Mutex<(CudaSlice<f64>, CudaSlice<i32>)>,
+    /// Present with several streams.
+    graveyard: Option<Graveyard>,
+    /// NVTX ranges (libnvToolsExt found).
+    nvtx: bool,
     /// The first failure since the last [`Backend::status`] call.
     error: Mutex<Option<String>>,
 }
@@ -262,14 +315,40 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow::anyhow!("cannot open CUDA device {ordinal}: {e}"))?;
         // SAFETY: called before any buffer or stream exists; this backend orders its own work
-        // on one stream, so cudarc's per-buffer events are not needed (and would serialise
-        // branches writing disjoint slices of one buffer).
+        // (events between its streams at the Inception forks and joins), so cudarc's
+        // per-buffer events are not needed (and would serialise branches writing disjoint
+        // slices of one buffer).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| anyhow::anyhow!("cannot create a CUDA stream: {e}"))?;
+        if opts.streams == 0 {
+            bail!("--streams must be at least 1");
+        }
         cudnn_present()?;
-        let dnn = dnn::Dnn::new(stream.cu_stream() as _, opts.deterministic)?;
+        let alloc = |e| anyhow::anyhow!("CUDA allocation failed: {e}");
+        let n_lanes = if opts.streams == 1 {
+            1
+        } else {
+            opts.streams + 1
+        };
+        let mut lanes = Vec::with_capacity(n_lanes);
+        for _ in 0..n_lanes {
+            let stream = ctx
+                .new_stream()
+                .map_err(|e| anyhow::anyhow!("cannot create a CUDA stream: {e}"))?;
+            let dnn = dnn::Dnn::new(stream.cu_stream() as _, opts.deterministic)?;
+            lanes.push(Lane {
+                dnn: Mutex::new(dnn),
+                workspace: Mutex::new(stream.alloc_zeros::<u8>(1).map_err(alloc)?),
+                bn_scratch: Mutex::new((
+                    stream.alloc_zeros::<f64>(1).map_err(alloc)?,
+                    stream.alloc_zeros::<i32>(1).map_err(alloc)?,
+                )),
+                event: ctx
+                    .new_event(None)
+                    .map_err(|e| anyhow::anyhow!("cannot create a CUDA event: {e}"))?,
+                stream,
+            });
+        }
+        let stream = lanes[0].stream.clone();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow::anyhow!("cannot start cuBLAS: {e}"))?;
         let names = kernel_names();
@@ -291,12 +370,6 @@ impl Gpu {
         if let Some(missing) = names.iter().find(|k| !funcs.contains_key(*k)) {
             bail!("kernel {missing} is missing from the embedded PTX; the build is inconsistent");
         }
-        let alloc = |e| anyhow::anyhow!("CUDA allocation failed: {e}");
-        let workspace = stream.alloc_zeros::<u8>(1).map_err(alloc)?;
-        let bn_scratch = (
-            stream.alloc_zeros::<f64>(1).map_err(alloc)?,
-            stream.alloc_zeros::<i32>(1).map_err(alloc)?,
-        );
         if opts.activations == DType::Bf16 {
             let (major, _) = ctx.compute_capability().unwrap_or((0, 0));
             if major < 8 {
@@ -313,22 +386,72 @@ impl Gpu {
                 skipped: stream.alloc_zeros::<i32>(1).map_err(alloc)?,
             })
         };
+        // SAFETY: only tries to open the library.
+        let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
         Ok(Gpu {
             ctx,
-            stream,
-            dnn: Mutex::new(dnn),
+            graveyard: (lanes.len() > 1).then(Graveyard::default),
+            lanes,
+            current: AtomicUsize::new(0),
             blas,
             funcs,
             opts,
             loss_scale,
-            workspace: Mutex::new(workspace),
-            bn_scratch: Mutex::new(bn_scratch),
+            nvtx,
             error: Mutex::new(None),
         })
     }
 
+    /// The main stream.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.lanes[0].stream
+    }
+
+    /// The lane ops go to now.
+    fn lane(&self) -> &Lane {
+        &self.lanes[self.current.load(std::sync::atomic::Ordering::Relaxed)]
+    }
+
+    /// The stream ops go to now.
+    fn cur(&self) -> &Arc<CudaStream> {
+        &self.lane().stream
+    }
+
+    /// The lane of Inception branch `i`.
+    fn branch_lane(&self, i: usize) -> usize {
+        match self.lanes.len() {
+            1 => 0,
+            n => 1 + i % (n - 1),
+        }
+    }
+
+    /// Frees the memory of the buffers dropped so far, once it is safe: every stream first
+    /// waits for the main stream, which has joined the branch streams at the end of each
+    /// Inception block, so each free (issued on the stream that allocated the memory) comes
+    /// after every use.
+    fn settle(&self) {
+        let Some(grave) = &self.graveyard else {
+            return;
+        };
+        let dead = std::mem::take(&mut *grave.lock().unwrap_or_else(|p| p.into_inner()));
+        if dead.is_empty() {
+            return;
+        }
+        let main = &self.lanes[0];
+        if let Err(e) = main.event.record(&main.stream) {
+            self.record("recording a CUDA event", e);
+            // Without the ordering, keep the memory rather than free it early.
+            std::mem::forget(dead);
+            return;
+        }
+        for lane in &self.lanes[1..] {
+            if let Err(e) = lane.stream.wait(&main.event) {
+                self.record("ordering CUDA streams", e);
+                std::mem::forget(dead);
+                return;
+            }
+        }
+        drop(dead);
     }
 
     pub fn options(&self) -> GpuOptions {
@@ -344,7 +467,8 @@ impl Gpu {
         if !(scale.is_finite() && scale > 0.0) {
             bail!("the loss scale must be a positive finite number, got {scale}");
         }
-        self.stream
+        self.lanes[0]
+            .stream
             .memcpy_htod(&[scale], &mut ls.scale)
             .map_err(|e| anyhow::anyhow!("setting the loss scale: {e}"))
     }
@@ -356,14 +480,14 @@ impl Gpu {
             return Ok(None);
         };
         let err = |e| anyhow::anyhow!("reading the loss scale: {e}");
-        let scale = self.stream.clone_dtoh(&ls.scale).map_err(err)?;
-        let skipped = self.stream.clone_dtoh(&ls.skipped).map_err(err)?;
+        let scale = self.stream().clone_dtoh(&ls.scale).map_err(err)?;
+        let skipped = self.stream().clone_dtoh(&ls.skipped).map_err(err)?;
         Ok(Some((scale[0], skipped[0].max(0) as u64)))
     }
 
     /// Waits for all queued work and reports any failure.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
+        self.ctx
             .synchronize()
             .map_err(|e| anyhow::anyhow!("CUDA error: {e}"))?;
         self.take_error()

@@ -75,7 +75,7 @@ impl Gpu {
     /// The raw device address of a buffer, for cuDNN calls and kernel arguments. Work is
     /// ordered on the one stream, so no event is needed.
     fn ptr(&self, b: &Buf) -> u64 {
-        let (p, _sync) = b.mem.device_ptr(&self.stream);
+        let (p, _sync) = b.mem().device_ptr(self.cur());
         p
     }
 
@@ -86,7 +86,7 @@ impl Gpu {
     /// A zeroed buffer of `len` elements of `dtype`.
     fn alloc(&self, len: usize, dtype: DType) -> Buf {
         let bytes = len.max(1) * dtype.size();
-        let mem = match self.stream.alloc_zeros::<u8>(bytes) {
+        let mem = match self.cur().alloc_zeros::<u8>(bytes) {
             Ok(b) => b,
             Err(e) => {
                 self.record(
@@ -97,17 +97,18 @@ impl Gpu {
                     e,
                 );
                 // A small stand-in keeps the op going; `status` reports the failure.
-                self.stream
+                self.cur()
                     .alloc_zeros::<u8>(4)
                     .expect("a 4-byte allocation")
             }
         };
         Buf {
-            mem,
+            mem: Some(mem),
             len,
             dtype,
             shadow: Mutex::new(None),
             shadow_fresh: AtomicBool::new(false),
+            grave: self.graveyard.clone(),
         }
     }
 
@@ -116,7 +117,7 @@ impl Gpu {
         let mut shadow = w.shadow.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = w.len.max(1) * dt.size();
         if shadow.as_ref().is_none_or(|s| s.len() != bytes) {
-            match self.stream.alloc_zeros::<u8>(bytes) {
+            match self.cur().alloc_zeros::<u8>(bytes) {
                 Ok(s) => *shadow = Some(s),
                 Err(e) => {
                     self.record("out of GPU memory for a 16-bit weight copy", e);
@@ -128,7 +129,7 @@ impl Gpu {
         let Some(s) = shadow.as_ref() else {
             return self.ptr(w);
         };
-        let (sp, _sync) = s.device_ptr(&self.stream);
+        let (sp, _sync) = s.device_ptr(self.cur());
         if !w.shadow_fresh.swap(true, Ordering::AcqRel) {
             let args = [P(sp), P(self.ptr(w)), I(w.len as i32)];
             self.launch(&typed("convert_from_f32", dt), elementwise(w.len), &args);
@@ -138,9 +139,13 @@ impl Gpu {
 
     /// A cuDNN workspace of at least `bytes`, grown (never shrunk) as shapes need.
     fn workspace(&self, bytes: usize) -> (u64, usize) {
-        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ws = self
+            .lane()
+            .workspace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if ws.len() < bytes {
-            match self.stream.alloc_zeros::<u8>(bytes) {
+            match self.cur().alloc_zeros::<u8>(bytes) {
                 Ok(b) => *ws = b,
                 Err(e) => self.record(
                     &format!("out of GPU memory for a {bytes}-byte cuDNN workspace"),
@@ -148,13 +153,13 @@ impl Gpu {
                 ),
             }
         }
-        let (p, _sync) = ws.device_ptr(&self.stream);
+        let (p, _sync) = ws.device_ptr(self.cur());
         (p, ws.len())
     }
 
     /// Launches kernel `name` with its parameters in order.
     fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) {
-        let mut b = self.stream.launch_builder(self.func(name));
+        let mut b = self.cur().launch_builder(self.func(name));
         for a in args {
             match a {
                 Arg::P(v) => b.arg(v),
@@ -170,7 +175,7 @@ impl Gpu {
     }
 
     fn dnn_call(&self, what: &str, f: impl FnOnce(&mut super::dnn::Dnn) -> anyhow::Result<()>) {
-        let mut d = self.dnn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self.lane().dnn.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f(&mut d) {
             self.record(what, e);
         }
@@ -261,7 +266,9 @@ impl Backend<f32> for Gpu {
     }
 
     fn download(&self, buf: &Buf) -> Vec<f32> {
-        match self.stream.clone_dtoh(&buf.mem) {
+        // On the main stream, which has joined every branch stream by the time anything is
+        // read back.
+        match self.stream().clone_dtoh(buf.mem()) {
             Ok(bytes) => {
                 let mut v = from_bytes(&bytes, buf.dtype);
                 v.truncate(buf.len);
@@ -275,13 +282,90 @@ impl Backend<f32> for Gpu {
     }
 
     fn fill_zero(&self, buf: &mut Buf) {
-        if let Err(e) = self.stream.memset_zeros(&mut buf.mem) {
+        if let Err(e) = self.cur().memset_zeros(buf.mem_mut()) {
             self.record("memset", e);
         }
     }
 
     fn status(&self) -> anyhow::Result<()> {
+        // The network checks the status after every forward and backward: a point where every
+        // branch stream has been joined, so the memory dropped so far can be freed.
+        self.settle();
         self.take_error()
+    }
+
+    fn branches_begin(&self, n: usize) {
+        if self.lanes.len() == 1 {
+            return;
+        }
+        let main = &self.lanes[0];
+        if let Err(e) = main.event.record(&main.stream) {
+            return self.record("recording a CUDA event", e);
+        }
+        for i in 0..n.min(self.lanes.len() - 1) {
+            if let Err(e) = self.lanes[self.branch_lane(i)].stream.wait(&main.event) {
+                return self.record("ordering CUDA streams", e);
+            }
+        }
+    }
+
+    fn branch(&self, i: Option<usize>) {
+        let lane = i.map_or(0, |i| self.branch_lane(i));
+        self.current.store(lane, Ordering::Relaxed);
+    }
+
+    fn branches_end(&self, n: usize) {
+        if self.lanes.len() == 1 {
+            return;
+        }
+        let main = &self.lanes[0];
+        for i in 0..n.min(self.lanes.len() - 1) {
+            let lane = &self.lanes[self.branch_lane(i)];
+            if let Err(e) = lane.event.record(&lane.stream) {
+                return self.record("recording a CUDA event", e);
+            }
+            if let Err(e) = main.stream.wait(&lane.event) {
+                return self.record("ordering CUDA streams", e);
+            }
+        }
+    }
+
+    fn range_push(&self, name: &str) {
+        if self.nvtx {
+            cudarc::nvtx::result::range_push(name);
+        }
+    }
+
+    fn profiler(&self, on: bool) -> anyhow::Result<()> {
+        // Everything queued before the range belongs outside it.
+        self.ctx
+            .synchronize()
+            .map_err(|e| anyhow::anyhow!("CUDA error: {e}"))?;
+        // SAFETY: plain driver calls on the current context.
+        let r = unsafe {
+            if on {
+                cudarc::driver::sys::cuProfilerStart()
+            } else {
+                cudarc::driver::sys::cuProfilerStop()
+            }
+        };
+        if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            anyhow::bail!(
+                "{} failed: {r:?}",
+                if on {
+                    "cuProfilerStart"
+                } else {
+                    "cuProfilerStop"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    fn range_pop(&self) {
+        if self.nvtx {
+            cudarc::nvtx::result::range_pop();
+        }
     }
 
     fn loss_scale(&self) -> anyhow::Result<Option<(f64, u64)>> {
@@ -699,7 +783,7 @@ impl Backend<f32> for Gpu {
     ) {
         // The forward kernel already wrote (softmax − target)/N (× the loss scale in mixed
         // precision) into `probs`.
-        if let Err(e) = self.stream.memcpy_dtod(&probs.mem, &mut dlogits.mem) {
+        if let Err(e) = self.cur().memcpy_dtod(probs.mem(), dlogits.mem_mut()) {
             self.record("cross_entropy_backward copy", e);
         }
     }
@@ -712,8 +796,8 @@ impl Backend<f32> for Gpu {
                 }
             }
             Some(ls) => {
-                let (scale, _s1) = ls.scale.device_ptr(&self.stream);
-                let (found_inf, _s2) = ls.found_inf.device_ptr(&self.stream);
+                let (scale, _s1) = ls.scale.device_ptr(self.cur());
+                let (found_inf, _s2) = ls.found_inf.device_ptr(self.cur());
                 // Every gradient is unscaled and checked before any parameter moves, so an
                 // overflow anywhere skips the whole step (on the device, without a sync).
                 for p in params.iter_mut() {
@@ -724,8 +808,8 @@ impl Backend<f32> for Gpu {
                 for p in params.iter_mut() {
                     self.sgd(p.value, p.grad, p.momentum, first_step, opt, found_inf);
                 }
-                let (growth, _s3) = ls.growth.device_ptr(&self.stream);
-                let (skipped, _s4) = ls.skipped.device_ptr(&self.stream);
+                let (growth, _s3) = ls.growth.device_ptr(self.cur());
+                let (skipped, _s4) = ls.skipped.device_ptr(self.cur());
                 let args = [
                     P(scale),
                     P(growth),
@@ -790,15 +874,15 @@ impl Gpu {
                 total >> 20
             )
         };
-        let mut bytes = self.stream.alloc_zeros::<u8>(total.max(1)).map_err(err)?;
+        let mut bytes = self.cur().alloc_zeros::<u8>(total.max(1)).map_err(err)?;
         let mut at = 0;
         for chunk in set.record_chunks() {
             let mut dst = bytes.slice_mut(at..at + chunk.len());
-            self.stream.memcpy_htod(chunk, &mut dst).map_err(err)?;
+            self.cur().memcpy_htod(chunk, &mut dst).map_err(err)?;
             at += chunk.len();
         }
         let norm: Vec<f32> = MEAN.iter().chain(STD.iter()).copied().collect();
-        let norm = self.stream.clone_htod(&norm).map_err(err)?;
+        let norm = self.cur().clone_htod(&norm).map_err(err)?;
         Ok(DeviceRecords {
             bytes,
             records: total / RECORD,
@@ -830,16 +914,16 @@ impl Gpu {
         params.extend(views.iter().map(|v| v.0));
         params.extend(views.iter().map(|v| v.1));
         params.extend(views.iter().map(|v| v.2 as i32));
-        let params = match self.stream.clone_htod(&params) {
+        let params = match self.cur().clone_htod(&params) {
             Ok(p) => p,
             Err(e) => {
                 self.record("copying the batch indices to the GPU", e);
                 return out;
             }
         };
-        let (pp, _s1) = params.device_ptr(&self.stream);
-        let (rp, _s2) = records.bytes.device_ptr(&self.stream);
-        let (np, _s3) = records.norm.device_ptr(&self.stream);
+        let (pp, _s1) = params.device_ptr(self.cur());
+        let (rp, _s2) = records.bytes.device_ptr(self.cur());
+        let (np, _s3) = records.norm.device_ptr(self.cur());
         let at = |k: usize| pp + (k * b * 4) as u64;
         let args = [
             P(self.ptr(&out)),
@@ -868,13 +952,14 @@ impl Gpu {
         if data.is_empty() {
             return self.alloc(0, dt);
         }
-        match self.stream.clone_htod(&to_bytes(data, dt)) {
+        match self.cur().clone_htod(&to_bytes(data, dt)) {
             Ok(mem) => Buf {
-                mem,
+                mem: Some(mem),
                 len: data.len(),
                 dtype: dt,
                 shadow: Mutex::new(None),
                 shadow_fresh: AtomicBool::new(false),
+                grave: self.graveyard.clone(),
             },
             Err(e) => {
                 self.record("copying to the GPU", e);
@@ -939,21 +1024,25 @@ impl Gpu {
     /// The zeroed counters and a workspace of the reduction kernels, grown as needed. The
     /// kernels leave the counters zero again, so one pair serves every launch on this stream.
     fn reduction_buffers(&self, r: &Reduction) -> (u64, u64) {
-        let mut b = self.bn_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self
+            .lane()
+            .bn_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if b.0.len() < r.workspace {
-            match self.stream.alloc_zeros::<f64>(r.workspace) {
+            match self.cur().alloc_zeros::<f64>(r.workspace) {
                 Ok(w) => b.0 = w,
                 Err(e) => self.record("out of GPU memory for the BatchNorm workspace", e),
             }
         }
         if b.1.len() < r.counters {
-            match self.stream.alloc_zeros::<i32>(r.counters) {
+            match self.cur().alloc_zeros::<i32>(r.counters) {
                 Ok(c) => b.1 = c,
                 Err(e) => self.record("out of GPU memory for the BatchNorm counters", e),
             }
         }
-        let (w, _s1) = b.0.device_ptr(&self.stream);
-        let (c, _s2) = b.1.device_ptr(&self.stream);
+        let (w, _s1) = b.0.device_ptr(self.cur());
+        let (c, _s2) = b.1.device_ptr(self.cur());
         (w, c)
     }
 
@@ -1154,7 +1243,7 @@ impl Gpu {
     ) -> f64 {
         let n = labels.len();
         let labels_i: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-        let labels_d = match self.stream.clone_htod(&labels_i) {
+        let labels_d = match self.cur().clone_htod(&labels_i) {
             Ok(b) => b,
             Err(e) => {
                 self.record("copying labels to the GPU", e);
@@ -1162,7 +1251,7 @@ impl Gpu {
             }
         };
         let loss = self.zeros(1);
-        let correct = match self.stream.alloc_zeros::<i32>(1) {
+        let correct = match self.cur().alloc_zeros::<i32>(1) {
             Ok(b) => b,
             Err(e) => {
                 self.record("allocating the accuracy counter", e);
@@ -1172,9 +1261,9 @@ impl Gpu {
         let scale = self
             .loss_scale
             .as_ref()
-            .map_or(0, |ls| ls.scale.device_ptr(&self.stream).0);
-        let (correct_p, _s1) = correct.device_ptr(&self.stream);
-        let (labels_p, _s2) = labels_d.device_ptr(&self.stream);
+            .map_or(0, |ls| ls.scale.device_ptr(self.cur()).0);
+        let (correct_p, _s1) = correct.device_ptr(self.cur());
+        let (labels_p, _s2) = labels_d.device_ptr(self.cur());
         let args = [
             P(self.ptr(probs)),
             P(self.ptr(&loss)),

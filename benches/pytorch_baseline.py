@@ -5,10 +5,11 @@ weight decay 5e-4) on one fixed random batch; an eval step is an eval-mode forwa
 figure is the median over timed steps after a warm-up, every step ending with a device sync
 (as `incept bench` ends each step by reading the loss back). Modes: fp32 (TF32 off, as
 incept's fp32 path) and AMP (autocast fp16 + GradScaler, as incept's --amp), both in
-channels_last, PyTorch's fastest eager layout for convolutions.
+channels_last, PyTorch's fastest eager layout for convolutions; then the same two under
+`torch.compile` (default mode), unless --no-compile.
 
 Usage:
-    python benches/pytorch_gpu.py -b 128 --json
+    python benches/pytorch_baseline.py -b 128 --json
 """
 import argparse
 import json
@@ -43,9 +44,10 @@ def median_step_seconds(step, warmup, steps):
     return statistics.median(times)
 
 
-def bench(x, y, amp, warmup, steps):
+def bench(x, y, amp, warmup, steps, compiled):
     cl = torch.channels_last
     model = InceptionNet().cuda().to(memory_format=cl)
+    run = torch.compile(model) if compiled else model
     x = x.contiguous(memory_format=cl)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
@@ -55,7 +57,7 @@ def bench(x, y, amp, warmup, steps):
     def train_step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(run(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -63,7 +65,7 @@ def bench(x, y, amp, warmup, steps):
 
     def eval_step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            model(x).float().sum().item()
+            run(x).float().sum().item()
 
     model.train()
     t = median_step_seconds(train_step, warmup, steps)
@@ -79,9 +81,10 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per mode")
+    p.add_argument("--no-compile", action="store_true", help="eager only")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("pytorch_gpu.py: torch sees no CUDA device")
+        sys.exit("pytorch_baseline.py: torch sees no CUDA device")
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -93,15 +96,22 @@ def main():
 
     print(f"torch {torch.__version__}  {torch.cuda.get_device_name()}  batch={b}  "
           f"warmup={args.warmup}  steps={args.steps}")
-    for name, amp in (("fp32", False), ("amp-f16", True)):
-        t, e = bench(x, y, amp, args.warmup, args.steps)
+    modes = [(impl, name, amp)
+             for impl in (["eager"] if args.no_compile else ["eager", "compile"])
+             for name, amp in (("fp32", False), ("amp-f16", True))]
+    for impl, name, amp in modes:
+        try:
+            t, e = bench(x, y, amp, args.warmup, args.steps, impl == "compile")
+        except Exception as err:  # torch.compile needs a working compiler toolchain
+            print(f"{impl} {name}: failed: {err}".splitlines()[0], file=sys.stderr)
+            continue
         if args.json:
-            print(json.dumps({"impl": "pytorch-eager-channels_last", "torch": torch.__version__,
+            print(json.dumps({"impl": f"pytorch-{impl}-channels_last", "torch": torch.__version__,
                               "precision": name, "batch": b,
                               "train_ms": round(t * 1e3, 3), "train_img_s": round(b / t, 1),
                               "eval_ms": round(e * 1e3, 3), "eval_img_s": round(b / e, 1)}))
         else:
-            print(f"{name:<8} train {t * 1e3:8.2f} ms/step {b / t:10.1f} img/s   "
+            print(f"{impl:<8}{name:<8} train {t * 1e3:8.2f} ms/step {b / t:10.1f} img/s   "
                   f"eval {e * 1e3:8.2f} ms/step {b / e:10.1f} img/s")
 
 
