@@ -22,14 +22,15 @@ def main():
                     pass
     base = {r["batch"]: r["train_img_s"] for r in rows
             if r.get("impl") == "pytorch-eager-channels_last" and r.get("precision") == "amp-f16"}
-    print(f"{'impl':<34}{'precision':<10}{'streams':>8}{'batch':>7}{'train img/s':>13}"
-          f"{'eval img/s':>12}{'vs PyTorch eager AMP':>22}")
+    print(f"{'impl':<34}{'precision':<10}{'streams':>8}{'graph':>6}{'batch':>7}"
+          f"{'train img/s':>13}{'eval img/s':>12}{'vs PyTorch eager AMP':>22}")
     for r in sorted(rows, key=lambda r: (r["batch"], r.get("impl", "incept"), r["precision"],
-                                         r.get("streams", 0))):
+                                         r.get("graph", False), r.get("streams", 0))):
         impl = r.get("impl", "incept")
         ratio = base.get(r["batch"])
         ratio = f"{r['train_img_s'] / ratio:.2f}x" if ratio else "-"
-        print(f"{impl:<34}{r['precision']:<10}{r.get('streams', '-'):>8}{r['batch']:>7}"
+        graph = {True: "on", False: "off"}.get(r.get("graph"), "-")
+        print(f"{impl:<34}{r['precision']:<10}{r.get('streams', '-'):>8}{graph:>6}{r['batch']:>7}"
               f"{r['train_img_s']:>13.1f}{r['eval_img_s']:>12.1f}{ratio:>22}")
     if not base:
         print("(no PyTorch eager AMP rows: no ratios)")

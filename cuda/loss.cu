@@ -110,3 +110,15 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ dl
                                                           float smoothing, const float* __restrict__ loss_scale) {
     incept::cross_entropy_impl(dlogits, loss, correct, logits, labels, N, K, smoothing, loss_scale);
 }
+
+// accumulate_step_metrics(double* sums, const float* loss, const int* correct, int n)
+//   sums[0] += loss[0]·n (the step's summed loss, exact in double), sums[1] += correct[0]: an
+//   epoch's running loss and accuracy kept on the device and read back only when the host wants
+//   them, so a training step replayed as a CUDA graph needs no host sync. `loss` and `correct`
+//   are what cross_entropy_forward_backward wrote for a batch of n. Launch: grid 1, block 1.
+extern "C" __global__ void accumulate_step_metrics(double* __restrict__ sums, const float* __restrict__ loss,
+                                                   const int* __restrict__ correct, int n) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    sums[0] += (double)loss[0] * (double)n;
+    sums[1] += (double)correct[0];
+}

@@ -1,8 +1,11 @@
 //! `incept bench`: training and inference throughput of the seed model on random data.
 //!
 //! The training figure is a whole step (forward, loss, backward, SGD); the inference figure
-//! is an eval-mode forward. Both are medians over timed steps after a warm-up, so one noisy
-//! step does not move them.
+//! is an eval-mode forward. On the CPU both are medians over timed steps after a warm-up, so
+//! one noisy step does not move them. On CUDA a training step is what `incept train` runs
+//! (batches built on the GPU from a resident synthetic set; replayed as a CUDA graph, or op by
+//! op): the time of all timed steps with one sync at the end, divided by their number, since
+//! a replayed step never waits for the host.
 
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, Sgd};
@@ -28,6 +31,8 @@ pub struct BenchResult {
     pub precision: String,
     /// CUDA streams of the Inception branches (1: one stream for everything); 0 on the CPU.
     pub streams: usize,
+    /// CUDA: training steps replayed as a CUDA graph.
+    pub graph: bool,
     pub batch: usize,
     pub threads: usize,
     pub train_ms: f64,
@@ -42,6 +47,7 @@ impl BenchResult {
             "device": self.device,
             "precision": self.precision,
             "streams": self.streams,
+            "graph": self.graph,
             "batch": self.batch,
             "threads": self.threads,
             "train_ms": self.train_ms,
@@ -86,8 +92,9 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
     bench_net(&mut net, opts, "cpu")
 }
 
-/// Times the seed model on a CUDA device in the precision and with the streams `cuda` asks
-/// for (the branches are issued in order; with several streams they run concurrently).
+/// Times the seed model on a CUDA device as `cuda` asks (precision, streams, graph or not).
+/// The training steps run on a synthetic set of `2·batch` images resident on the GPU, as
+/// `incept train` runs them; the eval steps on a random batch from the host.
 #[cfg(feature = "cudnn")]
 pub fn bench_cuda(
     opts: &BenchOpts,
@@ -95,16 +102,72 @@ pub fn bench_cuda(
     cuda: &crate::train::CudaArgs,
 ) -> Result<BenchResult> {
     use crate::backend::cuda::Gpu;
+    use crate::data::{Augment, Cifar10, Split};
+    use crate::stepper::{DeviceFeed, EagerStepper, GraphStepper, Stepper};
+    let n = opts.batch;
+    let dir = std::env::temp_dir().join(format!("incept-bench-{}-{n}", std::process::id()));
+    crate::data::write_synthetic(&dir, 2 * n, 10, 0)?;
+    let set = Cifar10::open(&dir, Split::Train);
+    let _ = std::fs::remove_dir_all(&dir);
+    let set = set?;
     let gpu = crate::train::open_gpu(device, cuda)?;
+    let feed = DeviceFeed::new(&gpu, &set, Augment::TRAIN, 0)?;
     let mut net: Net<f32, Gpu> = Net::new(ModelSpec::inception_net_small(), gpu, 0)?;
     net.schedule = BranchSchedule::Sequential;
-    let mut r = bench_net(&mut net, opts, device)?;
-    r.precision = cuda.describe(device).to_string();
-    r.streams = cuda.streams;
-    Ok(r)
+    let mut graphed;
+    let mut eager;
+    let stepper: &mut dyn Stepper<Gpu> = if cuda.no_cuda_graph {
+        eager = EagerStepper::new(feed);
+        &mut eager
+    } else {
+        graphed = GraphStepper::new(feed);
+        &mut graphed
+    };
+    let order: Vec<usize> = (0..2 * n).collect();
+    let mut run = |net: &mut Net<f32, Gpu>, steps: usize, from: usize| -> Result<()> {
+        for s in from..from + steps {
+            let first = (s % 2) * n;
+            let idx = &order[first..first + n];
+            if let Some((loss, _)) = stepper.step(net, idx, 0, (s * n) as u64, &BENCH_SGD, 0.0)? {
+                anyhow::ensure!(loss.is_finite(), "the loss became {loss} at step {s}");
+            }
+        }
+        let (loss, _) = stepper.drain(net)?;
+        anyhow::ensure!(loss.is_finite(), "the loss became {loss}");
+        Ok(())
+    };
+    // The warm-up includes the graph's eager first step and its capture.
+    run(&mut net, opts.warmup.max(3), 0)?;
+    net.backend().synchronize()?;
+    let t = Instant::now();
+    run(&mut net, opts.steps, opts.warmup.max(3))?;
+    net.backend().synchronize()?;
+    let train = t.elapsed().as_secs_f64() / opts.steps as f64;
+    let (x, _) = random_batch(&net.spec, n);
+    let mut times = Vec::with_capacity(opts.steps);
+    for i in 0..opts.warmup + opts.steps {
+        let t = Instant::now();
+        net.forward(&x, n, false)?;
+        if i >= opts.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let eval = median(times);
+    Ok(BenchResult {
+        device: device.to_string(),
+        precision: cuda.describe(device).to_string(),
+        streams: cuda.streams,
+        graph: !cuda.no_cuda_graph,
+        batch: n,
+        threads: rayon::current_num_threads(),
+        train_ms: train * 1e3,
+        train_img_s: n as f64 / train,
+        eval_ms: eval * 1e3,
+        eval_img_s: n as f64 / eval,
+    })
 }
 
-/// [`bench_cuda`] over {streams 1, 4} × {fp32, AMP fp16} × `batches`, in that order.
+/// [`bench_cuda`] over {streams 1, 4} × {graph off, on} × {fp32, AMP fp16} × `batches`.
 #[cfg(feature = "cudnn")]
 pub fn bench_cuda_matrix(
     opts: &BenchOpts,
@@ -115,18 +178,21 @@ pub fn bench_cuda_matrix(
     let mut out = Vec::new();
     for &batch in batches {
         for no_amp in [true, false] {
-            for streams in [1, 4] {
-                let cuda = crate::train::CudaArgs {
-                    no_amp,
-                    amp_dtype: None,
-                    streams,
-                    ..base.clone()
-                };
-                let o = BenchOpts {
-                    batch,
-                    ..opts.clone()
-                };
-                out.push(bench_cuda(&o, device, &cuda)?);
+            for no_cuda_graph in [true, false] {
+                for streams in [1, 4] {
+                    let cuda = crate::train::CudaArgs {
+                        no_amp,
+                        amp_dtype: None,
+                        streams,
+                        no_cuda_graph,
+                        ..base.clone()
+                    };
+                    let o = BenchOpts {
+                        batch,
+                        ..opts.clone()
+                    };
+                    out.push(bench_cuda(&o, device, &cuda)?);
+                }
             }
         }
     }
@@ -164,6 +230,7 @@ fn bench_net<B: Backend<f32>>(
         device: device.to_string(),
         precision: "fp32".to_string(),
         streams: 0,
+        graph: false,
         batch: n,
         threads: rayon::current_num_threads(),
         train_ms: train * 1e3,

@@ -34,4 +34,5 @@ pub mod model;
 pub mod report;
 pub mod sched;
 pub mod schedule;
+pub mod stepper;
 pub mod train;

@@ -119,8 +119,9 @@ struct BenchArgs {
     /// Time every layer (CPU): forward and backward ms and each convolution's GFLOP/s.
     #[arg(long)]
     profile: bool,
-    /// CUDA: the whole matrix {--streams 1, 4} × {fp32, AMP fp16} × batch {128, 512} (or the
-    /// --batch-size given), as a table and, with --json, one JSON object per line.
+    /// CUDA: the whole matrix {--streams 1, 4} × {CUDA graph off, on} × {fp32, AMP fp16} ×
+    /// batch {128, 512} (or the --batch-size given), as a table and, with --json, one JSON
+    /// object per line.
     #[arg(long)]
     matrix: bool,
     #[command(flatten)]
@@ -224,13 +225,27 @@ fn bench(args: BenchArgs) -> Result<()> {
 #[cfg(feature = "cudnn")]
 fn print_matrix(rows: &[incept::bench::BenchResult], json: bool) {
     println!(
-        "{:<10} {:>7} {:>6} {:>10} {:>12} {:>10} {:>12}",
-        "precision", "streams", "batch", "train ms", "train img/s", "eval ms", "eval img/s"
+        "{:<10} {:>7} {:>6} {:>6} {:>10} {:>12} {:>10} {:>12}",
+        "precision",
+        "streams",
+        "graph",
+        "batch",
+        "train ms",
+        "train img/s",
+        "eval ms",
+        "eval img/s"
     );
     for r in rows {
         println!(
-            "{:<10} {:>7} {:>6} {:>10.2} {:>12.1} {:>10.2} {:>12.1}",
-            r.precision, r.streams, r.batch, r.train_ms, r.train_img_s, r.eval_ms, r.eval_img_s
+            "{:<10} {:>7} {:>6} {:>6} {:>10.2} {:>12.1} {:>10.2} {:>12.1}",
+            r.precision,
+            r.streams,
+            if r.graph { "on" } else { "off" },
+            r.batch,
+            r.train_ms,
+            r.train_img_s,
+            r.eval_ms,
+            r.eval_img_s
         );
     }
     if json {

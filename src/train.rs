@@ -14,6 +14,7 @@ use crate::model::net::Net;
 use crate::model::ModelSpec;
 use crate::sched::{LrSchedule, Sched};
 use crate::schedule::BranchSchedule;
+use crate::stepper::{EagerStepper, HostFeed, Stepper};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -153,6 +154,10 @@ pub struct CudaArgs {
     /// runs the four branches of each block concurrently on N streams of their own.
     #[arg(long, default_value_t = 4)]
     pub streams: usize,
+    /// Issue every training step op by op instead of replaying it as a CUDA graph (the graph
+    /// needs the training set on the GPU, so --host-batches turns it off too).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
 }
 
 impl Default for CudaArgs {
@@ -163,6 +168,7 @@ impl Default for CudaArgs {
             amp_dtype: None,
             deterministic: false,
             streams: 4,
+            no_cuda_graph: false,
         }
     }
 }
@@ -666,118 +672,45 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
             deterministic = cfg.cuda.deterministic,
             "CUDA"
         );
-        let records = if cfg.host_batches {
+        use crate::stepper::{DeviceFeed, GraphStepper};
+        let feed = if cfg.host_batches {
             None
         } else {
-            Some(gpu.upload_records(&train_set)?)
+            Some(DeviceFeed::new(&gpu, &train_set, cfg.augment(), cfg.seed)?)
         };
         let mut net: Net<f32, crate::backend::cuda::Gpu> = Net::new(spec, gpu, cfg.seed)?;
-        // One stream: the branches run in order (concurrent streams come with the fast path).
+        // The branches are issued in order from one thread; with several streams they run
+        // concurrently on the device.
         net.schedule = BranchSchedule::Sequential;
-        return match records {
-            Some(records) => {
-                let mut feed = DeviceFeed {
-                    set: &train_set,
-                    records,
-                    aug: cfg.augment(),
-                    seed: cfg.seed,
-                };
-                train_loop(cfg, net, &mut feed, &train_set, &test_set)
+        return match feed {
+            Some(feed) if !cfg.cuda.no_cuda_graph => {
+                let mut stepper = GraphStepper::new(feed);
+                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+            }
+            Some(feed) => {
+                let mut stepper = EagerStepper::new(feed);
+                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
             }
             None => {
-                let mut feed = HostFeed::new(&train_set, cfg);
-                train_loop(cfg, net, &mut feed, &train_set, &test_set)
+                let mut stepper =
+                    EagerStepper::new(HostFeed::new(&train_set, cfg.augment(), cfg.seed));
+                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
             }
         };
     }
     let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, cfg.seed)?;
     net.schedule = cfg.branches;
-    let mut feed = HostFeed::new(&train_set, cfg);
-    train_loop(cfg, net, &mut feed, &train_set, &test_set)
+    let mut stepper = EagerStepper::new(HostFeed::new(&train_set, cfg.augment(), cfg.seed));
+    train_loop(cfg, net, &mut stepper, &train_set, &test_set)
 }
 
-/// Where the training batches are built.
-trait Feed<B: Backend<f32>> {
-    /// The images `idx` (positions `first_pos..` of epoch `epoch`'s order), augmented, as an
-    /// input on the backend; their labels go to `labels`.
-    fn batch(
-        &mut self,
-        be: &B,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        labels: &mut Vec<u32>,
-    ) -> B::Buf;
-}
-
-/// [`data::make_batch`] on the CPU, then a copy to the backend.
-struct HostFeed<'a> {
-    set: &'a Cifar10,
-    aug: Augment,
-    seed: u64,
-    x: Vec<f32>,
-}
-
-impl<'a> HostFeed<'a> {
-    fn new(set: &'a Cifar10, cfg: &TrainConfig) -> Self {
-        HostFeed {
-            set,
-            aug: cfg.augment(),
-            seed: cfg.seed,
-            x: Vec::new(),
-        }
-    }
-}
-
-impl<B: Backend<f32>> Feed<B> for HostFeed<'_> {
-    fn batch(
-        &mut self,
-        be: &B,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        labels: &mut Vec<u32>,
-    ) -> B::Buf {
-        data::make_batch(
-            self.set,
-            idx,
-            self.aug,
-            self.seed,
-            epoch,
-            first_pos,
-            &mut self.x,
-            labels,
-        );
-        be.upload_act(&self.x)
-    }
-}
-
-/// The training set resident on the GPU: each step sends only the indices and the crop/flip
-/// draws (the same draws as [`data::make_batch`]), and `cuda/data.cu` renders the batch.
-#[cfg(feature = "cudnn")]
-struct DeviceFeed<'a> {
-    set: &'a Cifar10,
-    records: crate::backend::cuda::DeviceRecords,
-    aug: Augment,
-    seed: u64,
-}
-
-#[cfg(feature = "cudnn")]
-impl Feed<crate::backend::cuda::Gpu> for DeviceFeed<'_> {
-    fn batch(
-        &mut self,
-        be: &crate::backend::cuda::Gpu,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        labels: &mut Vec<u32>,
-    ) -> crate::backend::cuda::GpuBuf {
-        labels.clear();
-        labels.extend(idx.iter().map(|&i| u32::from(self.set.label(i))));
-        let views: Vec<(i32, i32, bool)> = (0..idx.len() as u64)
-            .map(|j| data::augment_view(self.aug, self.seed, epoch, first_pos + j))
-            .collect();
-        be.augment_batch(&self.records, idx, &views)
+/// Where the last good checkpoint is, for a message about stopping without saving.
+fn last_good(run_dir: &Path) -> String {
+    let last = run_dir.join("last.safetensors");
+    if last.exists() {
+        format!("the last good checkpoint is {}", last.display())
+    } else {
+        "no checkpoint was saved yet".to_string()
     }
 }
 
@@ -785,7 +718,7 @@ impl Feed<crate::backend::cuda::Gpu> for DeviceFeed<'_> {
 fn train_loop<B: Backend<f32>>(
     cfg: &TrainConfig,
     mut net: Net<f32, B>,
-    feed: &mut dyn Feed<B>,
+    stepper: &mut dyn Stepper<B>,
     train_set: &Cifar10,
     test_set: &Cifar10,
 ) -> Result<(PathBuf, Outcome)> {
@@ -840,8 +773,13 @@ fn train_loop<B: Backend<f32>>(
     let n = train_set.len();
     let b = cfg.batch_size;
     // The last partial batch is kept (as PyTorch's DataLoader does) unless it has one image,
-    // which BatchNorm cannot normalise in training.
-    let steps_per_epoch = (if n % b == 1 { n / b } else { n.div_ceil(b) }) as u64;
+    // which BatchNorm cannot normalise in training, or the steps replay a CUDA graph of one
+    // batch size.
+    let steps_per_epoch = (if n % b == 1 || stepper.drop_last() {
+        n / b
+    } else {
+        n.div_ceil(b)
+    }) as u64;
     if steps_per_epoch == 0 {
         bail!(
             "{} has {n} training images, fewer than one batch of 2",
@@ -867,8 +805,6 @@ fn train_loop<B: Backend<f32>>(
         run = %run_dir.display(), train = n, test = test_set.len(), epochs = cfg.epochs, batch = b,
         steps_per_epoch, threads = rayon::current_num_threads(), "training {}", net.spec.name
     );
-    let mut y = Vec::new();
-    let k = net.spec.classes;
     // Validated with the flags; an empty range (no capture) without the flag.
     let profile = match &cfg.profile_steps {
         Some(r) => parse_steps(r)?,
@@ -888,6 +824,7 @@ fn train_loop<B: Backend<f32>>(
         // Images trained by this process in this epoch, for images/s.
         let mut seen_now = 0usize;
         let mut lr = schedule.lr(progress.global_step);
+        let mut pending: Vec<u64> = Vec::new();
         for step in progress.step_in_epoch..steps_per_epoch {
             let start = step as usize * b;
             let idx = &order[start..(start + b).min(n)];
@@ -895,29 +832,27 @@ fn train_loop<B: Backend<f32>>(
                 net.backend().profiler(true)?;
                 info!(step = progress.global_step, "profiler capture started");
             }
-            let input = feed.batch(net.backend(), idx, epoch, start as u64, &mut y);
             lr = schedule.lr(progress.global_step);
             opt.lr = lr;
-            net.zero_grad();
-            let logits = net.forward_buf(input, idx.len(), true)?;
-            let loss = net.loss(&y, cfg.smoothing)?;
-            if !loss.is_finite() {
-                reporter.finish();
-                let last = run_dir.join("last.safetensors");
-                let keep = if last.exists() {
-                    format!("the last good checkpoint is {}", last.display())
-                } else {
-                    "no checkpoint was saved yet".to_string()
-                };
-                bail!(
-                    "the loss became {loss} at epoch {} step {} (global step {}); stopping without saving ({keep}). Lower --lr, or check the data",
-                    epoch + 1,
-                    step + 1,
-                    progress.global_step + 1,
-                );
+            let out = stepper.step(&mut net, idx, epoch, start as u64, &opt, cfg.smoothing)?;
+            match out {
+                Some((loss, _)) if !loss.is_finite() => {
+                    reporter.finish();
+                    bail!(
+                        "the loss became {loss} at epoch {} step {} (global step {}); stopping without saving ({}). Lower --lr, or check the data",
+                        epoch + 1,
+                        step + 1,
+                        progress.global_step + 1,
+                        last_good(&run_dir),
+                    );
+                }
+                Some((loss, correct)) => {
+                    progress.epoch_loss_sum += loss * idx.len() as f64;
+                    progress.epoch_correct += correct;
+                    progress.epoch_seen += idx.len() as u64;
+                }
+                None => pending.push(idx.len() as u64),
             }
-            net.backward()?;
-            net.sgd_step(&opt);
             progress.global_step += 1;
             if profile.end == progress.global_step {
                 net.backend().profiler(false)?;
@@ -925,14 +860,30 @@ fn train_loop<B: Backend<f32>>(
             }
             progress.step_in_epoch = step + 1;
             seen_now += idx.len();
-            progress.epoch_loss_sum += loss * idx.len() as f64;
-            progress.epoch_seen += idx.len() as u64;
-            progress.epoch_correct += logits
-                .chunks(k)
-                .zip(&y)
-                .filter(|(row, &l)| argmax(row) == l as usize)
-                .count() as u64;
-            let seen = progress.epoch_seen as f64;
+            // Steps whose loss stayed on the device: read back every --log-interval steps, at
+            // the end of the epoch and before stopping.
+            let last = step + 1 == steps_per_epoch;
+            if !pending.is_empty()
+                && (pending.len() >= cfg.log_interval || last || STOP.load(Ordering::SeqCst))
+            {
+                let (loss_sum, correct) = stepper.drain(&net)?;
+                let images: u64 = pending.iter().sum();
+                if !loss_sum.is_finite() {
+                    reporter.finish();
+                    bail!(
+                        "the loss became {loss_sum} within global steps {}..{} (epoch {}); stopping without saving ({}). Lower --lr, or check the data",
+                        progress.global_step + 1 - pending.len() as u64,
+                        progress.global_step,
+                        epoch + 1,
+                        last_good(&run_dir),
+                    );
+                }
+                progress.epoch_loss_sum += loss_sum;
+                progress.epoch_correct += correct;
+                progress.epoch_seen += images;
+                pending.clear();
+            }
+            let seen = progress.epoch_seen.max(1) as f64;
             reporter.step(
                 step,
                 &Running {
@@ -950,6 +901,7 @@ fn train_loop<B: Backend<f32>>(
             }
         }
         reporter.finish();
+        stepper.end_epoch();
         let train_secs = started.elapsed().as_secs_f64();
         let ev = evaluate(&mut net, test_set, cfg.eval_batch_size)?;
         let row = EpochRow {

@@ -950,6 +950,54 @@ fn cross_entropy_loss_gradient_and_correct_count() {
     report.finish("cross_entropy");
 }
 
+/// The epoch's running loss and accuracy on the device, as the training loop keeps them on the
+/// host: Σ loss·n and Σ correct over the steps, from what the loss kernel wrote each step.
+#[test]
+fn accumulate_step_metrics_sums_the_epoch_like_the_host() {
+    let (n, k) = (64, 10);
+    let mut sums = [0f64; 2];
+    let (mut loss_sum, mut correct_sum) = (0f64, 0u64);
+    for step in 0..5u64 {
+        let mut r = rng(1200 + step);
+        let logits: Vec<f32> = (0..n * k).map(|_| 3.0 * normal(&mut r)).collect();
+        let labels: Vec<i32> = (0..n).map(|_| r.random_range(0..k as i32)).collect();
+        let mut dlogits = vec![0f32; n * k];
+        let out = emu::cross_entropy_forward_backward(
+            Launch::linear(1, 1024),
+            &mut dlogits,
+            &logits,
+            &labels,
+            k,
+            0.0,
+            None,
+        );
+        emu::accumulate_step_metrics(Launch::linear(1, 1), &mut sums, out, n);
+        // What train_loop adds per step from the loss it reads back.
+        loss_sum += out.loss as f64 * n as f64;
+        correct_sum += out.correct as u64;
+    }
+    assert_eq!(
+        sums[0].to_bits(),
+        loss_sum.to_bits(),
+        "loss sum {} vs host {loss_sum}",
+        sums[0]
+    );
+    assert_eq!(sums[1], correct_sum as f64, "correct count");
+    assert!(correct_sum > 0 && sums[0] > 0.0, "a real run: {sums:?}");
+    // Only thread (0, 0) adds: a wider launch must not add more than once.
+    let before = sums;
+    let out = emu::LossOut {
+        loss: 1.5,
+        correct: 3,
+    };
+    emu::accumulate_step_metrics(Launch::linear(2, 64), &mut sums, out, 4);
+    assert_eq!(
+        sums,
+        [before[0] + 6.0, before[1] + 3.0],
+        "one addition per launch"
+    );
+}
+
 // ---- mixed precision: unscale, SGD, loss scale -------------------------------------------------
 
 fn unscale_case<T: Act>(bad: Option<f32>) -> (Vec<f32>, i32, Vec<f32>) {

@@ -64,6 +64,9 @@ EMU_WRAP(cross_entropy_forward_backward,
           float smoothing, const float* loss_scale),
          (dlogits, loss, correct, logits, labels, N, K, smoothing, loss_scale))
 
+EMU_WRAP(accumulate_step_metrics, (double* sums, const float* loss, const int* correct, int n),
+         (sums, loss, correct, n))
+
 // ---- optim.cu
 EMU_WRAP_3(amp_unscale, (float* master, const T* grad, int n, const float* scale, int* found_inf),
            (master, grad, n, scale, found_inf))

@@ -302,6 +302,13 @@ mod ffi {
             smoothing: f32,
             loss_scale: *const f32,
         );
+        pub fn emu_accumulate_step_metrics(
+            d: Dims,
+            sums: *mut f64,
+            loss: *const f32,
+            correct: *const c_int,
+            n: c_int,
+        );
         pub fn emu_sgd_step(
             d: Dims,
             param: *mut f32,
@@ -1045,6 +1052,15 @@ pub fn cross_entropy_forward_backward(
         )
     }
     LossOut { loss, correct }
+}
+
+/// `accumulate_step_metrics`: `sums[0] += out.loss · n`, `sums[1] += out.correct`.
+pub fn accumulate_step_metrics(l: Launch, sums: &mut [f64; 2], out: LossOut, n: usize) {
+    l.check();
+    // SAFETY: two doubles, one loss and one count.
+    unsafe {
+        ffi::emu_accumulate_step_metrics(l, sums.as_mut_ptr(), &out.loss, &out.correct, int(n, "n"))
+    }
 }
 
 /// `amp_unscale_*`: `master = grad / scale`; sets `*found_inf = 1` on inf/NaN (never clears).

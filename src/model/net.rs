@@ -663,6 +663,19 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         let (c, h, w) = self.spec.input;
         let shape = Nhwc::new(n, h, w, c);
         self.input = Act { buf: x, shape };
+        self.forward_loaded(train)?;
+        Ok(self.be.download(&last_out(&self.nodes, &self.input).buf))
+    }
+
+    /// Lets `f` refill the input buffer of the last forward in place (a step replayed as a
+    /// CUDA graph reads its input from the same address every time).
+    pub fn with_input<R>(&mut self, f: impl FnOnce(&B, &mut B::Buf) -> R) -> R {
+        f(&self.be, &mut self.input.buf)
+    }
+
+    /// [`Net::forward`] on the input already loaded (the last one, possibly refilled through
+    /// [`Net::input_mut`]), without reading the logits back.
+    pub fn forward_loaded(&mut self, train: bool) -> Result<()> {
         let ctx = Ctx {
             be: &self.be,
             train,
@@ -671,8 +684,18 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             profile: self.profile,
         };
         forward_seq(&mut self.nodes, &self.input, &ctx)?;
-        self.be.status()?;
-        Ok(self.be.download(&last_out(&self.nodes, &self.input).buf))
+        self.be.status()
+    }
+
+    /// Counts a training step that ran without this code (a replayed CUDA graph): the batch
+    /// counters of BatchNorm and the SGD step count advance as if it had.
+    pub fn count_replayed_step(&mut self) {
+        visit_nodes(&mut self.nodes, &mut |_, slot| {
+            if let Slot::Count(c) = slot {
+                *c += 1;
+            }
+        });
+        self.sgd_steps += 1;
     }
 
     /// Mean cross-entropy of the last forward's logits against `labels` (label smoothing

@@ -158,6 +158,9 @@ struct LossScale {
     skipped: CudaSlice<i32>,
 }
 
+/// Bytes of cuBLAS workspace (its own default for Hopper is 32 MiB).
+const BLAS_WORKSPACE: usize = 32 << 20;
+
 /// torch.amp.GradScaler's defaults.
 pub const LOSS_SCALE_INIT: f32 = 65536.0;
 const LOSS_SCALE_GROWTH: f32 = 2.0;
@@ -178,6 +181,36 @@ struct Lane {
     event: CudaEvent,
 }
 
+/// The device side of a training step replayed as a CUDA graph: buffers whose addresses the
+/// graph bakes in, refilled before each replay (`params`, `lr`) or by the graph itself.
+struct StepState {
+    batch: usize,
+    /// The batch's record indices, crop offsets dy, dx and flips: 4·batch ints.
+    params: CudaSlice<i32>,
+    /// Labels, written by the data kernel inside the graph and read by the loss.
+    labels: CudaSlice<i32>,
+    /// The step's mean loss and correct count, as the loss kernel writes them.
+    loss: CudaSlice<f32>,
+    correct: CudaSlice<i32>,
+    /// Σ loss·n and Σ correct since the last read.
+    sums: CudaSlice<f64>,
+    /// The learning rate of the next replay.
+    lr: CudaSlice<f32>,
+}
+
+/// A captured training step (see [`Gpu::capture_begin`]).
+pub struct StepGraph {
+    graph: cudarc::driver::CudaGraph,
+    batch: usize,
+}
+
+impl StepGraph {
+    /// Images per step.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
 /// A CUDA device with its streams, library handles and loaded kernels.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -195,6 +228,12 @@ pub struct Gpu {
     graveyard: Option<Graveyard>,
     /// NVTX ranges (libnvToolsExt found).
     nvtx: bool,
+    /// Set between [`Gpu::capture_begin`] and [`Gpu::capture_end`]: ops must not touch the
+    /// host (no copies, no reads), and the loss, labels and learning rate come from `step`.
+    capturing: AtomicBool,
+    step: Mutex<Option<StepState>>,
+    /// cuBLAS's workspace, set once so that cuBLAS never allocates inside a capture.
+    _blas_workspace: CudaSlice<u8>,
     /// The first failure since the last [`Backend::status`] call.
     error: Mutex<Option<String>>,
 }
@@ -251,6 +290,7 @@ const KERNELS: &[&str] = &[
     "cross_entropy_forward_backward",
     "sgd_step",
     "update_loss_scale",
+    "accumulate_step_metrics",
 ];
 const TYPED: &[&str] = &[
     "augment_batch",
@@ -351,6 +391,24 @@ impl Gpu {
         let stream = lanes[0].stream.clone();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow::anyhow!("cannot start cuBLAS: {e}"))?;
+        let blas_workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(|e| anyhow::anyhow!("CUDA allocation failed: {e}"))?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (p, _s) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the buffer outlives the handle's use (both live in the Gpu).
+            let r = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    p as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE,
+                )
+            };
+            if r != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                bail!("cannot give cuBLAS its workspace: {r:?}");
+            }
+        }
         let names = kernel_names();
         let mut funcs = HashMap::new();
         for (module, src) in ptx::PTX {
@@ -398,6 +456,9 @@ impl Gpu {
             opts,
             loss_scale,
             nvtx,
+            capturing: AtomicBool::new(false),
+            step: Mutex::new(None),
+            _blas_workspace: blas_workspace,
             error: Mutex::new(None),
         })
     }

@@ -2,7 +2,10 @@
 //! the element type of its activations (fp32, or fp16/bf16 in mixed precision).
 
 use super::dnn::{ConvPtrs, Pooling};
-use super::{DType, Gpu, GpuBuf, LOSS_SCALE_BACKOFF, LOSS_SCALE_GROWTH, LOSS_SCALE_INTERVAL};
+use super::{
+    DType, Gpu, GpuBuf, StepGraph, StepState, LOSS_SCALE_BACKOFF, LOSS_SCALE_GROWTH,
+    LOSS_SCALE_INTERVAL,
+};
 use crate::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd, SgdParam};
 use cudarc::cublas::sys::{cublasOperation_t, cublasSgemm_v2, cublasStatus_t};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -948,6 +951,155 @@ impl Gpu {
         out
     }
 
+    fn capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    /// Starts recording a training step of `batch` images as a CUDA graph. Until
+    /// [`Gpu::capture_end`] nothing executes: ops are recorded, may not read anything back, and
+    /// the batch comes from [`Gpu::augment_staged`]. Every shape must have run once before
+    /// (cuDNN's algorithm search and the buffers of that batch size exist), and no memory
+    /// allocated before may be freed inside (the caller keeps the network's buffers).
+    pub fn capture_begin(&self, batch: usize) -> anyhow::Result<()> {
+        {
+            let mut step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+            if step.as_ref().is_none_or(|st| st.batch != batch) {
+                let s = self.stream();
+                let err = |e| anyhow::anyhow!("allocating the CUDA graph's step state: {e}");
+                *step = Some(StepState {
+                    batch,
+                    params: s.alloc_zeros::<i32>(4 * batch).map_err(err)?,
+                    labels: s.alloc_zeros::<i32>(batch).map_err(err)?,
+                    loss: s.alloc_zeros::<f32>(1).map_err(err)?,
+                    correct: s.alloc_zeros::<i32>(1).map_err(err)?,
+                    sums: s.alloc_zeros::<f64>(2).map_err(err)?,
+                    lr: s.alloc_zeros::<f32>(1).map_err(err)?,
+                });
+            }
+        }
+        // Memory dropped before the capture is freed now, outside it.
+        self.settle();
+        self.synchronize()?;
+        self.current.store(0, Ordering::Relaxed);
+        self.stream()
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot start a CUDA graph capture: {e}"))?;
+        self.capturing.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Ends the recording (also after a failure inside it, so the stream is usable again) and
+    /// instantiates the graph.
+    pub fn capture_end(&self, batch: usize) -> anyhow::Result<StepGraph> {
+        // Temporaries dropped inside the step are freed inside the graph, and every branch
+        // stream rejoins the main one: a capture must end where it began.
+        self.settle();
+        let main = &self.lanes[0];
+        for lane in &self.lanes[1..] {
+            if let Err(e) = lane.event.record(&lane.stream) {
+                self.record("recording a CUDA event", e);
+            } else if let Err(e) = main.stream.wait(&lane.event) {
+                self.record("ordering CUDA streams", e);
+            }
+        }
+        self.capturing.store(false, Ordering::Release);
+        // Graph allocations are freed by the graph itself; auto-free is the safety net that
+        // keeps a relaunch possible if one were not.
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(1);
+        let graph = main.stream.end_capture(flags);
+        self.take_error()?;
+        let graph = graph
+            .map_err(|e| anyhow::anyhow!("cannot build the CUDA graph of a training step: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("the captured training step is empty"))?;
+        Ok(StepGraph { graph, batch })
+    }
+
+    /// Inside a capture: the data kernel renders the batch staged by [`Gpu::replay`] (record
+    /// indices and crop/flip draws in the step's device buffers) into `out`, and its labels
+    /// into the step's label buffer.
+    pub fn augment_staged(&self, records: &DeviceRecords, out: &mut Buf) {
+        let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = step.as_ref() else {
+            return self.record("augment_batch", "no captured step");
+        };
+        let b = st.batch;
+        let s = self.cur();
+        let (pp, _s1) = st.params.device_ptr(s);
+        let (lp, _s2) = st.labels.device_ptr(s);
+        let (rp, _s3) = records.bytes.device_ptr(s);
+        let (np, _s4) = records.norm.device_ptr(s);
+        let at = |k: usize| pp + (k * b * 4) as u64;
+        let args = [
+            P(self.ptr(out)),
+            P(lp),
+            P(rp),
+            I(records.records as i32),
+            P(at(0)),
+            P(at(1)),
+            P(at(2)),
+            P(at(3)),
+            P(np),
+            P(np + 12),
+            I(b as i32),
+        ];
+        let launch = LaunchConfig {
+            grid_dim: (12, (b as u32).min(65535), 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&typed("augment_batch", out.dtype), launch, &args);
+    }
+
+    /// Runs the captured step once on the batch `indices` with crop/flip draws `views`, at
+    /// learning rate `lr`: two small copies into the step's buffers, then the graph.
+    pub fn replay(
+        &self,
+        g: &StepGraph,
+        indices: &[usize],
+        views: &[(i32, i32, bool)],
+        lr: f32,
+    ) -> anyhow::Result<()> {
+        if indices.len() != g.batch || views.len() != g.batch {
+            anyhow::bail!(
+                "a CUDA graph of {} images replayed on {} images",
+                g.batch,
+                indices.len()
+            );
+        }
+        let mut step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        let st = step
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("a CUDA graph without its step state"))?;
+        let mut params = Vec::with_capacity(4 * g.batch);
+        params.extend(indices.iter().map(|&i| i as i32));
+        params.extend(views.iter().map(|v| v.0));
+        params.extend(views.iter().map(|v| v.1));
+        params.extend(views.iter().map(|v| v.2 as i32));
+        let s = self.stream();
+        let err = |e| anyhow::anyhow!("staging a training step: {e}");
+        s.memcpy_htod(&params, &mut st.params).map_err(err)?;
+        s.memcpy_htod(&[lr], &mut st.lr).map_err(err)?;
+        g.graph
+            .launch()
+            .map_err(|e| anyhow::anyhow!("replaying the CUDA graph of a training step: {e}"))
+    }
+
+    /// Σ loss·n and Σ correct of the captured steps run since the last call (waits for them).
+    pub fn take_step_sums(&self) -> anyhow::Result<(f64, u64)> {
+        let mut step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = step.as_mut() else {
+            return Ok((0.0, 0));
+        };
+        let s = self.stream();
+        let err = |e| anyhow::anyhow!("reading the training metrics: {e}");
+        let sums = s.clone_dtoh(&st.sums).map_err(err)?;
+        s.memset_zeros(&mut st.sums).map_err(err)?;
+        self.take_error()?;
+        Ok((sums[0], sums[1].max(0.0) as u64))
+    }
+
     fn upload_as(&self, data: &[f32], dt: DType) -> Buf {
         if data.is_empty() {
             return self.alloc(0, dt);
@@ -1242,6 +1394,10 @@ impl Gpu {
         smoothing: f64,
     ) -> f64 {
         let n = labels.len();
+        if self.capturing() {
+            self.cross_entropy_captured(probs, logits, n, k, smoothing);
+            return f64::NAN;
+        }
         let labels_i: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
         let labels_d = match self.cur().clone_htod(&labels_i) {
             Ok(b) => b,
@@ -1285,6 +1441,68 @@ impl Gpu {
         self.download(&loss).first().map_or(f64::NAN, |&l| l as f64)
     }
 
+    /// The loss inside a captured step: labels from the data kernel's output, the loss and the
+    /// correct count into the step's device slots and added to its sums; nothing read back.
+    fn cross_entropy_captured(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        n: usize,
+        k: usize,
+        smoothing: f64,
+    ) {
+        let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = step.as_ref().filter(|st| st.batch == n) else {
+            return self.record(
+                "cross_entropy_forward",
+                format!("a captured step of {n} images without its device state"),
+            );
+        };
+        let s = self.cur();
+        let scale = self
+            .loss_scale
+            .as_ref()
+            .map_or(0, |ls| ls.scale.device_ptr(s).0);
+        let (labels, _s1) = st.labels.device_ptr(s);
+        let (loss, _s2) = st.loss.device_ptr(s);
+        let (correct, _s3) = st.correct.device_ptr(s);
+        let (sums, _s4) = st.sums.device_ptr(s);
+        let args = [
+            P(self.ptr(probs)),
+            P(loss),
+            P(correct),
+            P(self.ptr(logits)),
+            P(labels),
+            I(n as i32),
+            I(k as i32),
+            F(smoothing as f32),
+            P(scale),
+        ];
+        let threads = ((32 * n as u32).min(1024)).div_ceil(32) * 32;
+        let launch = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (threads.max(32), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("cross_entropy_forward_backward", launch, &args);
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [P(sums), P(loss), P(correct), I(n as i32)];
+        self.launch("accumulate_step_metrics", one, &args);
+    }
+
+    /// The learning rate's device slot inside a captured step (0 otherwise: the lr argument).
+    fn lr_device(&self) -> u64 {
+        if !self.capturing() {
+            return 0;
+        }
+        let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        step.as_ref().map_or(0, |st| st.lr.device_ptr(self.cur()).0)
+    }
+
     /// torch.optim.SGD over one parameter; with `found_inf` (a device flag, 0 for none) the
     /// kernel does nothing when the flag is set.
     fn sgd(
@@ -1307,7 +1525,7 @@ impl Gpu {
             I(opt.nesterov as i32),
             I(first_step as i32),
             P(found_inf),
-            P(0), // lr_device: the lr argument is used
+            P(self.lr_device()), // in a captured step, the lr set before each replay
         ];
         self.launch("sgd_step", self.strided(param.len), &args);
     }

@@ -1,0 +1,325 @@
+//! How the training loop runs a step: where the batch is built ([`Feed`]: on the host, or on
+//! the GPU from the resident training set) and how the step is issued ([`Stepper`]: op by op,
+//! or replayed as one CUDA graph).
+
+use crate::backend::{Backend, Sgd};
+use crate::data::{self, Augment, Cifar10};
+use crate::model::net::Net;
+use anyhow::Result;
+
+/// Where the training batches are built.
+pub trait Feed<B: Backend<f32>> {
+    /// The images `idx` (positions `first_pos..` of epoch `epoch`'s order), augmented, as an
+    /// input on the backend; their labels go to `labels`.
+    fn batch(
+        &mut self,
+        be: &B,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        labels: &mut Vec<u32>,
+    ) -> B::Buf;
+}
+
+/// [`data::make_batch`] on the CPU, then a copy to the backend.
+pub struct HostFeed<'a> {
+    set: &'a Cifar10,
+    aug: Augment,
+    seed: u64,
+    x: Vec<f32>,
+}
+
+impl<'a> HostFeed<'a> {
+    pub fn new(set: &'a Cifar10, aug: Augment, seed: u64) -> Self {
+        HostFeed {
+            set,
+            aug,
+            seed,
+            x: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend<f32>> Feed<B> for HostFeed<'_> {
+    fn batch(
+        &mut self,
+        be: &B,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        labels: &mut Vec<u32>,
+    ) -> B::Buf {
+        data::make_batch(
+            self.set,
+            idx,
+            self.aug,
+            self.seed,
+            epoch,
+            first_pos,
+            &mut self.x,
+            labels,
+        );
+        be.upload_act(&self.x)
+    }
+}
+
+/// The rows of `logits` ([N, k]) whose first maximum is the label.
+fn correct(logits: &[f32], labels: &[u32], k: usize) -> u64 {
+    logits
+        .chunks(k)
+        .zip(labels)
+        .filter(|(row, &l)| {
+            let best = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            best == l as usize
+        })
+        .count() as u64
+}
+
+/// Runs training steps.
+pub trait Stepper<B: Backend<f32>> {
+    /// One step on the images `idx` (positions `first_pos..` of epoch `epoch`'s order) with
+    /// `opt`. Returns the mean loss and the number of images classified right when they are
+    /// known on the host now, `None` when they stay on the device until [`Stepper::drain`].
+    /// A loss that is not finite is returned before the backward, and no weight moves.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        net: &mut Net<f32, B>,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        opt: &Sgd,
+        smoothing: f64,
+    ) -> Result<Option<(f64, u64)>>;
+    /// Σ loss·n and Σ correct of the steps that returned `None` since the last call.
+    fn drain(&mut self, _net: &Net<f32, B>) -> Result<(f64, u64)> {
+        Ok((0.0, 0))
+    }
+    /// Whether an epoch's last partial batch is left out (PyTorch's `drop_last`).
+    fn drop_last(&self) -> bool {
+        false
+    }
+    /// The epoch's training steps are over: what follows (evaluation) changes the buffers.
+    fn end_epoch(&mut self) {}
+}
+
+/// Every step issued op by op from the host, the loss read back each step.
+pub struct EagerStepper<F> {
+    pub feed: F,
+    labels: Vec<u32>,
+}
+
+impl<F> EagerStepper<F> {
+    pub fn new(feed: F) -> Self {
+        EagerStepper {
+            feed,
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// One eager step: build the batch, forward, loss, backward, SGD.
+fn eager_step<B: Backend<f32>, F: Feed<B>>(
+    feed: &mut F,
+    labels: &mut Vec<u32>,
+    net: &mut Net<f32, B>,
+    (idx, epoch, first_pos): (&[usize], u64, u64),
+    opt: &Sgd,
+    smoothing: f64,
+) -> Result<Option<(f64, u64)>> {
+    let input = feed.batch(net.backend(), idx, epoch, first_pos, labels);
+    net.zero_grad();
+    let logits = net.forward_buf(input, idx.len(), true)?;
+    let loss = net.loss(labels, smoothing)?;
+    if !loss.is_finite() {
+        return Ok(Some((loss, 0)));
+    }
+    net.backward()?;
+    net.sgd_step(opt);
+    Ok(Some((loss, correct(&logits, labels, net.spec.classes))))
+}
+
+impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for EagerStepper<F> {
+    fn step(
+        &mut self,
+        net: &mut Net<f32, B>,
+        idx: &[usize],
+        epoch: u64,
+        first_pos: u64,
+        opt: &Sgd,
+        smoothing: f64,
+    ) -> Result<Option<(f64, u64)>> {
+        eager_step(
+            &mut self.feed,
+            &mut self.labels,
+            net,
+            (idx, epoch, first_pos),
+            opt,
+            smoothing,
+        )
+    }
+}
+
+#[cfg(feature = "cudnn")]
+pub use gpu::{DeviceFeed, GraphStepper};
+
+#[cfg(feature = "cudnn")]
+mod gpu {
+    use super::*;
+    use crate::backend::cuda::{DeviceRecords, Gpu, GpuBuf, StepGraph};
+
+    /// The training set resident on the GPU: each step sends only the indices and the crop/flip
+    /// draws (the same draws as [`data::make_batch`]), and `cuda/data.cu` renders the batch.
+    pub struct DeviceFeed<'a> {
+        set: &'a Cifar10,
+        records: DeviceRecords,
+        aug: Augment,
+        seed: u64,
+    }
+
+    impl<'a> DeviceFeed<'a> {
+        /// Copies `set` to the GPU of `gpu`.
+        pub fn new(gpu: &Gpu, set: &'a Cifar10, aug: Augment, seed: u64) -> Result<Self> {
+            Ok(DeviceFeed {
+                set,
+                records: gpu.upload_records(set)?,
+                aug,
+                seed,
+            })
+        }
+
+        fn labels(&self, idx: &[usize], labels: &mut Vec<u32>) {
+            labels.clear();
+            labels.extend(idx.iter().map(|&i| u32::from(self.set.label(i))));
+        }
+
+        fn views(&self, n: usize, epoch: u64, first_pos: u64) -> Vec<(i32, i32, bool)> {
+            (0..n as u64)
+                .map(|j| data::augment_view(self.aug, self.seed, epoch, first_pos + j))
+                .collect()
+        }
+    }
+
+    impl Feed<Gpu> for DeviceFeed<'_> {
+        fn batch(
+            &mut self,
+            be: &Gpu,
+            idx: &[usize],
+            epoch: u64,
+            first_pos: u64,
+            labels: &mut Vec<u32>,
+        ) -> GpuBuf {
+            self.labels(idx, labels);
+            let views = self.views(idx.len(), epoch, first_pos);
+            be.augment_batch(&self.records, idx, &views)
+        }
+    }
+
+    /// The whole step (data kernel, forward, loss, backward, optimizer with its on-device
+    /// overflow skip, metrics) captured once per epoch as a CUDA graph and replayed: per step
+    /// the host only copies the batch's indices, crop/flip draws and the learning rate.
+    ///
+    /// Each epoch's first step runs op by op (so every shape of that batch size has its
+    /// buffers and cuDNN algorithms, which a capture cannot create), the second is captured,
+    /// and the rest replay it. Evaluation between epochs reallocates the buffers the graph
+    /// points into, so the graph is dropped at the end of each epoch. Partial batches are left
+    /// out: the graph has one batch size.
+    pub struct GraphStepper<'a> {
+        feed: DeviceFeed<'a>,
+        labels: Vec<u32>,
+        graph: Option<StepGraph>,
+        /// The batch size of this epoch's eager step, once it has run.
+        warm: Option<usize>,
+    }
+
+    impl<'a> GraphStepper<'a> {
+        pub fn new(feed: DeviceFeed<'a>) -> Self {
+            GraphStepper {
+                feed,
+                labels: Vec::new(),
+                graph: None,
+                warm: None,
+            }
+        }
+
+        /// Records one step; nothing runs until the graph is replayed.
+        fn capture(
+            &mut self,
+            net: &mut Net<f32, Gpu>,
+            idx: &[usize],
+            opt: &Sgd,
+            smoothing: f64,
+        ) -> Result<StepGraph> {
+            let b = idx.len();
+            // The labels the host checks; the graph's loss reads the data kernel's own.
+            self.feed.labels(idx, &mut self.labels);
+            net.backend().capture_begin(b)?;
+            let recorded = (|| -> Result<()> {
+                let records = &self.feed.records;
+                net.with_input(|gpu, input| gpu.augment_staged(records, input));
+                net.zero_grad();
+                net.forward_loaded(true)?;
+                net.loss(&self.labels, smoothing)?;
+                net.backward()?;
+                net.sgd_step(opt);
+                Ok(())
+            })();
+            // Always end the capture, so a failure leaves the stream usable.
+            let graph = net.backend().capture_end(b);
+            recorded?;
+            graph
+        }
+    }
+
+    impl Stepper<Gpu> for GraphStepper<'_> {
+        fn step(
+            &mut self,
+            net: &mut Net<f32, Gpu>,
+            idx: &[usize],
+            epoch: u64,
+            first_pos: u64,
+            opt: &Sgd,
+            smoothing: f64,
+        ) -> Result<Option<(f64, u64)>> {
+            let b = idx.len();
+            if self.graph.as_ref().is_some_and(|g| g.batch() != b) {
+                self.graph = None;
+            }
+            if self.graph.is_none() {
+                if self.warm != Some(b) {
+                    self.warm = Some(b);
+                    return eager_step(
+                        &mut self.feed,
+                        &mut self.labels,
+                        net,
+                        (idx, epoch, first_pos),
+                        opt,
+                        smoothing,
+                    );
+                }
+                self.graph = Some(self.capture(net, idx, opt, smoothing)?);
+                // The capture advanced the host's step counters once; its replay below is
+                // that step.
+            } else {
+                net.count_replayed_step();
+            }
+            let views = self.feed.views(b, epoch, first_pos);
+            let graph = self.graph.as_ref().expect("captured above");
+            net.backend().replay(graph, idx, &views, opt.lr as f32)?;
+            Ok(None)
+        }
+
+        fn drain(&mut self, net: &Net<f32, Gpu>) -> Result<(f64, u64)> {
+            net.backend().take_step_sums()
+        }
+
+        fn drop_last(&self) -> bool {
+            true
+        }
+
+        fn end_epoch(&mut self) {
+            self.graph = None;
+            self.warm = None;
+        }
+    }
+}
