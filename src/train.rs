@@ -834,7 +834,11 @@ fn train_loop<B: Backend<f32>>(
             }
             lr = schedule.lr(progress.global_step);
             opt.lr = lr;
-            let out = stepper.step(&mut net, idx, epoch, start as u64, &opt, cfg.smoothing)?;
+            net.backend()
+                .range_push(&format!("step {}", progress.global_step));
+            let out = stepper.step(&mut net, idx, epoch, start as u64, &opt, cfg.smoothing);
+            net.backend().range_pop();
+            let out = out?;
             match out {
                 Some((loss, _)) if !loss.is_finite() => {
                     reporter.finish();
