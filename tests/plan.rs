@@ -4,7 +4,8 @@
 //! (`branches_end`) before the concat; the backward mirrors it, and the block's input gradient
 //! (the sum of the branch contributions) comes after the join. A GPU backend turns exactly these
 //! calls into stream waits and events, so the dependencies are checked here on a recorded plan,
-//! on the CPU.
+//! on the CPU. A backend that routes ops by these calls gets them from one thread, in order,
+//! whatever branch schedule the network was given.
 
 use incept::backend::cpu::Cpu;
 use incept::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd};
@@ -51,6 +52,11 @@ impl Backend<f64> for Recorder {
     }
     fn fill_zero(&self, buf: &mut Buf) {
         Cpu.fill_zero(buf)
+    }
+    /// Like the CUDA backend: the branch calls route the ops that follow, so they must come
+    /// from one thread, in order.
+    fn issues_from_one_thread(&self) -> bool {
+        true
     }
     fn branches_begin(&self, n: usize) {
         self.push(Ev::Begin(n));
@@ -300,7 +306,9 @@ fn every_inception_block_forks_and_joins_in_forward_and_backward() {
         log: Mutex::new(Vec::new()),
     };
     let mut net: Net<f64, Recorder> = Net::new(spec, rec, 1).unwrap();
-    net.schedule = BranchSchedule::Sequential;
+    // Asked for concurrent branches, the network must still issue them in order to a
+    // backend that needs one issuing thread (the checks below would see them interleaved).
+    net.schedule = BranchSchedule::Concurrent;
     let n = 2;
     let x: Vec<f64> = (0..n * 32 * 32 * 3)
         .map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0)

@@ -111,18 +111,23 @@ pub fn im2col<T: Elem>(cols: &mut [T], x: &[T], xs: Nhwc, conv: &Conv2d) {
         .enumerate()
         .for_each(|(p, row)| {
             let (n, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
+            // In NHWC the k pixels of one window row are adjacent: one copy of k·cin values
+            // per row (the first layer has cin = 3), zeros where the window leaves the image.
+            let x0 = (ox * conv.stride) as isize - conv.pad as isize;
+            let kx_lo = (-x0).clamp(0, k as isize) as usize;
+            let kx_hi = (xs.w as isize - x0).clamp(0, k as isize) as usize;
             for ky in 0..k {
                 let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
-                for kx in 0..k {
-                    let ix = (ox * conv.stride + kx) as isize - conv.pad as isize;
-                    let dst = &mut row[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
-                    if iy < 0 || ix < 0 || iy >= xs.h as isize || ix >= xs.w as isize {
-                        dst.fill(T::zero());
-                    } else {
-                        let src = ((n * xs.h + iy as usize) * xs.w + ix as usize) * cin;
-                        dst.copy_from_slice(&x[src..src + cin]);
-                    }
+                let dst = &mut row[ky * k * cin..(ky + 1) * k * cin];
+                if iy < 0 || iy >= xs.h as isize || kx_lo >= kx_hi {
+                    dst.fill(T::zero());
+                    continue;
                 }
+                dst[..kx_lo * cin].fill(T::zero());
+                dst[kx_hi * cin..].fill(T::zero());
+                let ix = (x0 + kx_lo as isize) as usize;
+                let src = ((n * xs.h + iy as usize) * xs.w + ix) * cin;
+                dst[kx_lo * cin..kx_hi * cin].copy_from_slice(&x[src..src + (kx_hi - kx_lo) * cin]);
             }
         });
 }
@@ -212,6 +217,103 @@ fn for_window(xs: Nhwc, pool: &MaxPool2d, oy: usize, ox: usize, mut f: impl FnMu
         for ix in x0.max(0)..(x0 + pool.k as isize).min(xs.w as isize) {
             f(iy as usize, ix as usize);
         }
+    }
+}
+
+/// Pieces of the reduction dimension [`matmul_long_k`] cuts: fixed, so the result does not
+/// depend on the number of threads.
+const K_PIECES: usize = 8;
+
+/// [`matmul`] for a product whose reduction dimension `k` dwarfs `m` and `n` (a weight
+/// gradient: `[Cout, k·k·Cin]` summed over every pixel of the batch). The GEMM would split
+/// only the small output among the threads; here `k` is cut into [`K_PIECES`] fixed pieces
+/// computed in parallel, then summed in piece order. `a` is `[m, k]` with unit row stride
+/// along `k` given by `a.1`/`a.2` as in [`matmul`], likewise `b`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_long_k<T: Elem>(
+    c: &mut [T],
+    c_rs: usize,
+    a: (&[T], usize, usize),
+    b: (&[T], usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    if k < K_PIECES * 1024 || k < 8 * m.max(n) {
+        return matmul(c, c_rs, a, b, m, n, k, accumulate);
+    }
+    let piece = k.div_ceil(K_PIECES);
+    let parts: Vec<Vec<T>> = (0..K_PIECES)
+        .into_par_iter()
+        .map(|i| {
+            let (k0, k1) = (i * piece, ((i + 1) * piece).min(k));
+            let mut part = vec![T::zero(); m * n];
+            if k1 > k0 {
+                // Columns k0.. of a and rows k0.. of b: offset the slices, same strides.
+                matmul_serial(
+                    &mut part,
+                    n,
+                    (&a.0[k0 * a.2..], a.1, a.2),
+                    (&b.0[k0 * b.1..], b.1, b.2),
+                    m,
+                    n,
+                    k1 - k0,
+                );
+            }
+            part
+        })
+        .collect();
+    for r in 0..m {
+        let row = &mut c[r * c_rs..r * c_rs + n];
+        if !accumulate {
+            row.fill(T::zero());
+        }
+        for part in &parts {
+            for (d, &v) in row.iter_mut().zip(&part[r * n..(r + 1) * n]) {
+                *d += v;
+            }
+        }
+    }
+}
+
+/// `c = a·b` ([`matmul`]'s layout, `c` overwritten) on the calling thread.
+fn matmul_serial<T: Elem>(
+    c: &mut [T],
+    c_rs: usize,
+    a: (&[T], usize, usize),
+    b: (&[T], usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, c_rs, 1) < c.len(), "matmul: c too small");
+    assert!(last(m, k, a.1, a.2) < a.0.len(), "matmul: a too small");
+    assert!(last(k, n, b.1, b.2) < b.0.len(), "matmul: b too small");
+    // SAFETY: as in `matmul`: every index stays inside the slices checked above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            false,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -321,7 +423,7 @@ impl<T: Elem> Backend<T> for Cpu {
         }
         if is_pointwise(conv) {
             // dw[co, ci] += Σ_p dy[p, co] · x[p, ci]
-            matmul(dw, kdim, (dy, 1, co), (x, conv.cin, 1), co, kdim, p, true);
+            matmul_long_k(dw, kdim, (dy, 1, co), (x, conv.cin, 1), co, kdim, p, true);
             if let Some(dx) = dx {
                 // dx[p, ci] = Σ_co dy[p, co] · w[co, ci]
                 matmul(
@@ -340,7 +442,7 @@ impl<T: Elem> Backend<T> for Cpu {
             im2col(&mut cols, x, xs, conv);
             // dwp[co, j] = Σ_p dy[p, co] · cols[p, j], then back to OIHW.
             let mut dwp = vec![T::zero(); co * kdim];
-            matmul(
+            matmul_long_k(
                 &mut dwp,
                 kdim,
                 (dy, 1, co),
@@ -541,10 +643,11 @@ impl<T: Elem> Backend<T> for Cpu {
                             yr.copy_from_slice(xr);
                             first = false;
                         } else {
+                            // A select, not a branch: it vectorises, and ReLU outputs (half
+                            // zeros, half random) would mispredict a branch every other time.
                             for (b, &v) in yr.iter_mut().zip(xr) {
-                                if v > *b || v.is_nan() {
-                                    *b = v;
-                                }
+                                let take = (v > *b) | v.is_nan();
+                                *b = if take { v } else { *b };
                             }
                         }
                     });
@@ -572,10 +675,34 @@ impl<T: Elem> Backend<T> for Cpu {
             let xi = &x[n * plane..(n + 1) * plane];
             let mut found = vec![false; c];
             let mut last_nan = vec![usize::MAX; c];
+            let mut win = vec![0u32; c];
+            let mut window: Vec<u32> = Vec::with_capacity(pool.k * pool.k);
             for oy in 0..ys.h {
                 for ox in 0..ys.w {
                     let o = ((n * ys.h + oy) * ys.w + ox) * c;
                     let (m, g) = (&y[o..o + c], &dy[o..o + c]);
+                    if !m.iter().any(|v| v.is_nan()) {
+                        // No NaN in the window (it would be the maximum). Each channel's
+                        // winner is the first position equal to the maximum: scanning the
+                        // window backwards, the last match kept is the first. Selects on
+                        // positions vectorise (ReLU zeros tie a lot, and a branch per element
+                        // would mispredict); one scalar pass then routes the gradient.
+                        window.clear();
+                        for_window(xs, pool, oy, ox, |iy, ix| {
+                            window.push(((iy * xs.w + ix) * c) as u32)
+                        });
+                        win.fill(window[0]);
+                        for &at in window.iter().rev() {
+                            let src = &xi[at as usize..at as usize + c];
+                            for ((w, &v), &mx) in win.iter_mut().zip(src).zip(m) {
+                                *w = if v == mx { at } else { *w };
+                            }
+                        }
+                        for (ch, (&w, &gv)) in win.iter().zip(g).enumerate() {
+                            img[w as usize + ch] += gv;
+                        }
+                        continue;
+                    }
                     found.fill(false);
                     for_window(xs, pool, oy, ox, |iy, ix| {
                         let at = (iy * xs.w + ix) * c;

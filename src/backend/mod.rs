@@ -181,6 +181,12 @@ pub trait Backend<T: Elem>: Sync {
         Ok(())
     }
 
+    /// Whether the branches must be issued in order from one thread (a backend that routes
+    /// each branch to a stream of its own by [`Backend::branch`]); the network then runs them
+    /// in sequence whatever its schedule says.
+    fn issues_from_one_thread(&self) -> bool {
+        false
+    }
     /// The `n` branches of an Inception block are about to run (on the input computed so far).
     /// A backend with several streams makes each branch stream wait for that input.
     fn branches_begin(&self, _n: usize) {}

@@ -637,6 +637,16 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         &self.be
     }
 
+    /// [`Net::schedule`], or sequential where the backend needs its branches issued from one
+    /// thread.
+    fn effective_schedule(&self) -> BranchSchedule {
+        if self.be.issues_from_one_thread() {
+            BranchSchedule::Sequential
+        } else {
+            self.schedule
+        }
+    }
+
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.be
     }
@@ -680,7 +690,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             be: &self.be,
             train,
             bn: self.spec.bn,
-            schedule: self.schedule,
+            schedule: self.effective_schedule(),
             profile: self.profile,
         };
         forward_seq(&mut self.nodes, &self.input, &ctx)?;
@@ -743,7 +753,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             be: &self.be,
             train: true,
             bn: self.spec.bn,
-            schedule: self.schedule,
+            schedule: self.effective_schedule(),
             profile: self.profile,
         };
         backward_seq(&mut self.nodes, &self.input, dlogits, false, &ctx);

@@ -299,9 +299,16 @@ fn choose<P: Perf>(
     dt: DType,
     deterministic: bool,
 ) -> Option<(P::Algo, sys::cudnnMathType_t)> {
-    results
-        .iter()
-        .find(|p| p.ok() && p.memory() <= MAX_WORKSPACE && (!deterministic || p.deterministic()))
+    let usable =
+        |p: &&P| p.ok() && p.memory() <= MAX_WORKSPACE && (!deterministic || p.deterministic());
+    // For fp32, prefer a result measured in FMA: `Find` may also time the default math type,
+    // which is TF32 on Ampere and later, and rank an algorithm by a speed it will not have.
+    let fma = |p: &&P| p.math() == sys::cudnnMathType_t::CUDNN_FMA_MATH;
+    let measured_fma = (dt == DType::F32)
+        .then(|| results.iter().filter(usable).find(fma))
+        .flatten();
+    measured_fma
+        .or_else(|| results.iter().find(usable))
         .map(|p| {
             let math = if dt == DType::F32 {
                 sys::cudnnMathType_t::CUDNN_FMA_MATH

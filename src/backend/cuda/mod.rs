@@ -228,6 +228,9 @@ pub struct Gpu {
     graveyard: Option<Graveyard>,
     /// NVTX ranges (libnvToolsExt found).
     nvtx: bool,
+    /// Streaming multiprocessors, for launch geometry (read once: the reduction kernels'
+    /// grids, hence their bits, must not change from launch to launch).
+    sm_count: u32,
     /// Set between [`Gpu::capture_begin`] and [`Gpu::capture_end`]: ops must not touch the
     /// host (no copies, no reads), and the loss, labels and learning rate come from `step`.
     capturing: AtomicBool,
@@ -446,6 +449,12 @@ impl Gpu {
         };
         // SAFETY: only tries to open the library.
         let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot query the GPU's multiprocessors: {e}"))?
+            .max(1) as u32;
         Ok(Gpu {
             ctx,
             graveyard: (lanes.len() > 1).then(Graveyard::default),
@@ -456,6 +465,7 @@ impl Gpu {
             opts,
             loss_scale,
             nvtx,
+            sm_count,
             capturing: AtomicBool::new(false),
             step: Mutex::new(None),
             _blas_workspace: blas_workspace,

@@ -238,6 +238,16 @@ impl Gpu {
         (self.ptr(&copy), Some(copy))
     }
 
+    /// cuBLAS's handle works on the main stream (its workspace is set for that stream, which
+    /// graph capture needs): the linear head must not be inside a branch.
+    fn expect_main(&self, what: &str) -> bool {
+        if self.current.load(Ordering::Relaxed) != 0 {
+            self.record(what, "cuBLAS called from a branch stream");
+            return false;
+        }
+        true
+    }
+
     /// Logits and the softmax buffer are fp32 on every path; anything else is a bug in the
     /// caller, reported rather than computed wrongly.
     fn expect_f32(&self, what: &str, b: &Buf) -> bool {
@@ -295,6 +305,11 @@ impl Backend<f32> for Gpu {
         // branch stream has been joined, so the memory dropped so far can be freed.
         self.settle();
         self.take_error()
+    }
+
+    fn issues_from_one_thread(&self) -> bool {
+        // `branch` sets the stream of the ops that follow: one issuing thread, in order.
+        true
     }
 
     fn branches_begin(&self, n: usize) {
@@ -667,7 +682,7 @@ impl Backend<f32> for Gpu {
     ) {
         // The head is tiny ([N, 256]·[256, 10]) and produces the logits, so it runs in fp32 on
         // every path: a 16-bit input is widened first.
-        if !self.expect_f32("linear_forward output", y) {
+        if !self.expect_f32("linear_forward output", y) || !self.expect_main("linear_forward") {
             return;
         }
         let (xp, _x32) = self.as_f32(x);
@@ -705,7 +720,8 @@ impl Backend<f32> for Gpu {
         fin: usize,
         fout: usize,
     ) {
-        if !self.expect_f32("linear_backward gradient", dy) {
+        if !self.expect_f32("linear_backward gradient", dy) || !self.expect_main("linear_backward")
+        {
             return;
         }
         let (xp, _x32) = self.as_f32(x);
@@ -987,6 +1003,17 @@ impl Gpu {
             )
             .map_err(|e| anyhow::anyhow!("cannot start a CUDA graph capture: {e}"))?;
         self.capturing.store(true, Ordering::Release);
+        // Every branch stream joins the capture now, so that capture_end can rejoin them all
+        // (waiting on a stream that never joined would break the capture).
+        let main = &self.lanes[0];
+        let joined = main.event.record(&main.stream).and_then(|()| {
+            self.lanes[1..]
+                .iter()
+                .try_for_each(|lane| lane.stream.wait(&main.event))
+        });
+        if let Err(e) = joined {
+            self.record("ordering CUDA streams in a capture", e);
+        }
         Ok(())
     }
 
@@ -1132,12 +1159,7 @@ struct Reduction {
 
 impl Gpu {
     fn sm_count(&self) -> u32 {
-        self.ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map(|n| n.max(1) as u32)
-            .unwrap_or(1)
+        self.sm_count
     }
 
     /// A grid-stride launch of at most 8 blocks per SM, as the bn/concat kernels recommend.
