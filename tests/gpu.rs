@@ -333,10 +333,27 @@ fn bn_case<B: Backend<f32>>(
     be.relu_forward(&mut yr, &yq);
     let mut g = be.upload_act(&dy_host);
     be.relu_backward(&mut g, &yr);
-    Ok([y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g]
-        .iter()
-        .map(|t| be.download(t))
-        .collect())
+    // The fused BatchNorm+ReLU the network runs: forward (train, eval) and backward.
+    let (mut fy, mut fm, mut fi) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
+    let (mut frm, mut frv) = (be.zeros(c), be.upload(&vec![1.0; c]));
+    be.batch_norm_relu_forward_train(
+        &mut fy, &mut fm, &mut fi, &mut frm, &mut frv, &x, &gamma, &beta, xs, &cfg,
+    )?;
+    // The backward's mask is the forward's output: rounded copies on both sides, as above.
+    let fyq = be.upload_act(&p.round(be.download(&fy)));
+    let mut fdy = be.upload_act(&dy_host);
+    let (mut fdx, mut fdg, mut fdb) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
+    be.batch_norm_relu_backward(
+        &mut fdx, &mut fdg, &mut fdb, &mut fdy, &fyq, &x, &gamma, &fm, &fi, xs,
+    );
+    let mut fe = be.act_zeros(xs.len());
+    be.batch_norm_relu_forward_eval(&mut fe, &x, &gamma, &beta, &rm, &rv, xs, &cfg);
+    Ok([
+        y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g, fy, fdx, fdg, fdb, fe,
+    ]
+    .iter()
+    .map(|t| be.download(t))
+    .collect())
 }
 
 /// BatchNorm (train, running statistics, eval, backward) and ReLU at every BN shape.
@@ -364,6 +381,11 @@ fn test_batch_norm_relu(p: &Prec) -> Outcome {
         "eval y",
         "relu y",
         "relu dx",
+        "fused bn+relu y",
+        "fused bn+relu dx",
+        "fused bn+relu dgamma",
+        "fused bn+relu dbeta",
+        "fused bn+relu eval y",
     ];
     for (i, xs) in shapes.iter().enumerate() {
         let g = bn_case(gpu, *xs, 100 + i as u64, p).map_err(|e| format!("{e:#}"))?;

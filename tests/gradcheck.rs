@@ -1384,3 +1384,81 @@ fn sgd_step_matches_torch_optim_sgd() {
     );
     rep.finish("sgd_step vs torch.optim.SGD");
 }
+
+/// The fused BatchNorm+ReLU the network runs (one node where the model has a BatchNorm then a
+/// ReLU) is exactly the two ops in sequence, bit for bit, in f32 and f64: training forward
+/// (with the running statistics), eval forward, and backward (dx, dγ, dβ accumulated).
+#[test]
+fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
+    fn run<T: incept::backend::Elem>() {
+        let be = Cpu;
+        let xs = Nhwc::new(3, 5, 4, 6);
+        let c = xs.c;
+        let mut r = rng(77);
+        let cast = |v: Vec<f64>| v.into_iter().map(T::cast).collect::<Vec<T>>();
+        let x = cast(signed(&mut r, xs.len(), 0.0, 2.0));
+        let gamma = cast(uniform(&mut r, c, 0.5, 1.5));
+        let beta = cast(signed(&mut r, c, 0.0, 0.5));
+        let dy0 = cast(signed(&mut r, xs.len(), 0.0, 1.0));
+        let rv0 = cast(uniform(&mut r, c, 0.5, 1.5));
+        let cfg = BatchNormCfg::default();
+        let z = |n: usize| vec![T::zero(); n];
+        let bits = |v: &[T]| v.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>();
+
+        // Separate: BatchNorm, ReLU; backward ReLU (in place), BatchNorm.
+        let (mut t, mut y1, mut m1, mut i1) = (z(xs.len()), z(xs.len()), z(c), z(c));
+        let (mut rm1, mut rv1) = (z(c), rv0.clone());
+        be.batch_norm_forward_train(
+            &mut t, &mut m1, &mut i1, &mut rm1, &mut rv1, &x, &gamma, &beta, xs, &cfg,
+        )
+        .unwrap();
+        be.relu_forward(&mut y1, &t);
+        let mut g = dy0.clone();
+        be.relu_backward(&mut g, &y1);
+        let (mut dx1, mut dg1, mut db1) = (z(xs.len()), vec![T::one(); c], vec![T::one(); c]);
+        be.batch_norm_backward(&mut dx1, &mut dg1, &mut db1, &g, &x, &gamma, &m1, &i1, xs);
+        let mut te = z(xs.len());
+        let mut e1 = z(xs.len());
+        be.batch_norm_forward_eval(&mut te, &x, &gamma, &beta, &rm1, &rv1, xs, &cfg);
+        be.relu_forward(&mut e1, &te);
+
+        // Fused.
+        let (mut y2, mut m2, mut i2) = (z(xs.len()), z(c), z(c));
+        let (mut rm2, mut rv2) = (z(c), rv0.clone());
+        be.batch_norm_relu_forward_train(
+            &mut y2, &mut m2, &mut i2, &mut rm2, &mut rv2, &x, &gamma, &beta, xs, &cfg,
+        )
+        .unwrap();
+        let mut d = dy0.clone();
+        let (mut dx2, mut dg2, mut db2) = (z(xs.len()), vec![T::one(); c], vec![T::one(); c]);
+        be.batch_norm_relu_backward(
+            &mut dx2, &mut dg2, &mut db2, &mut d, &y2, &x, &gamma, &m2, &i2, xs,
+        );
+        let mut e2 = z(xs.len());
+        be.batch_norm_relu_forward_eval(&mut e2, &x, &gamma, &beta, &rm2, &rv2, xs, &cfg);
+
+        for (name, a, b) in [
+            ("y", &y1, &y2),
+            ("mean", &m1, &m2),
+            ("invstd", &i1, &i2),
+            ("running_mean", &rm1, &rm2),
+            ("running_var", &rv1, &rv2),
+            ("dx", &dx1, &dx2),
+            ("dgamma", &dg1, &dg2),
+            ("dbeta", &db1, &db2),
+            ("eval y", &e1, &e2),
+        ] {
+            assert_eq!(
+                bits(a),
+                bits(b),
+                "{name} differs between the fused op and BatchNorm then ReLU; first values {:?} vs {:?}",
+                &a[..3],
+                &b[..3]
+            );
+        }
+        // The ReLU did something: some outputs are clamped, some gradients masked.
+        assert!(y2.iter().any(|v| *v == T::zero()) && y2.iter().any(|v| *v > T::zero()));
+    }
+    run::<f32>();
+    run::<f64>();
+}

@@ -336,6 +336,197 @@ fn is_pointwise(conv: &Conv2d) -> bool {
     conv.k == 1 && conv.stride == 1 && conv.pad == 0
 }
 
+/// ReLU as PyTorch computes it: `x < 0` rather than `x <= 0`, so NaN passes through.
+#[inline]
+fn relu<T: Elem>(v: T) -> T {
+    if v < T::zero() {
+        T::zero()
+    } else {
+        v
+    }
+}
+
+/// The gradient ReLU lets through: `y <= 0` blocks it (a NaN output keeps its gradient, as in
+/// PyTorch).
+#[inline]
+fn relu_grad<T: Elem>(g: T, y: T) -> T {
+    if y <= T::zero() {
+        T::zero()
+    } else {
+        g
+    }
+}
+
+/// Training-mode BatchNorm (then ReLU when `relu`): batch statistics in f64 over fixed row
+/// chunks, PyTorch's running-statistics rule. Outputs: y, mean, invstd, running mean and var.
+#[allow(clippy::type_complexity)]
+fn bn_train<T: Elem>(
+    (y, mean, invstd, running_mean, running_var): (
+        &mut [T],
+        &mut [T],
+        &mut [T],
+        &mut [T],
+        &mut [T],
+    ),
+    (x, gamma, beta): (&[T], &[T], &[T]),
+    xs: Nhwc,
+    cfg: &BatchNormCfg,
+    relu_after: bool,
+) -> anyhow::Result<()> {
+    let (m, c) = (xs.pixels(), xs.c);
+    if m < 2 {
+        anyhow::bail!(
+            "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
+            xs.n, xs.h, xs.w, xs.c
+        );
+    }
+    // Two passes (mean, then squared deviations), as exact as the data allows.
+    let s1 = channel_sums::<1>(m, c, |r, acc| {
+        for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+            a[0] += v.as_f64();
+        }
+    });
+    let mu: Vec<f64> = s1.iter().map(|s| s[0] / m as f64).collect();
+    let s2 = channel_sums::<1>(m, c, |r, acc| {
+        for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
+            let d = v.as_f64() - mu;
+            a[0] += d * d;
+        }
+    });
+    let var: Vec<f64> = s2.iter().map(|s| s[0] / m as f64).collect();
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
+    for ch in 0..c {
+        mean[ch] = T::cast(mu[ch]);
+        invstd[ch] = T::cast(inv[ch]);
+        let unbiased = var[ch] * m as f64 / (m - 1) as f64;
+        running_mean[ch] =
+            T::cast((1.0 - cfg.momentum) * running_mean[ch].as_f64() + cfg.momentum * mu[ch]);
+        running_var[ch] =
+            T::cast((1.0 - cfg.momentum) * running_var[ch].as_f64() + cfg.momentum * unbiased);
+    }
+    // y = (x − μ)·(invstd·γ) + β; subtracting the mean first keeps f32 exact enough when
+    // |μ| is large next to the spread.
+    let mean_t: Vec<T> = mu.iter().map(|&v| T::cast(v)).collect();
+    let scale: Vec<T> = (0..c)
+        .map(|ch| T::cast(inv[ch] * gamma[ch].as_f64()))
+        .collect();
+    bn_apply(y, x, &mean_t, &scale, beta, c, relu_after);
+    Ok(())
+}
+
+/// `y = (x − mean)·scale + beta` per channel, then ReLU when `relu_after`.
+fn bn_apply<T: Elem>(
+    y: &mut [T],
+    x: &[T],
+    mean: &[T],
+    scale: &[T],
+    beta: &[T],
+    c: usize,
+    relu_after: bool,
+) {
+    y.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(yr, xr)| {
+            if relu_after {
+                for ch in 0..c {
+                    yr[ch] = relu((xr[ch] - mean[ch]) * scale[ch] + beta[ch]);
+                }
+            } else {
+                for ch in 0..c {
+                    yr[ch] = (xr[ch] - mean[ch]) * scale[ch] + beta[ch];
+                }
+            }
+        });
+}
+
+/// Eval-mode BatchNorm (then ReLU when `relu_after`) with the running statistics.
+fn bn_eval<T: Elem>(
+    y: &mut [T],
+    (x, gamma, beta): (&[T], &[T], &[T]),
+    (running_mean, running_var): (&[T], &[T]),
+    xs: Nhwc,
+    cfg: &BatchNormCfg,
+    relu_after: bool,
+) {
+    let c = xs.c;
+    let scale: Vec<T> = (0..c)
+        .map(|ch| {
+            let inv = 1.0 / (running_var[ch].as_f64() + cfg.eps).sqrt();
+            T::cast(inv * gamma[ch].as_f64())
+        })
+        .collect();
+    bn_apply(y, x, running_mean, &scale, beta, c, relu_after);
+}
+
+/// Backward of training-mode BatchNorm, of BatchNorm+ReLU when `y` (the ReLU's output) is
+/// given: the incoming gradient is masked by ReLU on the fly, in both passes.
+fn bn_backward<T: Elem>(
+    (dx, dgamma, dbeta): (&mut [T], &mut [T], &mut [T]),
+    dy: &[T],
+    y: Option<&[T]>,
+    (x, gamma, mean, invstd): (&[T], &[T], &[T], &[T]),
+    xs: Nhwc,
+) {
+    let (m, c) = (xs.pixels(), xs.c);
+    let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
+    let inv: Vec<f64> = invstd.iter().map(|v| v.as_f64()).collect();
+    // Σ dy and Σ dy·x̂ per channel, x̂ = (x − μ)·invstd, dy masked by the ReLU when there is
+    // one. The row loops take slices and branch once per row, so they stay vectorisable.
+    let sums = channel_sums::<2>(m, c, |r, acc| {
+        let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
+        let mut add = |ch: usize, g: T| {
+            let g = g.as_f64();
+            acc[ch][0] += g;
+            acc[ch][1] += g * (xr[ch].as_f64() - mu[ch]) * inv[ch];
+        };
+        match y {
+            Some(y) => {
+                let yr = &y[r * c..(r + 1) * c];
+                for (ch, (&g, &yv)) in dyr.iter().zip(yr).enumerate() {
+                    add(ch, relu_grad(g, yv));
+                }
+            }
+            None => {
+                for (ch, &g) in dyr.iter().enumerate() {
+                    add(ch, g);
+                }
+            }
+        }
+    });
+    for ch in 0..c {
+        dbeta[ch] += T::cast(sums[ch][0]);
+        dgamma[ch] += T::cast(sums[ch][1]);
+    }
+    // dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)) = a·dy + b·(x − μ) + c per channel.
+    let mf = m as f64;
+    let mut a = vec![T::zero(); c];
+    let mut b = vec![T::zero(); c];
+    let mut c0 = vec![T::zero(); c];
+    for ch in 0..c {
+        let k = gamma[ch].as_f64() * inv[ch] / mf;
+        a[ch] = T::cast(k * mf);
+        b[ch] = T::cast(-k * sums[ch][1] * inv[ch]);
+        c0[ch] = T::cast(-k * sums[ch][0]);
+    }
+    dx.par_chunks_mut(c).enumerate().for_each(|(r, dxr)| {
+        let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
+        match y {
+            Some(y) => {
+                let yr = &y[r * c..(r + 1) * c];
+                for ch in 0..c {
+                    let g = relu_grad(dyr[ch], yr[ch]);
+                    dxr[ch] = a[ch] * g + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+                }
+            }
+            None => {
+                for ch in 0..c {
+                    dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+                }
+            }
+        }
+    });
+}
+
 impl<T: Elem> Backend<T> for Cpu {
     type Buf = Vec<T>;
 
@@ -483,51 +674,35 @@ impl<T: Elem> Backend<T> for Cpu {
         xs: Nhwc,
         cfg: &BatchNormCfg,
     ) -> anyhow::Result<()> {
-        let (m, c) = (xs.pixels(), xs.c);
-        if m < 2 {
-            anyhow::bail!(
-                "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
-                xs.n, xs.h, xs.w, xs.c
-            );
-        }
-        // Two passes (mean, then squared deviations), as exact as the data allows.
-        let s1 = channel_sums::<1>(m, c, |r, acc| {
-            for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-                a[0] += v.as_f64();
-            }
-        });
-        let mu: Vec<f64> = s1.iter().map(|s| s[0] / m as f64).collect();
-        let s2 = channel_sums::<1>(m, c, |r, acc| {
-            for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
-                let d = v.as_f64() - mu;
-                a[0] += d * d;
-            }
-        });
-        let var: Vec<f64> = s2.iter().map(|s| s[0] / m as f64).collect();
-        let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
-        for ch in 0..c {
-            mean[ch] = T::cast(mu[ch]);
-            invstd[ch] = T::cast(inv[ch]);
-            let unbiased = var[ch] * m as f64 / (m - 1) as f64;
-            running_mean[ch] =
-                T::cast((1.0 - cfg.momentum) * running_mean[ch].as_f64() + cfg.momentum * mu[ch]);
-            running_var[ch] =
-                T::cast((1.0 - cfg.momentum) * running_var[ch].as_f64() + cfg.momentum * unbiased);
-        }
-        // y = (x − μ)·(invstd·γ) + β; subtracting the mean first keeps f32 exact enough when
-        // |μ| is large next to the spread.
-        let mean_t: Vec<T> = mu.iter().map(|&v| T::cast(v)).collect();
-        let scale: Vec<T> = (0..c)
-            .map(|ch| T::cast(inv[ch] * gamma[ch].as_f64()))
-            .collect();
-        y.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each(|(yr, xr)| {
-                for ch in 0..c {
-                    yr[ch] = (xr[ch] - mean_t[ch]) * scale[ch] + beta[ch];
-                }
-            });
-        Ok(())
+        bn_train(
+            (y, mean, invstd, running_mean, running_var),
+            (x, gamma, beta),
+            xs,
+            cfg,
+            false,
+        )
+    }
+
+    fn batch_norm_relu_forward_train(
+        &self,
+        y: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        invstd: &mut Vec<T>,
+        running_mean: &mut Vec<T>,
+        running_var: &mut Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) -> anyhow::Result<()> {
+        bn_train(
+            (y, mean, invstd, running_mean, running_var),
+            (x, gamma, beta),
+            xs,
+            cfg,
+            true,
+        )
     }
 
     fn batch_norm_forward_eval(
@@ -541,21 +716,35 @@ impl<T: Elem> Backend<T> for Cpu {
         xs: Nhwc,
         cfg: &BatchNormCfg,
     ) {
-        let c = xs.c;
-        let inv: Vec<f64> = running_var
-            .iter()
-            .map(|v| 1.0 / (v.as_f64() + cfg.eps).sqrt())
-            .collect();
-        let scale: Vec<T> = (0..c)
-            .map(|ch| T::cast(inv[ch] * gamma[ch].as_f64()))
-            .collect();
-        y.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each(|(yr, xr)| {
-                for ch in 0..c {
-                    yr[ch] = (xr[ch] - running_mean[ch]) * scale[ch] + beta[ch];
-                }
-            });
+        bn_eval(
+            y,
+            (x, gamma, beta),
+            (running_mean, running_var),
+            xs,
+            cfg,
+            false,
+        );
+    }
+
+    fn batch_norm_relu_forward_eval(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        running_mean: &Vec<T>,
+        running_var: &Vec<T>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) {
+        bn_eval(
+            y,
+            (x, gamma, beta),
+            (running_mean, running_var),
+            xs,
+            cfg,
+            true,
+        );
     }
 
     fn batch_norm_backward(
@@ -570,47 +759,35 @@ impl<T: Elem> Backend<T> for Cpu {
         invstd: &Vec<T>,
         xs: Nhwc,
     ) {
-        let (m, c) = (xs.pixels(), xs.c);
-        let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
-        let inv: Vec<f64> = invstd.iter().map(|v| v.as_f64()).collect();
-        // Σ dy and Σ dy·x̂ per channel, x̂ = (x − μ)·invstd.
-        let sums = channel_sums::<2>(m, c, |r, acc| {
-            let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
-            for ch in 0..c {
-                let g = dyr[ch].as_f64();
-                acc[ch][0] += g;
-                acc[ch][1] += g * (xr[ch].as_f64() - mu[ch]) * inv[ch];
-            }
-        });
-        for ch in 0..c {
-            dbeta[ch] += T::cast(sums[ch][0]);
-            dgamma[ch] += T::cast(sums[ch][1]);
-        }
-        // dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)) = a·dy + b·(x − μ) + c per channel.
-        let mf = m as f64;
-        let mut a = vec![T::zero(); c];
-        let mut b = vec![T::zero(); c];
-        let mut c0 = vec![T::zero(); c];
-        for ch in 0..c {
-            let k = gamma[ch].as_f64() * inv[ch] / mf;
-            a[ch] = T::cast(k * mf);
-            b[ch] = T::cast(-k * sums[ch][1] * inv[ch]);
-            c0[ch] = T::cast(-k * sums[ch][0]);
-        }
-        dx.par_chunks_mut(c)
-            .zip(dy.par_chunks(c).zip(x.par_chunks(c)))
-            .for_each(|(dxr, (dyr, xr))| {
-                for ch in 0..c {
-                    dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
-                }
-            });
+        bn_backward((dx, dgamma, dbeta), dy, None, (x, gamma, mean, invstd), xs);
+    }
+
+    fn batch_norm_relu_backward(
+        &self,
+        dx: &mut Vec<T>,
+        dgamma: &mut Vec<T>,
+        dbeta: &mut Vec<T>,
+        dy: &mut Vec<T>,
+        y: &Vec<T>,
+        x: &Vec<T>,
+        gamma: &Vec<T>,
+        mean: &Vec<T>,
+        invstd: &Vec<T>,
+        xs: Nhwc,
+    ) {
+        bn_backward(
+            (dx, dgamma, dbeta),
+            dy,
+            Some(y),
+            (x, gamma, mean, invstd),
+            xs,
+        );
     }
 
     fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
-        y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| {
-            // `x < 0` rather than `x <= 0`: NaN passes through, as in PyTorch.
-            *y = if *x < T::zero() { T::zero() } else { *x };
-        });
+        y.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(y, x)| *y = relu(*x));
     }
 
     fn relu_backward(&self, dy: &mut Vec<T>, y: &Vec<T>) {
@@ -620,8 +797,7 @@ impl<T: Elem> Backend<T> for Cpu {
             .zip(y.par_chunks(4096))
             .for_each(|(g, y)| {
                 for (g, y) in g.iter_mut().zip(y) {
-                    // `y <= 0` (not `!(y > 0)`): a NaN output keeps its gradient, as in PyTorch.
-                    *g = if *y <= T::zero() { T::zero() } else { *g };
+                    *g = relu_grad(*g, *y);
                 }
             });
     }

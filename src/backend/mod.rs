@@ -279,6 +279,75 @@ pub trait Backend<T: Elem>: Sync {
         xs: Nhwc,
     );
 
+    /// BatchNorm in training mode followed by ReLU: `y = max(batch_norm(x), 0)`, what a
+    /// backend can do in one pass over the data. The default runs the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_forward_train(
+        &self,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        invstd: &mut Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) -> anyhow::Result<()> {
+        let mut t = self.act_zeros(xs.len());
+        self.batch_norm_forward_train(
+            &mut t,
+            mean,
+            invstd,
+            running_mean,
+            running_var,
+            x,
+            gamma,
+            beta,
+            xs,
+            cfg,
+        )?;
+        self.relu_forward(y, &t);
+        Ok(())
+    }
+    /// Eval-mode BatchNorm followed by ReLU.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_forward_eval(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) {
+        let mut t = self.act_zeros(xs.len());
+        self.batch_norm_forward_eval(&mut t, x, gamma, beta, running_mean, running_var, xs, cfg);
+        self.relu_forward(y, &t);
+    }
+    /// Backward of [`Backend::batch_norm_relu_forward_train`]: `y` is its output; `dy` may be
+    /// overwritten (the default masks it in place, then runs the BatchNorm backward).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        dy: &mut Self::Buf,
+        y: &Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        invstd: &Self::Buf,
+        xs: Nhwc,
+    ) {
+        self.relu_backward(dy, y);
+        self.batch_norm_backward(dx, dgamma, dbeta, dy, x, gamma, mean, invstd, xs);
+    }
+
     /// `y = max(x, 0)`.
     fn relu_forward(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// `dy *= [y > 0]`, in place (PyTorch masks with the output).

@@ -47,6 +47,9 @@ enum Op<Buf> {
         /// Batch mean and 1/√(var+eps) of the last training forward.
         mean: Buf,
         invstd: Buf,
+        /// The ReLU that follows in the model runs inside this node (one pass over the data);
+        /// the node's output is the ReLU's.
+        relu: bool,
     },
     Relu,
     MaxPool {
@@ -66,6 +69,9 @@ enum Op<Buf> {
 
 struct Node<Buf> {
     name: String,
+    /// The name of a layer fused into this node (the ReLU after a BatchNorm), whose output
+    /// this node's output is.
+    alias: Option<String>,
     op: Op<Buf>,
     out: Act<Buf>,
     /// Seconds spent in forward and backward since the last profile reset (with profiling on).
@@ -116,7 +122,38 @@ fn param<T: Elem, B: Backend<T>>(be: &B, value: Vec<T>) -> Param<B::Buf> {
     }
 }
 
+/// Every BatchNorm directly followed by a ReLU becomes one node doing both (after the
+/// parameters are drawn, so the initialisation is the model's). PyTorch's module paths stay
+/// reachable: the ReLU's name is the fused node's alias.
+fn fuse_bn_relu<Buf>(nodes: Vec<Node<Buf>>) -> Vec<Node<Buf>> {
+    let mut out: Vec<Node<Buf>> = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        if let (Op::Relu, Some(prev)) = (&node.op, out.last_mut()) {
+            if let Op::BatchNorm {
+                relu: fused @ false,
+                ..
+            } = &mut prev.op
+            {
+                *fused = true;
+                prev.alias = Some(node.name);
+                continue;
+            }
+        }
+        out.push(node);
+    }
+    out
+}
+
 fn build<T: Elem, B: Backend<T>>(
+    be: &B,
+    layers: &[Layer],
+    rng: &mut impl Rng,
+) -> Vec<Node<B::Buf>> {
+    let nodes = build_layers(be, layers, rng);
+    fuse_bn_relu(nodes)
+}
+
+fn build_layers<T: Elem, B: Backend<T>>(
     be: &B,
     layers: &[Layer],
     rng: &mut impl Rng,
@@ -141,6 +178,7 @@ fn build<T: Elem, B: Backend<T>>(
                         num_batches_tracked: 0,
                         mean: be.zeros(c),
                         invstd: be.zeros(c),
+                        relu: false,
                     };
                     (name, op)
                 }
@@ -167,6 +205,7 @@ fn build<T: Elem, B: Backend<T>>(
             };
             Node {
                 name: name.clone(),
+                alias: None,
                 op,
                 out: Act {
                     buf: be.zeros(0),
@@ -216,10 +255,17 @@ impl<Buf: Send + Sync> Node<Buf> {
                 num_batches_tracked,
                 mean,
                 invstd,
+                relu,
             } => {
                 ensure(be, &mut self.out, xs);
                 if ctx.train {
-                    be.batch_norm_forward_train(
+                    let f = if *relu {
+                        B::batch_norm_relu_forward_train
+                    } else {
+                        B::batch_norm_forward_train
+                    };
+                    f(
+                        be,
                         &mut self.out.buf,
                         mean,
                         invstd,
@@ -234,7 +280,13 @@ impl<Buf: Send + Sync> Node<Buf> {
                     .with_context(|| format!("layer {}", self.name))?;
                     *num_batches_tracked += 1;
                 } else {
-                    be.batch_norm_forward_eval(
+                    let f = if *relu {
+                        B::batch_norm_relu_forward_eval
+                    } else {
+                        B::batch_norm_forward_eval
+                    };
+                    f(
+                        be,
                         &mut self.out.buf,
                         &x.buf,
                         &w.value,
@@ -321,6 +373,29 @@ impl<Buf: Send + Sync> Node<Buf> {
                     conv,
                 );
                 dx
+            }
+            Op::BatchNorm {
+                w,
+                b,
+                mean,
+                invstd,
+                relu: true,
+                ..
+            } => {
+                let mut dx = be.act_zeros(xs.len());
+                be.batch_norm_relu_backward(
+                    &mut dx,
+                    &mut w.grad,
+                    &mut b.grad,
+                    &mut dy,
+                    &self.out.buf,
+                    &x.buf,
+                    &w.value,
+                    mean,
+                    invstd,
+                    xs,
+                );
+                Some(dx)
             }
             Op::BatchNorm {
                 w, b, mean, invstd, ..
@@ -455,7 +530,8 @@ impl<Buf: Send + Sync> Node<Buf> {
                 node.find(path, prefix, found);
             }
         }
-        if self.name == path || self.name.starts_with(prefix) {
+        if self.name == path || self.name.starts_with(prefix) || self.alias.as_deref() == Some(path)
+        {
             *found = Some(&self.out);
         }
     }
@@ -555,6 +631,7 @@ fn collect_times<Buf>(nodes: &[Node<Buf>], out: &mut Vec<LayerTime>) -> [f64; 2]
                     [0.0; 2],
                 )
             }
+            Op::BatchNorm { relu: true, .. } => ("batch_norm_relu", 0.0, [0.0; 2]),
             Op::BatchNorm { .. } => ("batch_norm", 0.0, [0.0; 2]),
             Op::Relu => ("relu", 0.0, [0.0; 2]),
             Op::MaxPool { .. } => ("max_pool", 0.0, [0.0; 2]),

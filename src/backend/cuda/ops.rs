@@ -555,7 +555,63 @@ impl Backend<f32> for Gpu {
         invstd: &Buf,
         xs: Nhwc,
     ) {
-        self.bn_backward(dx, dgamma, dbeta, dy, x, gamma, mean, invstd, xs);
+        self.bn_backward(dx, dgamma, dbeta, dy, None, x, gamma, mean, invstd, xs);
+    }
+
+    fn batch_norm_relu_forward_train(
+        &self,
+        y: &mut Buf,
+        mean: &mut Buf,
+        invstd: &mut Buf,
+        running_mean: &mut Buf,
+        running_var: &mut Buf,
+        x: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) -> anyhow::Result<()> {
+        if xs.pixels() < 2 {
+            anyhow::bail!(
+                "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
+                xs.n, xs.h, xs.w, xs.c
+            );
+        }
+        self.bn_stats(mean, invstd, running_mean, running_var, x, xs, cfg);
+        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, true);
+        Ok(())
+    }
+
+    fn batch_norm_relu_forward_eval(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        running_mean: &Buf,
+        running_var: &Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) {
+        let mut invstd = self.zeros(xs.c);
+        self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
+        self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, true);
+    }
+
+    fn batch_norm_relu_backward(
+        &self,
+        dx: &mut Buf,
+        dgamma: &mut Buf,
+        dbeta: &mut Buf,
+        dy: &mut Buf,
+        y: &Buf,
+        x: &Buf,
+        gamma: &Buf,
+        mean: &Buf,
+        invstd: &Buf,
+        xs: Nhwc,
+    ) {
+        self.bn_backward(dx, dgamma, dbeta, dy, Some(y), x, gamma, mean, invstd, xs);
     }
 
     fn relu_forward(&self, y: &mut Buf, x: &Buf) {
@@ -1299,12 +1355,16 @@ impl Gpu {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// BatchNorm's backward, of BatchNorm+ReLU when `y` (the ReLU's output) is given: the
+    /// kernels mask dy by `y > 0` as they read it.
+    #[allow(clippy::too_many_arguments)]
     fn bn_backward(
         &self,
         dx: &mut Buf,
         dgamma: &mut Buf,
         dbeta: &mut Buf,
         dy: &Buf,
+        y: Option<&Buf>,
         x: &Buf,
         gamma: &Buf,
         mean: &Buf,
@@ -1316,8 +1376,9 @@ impl Gpu {
         let r = self.reduction(xs.pixels(), xs.c);
         let (ws, counters) = self.reduction_buffers(&r);
         let (dyp, xp, mp, cp) = (self.ptr(dy), self.ptr(x), self.ptr(mean), self.ptr(&coef));
-        // BatchNorm alone (the ReLU is its own op here): relu = 0, so y is never read; dy
-        // stands in for it. ld = C and offset 0: plain [P, C] tensors.
+        // Without the ReLU (relu = 0) y is never read: dy stands in for it. ld = C and
+        // offset 0: plain [P, C] tensors.
+        let (yp, relu) = y.map_or((dyp, 0), |y| (self.ptr(y), 1));
         let args = [
             P(cp),
             P(self.ptr(dgamma)),
@@ -1327,7 +1388,7 @@ impl Gpu {
             P(dyp),
             I(c),
             I(0),
-            P(dyp),
+            P(yp),
             I(c),
             I(0),
             P(xp),
@@ -1336,7 +1397,7 @@ impl Gpu {
             P(self.ptr(gamma)),
             I(p),
             I(c),
-            I(0),
+            I(relu),
         ];
         self.launch(
             &typed("batch_norm_relu_backward_reduce", x.dtype),
@@ -1348,7 +1409,7 @@ impl Gpu {
             P(dyp),
             I(c),
             I(0),
-            P(dyp),
+            P(yp),
             I(c),
             I(0),
             P(xp),
@@ -1356,7 +1417,7 @@ impl Gpu {
             P(cp),
             I(p),
             I(c),
-            I(0),
+            I(relu),
         ];
         self.launch(
             &typed("batch_norm_relu_backward_apply", x.dtype),
