@@ -82,6 +82,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per mode")
     p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--compile-only", action="store_true", help="torch.compile only")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("pytorch_baseline.py: torch sees no CUDA device")
@@ -96,8 +97,9 @@ def main():
 
     print(f"torch {torch.__version__}  {torch.cuda.get_device_name()}  batch={b}  "
           f"warmup={args.warmup}  steps={args.steps}")
+    impls = ["eager"] if args.no_compile else ["compile"] if args.compile_only else ["eager", "compile"]
     modes = [(impl, name, amp)
-             for impl in (["eager"] if args.no_compile else ["eager", "compile"])
+             for impl in impls
              for name, amp in (("fp32", False), ("amp-f16", True))]
     for impl, name, amp in modes:
         try:

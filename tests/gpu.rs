@@ -1000,16 +1000,68 @@ fn test_no_driver_error() -> Outcome {
     Ok(())
 }
 
+/// Counts and prints each result as soon as it is known, so a run cut short (a timeout on the
+/// GPU machine) still shows every test that finished.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Tally {
+    fn report(&mut self, name: &str, r: Result<Outcome, String>, secs: f64) {
+        match r {
+            Ok(Ok(())) => {
+                self.passed += 1;
+                println!("test {name} ... ok ({secs:.1} s)");
+            }
+            Ok(Err(e)) => {
+                self.failed += 1;
+                println!("test {name} ... FAILED ({secs:.1} s)\n{e}");
+            }
+            Err(why) => {
+                self.skipped += 1;
+                println!(
+                    "test {name} ... skipped: {}",
+                    why.lines().next().unwrap_or(&why)
+                );
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// Runs `f`, turning a panic into a failure with its message.
+fn guarded(f: &dyn Fn() -> Outcome) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(format!("panicked: {msg}"))
+    })
+}
+
 fn main() {
+    // An optional argument keeps only the tests whose names contain it.
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     let device = Gpu::new(0).map(|_| ()).map_err(|e| format!("{e:#}"));
-    let mut results: Vec<(String, Result<Outcome, String>)> = Vec::new();
+    let mut tally = Tally::default();
     let mut run = |name: String, f: &dyn Fn() -> Outcome| {
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            return;
+        }
+        let t = std::time::Instant::now();
         let r = match &device {
             Err(why) => Err(why.clone()),
-            Ok(()) => Ok(f()),
+            Ok(()) => Ok(guarded(f)),
         };
-        results.push((name, r));
+        tally.report(&name, r, t.elapsed().as_secs_f64());
     };
+    // Op by op first (fast), then whole steps, then runs of the binary.
     for p in [FP32, F16, BF16] {
         let tag = p.name.replace('-', "_");
         run(format!("conv2d_gpu_matches_cpu_{tag}"), &|| test_conv(&p));
@@ -1022,6 +1074,10 @@ fn main() {
         run(format!("head_concat_sgd_gpu_matches_cpu_{tag}"), &|| {
             test_head_concat_sgd(&p)
         });
+    }
+    run("golden_fixture_gpu_fp32".into(), &test_golden_fp32);
+    for p in [FP32, F16, BF16] {
+        let tag = p.name.replace('-', "_");
         run(format!("training_steps_gpu_match_cpu_{tag}"), &|| {
             test_training_steps(&p)
         });
@@ -1029,6 +1085,15 @@ fn main() {
             format!("deterministic_runs_are_bitwise_equal_{tag}"),
             &|| test_deterministic(&p),
         );
+    }
+    for p in [F16, BF16] {
+        let tag = p.name.replace('-', "_");
+        run(format!("loss_scale_overflow_skips_step_{tag}"), &|| {
+            test_loss_scale_overflow(&p)
+        });
+    }
+    for p in [FP32, F16, BF16] {
+        let tag = p.name.replace('-', "_");
         run(format!("train_binary_learns_{tag}"), &|| {
             test_train_binary(&p)
         });
@@ -1040,17 +1105,10 @@ fn main() {
             test_device_batches_match_host(&p)
         });
     }
-    for p in [F16, BF16] {
-        let tag = p.name.replace('-', "_");
-        run(format!("loss_scale_overflow_skips_step_{tag}"), &|| {
-            test_loss_scale_overflow(&p)
-        });
-    }
-    run("golden_fixture_gpu_fp32".into(), &test_golden_fp32);
     // Needs no GPU: every kernel the backend launches is in the embedded PTX.
     let missing = incept::backend::cuda::missing_kernels();
-    results.push((
-        "embedded_ptx_defines_every_kernel".into(),
+    tally.report(
+        "embedded_ptx_defines_every_kernel",
         Ok(if missing.is_empty() {
             Ok(())
         } else {
@@ -1059,34 +1117,18 @@ fn main() {
                 missing.join(", ")
             ))
         }),
-    ));
+        0.0,
+    );
     let no_driver = match &device {
         Err(why) if why.contains("no NVIDIA driver") => Ok(test_no_driver_error()),
         _ => Err("a driver is present".to_string()),
     };
-    results.push(("no_driver_error_is_clear".into(), no_driver));
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    for (name, r) in &results {
-        match r {
-            Ok(Ok(())) => {
-                passed += 1;
-                println!("test {name} ... ok");
-            }
-            Ok(Err(e)) => {
-                failed += 1;
-                println!("test {name} ... FAILED\n{e}");
-            }
-            Err(why) => {
-                skipped += 1;
-                println!(
-                    "test {name} ... skipped: {}",
-                    why.lines().next().unwrap_or(why)
-                );
-            }
-        }
-    }
-    println!("\n{passed} passed, {failed} failed, {skipped} skipped");
-    if failed > 0 {
+    tally.report("no_driver_error_is_clear", no_driver, 0.0);
+    println!(
+        "\n{} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
+    if tally.failed > 0 {
         std::process::exit(1);
     }
 }
