@@ -312,6 +312,19 @@ fn bad_input_is_a_clear_error() {
         &["--lr"],
     );
     fails(&["train", "--epochs", "x"], &["--epochs"]);
+    // CUDA-only flags on the CPU, and malformed CUDA flags, are refused before anything runs.
+    for (flag, needle) in [
+        (&["--amp-dtype", "bf16"][..], "--amp-dtype"),
+        (&["--amp"][..], "--amp"),
+        (&["--host-batches"][..], "--host-batches"),
+        (&["--profile-steps", "5..9"][..], "--profile-steps"),
+        (&["--streams", "0"][..], "--streams"),
+        (&["--no-amp", "--amp-dtype", "f16"][..], "--amp-dtype"),
+    ] {
+        let mut args = vec!["train", "--data-dir", d, "--output", out];
+        args.extend_from_slice(flag);
+        fails(&args, &[needle]);
+    }
     // A diverging run stops at the first non-finite loss and names the step.
     fails(
         &[
