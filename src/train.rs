@@ -437,6 +437,11 @@ fn save_checkpoint<B: Backend<f32>>(
         OwnedTensor::f64(vec![], [p.epoch_loss_sum]),
     ));
     state.push(("train.epoch_correct".into(), scalar(p.epoch_correct)));
+    // Mixed precision: the dynamic loss scale, so a resumed run does not restart at 2^16 and
+    // skip steps finding its way back.
+    if let Some((scale, _)) = net.backend().loss_scale()? {
+        state.push(("train.loss_scale".into(), OwnedTensor::f64(vec![], [scale])));
+    }
     state.push(("train.epoch_seen".into(), scalar(p.epoch_seen)));
     // The state goes first: if the model write fails, the step counters of the pair disagree
     // and a resume refuses the pair instead of mixing two steps.
@@ -507,6 +512,17 @@ fn resume_from<B: Backend<f32>>(
     load_model(net, &model, "")?;
     net.set_momentum(|name, _| Ok(state.read::<f32>(&format!("optimizer.momentum.{name}"))?.0))?;
     net.sgd_steps = scalar(&state, "train.sgd_steps")? as u64;
+    // Present when the run was in mixed precision; a run resumed in fp32 has no use for it.
+    if state.tensors()?.names().contains(&"train.loss_scale") {
+        let scale = scalar(&state, "train.loss_scale")?;
+        if !(scale.is_finite() && scale > 0.0) {
+            bail!(
+                "{}: train.loss_scale is {scale}, not a positive number",
+                sp.display()
+            );
+        }
+        net.backend_mut().restore_loss_scale(scale)?;
+    }
     Ok(p)
 }
 

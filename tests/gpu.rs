@@ -893,6 +893,29 @@ fn test_graph_matches_eager(p: &Prec) -> Outcome {
     r
 }
 
+/// A mixed-precision run saves its loss scale with the checkpoint, and `--resume` continues
+/// from it (the scale is the same, within the growth/backoff steps of the resumed epoch).
+fn test_resume_keeps_loss_scale(p: &Prec) -> Outcome {
+    let dir = scratch("resume", p);
+    let r = (|| {
+        let run = train_binary(&dir, p, &["--epochs", "1"], "r")?;
+        let state = run.join("last.state.safetensors");
+        let file = incept::checkpoint::TensorFile::open(&state).map_err(|e| format!("{e:#}"))?;
+        let (scale, _) = file
+            .read_f64("train.loss_scale")
+            .map_err(|e| format!("{}: no train.loss_scale: {e:#}", state.display()))?;
+        if !(scale[0].is_finite() && scale[0] >= 1.0) {
+            return Err(format!("saved loss scale {scale:?}"));
+        }
+        let last = run.join("last.safetensors");
+        let last = last.to_str().ok_or("temp path is not UTF-8")?;
+        train_binary(&dir, p, &["--epochs", "2", "--resume", last], "r")?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
 fn scratch(what: &str, p: &Prec) -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
         "incept-gpu-{what}-{}-{}",
@@ -1090,6 +1113,9 @@ fn main() {
         let tag = p.name.replace('-', "_");
         run(format!("loss_scale_overflow_skips_step_{tag}"), &|| {
             test_loss_scale_overflow(&p)
+        });
+        run(format!("resume_keeps_the_loss_scale_{tag}"), &|| {
+            test_resume_keeps_loss_scale(&p)
         });
     }
     for p in [FP32, F16, BF16] {

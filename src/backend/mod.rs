@@ -210,6 +210,11 @@ pub trait Backend<T: Elem>: Sync {
         Ok(None)
     }
 
+    /// Continues mixed precision at a saved loss scale (a resumed run); nothing elsewhere.
+    fn restore_loss_scale(&mut self, _scale: f64) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// `y = conv2d(x, w) + b`. x: [N,H,W,Cin], w: [Cout,Cin,k,k], b: [Cout], y: [N,Ho,Wo,Cout].
     fn conv2d_forward(
         &self,

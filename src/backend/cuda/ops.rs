@@ -386,6 +386,13 @@ impl Backend<f32> for Gpu {
         }
     }
 
+    fn restore_loss_scale(&mut self, scale: f64) -> anyhow::Result<()> {
+        if self.loss_scale.is_none() {
+            return Ok(());
+        }
+        self.set_loss_scale(scale as f32)
+    }
+
     fn loss_scale(&self) -> anyhow::Result<Option<(f64, u64)>> {
         Ok(self.read_loss_scale()?.map(|(s, k)| (s as f64, k)))
     }
