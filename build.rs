@@ -7,7 +7,13 @@
 //! pub const PTX_MIN_DRIVER: i32 = 12080;  // oldest driver (cuDriverGetVersion) that loads it
 //! pub const PTX_ARCH: &str = "compute_80";
 //! pub const PTX_COMPILER: &str = "NVRTC 12.8 (/path/libnvrtc.so.12)";
+//! pub const CUBIN: &[(&str, u32, &[u8])] = &[("concat", 80, include_bytes!(...)), ...];
 //! ```
+//!
+//! Where `ptxas` is found (CUDA toolkit, or the pip wheel `nvidia-cuda-nvcc-cu12`), each PTX is
+//! also assembled for the real GPUs of `INCEPT_CUBIN_ARCHS` (default `sm_80 sm_90`): the
+//! backend loads the cubin matching the GPU, which needs no JIT at start-up and no driver that
+//! knows the PTX's ISA version, and falls back to the PTX for other GPUs.
 //!
 //! Without the feature it does nothing and needs nothing.
 //!
@@ -22,6 +28,8 @@
 //! | `INCEPT_NVRTC` | path of a libnvrtc.so (or its folder) to use |
 //! | `INCEPT_PYTHON` | interpreter (e.g. a venv's) whose site-packages hold the NVIDIA wheels |
 //! | `CUDA_HOME`, `CUDA_PATH` | CUDA toolkit root (`bin/nvcc`, `lib64/libnvrtc.so`, `include/`) |
+//! | `INCEPT_CUBIN_ARCHS` | real architectures to assemble cubins for (default `sm_80 sm_90`; empty: none) |
+//! | `INCEPT_PTXAS` | the `ptxas` to use |
 
 use std::env;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -38,6 +46,8 @@ const ENV_VARS: &[&str] = &[
     "CUDA_HOME",
     "CUDA_PATH",
     "PATH",
+    "INCEPT_CUBIN_ARCHS",
+    "INCEPT_PTXAS",
 ];
 
 const HOW_TO_GET_A_COMPILER: &str = "\
@@ -145,7 +155,8 @@ fn build_kernels() -> Result<(), String> {
     let compiler_name = compiler
         .as_ref()
         .map_or("none".to_string(), Compiler::describe);
-    write_kernels_rs(&out_dir, &compiled, &isa, &arch, &compiler_name)?;
+    let cubins = assemble_cubins(&out_dir, &compiled)?;
+    write_kernels_rs(&out_dir, &compiled, &isa, &arch, &compiler_name, &cubins)?;
     if compiled.is_empty() {
         println!("cargo:warning=incept: no cuda/*.cu to compile; the PTX table is empty");
     } else {
@@ -194,12 +205,128 @@ fn remove_stale_ptx(out_dir: &Path, compiled: &[Ptx]) {
     }
 }
 
+/// `ptxas`: `$INCEPT_PTXAS`, the toolkit's, PATH's, else the pip wheel nvidia-cuda-nvcc-cu12's.
+fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = env_path("INCEPT_PTXAS") {
+        return Some(p);
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = env_path(var) {
+            let p = root.join("bin/ptxas");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let usr = PathBuf::from("/usr/local/cuda/bin/ptxas");
+    if usr.is_file() {
+        return Some(usr);
+    }
+    if let Some(path) = env::var_os("PATH") {
+        if let Some(p) = env::split_paths(&path)
+            .map(|d| d.join("ptxas"))
+            .find(|p| p.is_file())
+        {
+            return Some(p);
+        }
+    }
+    site_packages(&mut Vec::new())
+        .into_iter()
+        .map(|d| d.join("nvidia/cuda_nvcc/bin/ptxas"))
+        .find(|p| p.is_file())
+}
+
+/// One assembled cubin: module, architecture (80 for sm_80), file in OUT_DIR.
+struct Cubin {
+    stem: String,
+    sm: u32,
+    file: String,
+}
+
+/// Assembles every PTX for the architectures of `INCEPT_CUBIN_ARCHS` with ptxas, if there is
+/// one. Without ptxas there are no cubins (the PTX alone works on every GPU the driver can
+/// JIT for); a ptxas that fails is an error, since the PTX would fail the same way.
+fn assemble_cubins(out_dir: &Path, compiled: &[Ptx]) -> Result<Vec<Cubin>, String> {
+    for entry in fs::read_dir(out_dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "cubin") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let archs = env::var("INCEPT_CUBIN_ARCHS").unwrap_or_else(|_| "sm_80 sm_90".into());
+    let mut sms = Vec::new();
+    for a in archs.split_whitespace() {
+        let sm: u32 = a
+            .trim_start_matches("sm_")
+            .parse()
+            .map_err(|_| format!("INCEPT_CUBIN_ARCHS: {a:?} is not an architecture like sm_90"))?;
+        sms.push(sm);
+    }
+    if sms.is_empty() || compiled.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(ptxas) = find_ptxas() else {
+        println!("cargo:warning=incept: no ptxas found (CUDA toolkit, or pip install nvidia-cuda-nvcc-cu12): PTX only, JIT-compiled by the driver at start-up");
+        return Ok(Vec::new());
+    };
+    let jobs: Vec<(String, u32)> = compiled
+        .iter()
+        .flat_map(|p| sms.iter().map(move |&sm| (p.stem.clone(), sm)))
+        .collect();
+    let results: Vec<Result<Cubin, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(stem, sm)| {
+                let ptxas = &ptxas;
+                scope.spawn(move || {
+                    let file = format!("{stem}.sm_{sm}.cubin");
+                    let out = Command::new(ptxas)
+                        .arg(format!("-arch=sm_{sm}"))
+                        .arg("-O3")
+                        .arg("-o")
+                        .arg(out_dir.join(&file))
+                        .arg(out_dir.join(format!("{stem}.ptx")))
+                        .output()
+                        .map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
+                    if !out.status.success() {
+                        return Err(format!(
+                            "{} -arch=sm_{sm} {stem}.ptx failed:\n{}",
+                            ptxas.display(),
+                            String::from_utf8_lossy(&out.stderr)
+                        ));
+                    }
+                    Ok(Cubin {
+                        stem: stem.clone(),
+                        sm: *sm,
+                        file,
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("ptxas thread panicked".into()))
+            })
+            .collect()
+    });
+    let cubins = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    println!(
+        "cargo:warning=incept: {} cubins for {} with {}",
+        cubins.len(),
+        archs.trim(),
+        ptxas.display()
+    );
+    Ok(cubins)
+}
+
 fn write_kernels_rs(
     out_dir: &Path,
     compiled: &[Ptx],
     isa: &str,
     arch: &str,
     compiler: &str,
+    cubins: &[Cubin],
 ) -> Result<(), String> {
     let mut rs = String::new();
     let _ = writeln!(
@@ -214,6 +341,20 @@ fn write_kernels_rs(
             "    ({:?}, include_str!(concat!(env!(\"OUT_DIR\"), {:?}))),",
             ptx.stem,
             format!("/{}.ptx", ptx.stem)
+        );
+    }
+    rs.push_str("];\n");
+    rs.push_str(
+        "\n/// (module, real architecture as 10·major + minor, cubin) assembled by ptxas from the PTX.\n",
+    );
+    rs.push_str("#[allow(dead_code)]\npub const CUBIN: &[(&str, u32, &[u8])] = &[\n");
+    for c in cubins {
+        let _ = writeln!(
+            rs,
+            "    ({:?}, {}, include_bytes!(concat!(env!(\"OUT_DIR\"), {:?}))),",
+            c.stem,
+            c.sm,
+            format!("/{}", c.file)
         );
     }
     rs.push_str("];\n");

@@ -324,16 +324,49 @@ fn kernel_names() -> Vec<String> {
     names
 }
 
-/// The kernels the backend launches that no embedded PTX module defines (an `.entry`), so a
-/// build whose kernels and launches disagree is caught without a GPU.
+/// The embedded cubin of `module` for a GPU of compute capability `major.minor`: one assembled
+/// for the same major version and a minor version up to the GPU's (sm_80 code runs on 8.6 and
+/// 8.9; 9.0 needs sm_90), the newest such.
+fn matching_cubin(module: &str, major: u32, minor: u32) -> Option<&'static [u8]> {
+    ptx::CUBIN
+        .iter()
+        .filter(|(m, sm, _)| *m == module && sm / 10 == major && sm % 10 <= minor)
+        .max_by_key(|(_, sm, _)| *sm)
+        .map(|(_, _, bin)| *bin)
+}
+
+/// The kernels the backend launches that no embedded PTX module defines (an `.entry`), and
+/// entries missing from a cubin, so a build whose kernels and launches disagree is caught
+/// without a GPU.
 pub fn missing_kernels() -> Vec<String> {
-    kernel_names()
+    let mut missing: Vec<String> = kernel_names()
         .into_iter()
         .filter(|name| {
             let entry = format!(".entry {name}(");
             !ptx::PTX.iter().any(|(_, src)| src.contains(&entry))
         })
-        .collect()
+        .collect();
+    // Each cubin must hold every entry of the PTX it was assembled from (its symbol names).
+    for (module, sm, bin) in ptx::CUBIN {
+        let Some((_, src)) = ptx::PTX.iter().find(|(m, _)| m == module) else {
+            missing.push(format!("{module} (sm_{sm} cubin without its PTX)"));
+            continue;
+        };
+        for line in src.lines() {
+            let Some(name) = line
+                .split(".entry ")
+                .nth(1)
+                .and_then(|rest| rest.split('(').next())
+            else {
+                continue;
+            };
+            let name = name.trim();
+            if !bin.windows(name.len()).any(|w| w == name.as_bytes()) {
+                missing.push(format!("{name} (in the sm_{sm} cubin of {module})"));
+            }
+        }
+    }
+    missing
 }
 
 impl Gpu {
@@ -414,8 +447,23 @@ impl Gpu {
         }
         let names = kernel_names();
         let mut funcs = HashMap::new();
+        let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+        let mut from_cubin = 0;
         for (module, src) in ptx::PTX {
-            let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(*src)).map_err(|e| {
+            // A cubin assembled for this GPU's generation (same major, minor up to the GPU's)
+            // loads without JIT; any failure falls back to the PTX.
+            let cubin = matching_cubin(module, major as u32, minor as u32).and_then(|bin| {
+                ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin.to_vec()))
+                    .ok()
+            });
+            if cubin.is_some() {
+                from_cubin += 1;
+            }
+            let loaded = match cubin {
+                Some(m) => Ok(m),
+                None => ctx.load_module(cudarc::nvrtc::Ptx::from_src(*src)),
+            };
+            let m = loaded.map_err(|e| {
                 let isa = src.lines().find(|l| l.starts_with(".version")).unwrap_or("?");
                 anyhow::anyhow!(
                     "cannot load the {module} kernels ({e}); they are PTX {isa} and the driver supports CUDA {}: update the NVIDIA driver, or rebuild with an older CUDA toolkit/NVRTC",
@@ -431,6 +479,11 @@ impl Gpu {
         if let Some(missing) = names.iter().find(|k| !funcs.contains_key(*k)) {
             bail!("kernel {missing} is missing from the embedded PTX; the build is inconsistent");
         }
+        tracing::debug!(
+            from_cubin,
+            from_ptx = ptx::PTX.len() - from_cubin,
+            "kernel modules loaded for compute capability {major}.{minor}"
+        );
         if opts.activations == DType::Bf16 {
             let (major, _) = ctx.compute_capability().unwrap_or((0, 0));
             if major < 8 {
@@ -608,6 +661,23 @@ pub fn info() -> String {
             .map(|(m, _)| *m)
             .collect::<Vec<_>>()
             .join(", ")
+    ));
+    let mut archs: Vec<u32> = ptx::CUBIN.iter().map(|(_, sm, _)| *sm).collect();
+    archs.sort();
+    archs.dedup();
+    line(format!(
+        "kernels: PTX {} for {} (JIT), cubins for {}",
+        ptx::PTX_ISA,
+        ptx::PTX_ARCH,
+        if archs.is_empty() {
+            "none".to_string()
+        } else {
+            archs
+                .iter()
+                .map(|a| format!("sm_{a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     ));
     let loaded = libs::preload();
     if !loaded.is_empty() {
