@@ -8,7 +8,11 @@
 //! - [`backend`]: the [`backend::Backend`] trait, every op as a forward/backward pair, and the
 //!   CPU reference implementation [`backend::cpu::Cpu`] (NHWC, GEMM-based convolutions, rayon);
 //!   with the `cudnn` feature, `backend::cuda::Gpu` (cuDNN, cuBLAS, the kernels of `cuda/`).
-//! - [`schedule`]: runs the branches of each Inception block, in sequence or concurrently.
+//! - [`schedule`]: runs the branches of each Inception block, in sequence or concurrently; the
+//!   network also tells the backend where each branch forks and joins, which the CUDA backend
+//!   turns into one stream per branch with events between them.
+//! - [`stepper`]: how the training loop runs a step: batches built on the host or, on CUDA,
+//!   on the GPU from the resident training set; issued op by op, or replayed as a CUDA graph.
 //! - [`checkpoint`]: safetensors files with PyTorch's names and shapes (NCHW/OIHW).
 //! - [`train`]: the training loop (epochs, LR schedule [`sched`], eval, metrics, checkpoints
 //!   that resume exactly); [`report`] draws a run's curves.
@@ -17,13 +21,17 @@
 //!   synthetic data for tests, `incept data check`, and the verified download.
 //!
 //! ## One training step
-//! 1. The batch (NHWC) is uploaded to the backend.
+//! 1. The batch (NHWC) is uploaded to the backend (or rendered there by the data kernel).
 //! 2. Forward: each layer writes its own output; an Inception block hands its input to the
 //!    scheduler, which runs the four branches, then joins their outputs along channels.
 //! 3. Loss: softmax cross-entropy, mean over the batch.
 //! 4. Backward: the same walk reversed; a block splits the gradient of its output among the
 //!    branches, runs them, and sums their input gradients in branch order.
-//! 5. SGD with momentum (PyTorch semantics) updates every parameter.
+//! 5. SGD with momentum (PyTorch semantics) updates every parameter; in mixed precision the
+//!    gradients are first unscaled and checked, and an overflowed step is skipped.
+//!
+//! A BatchNorm followed by a ReLU runs as one fused op; activations are fp32 on the CPU and
+//! fp16/bf16 or fp32 on CUDA (`Backend::act_zeros`).
 
 pub mod backend;
 pub mod bench;

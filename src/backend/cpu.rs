@@ -226,7 +226,7 @@ const K_PIECES: usize = 8;
 
 /// [`matmul`] for a product whose reduction dimension `k` dwarfs `m` and `n` (a weight
 /// gradient: `[Cout, k·k·Cin]` summed over every pixel of the batch). The GEMM would split
-/// only the small output among the threads; here `k` is cut into [`K_PIECES`] fixed pieces
+/// only the small output among the threads; here `k` is cut into `K_PIECES` (8) fixed pieces
 /// computed in parallel, then summed in piece order. `a` is `[m, k]` with unit row stride
 /// along `k` given by `a.1`/`a.2` as in [`matmul`], likewise `b`.
 #[allow(clippy::too_many_arguments)]
