@@ -12,10 +12,13 @@
 //!   BatchNorm statistics, fp32 logits and loss; dynamic loss scaling on the device
 //!   (torch.amp.GradScaler's rule), an overflowed step skipped on the device.
 //!
-//! Work goes to one stream; cudarc's automatic event tracking is off, since this backend
-//! orders its own work. Ops cannot return errors through the trait: the first failure (a
-//! launch, an allocation) is recorded and reported by [`Backend::status`], which the network
-//! checks after each forward and backward.
+//! Work goes to a main stream and, with `--streams N > 1`, the Inception branches to streams
+//! of their own, ordered by events at each fork and join (see `Lane`, `branches_begin`);
+//! cudarc's automatic event tracking is off, since this backend orders its own work. A whole
+//! training step can be captured as a CUDA graph (`capture_begin` … `replay`). Ops cannot
+//! return errors through the trait: the first failure (a launch, an allocation) is recorded
+//! and reported by [`Backend::status`], which the network checks after each forward and
+//! backward.
 
 mod dnn;
 pub mod libs;

@@ -75,8 +75,8 @@ fn from_bytes(bytes: &[u8], dt: DType) -> Vec<f32> {
 }
 
 impl Gpu {
-    /// The raw device address of a buffer, for cuDNN calls and kernel arguments. Work is
-    /// ordered on the one stream, so no event is needed.
+    /// The raw device address of a buffer, for cuDNN calls and kernel arguments. The backend
+    /// orders its streams itself (events at forks and joins), so cudarc records no event.
     fn ptr(&self, b: &Buf) -> u64 {
         let (p, _sync) = b.mem().device_ptr(self.cur());
         p
