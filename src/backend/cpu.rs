@@ -29,6 +29,27 @@ pub fn matmul<T: Elem>(
     k: usize,
     accumulate: bool,
 ) {
+    gemm_on(
+        c,
+        c_rs,
+        a,
+        b,
+        (m, n, k),
+        accumulate,
+        gemm::Parallelism::Rayon(0),
+    );
+}
+
+/// [`matmul`] with the threads to use: the rayon pool, or only the calling thread.
+fn gemm_on<T: Elem>(
+    c: &mut [T],
+    c_rs: usize,
+    a: (&[T], usize, usize),
+    b: (&[T], usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -66,7 +87,7 @@ pub fn matmul<T: Elem>(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            parallelism,
         );
     }
 }
@@ -251,14 +272,14 @@ pub fn matmul_long_k<T: Elem>(
             let mut part = vec![T::zero(); m * n];
             if k1 > k0 {
                 // Columns k0.. of a and rows k0.. of b: offset the slices, same strides.
-                matmul_serial(
+                gemm_on(
                     &mut part,
                     n,
                     (&a.0[k0 * a.2..], a.1, a.2),
                     (&b.0[k0 * b.1..], b.1, b.2),
-                    m,
-                    n,
-                    k1 - k0,
+                    (m, n, k1 - k0),
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
             part
@@ -274,46 +295,6 @@ pub fn matmul_long_k<T: Elem>(
                 *d += v;
             }
         }
-    }
-}
-
-/// `c = a·b` ([`matmul`]'s layout, `c` overwritten) on the calling thread.
-fn matmul_serial<T: Elem>(
-    c: &mut [T],
-    c_rs: usize,
-    a: (&[T], usize, usize),
-    b: (&[T], usize, usize),
-    m: usize,
-    n: usize,
-    k: usize,
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(last(m, n, c_rs, 1) < c.len(), "matmul: c too small");
-    assert!(last(m, k, a.1, a.2) < a.0.len(), "matmul: a too small");
-    assert!(last(k, n, b.1, b.2) < b.0.len(), "matmul: b too small");
-    // SAFETY: as in `matmul`: every index stays inside the slices checked above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_rs as isize,
-            false,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 
@@ -373,13 +354,8 @@ fn bn_train<T: Elem>(
     cfg: &BatchNormCfg,
     relu_after: bool,
 ) -> anyhow::Result<()> {
+    crate::backend::check_batch_norm_train(xs)?;
     let (m, c) = (xs.pixels(), xs.c);
-    if m < 2 {
-        anyhow::bail!(
-            "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
-            xs.n, xs.h, xs.w, xs.c
-        );
-    }
     // Two passes (mean, then squared deviations), as exact as the data allows.
     let s1 = channel_sums::<1>(m, c, |r, acc| {
         for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {

@@ -52,6 +52,18 @@ impl Elem for f64 {
     }
 }
 
+/// Training-mode BatchNorm needs two values per channel to estimate a variance; every backend
+/// refuses the same inputs with the same message.
+pub fn check_batch_norm_train(xs: Nhwc) -> anyhow::Result<()> {
+    if xs.pixels() < 2 {
+        anyhow::bail!(
+            "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
+            xs.n, xs.h, xs.w, xs.c
+        );
+    }
+    Ok(())
+}
+
 /// Shape of an NHWC activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Nhwc {

@@ -451,103 +451,46 @@ impl Dnn {
             )
         };
         const N: usize = 16;
+        // One direction: cuDNN's `Find` (measured) or `Get…_v7` (heuristics), which take the
+        // same arguments, then the first usable result.
+        macro_rules! search_one {
+            ($find:path, $get:path, $perf:ty, ($a:expr, $b:expr, $c:expr, $e:expr), $what:literal) => {{
+                let mut results: [$perf; N] = std::mem::zeroed();
+                let mut n = 0;
+                let status = if measure {
+                    $find(h, $a, $b, $c, $e, N as i32, &mut n, results.as_mut_ptr())
+                } else {
+                    $get(h, $a, $b, $c, $e, N as i32, &mut n, results.as_mut_ptr())
+                };
+                let verb = if measure { "find" } else { "choose" };
+                check(status, &format!("{verb} {} algorithm", $what))?;
+                choose(&results[..n as usize], dt, det).ok_or_else(|| none($what))?
+            }};
+        }
         // SAFETY: descriptors live for the whole block; result arrays hold N entries, the
         // count passed; only the first `n` returned are read.
         unsafe {
-            let mut n = 0;
-            let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
-            if measure {
-                check(
-                    sys::cudnnFindConvolutionForwardAlgorithm(
-                        h,
-                        d.x.0,
-                        d.w.0,
-                        d.conv.0,
-                        d.y.0,
-                        N as i32,
-                        &mut n,
-                        fwd.as_mut_ptr(),
-                    ),
-                    "find forward algorithm",
-                )?;
-            } else {
-                check(
-                    sys::cudnnGetConvolutionForwardAlgorithm_v7(
-                        h,
-                        d.x.0,
-                        d.w.0,
-                        d.conv.0,
-                        d.y.0,
-                        N as i32,
-                        &mut n,
-                        fwd.as_mut_ptr(),
-                    ),
-                    "choose forward algorithm",
-                )?;
-            }
-            let f = choose(&fwd[..n as usize], dt, det).ok_or_else(|| none("forward"))?;
-            let mut bd: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
-            if measure {
-                check(
-                    sys::cudnnFindConvolutionBackwardDataAlgorithm(
-                        h,
-                        d.w.0,
-                        d.y.0,
-                        d.conv.0,
-                        d.x.0,
-                        N as i32,
-                        &mut n,
-                        bd.as_mut_ptr(),
-                    ),
-                    "find backward-data algorithm",
-                )?;
-            } else {
-                check(
-                    sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
-                        h,
-                        d.w.0,
-                        d.y.0,
-                        d.conv.0,
-                        d.x.0,
-                        N as i32,
-                        &mut n,
-                        bd.as_mut_ptr(),
-                    ),
-                    "choose backward-data algorithm",
-                )?;
-            }
-            let bd = choose(&bd[..n as usize], dt, det).ok_or_else(|| none("backward-data"))?;
-            let mut bf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
-            if measure {
-                check(
-                    sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-                        h,
-                        d.x.0,
-                        d.y.0,
-                        d.conv.0,
-                        d.w.0,
-                        N as i32,
-                        &mut n,
-                        bf.as_mut_ptr(),
-                    ),
-                    "find backward-filter algorithm",
-                )?;
-            } else {
-                check(
-                    sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-                        h,
-                        d.x.0,
-                        d.y.0,
-                        d.conv.0,
-                        d.w.0,
-                        N as i32,
-                        &mut n,
-                        bf.as_mut_ptr(),
-                    ),
-                    "choose backward-filter algorithm",
-                )?;
-            }
-            let bf = choose(&bf[..n as usize], dt, det).ok_or_else(|| none("backward-filter"))?;
+            let f = search_one!(
+                sys::cudnnFindConvolutionForwardAlgorithm,
+                sys::cudnnGetConvolutionForwardAlgorithm_v7,
+                sys::cudnnConvolutionFwdAlgoPerf_t,
+                (d.x.0, d.w.0, d.conv.0, d.y.0),
+                "forward"
+            );
+            let bd = search_one!(
+                sys::cudnnFindConvolutionBackwardDataAlgorithm,
+                sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
+                sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                (d.w.0, d.y.0, d.conv.0, d.x.0),
+                "backward-data"
+            );
+            let bf = search_one!(
+                sys::cudnnFindConvolutionBackwardFilterAlgorithm,
+                sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+                sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+                (d.x.0, d.y.0, d.conv.0, d.w.0),
+                "backward-filter"
+            );
             // The sizes for the math type each algorithm runs with, as the calls will set it.
             let (mut s1, mut s2, mut s3) = (0usize, 0usize, 0usize);
             let df = ConvDescs::new(xs, conv, dt, f.1)?;

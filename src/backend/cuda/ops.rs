@@ -27,6 +27,13 @@ use Arg::{F, I, P};
 /// Threads per block of the element-wise kernels.
 const BLOCK: u32 = 256;
 
+/// The launch of the one-thread bookkeeping kernels (loss scale, step metrics).
+const ONE_THREAD: LaunchConfig = LaunchConfig {
+    grid_dim: (1, 1, 1),
+    block_dim: (1, 1, 1),
+    shared_mem_bytes: 0,
+};
+
 /// A grid-stride launch over `n` elements.
 fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -105,6 +112,11 @@ impl Gpu {
                     .expect("a 4-byte allocation")
             }
         };
+        self.wrap(mem, len, dtype)
+    }
+
+    /// A buffer of `len` elements of `dtype` in `mem`.
+    fn wrap(&self, mem: cudarc::driver::CudaSlice<u8>, len: usize, dtype: DType) -> Buf {
         Buf {
             mem: Some(mem),
             len,
@@ -523,15 +535,8 @@ impl Backend<f32> for Gpu {
         xs: Nhwc,
         cfg: &BatchNormCfg,
     ) -> anyhow::Result<()> {
-        if xs.pixels() < 2 {
-            anyhow::bail!(
-                "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
-                xs.n, xs.h, xs.w, xs.c
-            );
-        }
-        self.bn_stats(mean, invstd, running_mean, running_var, x, xs, cfg);
-        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, false);
-        Ok(())
+        let stats = (mean, invstd, running_mean, running_var);
+        self.bn_train(y, stats, (x, gamma, beta), xs, cfg, false)
     }
 
     fn batch_norm_forward_eval(
@@ -545,9 +550,14 @@ impl Backend<f32> for Gpu {
         xs: Nhwc,
         cfg: &BatchNormCfg,
     ) {
-        let mut invstd = self.zeros(xs.c);
-        self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
-        self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, false);
+        self.bn_eval(
+            y,
+            (x, gamma, beta),
+            (running_mean, running_var),
+            xs,
+            cfg,
+            false,
+        );
     }
 
     fn batch_norm_backward(
@@ -578,15 +588,8 @@ impl Backend<f32> for Gpu {
         xs: Nhwc,
         cfg: &BatchNormCfg,
     ) -> anyhow::Result<()> {
-        if xs.pixels() < 2 {
-            anyhow::bail!(
-                "BatchNorm in training mode needs more than one value per channel, got input {}x{}x{}x{} (N×H×W×C); use a batch of at least 2",
-                xs.n, xs.h, xs.w, xs.c
-            );
-        }
-        self.bn_stats(mean, invstd, running_mean, running_var, x, xs, cfg);
-        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, true);
-        Ok(())
+        let stats = (mean, invstd, running_mean, running_var);
+        self.bn_train(y, stats, (x, gamma, beta), xs, cfg, true)
     }
 
     fn batch_norm_relu_forward_eval(
@@ -600,9 +603,14 @@ impl Backend<f32> for Gpu {
         xs: Nhwc,
         cfg: &BatchNormCfg,
     ) {
-        let mut invstd = self.zeros(xs.c);
-        self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
-        self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, true);
+        self.bn_eval(
+            y,
+            (x, gamma, beta),
+            (running_mean, running_var),
+            xs,
+            cfg,
+            true,
+        );
     }
 
     fn batch_norm_relu_backward(
@@ -901,12 +909,7 @@ impl Backend<f32> for Gpu {
                     F(LOSS_SCALE_BACKOFF),
                     I(LOSS_SCALE_INTERVAL),
                 ];
-                let one = LaunchConfig {
-                    grid_dim: (1, 1, 1),
-                    block_dim: (1, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                self.launch("update_loss_scale", one, &args);
+                self.launch("update_loss_scale", ONE_THREAD, &args);
             }
         }
         for p in params.iter() {
@@ -1004,29 +1007,8 @@ impl Gpu {
             }
         };
         let (pp, _s1) = params.device_ptr(self.cur());
-        let (rp, _s2) = records.bytes.device_ptr(self.cur());
-        let (np, _s3) = records.norm.device_ptr(self.cur());
-        let at = |k: usize| pp + (k * b * 4) as u64;
-        let args = [
-            P(self.ptr(&out)),
-            P(0), // labels_out: the host knows the labels
-            P(rp),
-            I(records.records as i32),
-            P(at(0)),
-            P(at(1)),
-            P(at(2)),
-            P(at(3)),
-            P(np),
-            P(np + 12),
-            I(b as i32),
-        ];
-        let launch = LaunchConfig {
-            grid_dim: (12, (b as u32).min(65535), 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let name = typed("augment_batch", out.dtype);
-        self.launch(&name, launch, &args);
+        // labels_out null: the host knows the labels.
+        self.launch_augment(&out, 0, records, pp, b);
         out
     }
 
@@ -1114,16 +1096,29 @@ impl Gpu {
         let Some(st) = step.as_ref() else {
             return self.record("augment_batch", "no captured step");
         };
-        let b = st.batch;
         let s = self.cur();
         let (pp, _s1) = st.params.device_ptr(s);
         let (lp, _s2) = st.labels.device_ptr(s);
-        let (rp, _s3) = records.bytes.device_ptr(s);
-        let (np, _s4) = records.norm.device_ptr(s);
-        let at = |k: usize| pp + (k * b * 4) as u64;
+        self.launch_augment(out, lp, records, pp, st.batch);
+    }
+
+    /// `augment_batch_*` over `b` images into `out`: `params` is the device address of the
+    /// 4·b ints (indices, dy, dx, flip), `labels` of the label output (0 for none).
+    fn launch_augment(
+        &self,
+        out: &Buf,
+        labels: u64,
+        records: &DeviceRecords,
+        params: u64,
+        b: usize,
+    ) {
+        let s = self.cur();
+        let (rp, _s1) = records.bytes.device_ptr(s);
+        let (np, _s2) = records.norm.device_ptr(s);
+        let at = |k: usize| params + (k * b * 4) as u64;
         let args = [
             P(self.ptr(out)),
-            P(lp),
+            P(labels),
             P(rp),
             I(records.records as i32),
             P(at(0)),
@@ -1131,7 +1126,7 @@ impl Gpu {
             P(at(2)),
             P(at(3)),
             P(np),
-            P(np + 12),
+            P(np + 12), // STD follows MEAN
             I(b as i32),
         ];
         let launch = LaunchConfig {
@@ -1195,14 +1190,7 @@ impl Gpu {
             return self.alloc(0, dt);
         }
         match self.cur().clone_htod(&to_bytes(data, dt)) {
-            Ok(mem) => Buf {
-                mem: Some(mem),
-                len: data.len(),
-                dtype: dt,
-                shadow: Mutex::new(None),
-                shadow_fresh: AtomicBool::new(false),
-                grave: self.graveyard.clone(),
-            },
+            Ok(mem) => self.wrap(mem, data.len(), dt),
             Err(e) => {
                 self.record("copying to the GPU", e);
                 self.alloc(0, dt)
@@ -1281,6 +1269,38 @@ impl Gpu {
         let (w, _s1) = b.0.device_ptr(self.cur());
         let (c, _s2) = b.1.device_ptr(self.cur());
         (w, c)
+    }
+
+    /// Training-mode BatchNorm, then ReLU when `relu`: the statistics kernel, then the apply.
+    #[allow(clippy::type_complexity)]
+    fn bn_train(
+        &self,
+        y: &mut Buf,
+        (mean, invstd, running_mean, running_var): (&mut Buf, &mut Buf, &mut Buf, &mut Buf),
+        (x, gamma, beta): (&Buf, &Buf, &Buf),
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) -> anyhow::Result<()> {
+        crate::backend::check_batch_norm_train(xs)?;
+        self.bn_stats(mean, invstd, running_mean, running_var, x, xs, cfg);
+        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, relu);
+        Ok(())
+    }
+
+    /// Eval-mode BatchNorm (running statistics), then ReLU when `relu`.
+    fn bn_eval(
+        &self,
+        y: &mut Buf,
+        (x, gamma, beta): (&Buf, &Buf, &Buf),
+        (running_mean, running_var): (&Buf, &Buf),
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) {
+        let mut invstd = self.zeros(xs.c);
+        self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
+        self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, relu);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1504,18 +1524,34 @@ impl Gpu {
                 return f64::NAN;
             }
         };
+        let (correct_p, _s1) = correct.device_ptr(self.cur());
+        let (labels_p, _s2) = labels_d.device_ptr(self.cur());
+        let out = (self.ptr(&loss), correct_p);
+        self.launch_cross_entropy(probs, logits, labels_p, out, (n, k), smoothing);
+        self.download(&loss).first().map_or(f64::NAN, |&l| l as f64)
+    }
+
+    /// `cross_entropy_forward_backward` over `n` rows of `k` logits: `labels` and `(loss,
+    /// correct)` are device addresses; dlogits (into `probs`) carry the loss scale, if any.
+    fn launch_cross_entropy(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        labels: u64,
+        (loss, correct): (u64, u64),
+        (n, k): (usize, usize),
+        smoothing: f64,
+    ) {
         let scale = self
             .loss_scale
             .as_ref()
             .map_or(0, |ls| ls.scale.device_ptr(self.cur()).0);
-        let (correct_p, _s1) = correct.device_ptr(self.cur());
-        let (labels_p, _s2) = labels_d.device_ptr(self.cur());
         let args = [
             P(self.ptr(probs)),
-            P(self.ptr(&loss)),
-            P(correct_p),
+            P(loss),
+            P(correct),
             P(self.ptr(logits)),
-            P(labels_p),
+            P(labels),
             I(n as i32),
             I(k as i32),
             F(smoothing as f32),
@@ -1528,7 +1564,6 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         self.launch("cross_entropy_forward_backward", launch, &args);
-        self.download(&loss).first().map_or(f64::NAN, |&l| l as f64)
     }
 
     /// The loss inside a captured step: labels from the data kernel's output, the loss and the
@@ -1549,39 +1584,13 @@ impl Gpu {
             );
         };
         let s = self.cur();
-        let scale = self
-            .loss_scale
-            .as_ref()
-            .map_or(0, |ls| ls.scale.device_ptr(s).0);
         let (labels, _s1) = st.labels.device_ptr(s);
         let (loss, _s2) = st.loss.device_ptr(s);
         let (correct, _s3) = st.correct.device_ptr(s);
         let (sums, _s4) = st.sums.device_ptr(s);
-        let args = [
-            P(self.ptr(probs)),
-            P(loss),
-            P(correct),
-            P(self.ptr(logits)),
-            P(labels),
-            I(n as i32),
-            I(k as i32),
-            F(smoothing as f32),
-            P(scale),
-        ];
-        let threads = ((32 * n as u32).min(1024)).div_ceil(32) * 32;
-        let launch = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (threads.max(32), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch("cross_entropy_forward_backward", launch, &args);
-        let one = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        self.launch_cross_entropy(probs, logits, labels, (loss, correct), (n, k), smoothing);
         let args = [P(sums), P(loss), P(correct), I(n as i32)];
-        self.launch("accumulate_step_metrics", one, &args);
+        self.launch("accumulate_step_metrics", ONE_THREAD, &args);
     }
 
     /// The learning rate's device slot inside a captured step (0 otherwise: the lr argument).
