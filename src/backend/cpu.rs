@@ -6,6 +6,9 @@
 //! ran what: the branch scheduler relies on that for its bitwise-equality guarantee.
 
 use super::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd};
+
+#[cfg(target_arch = "x86_64")]
+pub mod direct;
 use rayon::prelude::*;
 
 /// The CPU backend. Stateless: threads come from the current rayon pool.
@@ -503,6 +506,145 @@ fn bn_backward<T: Elem>(
     });
 }
 
+/// Whether convolutions take the direct AVX-512 kernels ([`direct`]): f32 on a CPU that has
+/// AVX-512, unless `INCEPT_CPU_CONV=reference` asks for the im2col + GEMM reference everywhere
+/// (for A/B comparisons).
+#[cfg(target_arch = "x86_64")]
+pub fn direct_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        direct::available() && std::env::var("INCEPT_CPU_CONV").map_or(true, |v| v != "reference")
+    })
+}
+
+/// The reference convolution: `y = b + im2col(x) · wᵀ` (a plain GEMM for 1×1).
+pub fn conv2d_forward_reference<T: Elem>(
+    y: &mut [T],
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    xs: Nhwc,
+    conv: &Conv2d,
+) {
+    let ys = conv.out_shape(xs);
+    let (p, kdim) = (ys.pixels(), conv.k * conv.k * conv.cin);
+    assert_eq!(xs.c, conv.cin, "conv2d_forward: input channels");
+    assert_eq!(x.len(), xs.len(), "conv2d_forward: x length");
+    assert_eq!(y.len(), ys.len(), "conv2d_forward: y length");
+    // Start from the bias, then accumulate the GEMM onto it.
+    y.par_chunks_mut(conv.cout)
+        .for_each(|row| row.copy_from_slice(b));
+    if is_pointwise(conv) {
+        // y[p, co] += Σ_ci x[p, ci] · w[co, ci]
+        matmul(
+            y,
+            conv.cout,
+            (x, conv.cin, 1),
+            (w, 1, conv.cin),
+            p,
+            conv.cout,
+            kdim,
+            true,
+        );
+    } else {
+        let mut cols = vec![T::zero(); p * kdim];
+        im2col(&mut cols, x, xs, conv);
+        let wp = weight_oihw_to_ohwi(w, conv);
+        matmul(
+            y,
+            conv.cout,
+            (&cols, kdim, 1),
+            (&wp, 1, kdim),
+            p,
+            conv.cout,
+            kdim,
+            true,
+        );
+    }
+}
+
+/// The reference weight gradient: `dw += dyᵀ · im2col(x)` (OIHW).
+pub fn conv2d_backward_weight_reference<T: Elem>(
+    dw: &mut [T],
+    dy: &[T],
+    x: &[T],
+    xs: Nhwc,
+    conv: &Conv2d,
+) {
+    let ys = conv.out_shape(xs);
+    let (p, co, kdim) = (ys.pixels(), conv.cout, conv.k * conv.k * conv.cin);
+    assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
+    if is_pointwise(conv) {
+        // dw[co, ci] += Σ_p dy[p, co] · x[p, ci]
+        matmul_long_k(dw, kdim, (dy, 1, co), (x, conv.cin, 1), co, kdim, p, true);
+        return;
+    }
+    let mut cols = vec![T::zero(); p * kdim];
+    im2col(&mut cols, x, xs, conv);
+    // dwp[co, j] = Σ_p dy[p, co] · cols[p, j], then back to OIHW.
+    let mut dwp = vec![T::zero(); co * kdim];
+    matmul_long_k(
+        &mut dwp,
+        kdim,
+        (dy, 1, co),
+        (&cols, kdim, 1),
+        co,
+        kdim,
+        p,
+        false,
+    );
+    let (kk, cin) = (conv.k * conv.k, conv.cin);
+    for o in 0..co {
+        for ci in 0..cin {
+            for s in 0..kk {
+                dw[(o * cin + ci) * kk + s] += dwp[(o * kk + s) * cin + ci];
+            }
+        }
+    }
+}
+
+/// The reference input gradient: `dx = col2im(dy · w)`, overwriting dx.
+pub fn conv2d_backward_data_reference<T: Elem>(
+    dx: &mut [T],
+    dy: &[T],
+    w: &[T],
+    xs: Nhwc,
+    conv: &Conv2d,
+) {
+    let ys = conv.out_shape(xs);
+    let (p, co, kdim) = (ys.pixels(), conv.cout, conv.k * conv.k * conv.cin);
+    assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
+    assert_eq!(dx.len(), xs.len(), "conv2d_backward: dx length");
+    if is_pointwise(conv) {
+        // dx[p, ci] = Σ_co dy[p, co] · w[co, ci]
+        matmul(
+            dx,
+            conv.cin,
+            (dy, co, 1),
+            (w, kdim, 1),
+            p,
+            conv.cin,
+            co,
+            false,
+        );
+        return;
+    }
+    // dcols[p, j] = Σ_co dy[p, co] · wp[co, j]; dx = col2im(dcols).
+    let wp = weight_oihw_to_ohwi(w, conv);
+    let mut dcols = vec![T::zero(); p * kdim];
+    matmul(
+        &mut dcols,
+        kdim,
+        (dy, co, 1),
+        (&wp, kdim, 1),
+        p,
+        kdim,
+        co,
+        false,
+    );
+    col2im(dx, &dcols, xs, conv);
+}
+
 impl<T: Elem> Backend<T> for Cpu {
     type Buf = Vec<T>;
 
@@ -528,41 +670,15 @@ impl<T: Elem> Backend<T> for Cpu {
         xs: Nhwc,
         conv: &Conv2d,
     ) {
-        let ys = conv.out_shape(xs);
-        let (p, kdim) = (ys.pixels(), conv.k * conv.k * conv.cin);
-        assert_eq!(xs.c, conv.cin, "conv2d_forward: input channels");
-        assert_eq!(x.len(), xs.len(), "conv2d_forward: x length");
-        assert_eq!(y.len(), ys.len(), "conv2d_forward: y length");
-        // Start from the bias, then accumulate the GEMM onto it.
-        y.par_chunks_mut(conv.cout)
-            .for_each(|row| row.copy_from_slice(b));
-        if is_pointwise(conv) {
-            // y[p, co] += Σ_ci x[p, ci] · w[co, ci]
-            matmul(
-                y,
-                conv.cout,
-                (x, conv.cin, 1),
-                (w, 1, conv.cin),
-                p,
-                conv.cout,
-                kdim,
-                true,
-            );
-        } else {
-            let mut cols = vec![T::zero(); p * kdim];
-            im2col(&mut cols, x, xs, conv);
-            let wp = weight_oihw_to_ohwi(w, conv);
-            matmul(
-                y,
-                conv.cout,
-                (&cols, kdim, 1),
-                (&wp, 1, kdim),
-                p,
-                conv.cout,
-                kdim,
-                true,
-            );
+        #[cfg(target_arch = "x86_64")]
+        if direct_enabled() && direct::supports(conv) {
+            if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
+                (T::f32s_mut(y), T::f32s(x), T::f32s(w), T::f32s(b))
+            {
+                return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv);
+            }
         }
+        conv2d_forward_reference(y, x, w, b, xs, conv);
     }
 
     fn conv2d_backward(
@@ -577,7 +693,7 @@ impl<T: Elem> Backend<T> for Cpu {
         conv: &Conv2d,
     ) {
         let ys = conv.out_shape(xs);
-        let (p, co, kdim) = (ys.pixels(), conv.cout, conv.k * conv.k * conv.cin);
+        let (p, co) = (ys.pixels(), conv.cout);
         assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
         // db[co] += Σ_p dy[p, co]
         let sums = channel_sums::<1>(p, co, |r, acc| {
@@ -588,52 +704,25 @@ impl<T: Elem> Backend<T> for Cpu {
         for (d, s) in db.iter_mut().zip(&sums) {
             *d += T::cast(s[0]);
         }
-        if is_pointwise(conv) {
-            // dw[co, ci] += Σ_p dy[p, co] · x[p, ci]
-            matmul_long_k(dw, kdim, (dy, 1, co), (x, conv.cin, 1), co, kdim, p, true);
-            if let Some(dx) = dx {
-                // dx[p, ci] = Σ_co dy[p, co] · w[co, ci]
-                matmul(
-                    dx,
-                    conv.cin,
-                    (dy, co, 1),
-                    (w, kdim, 1),
-                    p,
-                    conv.cin,
-                    co,
-                    false,
-                );
-            }
-        } else {
-            let mut cols = vec![T::zero(); p * kdim];
-            im2col(&mut cols, x, xs, conv);
-            // dwp[co, j] = Σ_p dy[p, co] · cols[p, j], then back to OIHW.
-            let mut dwp = vec![T::zero(); co * kdim];
-            matmul_long_k(
-                &mut dwp,
-                kdim,
-                (dy, 1, co),
-                (&cols, kdim, 1),
-                co,
-                kdim,
-                p,
-                false,
-            );
-            let (kk, cin) = (conv.k * conv.k, conv.cin);
-            for o in 0..co {
-                for ci in 0..cin {
-                    for s in 0..kk {
-                        dw[(o * cin + ci) * kk + s] += dwp[(o * kk + s) * cin + ci];
+        #[cfg(target_arch = "x86_64")]
+        if direct_enabled() && direct::supports(conv) {
+            if let (Some(dwf), Some(dyf), Some(xf), Some(wf)) =
+                (T::f32s_mut(dw), T::f32s(dy), T::f32s(x), T::f32s(w))
+            {
+                direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
+                if let Some(dxf) = dx.and_then(|d| T::f32s_mut(d)) {
+                    if conv.stride == 1 && conv.pad < conv.k && conv.cin.is_multiple_of(16) {
+                        direct::conv_backward_data(dxf, dyf, wf, xs, conv);
+                    } else {
+                        direct::conv_backward_data_scatter(dxf, dyf, wf, xs, conv);
                     }
                 }
+                return;
             }
-            if let Some(dx) = dx {
-                // dcols[p, j] = Σ_co dy[p, co] · wp[co, j]; dx = col2im(dcols).
-                let wp = weight_oihw_to_ohwi(w, conv);
-                let dcols = &mut cols; // reuse the buffer
-                matmul(dcols, kdim, (dy, co, 1), (&wp, kdim, 1), p, kdim, co, false);
-                col2im(dx, dcols, xs, conv);
-            }
+        }
+        conv2d_backward_weight_reference(dw, dy, x, xs, conv);
+        if let Some(dx) = dx {
+            conv2d_backward_data_reference(dx, dy, w, xs, conv);
         }
     }
 

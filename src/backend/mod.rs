@@ -30,6 +30,13 @@ pub trait Elem:
     const DTYPE: safetensors::Dtype;
     fn cast(v: f64) -> Self;
     fn as_f64(self) -> f64;
+    /// The slice as `f32` when `Self` is `f32`: the CPU's direct convolution kernels are f32.
+    fn f32s(_s: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn f32s_mut(_s: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -39,6 +46,12 @@ impl Elem for f32 {
     }
     fn as_f64(self) -> f64 {
         self as f64
+    }
+    fn f32s(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn f32s_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
     }
 }
 

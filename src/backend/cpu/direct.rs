@@ -1,0 +1,525 @@
+//! Direct convolutions for `f32` NHWC on AVX-512: the fast path of the CPU backend.
+//!
+//! The reference convolution ([`super::im2col`] + GEMM) writes every input window out as a row
+//! of a column matrix, then the GEMM packs that matrix again: at the model's shapes this traffic
+//! costs as much as the arithmetic. These kernels read the windows where they are instead. In
+//! NHWC, with the input zero-padded once, the `k·Cin` values of one window row are contiguous
+//! (`j = kx·Cin + ci`), so a convolution is, per output pixel, `k` dot products of length `k·Cin`
+//! against the weight laid out `[ky][j][co]`:
+//!
+//! `y[p, co] = b[co] + Σ_ky Σ_j xpad[base(p) + ky·row + j] · w[ky][j][co]`
+//!
+//! A register tile holds `R` output pixels × `16·V` output channels; each step of `j` loads `V`
+//! weight vectors and broadcasts one input value per pixel. The input gradient of a stride-1
+//! convolution is the same kernel over the padded output gradient with the flipped, transposed
+//! weight. The weight gradient tiles `R` output channels × `16·V` values of `j`, reducing over
+//! the pixels in [`PIECES`] fixed pieces summed in order, so it never depends on the threads.
+//!
+//! Every sum runs in a fixed order, so results are reproducible; they differ from the reference
+//! by rounding only, which `tests/direct_conv.rs` bounds at the model's shapes.
+
+use crate::backend::{Conv2d, Nhwc};
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::borrow::Cow;
+
+/// f32 lanes of an AVX-512 register.
+const L: usize = 16;
+
+/// Fixed pieces of the pixel range for the weight gradient (as in `matmul_long_k`).
+const PIECES: usize = 8;
+
+/// Whether this CPU can run the kernels.
+pub fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Whether the kernels cover this convolution: whole vectors of output channels (and, for the
+/// input gradient, of input channels).
+pub fn supports(conv: &Conv2d) -> bool {
+    conv.cout.is_multiple_of(L)
+}
+
+/// The input zero-padded by `pad` on each side of H and W (borrowed when `pad` is 0).
+fn pad_nhwc(x: &[f32], xs: Nhwc, pad: usize) -> Cow<'_, [f32]> {
+    if pad == 0 {
+        return Cow::Borrowed(x);
+    }
+    let (hp, wp) = (xs.h + 2 * pad, xs.w + 2 * pad);
+    let mut out = vec![0.0f32; xs.n * hp * wp * xs.c];
+    out.par_chunks_mut(hp * wp * xs.c)
+        .zip(x.par_chunks(xs.h * xs.w * xs.c))
+        .for_each(|(dst, src)| {
+            for y in 0..xs.h {
+                let d = ((y + pad) * wp + pad) * xs.c;
+                dst[d..d + xs.w * xs.c].copy_from_slice(&src[y * xs.w * xs.c..][..xs.w * xs.c]);
+            }
+        });
+    Cow::Owned(out)
+}
+
+/// An OIHW weight as `[cout / cb][ky][kx·cin + ci][cb]`: per block of `cb` output channels, the
+/// matrix each window row is multiplied with.
+fn pack_weight(w: &[f32], cout: usize, cin: usize, k: usize, cb: usize) -> Vec<f32> {
+    let kc = k * cin;
+    let mut out = vec![0.0f32; w.len()];
+    for co in 0..cout {
+        let (blk, l) = (co / cb, co % cb);
+        for ci in 0..cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let j = kx * cin + ci;
+                    out[((blk * k + ky) * kc + j) * cb + l] =
+                        w[((co * cin + ci) * k + ky) * k + kx];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The weight of the convolution that maps an output gradient back to its input, for stride 1:
+/// `w'[ci][co][ky][kx] = w[co][ci][k−1−ky][k−1−kx]`, OIHW with O = cin and I = cout.
+fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; w.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    out[((ci * cout + co) * k + ky) * k + kx] =
+                        w[((co * cin + ci) * k + (k - 1 - ky)) * k + (k - 1 - kx)];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Offset into the padded input of each output pixel's window corner.
+fn window_offsets(
+    n: usize,
+    ho: usize,
+    wo: usize,
+    hp: usize,
+    wp: usize,
+    c: usize,
+    s: usize,
+) -> Vec<usize> {
+    let mut offs = Vec::with_capacity(n * ho * wo);
+    for img in 0..n {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                offs.push(((img * hp + oy * s) * wp + ox * s) * c);
+            }
+        }
+    }
+    offs
+}
+
+/// `y = conv(x, w) + b` for an NHWC batch; `w` OIHW, `b` optional. Panics if not [`supports`];
+/// the caller checks [`available`].
+pub fn conv_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    xs: Nhwc,
+    conv: &Conv2d,
+) {
+    assert!(supports(conv) && xs.c == conv.cin);
+    let ys = conv.out_shape(xs);
+    assert_eq!(y.len(), ys.len(), "direct conv: y length");
+    assert_eq!(x.len(), xs.len(), "direct conv: x length");
+    let xp = pad_nhwc(x, xs, conv.pad);
+    let (hp, wp) = (xs.h + 2 * conv.pad, xs.w + 2 * conv.pad);
+    let offs = window_offsets(xs.n, ys.h, ys.w, hp, wp, xs.c, conv.stride);
+    run_forward(y, &xp, &offs, wp * xs.c, w, b, conv.cout, conv.cin, conv.k);
+}
+
+/// `dx = ∂L/∂x` of a stride-1 convolution from `dy`, overwriting `dx`.
+pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv: &Conv2d) {
+    assert!(conv.stride == 1 && conv.cin.is_multiple_of(L) && xs.c == conv.cin);
+    assert!(2 * conv.pad < conv.k || conv.k == 1 && conv.pad == 0);
+    let ys = conv.out_shape(xs);
+    assert_eq!(dy.len(), ys.len(), "direct conv: dy length");
+    assert_eq!(dx.len(), xs.len(), "direct conv: dx length");
+    // A full correlation of dy (padded by k−1−pad) with the flipped kernel lands on x's grid.
+    let pad = conv.k - 1 - conv.pad;
+    let dyp = pad_nhwc(dy, ys, pad);
+    let (hp, wp) = (ys.h + 2 * pad, ys.w + 2 * pad);
+    let offs = window_offsets(xs.n, xs.h, xs.w, hp, wp, conv.cout, 1);
+    let wt = flip_transpose(w, conv.cout, conv.cin, conv.k);
+    run_forward(
+        dx,
+        &dyp,
+        &offs,
+        wp * conv.cout,
+        &wt,
+        None,
+        conv.cin,
+        conv.cout,
+        conv.k,
+    );
+}
+
+/// Output channels per register tile and pixels per tile for `cout` channels.
+fn forward_tile(cout: usize) -> (usize, usize) {
+    if cout.is_multiple_of(4 * L) {
+        (4, 6)
+    } else if cout.is_multiple_of(3 * L) {
+        (3, 8)
+    } else if cout.is_multiple_of(2 * L) {
+        (2, 12)
+    } else {
+        (1, 16)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_forward(
+    y: &mut [f32],
+    xp: &[f32],
+    offs: &[usize],
+    row: usize,
+    w: &[f32],
+    b: Option<&[f32]>,
+    cout: usize,
+    cin: usize,
+    k: usize,
+) {
+    let (v, r) = forward_tile(cout);
+    let cb = v * L;
+    let wpk = pack_weight(w, cout, cin, k, cb);
+    let kc = k * cin;
+    // Every read stays inside xp: the last window of each pixel ends inside the padded image.
+    if let Some(&last) = offs.iter().max() {
+        assert!(
+            last + (k - 1) * row + kc <= xp.len(),
+            "direct conv: window outside input"
+        );
+    }
+    let job = Tile {
+        xp,
+        row,
+        k,
+        kc,
+        wpk: &wpk,
+        b,
+        cout,
+        cb,
+    };
+    y.par_chunks_mut(r * cout)
+        .zip(offs.par_chunks(r))
+        .for_each(|(yt, ot)| {
+            // SAFETY: avx512f was checked by the caller (`available`); offsets are in bounds
+            // (asserted above) and yt holds ot.len() rows of cout.
+            unsafe {
+                match (v, r) {
+                    (4, 6) => job.forward::<6, 4>(yt, ot),
+                    (3, 8) => job.forward::<8, 3>(yt, ot),
+                    (2, 12) => job.forward::<12, 2>(yt, ot),
+                    _ => job.forward::<16, 1>(yt, ot),
+                }
+            }
+        });
+}
+
+/// What every forward tile of one convolution shares.
+struct Tile<'a> {
+    xp: &'a [f32],
+    row: usize,
+    k: usize,
+    kc: usize,
+    wpk: &'a [f32],
+    b: Option<&'a [f32]>,
+    cout: usize,
+    cb: usize,
+}
+
+impl Tile<'_> {
+    /// All output channels of up to `R` pixels (`ot`: their window offsets).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn forward<const R: usize, const V: usize>(&self, yt: &mut [f32], ot: &[usize]) {
+        let valid = ot.len();
+        // A short last tile repeats its last pixel; only the valid rows are stored.
+        let offs: [usize; R] = std::array::from_fn(|i| ot[i.min(valid - 1)]);
+        let x = self.xp.as_ptr();
+        for blk in 0..self.cout / self.cb {
+            let w = self.wpk.as_ptr().add(blk * self.k * self.kc * self.cb);
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            if let Some(b) = self.b {
+                for v in 0..V {
+                    let bv = _mm512_loadu_ps(b.as_ptr().add(blk * self.cb + v * L));
+                    for a in acc.iter_mut() {
+                        a[v] = bv;
+                    }
+                }
+            }
+            for ky in 0..self.k {
+                let xs: [*const f32; R] = std::array::from_fn(|i| x.add(offs[i] + ky * self.row));
+                let wk = w.add(ky * self.kc * self.cb);
+                for j in 0..self.kc {
+                    let wj = wk.add(j * self.cb);
+                    let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(wj.add(v * L)));
+                    for i in 0..R {
+                        let bx = _mm512_set1_ps(*xs[i].add(j));
+                        for v in 0..V {
+                            acc[i][v] = _mm512_fmadd_ps(bx, wv[v], acc[i][v]);
+                        }
+                    }
+                }
+            }
+            let out = yt.as_mut_ptr().add(blk * self.cb);
+            for (i, a) in acc.iter().enumerate().take(valid) {
+                for (v, &av) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(i * self.cout + v * L), av);
+                }
+            }
+        }
+    }
+}
+
+/// `dw += ∂L/∂w` (OIHW) of a convolution from its input `x` and output gradient `dy`.
+pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, conv: &Conv2d) {
+    assert!(supports(conv) && xs.c == conv.cin);
+    let ys = conv.out_shape(xs);
+    assert_eq!(dy.len(), ys.len(), "direct conv: dy length");
+    assert_eq!(dw.len(), conv.weight_len(), "direct conv: dw length");
+    let xp = pad_nhwc(x, xs, conv.pad);
+    let (hp, wp) = (xs.h + 2 * conv.pad, xs.w + 2 * conv.pad);
+    let offs = window_offsets(xs.n, ys.h, ys.w, hp, wp, xs.c, conv.stride);
+    let (k, cin, cout) = (conv.k, conv.cin, conv.cout);
+    let kc = k * cin;
+    let row = wp * cin;
+    if let Some(&last) = offs.iter().max() {
+        assert!(
+            last + (k - 1) * row + kc <= xp.len(),
+            "direct conv: window outside input"
+        );
+    }
+    let p = offs.len();
+    let piece = p.div_ceil(PIECES);
+    // Per piece of pixels, dwp[co][ky][j] (OHWI), summed over the piece's pixels in order.
+    let parts: Vec<Vec<f32>> = (0..PIECES)
+        .into_par_iter()
+        .map(|i| {
+            let (p0, p1) = ((i * piece).min(p), ((i + 1) * piece).min(p));
+            let mut part = vec![0.0f32; cout * k * kc];
+            if p1 > p0 {
+                let job = WeightTile {
+                    xp: &xp,
+                    offs: &offs[p0..p1],
+                    dy: &dy[p0 * cout..p1 * cout],
+                    cout,
+                    k,
+                    kc,
+                    row,
+                };
+                // SAFETY: avx512f checked by the caller; reads stay in bounds (asserted above).
+                unsafe { job.run(&mut part) };
+            }
+            part
+        })
+        .collect();
+    let kk = k * k;
+    for co in 0..cout {
+        for ky in 0..k {
+            for kx in 0..k {
+                for ci in 0..cin {
+                    let src = (co * k + ky) * kc + kx * cin + ci;
+                    let mut s = 0.0f32;
+                    for part in &parts {
+                        s += part[src];
+                    }
+                    dw[(co * cin + ci) * kk + ky * k + kx] += s;
+                }
+            }
+        }
+    }
+}
+
+/// One piece of pixels of a weight gradient.
+struct WeightTile<'a> {
+    xp: &'a [f32],
+    offs: &'a [usize],
+    dy: &'a [f32],
+    cout: usize,
+    k: usize,
+    kc: usize,
+    row: usize,
+}
+
+/// Output channels broadcast per weight-gradient tile.
+const WR: usize = 8;
+
+impl WeightTile<'_> {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(&self, part: &mut [f32]) {
+        let mut j0 = 0;
+        while j0 < self.kc {
+            let left = self.kc - j0;
+            let step = if left >= 3 * L {
+                self.block::<3>(part, j0, left);
+                3 * L
+            } else if left >= 2 * L {
+                self.block::<2>(part, j0, left);
+                2 * L
+            } else {
+                self.block::<1>(part, j0, left);
+                L
+            };
+            j0 += step;
+        }
+    }
+
+    /// `V` vectors of `j` from `j0` (the last one masked to `left` values) × every group of
+    /// [`WR`] output channels, for every `ky`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const V: usize>(&self, part: &mut [f32], j0: usize, left: usize) {
+        let masks: [__mmask16; V] = std::array::from_fn(|v| {
+            let n = left.saturating_sub(v * L).min(L);
+            if n == L {
+                0xffff
+            } else {
+                ((1u32 << n) - 1) as __mmask16
+            }
+        });
+        let x = self.xp.as_ptr();
+        let dy = self.dy.as_ptr();
+        for ky in 0..self.k {
+            let xo = ky * self.row + j0;
+            for c0 in (0..self.cout).step_by(WR) {
+                let mut acc = [[_mm512_setzero_ps(); V]; WR];
+                for (pi, &o) in self.offs.iter().enumerate() {
+                    let xr = x.add(o + xo);
+                    let xv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], xr.add(v * L)));
+                    let d = dy.add(pi * self.cout + c0);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(*d.add(r));
+                        for v in 0..V {
+                            a[v] = _mm512_fmadd_ps(b, xv[v], a[v]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    let out = part
+                        .as_mut_ptr()
+                        .add(((c0 + r) * self.k + ky) * self.kc + j0);
+                    for v in 0..V {
+                        _mm512_mask_storeu_ps(out.add(v * L), masks[v], a[v]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dx = ∂L/∂x` of a convolution of any stride, overwriting `dx`: each output pixel's gradient
+/// times the weight is added back onto its window (the adjoint of the forward), image by image
+/// so that the overlapping windows of one image are added by one thread, in pixel order.
+pub fn conv_backward_data_scatter(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv: &Conv2d) {
+    assert!(supports(conv) && xs.c == conv.cin);
+    let ys = conv.out_shape(xs);
+    assert_eq!(dy.len(), ys.len(), "direct conv: dy length");
+    assert_eq!(dx.len(), xs.len(), "direct conv: dx length");
+    let (k, cin, cout, pad) = (conv.k, conv.cin, conv.cout, conv.pad);
+    let (hp, wp) = (xs.h + 2 * pad, xs.w + 2 * pad);
+    let kc = k * cin;
+    // The weight as [co][ky][j]: row co of OHWI, so a dy value scales a contiguous run of j.
+    let mut wt = vec![0.0f32; w.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    wt[(co * k + ky) * kc + kx * cin + ci] = w[((co * cin + ci) * k + ky) * k + kx];
+                }
+            }
+        }
+    }
+    let img_out = ys.h * ys.w;
+    let job = Scatter {
+        wt: &wt,
+        k,
+        kc,
+        row: wp * cin,
+    };
+    let bound = (k - 1) * job.row + kc;
+    dx.par_chunks_mut(xs.h * xs.w * cin)
+        .zip(dy.par_chunks(img_out * cout))
+        .for_each(|(dxi, dyi)| {
+            let mut acc = vec![0.0f32; hp * wp * cin];
+            let bases: Vec<usize> = (0..img_out)
+                .map(|p| ((p / ys.w) * conv.stride * wp + (p % ys.w) * conv.stride) * cin)
+                .collect();
+            for (pb, gb) in bases.chunks(SR).zip(dyi.chunks(SR * cout)) {
+                assert!(pb.iter().all(|&b| b + bound <= acc.len()));
+                // SAFETY: avx512f checked by the caller; every window lies inside the padded
+                // image (asserted) and gb holds cout values per pixel of pb.
+                unsafe { job.add_windows(&mut acc, pb, gb) };
+            }
+            for y in 0..xs.h {
+                let s = ((y + pad) * wp + pad) * cin;
+                dxi[y * xs.w * cin..(y + 1) * xs.w * cin].copy_from_slice(&acc[s..s + xs.w * cin]);
+            }
+        });
+}
+
+/// Output pixels per scatter tile.
+const SR: usize = 6;
+
+struct Scatter<'a> {
+    wt: &'a [f32],
+    k: usize,
+    kc: usize,
+    row: usize,
+}
+
+impl Scatter<'_> {
+    /// For up to [`SR`] output pixels with window corners `bases` and gradients `g`
+    /// (`[pixel][co]`): `img[base + ky·row + j] += Σ_co g[co] · wt[co][ky][j]`, pixel by pixel
+    /// in order, since neighbouring windows overlap.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_windows(&self, img: &mut [f32], bases: &[usize], g: &[f32]) {
+        const V: usize = 4;
+        let valid = bases.len();
+        let cout = g.len() / valid;
+        let gp: [*const f32; SR] = std::array::from_fn(|i| g.as_ptr().add(i.min(valid - 1) * cout));
+        for ky in 0..self.k {
+            let mut j0 = 0;
+            while j0 < self.kc {
+                let left = self.kc - j0;
+                let masks: [__mmask16; V] = std::array::from_fn(|v| {
+                    let n = left.saturating_sub(v * L).min(L);
+                    if n == L {
+                        0xffff
+                    } else {
+                        ((1u32 << n) - 1) as __mmask16
+                    }
+                });
+                let mut acc = [[_mm512_setzero_ps(); V]; SR];
+                let w = self.wt.as_ptr().add(ky * self.kc + j0);
+                for co in 0..cout {
+                    let wr = w.add(co * self.k * self.kc);
+                    let wv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], wr.add(v * L)));
+                    for i in 0..SR {
+                        let b = _mm512_set1_ps(*gp[i].add(co));
+                        for v in 0..V {
+                            acc[i][v] = _mm512_fmadd_ps(b, wv[v], acc[i][v]);
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(valid) {
+                    let out = img.as_mut_ptr().add(bases[i] + ky * self.row + j0);
+                    for v in 0..V {
+                        let o = out.add(v * L);
+                        let cur = _mm512_maskz_loadu_ps(masks[v], o);
+                        _mm512_mask_storeu_ps(o, masks[v], _mm512_add_ps(cur, a[v]));
+                    }
+                }
+                j0 += V * L;
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The direct AVX-512 convolutions against the reference (im2col + GEMM, computed in f64), at
+//! every convolution shape of the model, forward and both gradients. Skipped, with the reason,
+//! on CPUs without AVX-512 (the backend then runs the reference itself).
+#![cfg(target_arch = "x86_64")]
+
+mod common;
+
+use common::{Report, Tol};
+use incept::backend::cpu::{self, direct, Cpu};
+use incept::backend::{Backend, Conv2d, Nhwc};
+use rand::{Rng, SeedableRng};
+
+/// (name, input side, cin, cout, k, stride, pad): every convolution of the seed model.
+const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 12] = [
+    ("block1", 32, 3, 64, 7, 2, 1),
+    ("block2", 14, 64, 128, 3, 2, 1),
+    ("block3.branch1", 7, 128, 64, 1, 1, 0),
+    ("block3.reduce", 7, 128, 16, 1, 1, 0),
+    ("block3.branch2_conv2", 7, 16, 64, 3, 1, 1),
+    ("block3.branch3_conv2", 7, 16, 64, 5, 1, 2),
+    ("block3.branch4", 7, 128, 64, 3, 1, 1),
+    ("block4.branch1", 4, 256, 96, 1, 1, 0),
+    ("block4.reduce", 4, 256, 32, 1, 1, 0),
+    ("block4.branch2_conv2", 4, 32, 96, 3, 1, 1),
+    ("block4.branch3_conv2", 4, 32, 96, 5, 1, 2),
+    ("block4.branch4", 4, 256, 96, 3, 1, 1),
+];
+
+/// f32 sums of up to k·k·Cin = 2304 products against an f64 reference: a few ulps of the
+/// largest value, as the rounding of either summation order.
+const TOL: Tol = Tol::scaled(
+    0.0,
+    2e-6,
+    4e-6,
+    "f32 accumulation of up to 2304 products vs f64",
+);
+
+fn skip_reason() -> Option<&'static str> {
+    (!direct::available()).then_some(
+        "skipped: this CPU has no AVX-512F; the backend uses the im2col + GEMM reference",
+    )
+}
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+struct Case {
+    name: &'static str,
+    conv: Conv2d,
+    xs: Nhwc,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    dy: Vec<f32>,
+}
+
+fn cases(n: usize) -> Vec<Case> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, &(name, side, cin, cout, k, stride, pad))| {
+            let conv = Conv2d {
+                cin,
+                cout,
+                k,
+                stride,
+                pad,
+            };
+            let xs = Nhwc {
+                n,
+                h: side,
+                w: side,
+                c: cin,
+            };
+            let seed = 100 * i as u64 + n as u64;
+            Case {
+                name,
+                conv,
+                xs,
+                x: random(xs.len(), seed),
+                w: random(conv.weight_len(), seed + 1),
+                b: random(cout, seed + 2),
+                dy: random(conv.out_shape(xs).len(), seed + 3),
+            }
+        })
+        .collect()
+}
+
+/// Batch 16, and batch 3 so that pixel tiles and weight-gradient pieces come out uneven.
+#[test]
+fn direct_matches_reference_at_model_shapes() {
+    if let Some(why) = skip_reason() {
+        eprintln!("{why}");
+        return;
+    }
+    let mut report = Report::default();
+    for n in [16, 3] {
+        for c in cases(n) {
+            let (conv, xs) = (c.conv, c.xs);
+            let ys = conv.out_shape(xs);
+            let tag = format!("{} n={n}", c.name);
+
+            let mut y = vec![0.0f32; ys.len()];
+            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), xs, &conv);
+            let mut want = vec![0.0f64; ys.len()];
+            cpu::conv2d_forward_reference(
+                &mut want,
+                &wide(&c.x),
+                &wide(&c.w),
+                &wide(&c.b),
+                xs,
+                &conv,
+            );
+            report.check(&format!("{tag} y"), &wide(&y), &want, TOL);
+
+            // dw accumulates: start both from the same non-zero values.
+            let start = random(conv.weight_len(), 7);
+            let mut dw = start.clone();
+            direct::conv_backward_weight(&mut dw, &c.dy, &c.x, xs, &conv);
+            let mut want = wide(&start);
+            cpu::conv2d_backward_weight_reference(&mut want, &wide(&c.dy), &wide(&c.x), xs, &conv);
+            report.check(&format!("{tag} dw"), &wide(&dw), &want, TOL);
+
+            let mut want = vec![0.0f64; xs.len()];
+            cpu::conv2d_backward_data_reference(&mut want, &wide(&c.dy), &wide(&c.w), xs, &conv);
+            // dx is overwritten: start from garbage.
+            let mut dx = vec![f32::NAN; xs.len()];
+            direct::conv_backward_data_scatter(&mut dx, &c.dy, &c.w, xs, &conv);
+            report.check(&format!("{tag} dx (scatter)"), &wide(&dx), &want, TOL);
+            if conv.stride == 1 && conv.cin % 16 == 0 {
+                let mut dx = vec![f32::NAN; xs.len()];
+                direct::conv_backward_data(&mut dx, &c.dy, &c.w, xs, &conv);
+                report.check(&format!("{tag} dx (flipped)"), &wide(&dx), &want, TOL);
+            }
+        }
+    }
+    report.finish("direct convolutions vs reference");
+}
+
+/// Every sum runs in a fixed order: one thread or two give the same bits.
+#[test]
+fn direct_is_independent_of_thread_count() {
+    if let Some(why) = skip_reason() {
+        eprintln!("{why}");
+        return;
+    }
+    let run = |threads: usize, c: &Case| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool");
+        pool.install(|| {
+            let ys = c.conv.out_shape(c.xs);
+            let mut y = vec![0.0f32; ys.len()];
+            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
+            let mut dw = vec![0.0f32; c.conv.weight_len()];
+            direct::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
+            let mut dx = vec![0.0f32; c.xs.len()];
+            direct::conv_backward_data_scatter(&mut dx, &c.dy, &c.w, c.xs, &c.conv);
+            [y, dw, dx].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
+        })
+    };
+    for c in cases(5) {
+        assert!(
+            run(1, &c) == run(2, &c),
+            "{}: 1 vs 2 threads differ",
+            c.name
+        );
+    }
+}
+
+/// The backend's f32 convolutions are the direct kernels (bit for bit) where the CPU has
+/// AVX-512, unless INCEPT_CPU_CONV=reference.
+#[test]
+fn backend_dispatches_to_direct() {
+    if let Some(why) = skip_reason() {
+        eprintln!("{why}");
+        return;
+    }
+    if !cpu::direct_enabled() {
+        eprintln!("skipped: INCEPT_CPU_CONV=reference is set");
+        return;
+    }
+    for c in cases(4) {
+        let ys = c.conv.out_shape(c.xs);
+        let mut y = vec![0.0f32; ys.len()];
+        direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
+        let mut got = vec![0.0f32; ys.len()];
+        Backend::<f32>::conv2d_forward(&Cpu, &mut got, &c.x, &c.w, &c.b, c.xs, &c.conv);
+        assert!(
+            got == y,
+            "{}: backend forward is not the direct kernel",
+            c.name
+        );
+
+        let mut dw = vec![0.0f32; c.conv.weight_len()];
+        direct::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
+        let (mut gdw, mut gdb) = (vec![0.0f32; dw.len()], vec![0.0f32; c.conv.cout]);
+        let mut gdx = vec![0.0f32; c.xs.len()];
+        Backend::<f32>::conv2d_backward(
+            &Cpu,
+            Some(&mut gdx),
+            &mut gdw,
+            &mut gdb,
+            &c.dy,
+            &c.x,
+            &c.w,
+            c.xs,
+            &c.conv,
+        );
+        assert!(gdw == dw, "{}: backend dw is not the direct kernel", c.name);
+    }
+}
