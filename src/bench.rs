@@ -284,25 +284,36 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
         net.train_step(&x, &labels, &opt, 0.0)?;
     }
     let step_ms = t.elapsed().as_secs_f64() * 1e3 / opts.steps as f64;
+    let train_times = net.layer_times();
+    // The same layers in evaluation mode (BatchNorm with running statistics, no backward).
+    net.reset_layer_times();
+    let t = Instant::now();
+    for _ in 0..opts.steps {
+        net.forward(&x, n, false)?;
+    }
+    let eval_ms = t.elapsed().as_secs_f64() * 1e3 / opts.steps as f64;
+    let eval_times = net.layer_times();
     let ceiling = gemm_ceiling(1024, 5);
     let steps = opts.steps as f64;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "per-layer profile: batch {n}, {} threads, {} steps, branches in sequence; {step_ms:.1} ms/step; f32 GEMM ceiling {ceiling:.0} GFLOP/s",
+        "per-layer profile: batch {n}, {} threads, {} steps, branches in sequence; train {step_ms:.1} ms/step, eval {eval_ms:.1} ms/step; f32 GEMM ceiling {ceiling:.0} GFLOP/s",
         rayon::current_num_threads(),
         opts.steps
     );
     let _ = writeln!(
         out,
-        "{:<34} {:<10} {:>9} {:>9} {:>9} {:>9}",
-        "layer", "op", "fwd ms", "bwd ms", "fwd GF/s", "bwd GF/s"
+        "{:<34} {:<15} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "layer", "op", "fwd ms", "bwd ms", "eval ms", "fwd GF/s", "bwd GF/s"
     );
-    let (mut tf, mut tb) = (0.0, 0.0);
-    for l in net.layer_times() {
+    let (mut tf, mut tb, mut te) = (0.0, 0.0, 0.0);
+    for (l, le) in train_times.iter().zip(&eval_times) {
         let (f, b) = (l.forward_s / steps * 1e3, l.backward_s / steps * 1e3);
+        let e = le.forward_s / steps * 1e3;
         tf += f;
         tb += b;
+        te += e;
         let rate = |flop: f64, ms: f64| {
             if flop > 0.0 && ms > 0.0 {
                 format!("{:.0}", flop / ms / 1e6)
@@ -319,7 +330,7 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
         };
         let _ = writeln!(
             out,
-            "{:<34} {:<10} {f:>9.2} {b:>9.2} {:>9} {:>9}",
+            "{:<34} {:<15} {f:>8.2} {b:>8.2} {e:>8.2} {:>8} {:>8}",
             l.name,
             l.op,
             rate(l.forward_flop, f),
@@ -328,7 +339,7 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
     }
     let _ = writeln!(
         out,
-        "{:<34} {:<10} {tf:>9.2} {tb:>9.2}   (+ loss, SGD, input copy: {:.2} ms)",
+        "{:<34} {:<15} {tf:>8.2} {tb:>8.2} {te:>8.2}   (train step + loss, SGD, input copy: {:.2} ms)",
         "total",
         "",
         step_ms - tf - tb

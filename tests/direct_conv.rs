@@ -217,3 +217,85 @@ fn backend_dispatches_to_direct() {
         assert!(gdw == dw, "{}: backend dw is not the direct kernel", c.name);
     }
 }
+
+/// Eval-mode Conv → BatchNorm → ReLU folded into one convolution matches the three ops run
+/// one after another, at every model shape; a NaN input still reaches the output.
+#[test]
+fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
+    use incept::backend::BatchNormCfg;
+    if let Some(why) = skip_reason() {
+        eprintln!("{why}");
+        return;
+    }
+    if !cpu::direct_enabled() {
+        eprintln!("skipped: INCEPT_CPU_CONV=reference is set");
+        return;
+    }
+    let cfg = BatchNormCfg {
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let mut report = Report::default();
+    for c in cases(4) {
+        let (conv, xs) = (c.conv, c.xs);
+        let ys = conv.out_shape(xs);
+        let gamma = random(conv.cout, 11);
+        let beta = random(conv.cout, 12);
+        let mean = random(conv.cout, 13);
+        let var: Vec<f32> = random(conv.cout, 14).iter().map(|v| v * v + 0.1).collect();
+        let mut t = vec![0.0f32; ys.len()];
+        Backend::<f32>::conv2d_forward(&Cpu, &mut t, &c.x, &c.w, &c.b, xs, &conv);
+        let mut want = vec![0.0f32; ys.len()];
+        Backend::<f32>::batch_norm_relu_forward_eval(
+            &Cpu, &mut want, &t, &gamma, &beta, &mean, &var, ys, &cfg,
+        );
+        let mut got = vec![f32::NAN; ys.len()];
+        let fused = Backend::<f32>::conv2d_batch_norm_relu_forward_eval(
+            &Cpu,
+            &mut got,
+            &c.x,
+            (&c.w, &c.b),
+            (&gamma, &beta, &mean, &var),
+            xs,
+            &conv,
+            &cfg,
+        );
+        assert!(fused, "{}: the CPU did not fuse", c.name);
+        assert!(
+            want.iter().any(|&v| v == 0.0),
+            "{}: ReLU never clipped",
+            c.name
+        );
+        report.check(
+            &format!("{} conv+bn+relu", c.name),
+            &wide(&got),
+            &wide(&want),
+            Tol::scaled(
+                0.0,
+                1e-5,
+                1e-5,
+                "BatchNorm folded into the weights rounds differently",
+            ),
+        );
+    }
+    report.finish("fused eval conv+bn+relu vs separate ops");
+
+    // A NaN in the input poisons the pixels whose windows read it, as in PyTorch.
+    let c = &cases(1)[6];
+    let mut x = c.x.clone();
+    x[0] = f32::NAN;
+    let ones = vec![1.0f32; c.conv.cout];
+    let zeros = vec![0.0f32; c.conv.cout];
+    let mut y = vec![0.0f32; c.conv.out_shape(c.xs).len()];
+    Backend::<f32>::conv2d_batch_norm_relu_forward_eval(
+        &Cpu,
+        &mut y,
+        &x,
+        (&c.w, &c.b),
+        (&ones, &zeros, &zeros, &ones),
+        c.xs,
+        &c.conv,
+        &cfg,
+    );
+    assert!(y[0].is_nan(), "NaN input gave {} at output 0", y[0]);
+}

@@ -681,6 +681,41 @@ impl<T: Elem> Backend<T> for Cpu {
         conv2d_forward_reference(y, x, w, b, xs, conv);
     }
 
+    fn conv2d_batch_norm_relu_forward_eval(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        (w, b): (&Vec<T>, &Vec<T>),
+        (gamma, beta, running_mean, running_var): (&Vec<T>, &Vec<T>, &Vec<T>, &Vec<T>),
+        xs: Nhwc,
+        conv: &Conv2d,
+        cfg: &BatchNormCfg,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if direct_enabled() && direct::supports(conv) {
+            if let (Some(yf), Some(xf), Some(wf)) = (T::f32s_mut(y), T::f32s(x), T::f32s(w)) {
+                // BatchNorm with running statistics is affine per channel: relu(s·(conv + b − μ)
+                // + β) with s = γ/√(σ² + eps) is a convolution with weight s·w and bias
+                // s·(b − μ) + β, then ReLU.
+                let per_out = conv.weight_len() / conv.cout;
+                let mut wf2 = wf.to_vec();
+                let mut bias = vec![0.0f32; conv.cout];
+                for co in 0..conv.cout {
+                    let s = gamma[co].as_f64() / (running_var[co].as_f64() + cfg.eps).sqrt();
+                    for v in &mut wf2[co * per_out..(co + 1) * per_out] {
+                        *v = (*v as f64 * s) as f32;
+                    }
+                    bias[co] = ((b[co].as_f64() - running_mean[co].as_f64()) * s
+                        + beta[co].as_f64()) as f32;
+                }
+                direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                return true;
+            }
+        }
+        let _ = (y, x, w, b, gamma, beta, running_mean, running_var, xs, cfg);
+        false
+    }
+
     fn conv2d_backward(
         &self,
         dx: Option<&mut Vec<T>>,

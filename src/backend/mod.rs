@@ -358,6 +358,28 @@ pub trait Backend<T: Elem>: Sync {
         self.batch_norm_forward_eval(&mut t, x, gamma, beta, running_mean, running_var, xs, cfg);
         self.relu_forward(y, &t);
     }
+    /// Eval-mode Conv2d → BatchNorm → ReLU as one op, where the backend can fuse them: `y`
+    /// gets the block's output and `true` comes back. The CPU folds the BatchNorm into the
+    /// convolution's weight and bias and applies the ReLU before storing, saving a pass over
+    /// the activations. `false` (the default): nothing was done; the network runs the ops.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_batch_norm_relu_forward_eval(
+        &self,
+        _y: &mut Self::Buf,
+        _x: &Self::Buf,
+        (_w, _b): (&Self::Buf, &Self::Buf),
+        (_gamma, _beta, _running_mean, _running_var): (
+            &Self::Buf,
+            &Self::Buf,
+            &Self::Buf,
+            &Self::Buf,
+        ),
+        _xs: Nhwc,
+        _conv: &Conv2d,
+        _cfg: &BatchNormCfg,
+    ) -> bool {
+        false
+    }
     /// Backward of [`Backend::batch_norm_relu_forward_train`]: `y` is its output; `dy` may be
     /// overwritten (the default masks it in place, then runs the BatchNorm backward).
     #[allow(clippy::too_many_arguments)]

@@ -570,18 +570,63 @@ fn forward_seq<T: Elem, B: Backend<T>>(
     input: &Act<B::Buf>,
     ctx: &Ctx<B>,
 ) -> Result<()> {
-    for i in 0..nodes.len() {
+    let mut i = 0;
+    while i < nodes.len() {
         let (done, rest) = nodes.split_at_mut(i);
         let t = ctx.profile.then(std::time::Instant::now);
         ctx.be.range_push(&rest[0].name);
-        let r = rest[0].forward(last_out(done, input), ctx);
+        // In evaluation, Conv → BatchNorm+ReLU may run as one op (the time goes to the conv).
+        let fused = !ctx.train && fused_conv_bn_relu_eval(rest, last_out(done, input), ctx);
+        let r = if fused {
+            Ok(())
+        } else {
+            rest[0].forward(last_out(done, input), ctx)
+        };
         ctx.be.range_pop();
         r?;
         if let Some(t) = t {
             rest[0].time[0] += t.elapsed().as_secs_f64();
         }
+        i += if fused { 2 } else { 1 };
     }
     Ok(())
+}
+
+/// Runs `nodes[0..2]` as one eval-mode Conv → BatchNorm+ReLU when they are that pair and the
+/// backend fuses it, writing the BatchNorm node's output (the conv's own stays stale: nothing
+/// reads it in evaluation). `false`: nothing was run.
+fn fused_conv_bn_relu_eval<T: Elem, B: Backend<T>>(
+    nodes: &mut [Node<B::Buf>],
+    x: &Act<B::Buf>,
+    ctx: &Ctx<B>,
+) -> bool {
+    let [conv_node, bn_node, ..] = nodes else {
+        return false;
+    };
+    let (
+        Op::Conv { conv, w, b },
+        Op::BatchNorm {
+            w: gamma,
+            b: beta,
+            running_mean,
+            running_var,
+            relu: true,
+            ..
+        },
+    ) = (&conv_node.op, &bn_node.op)
+    else {
+        return false;
+    };
+    ensure(ctx.be, &mut bn_node.out, conv.out_shape(x.shape));
+    ctx.be.conv2d_batch_norm_relu_forward_eval(
+        &mut bn_node.out.buf,
+        &x.buf,
+        (&w.value, &b.value),
+        (&gamma.value, &beta.value, running_mean, running_var),
+        x.shape,
+        conv,
+        &ctx.bn,
+    )
 }
 
 fn backward_seq<T: Elem, B: Backend<T>>(

@@ -40,21 +40,39 @@ pub fn supports(conv: &Conv2d) -> bool {
     conv.cout.is_multiple_of(L)
 }
 
-/// The input zero-padded by `pad` on each side of H and W (borrowed when `pad` is 0).
+/// The input zero-padded by `pad` on each side of H and W (borrowed when `pad` is 0). Written
+/// in one pass, borders and rows in order, rather than zero-filled and then copied over.
 fn pad_nhwc(x: &[f32], xs: Nhwc, pad: usize) -> Cow<'_, [f32]> {
     if pad == 0 {
         return Cow::Borrowed(x);
     }
-    let (hp, wp) = (xs.h + 2 * pad, xs.w + 2 * pad);
-    let mut out = vec![0.0f32; xs.n * hp * wp * xs.c];
-    out.par_chunks_mut(hp * wp * xs.c)
-        .zip(x.par_chunks(xs.h * xs.w * xs.c))
+    let (hp, wp, c) = (xs.h + 2 * pad, xs.w + 2 * pad, xs.c);
+    let img = hp * wp * c;
+    let band = vec![0.0f32; pad * wp * c];
+    let side = &band[..pad * c];
+    let mut out: Vec<f32> = Vec::with_capacity(xs.n * img);
+    out.spare_capacity_mut()[..xs.n * img]
+        .par_chunks_mut(img)
+        .zip(x.par_chunks(xs.h * xs.w * c))
         .for_each(|(dst, src)| {
-            for y in 0..xs.h {
-                let d = ((y + pad) * wp + pad) * xs.c;
-                dst[d..d + xs.w * xs.c].copy_from_slice(&src[y * xs.w * xs.c..][..xs.w * xs.c]);
+            let mut at = 0;
+            let mut put = |vals: &[f32]| {
+                for (d, &v) in dst[at..at + vals.len()].iter_mut().zip(vals) {
+                    d.write(v);
+                }
+                at += vals.len();
+            };
+            put(&band);
+            for row in src.chunks(xs.w * c) {
+                put(side);
+                put(row);
+                put(side);
             }
+            put(&band);
+            assert_eq!(at, img, "pad_nhwc: every value written once");
         });
+    // SAFETY: each image's `img` values were all written above (asserted per image).
+    unsafe { out.set_len(xs.n * img) };
     Cow::Owned(out)
 }
 
@@ -126,6 +144,20 @@ pub fn conv_forward(
     xs: Nhwc,
     conv: &Conv2d,
 ) {
+    conv_forward_epilogue(y, x, w, b, xs, conv, false);
+}
+
+/// [`conv_forward`], then ReLU (as PyTorch: NaN passes) on the registers before they are
+/// stored when `relu`.
+pub fn conv_forward_epilogue(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    xs: Nhwc,
+    conv: &Conv2d,
+    relu: bool,
+) {
     assert!(supports(conv) && xs.c == conv.cin);
     let ys = conv.out_shape(xs);
     assert_eq!(y.len(), ys.len(), "direct conv: y length");
@@ -133,13 +165,17 @@ pub fn conv_forward(
     let xp = pad_nhwc(x, xs, conv.pad);
     let (hp, wp) = (xs.h + 2 * conv.pad, xs.w + 2 * conv.pad);
     let offs = window_offsets(xs.n, ys.h, ys.w, hp, wp, xs.c, conv.stride);
-    run_forward(y, &xp, &offs, wp * xs.c, w, b, conv.cout, conv.cin, conv.k);
+    let geom = (conv.cout, conv.cin, conv.k);
+    run_forward(y, &xp, &offs, wp * xs.c, w, b, geom, relu);
 }
 
 /// `dx = ∂L/∂x` of a stride-1 convolution from `dy`, overwriting `dx`.
 pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv: &Conv2d) {
     assert!(conv.stride == 1 && conv.cin.is_multiple_of(L) && xs.c == conv.cin);
-    assert!(2 * conv.pad < conv.k || conv.k == 1 && conv.pad == 0);
+    assert!(
+        conv.pad < conv.k,
+        "direct conv: padding wider than the kernel"
+    );
     let ys = conv.out_shape(xs);
     assert_eq!(dy.len(), ys.len(), "direct conv: dy length");
     assert_eq!(dx.len(), xs.len(), "direct conv: dx length");
@@ -149,17 +185,8 @@ pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv:
     let (hp, wp) = (ys.h + 2 * pad, ys.w + 2 * pad);
     let offs = window_offsets(xs.n, xs.h, xs.w, hp, wp, conv.cout, 1);
     let wt = flip_transpose(w, conv.cout, conv.cin, conv.k);
-    run_forward(
-        dx,
-        &dyp,
-        &offs,
-        wp * conv.cout,
-        &wt,
-        None,
-        conv.cin,
-        conv.cout,
-        conv.k,
-    );
+    let geom = (conv.cin, conv.cout, conv.k);
+    run_forward(dx, &dyp, &offs, wp * conv.cout, &wt, None, geom, false);
 }
 
 /// Output channels per register tile and pixels per tile for `cout` channels.
@@ -183,9 +210,8 @@ fn run_forward(
     row: usize,
     w: &[f32],
     b: Option<&[f32]>,
-    cout: usize,
-    cin: usize,
-    k: usize,
+    (cout, cin, k): (usize, usize, usize),
+    relu: bool,
 ) {
     let (v, r) = forward_tile(cout);
     let cb = v * L;
@@ -207,6 +233,7 @@ fn run_forward(
         b,
         cout,
         cb,
+        relu,
     };
     y.par_chunks_mut(r * cout)
         .zip(offs.par_chunks(r))
@@ -234,6 +261,7 @@ struct Tile<'a> {
     b: Option<&'a [f32]>,
     cout: usize,
     cb: usize,
+    relu: bool,
 }
 
 impl Tile<'_> {
@@ -266,6 +294,15 @@ impl Tile<'_> {
                         for v in 0..V {
                             acc[i][v] = _mm512_fmadd_ps(bx, wv[v], acc[i][v]);
                         }
+                    }
+                }
+            }
+            if self.relu {
+                // max(0, a) returns a when a is NaN (the second operand), as PyTorch's ReLU.
+                let zero = _mm512_setzero_ps();
+                for a in acc.iter_mut() {
+                    for av in a.iter_mut() {
+                        *av = _mm512_max_ps(zero, *av);
                     }
                 }
             }
