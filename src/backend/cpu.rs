@@ -1,9 +1,11 @@
 //! The CPU reference backend: the specification every other backend is checked against.
 //!
 //! Plain loops over NHWC buffers, parallel with rayon where the work splits into independent
-//! rows, and GEMMs from the `gemm` crate. Every reduction runs over fixed chunks summed in a
-//! fixed order (in `f64`), so results never depend on the number of threads or on which thread
-//! ran what: the branch scheduler relies on that for its bitwise-equality guarantee.
+//! rows, and GEMMs from the `gemm` crate; on CPUs with AVX-512, f32 convolutions run the
+//! direct kernels of [`direct`] instead of im2col + GEMM (`INCEPT_CPU_CONV=reference` turns
+//! them off). Every reduction runs over fixed chunks summed in a fixed order (finished in
+//! `f64`), so results never depend on the number of threads or on which thread ran what: the
+//! branch scheduler relies on that for its bitwise-equality guarantee.
 
 use super::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd};
 
@@ -18,6 +20,13 @@ pub struct Cpu;
 /// Rows per chunk of a per-channel reduction. Fixed (never derived from the thread count) so
 /// that the order of the partial sums, and hence the rounding, is always the same.
 const REDUCE_ROWS: usize = 512;
+
+/// Rows summed in the element type before [`channel_sums`] moves the sums to `f64`.
+const FLUSH_ROWS: usize = 8;
+
+/// Fewest rows per rayon task in per-row elementwise loops: one row (16–256 channels) is too
+/// little work to be worth a task of its own.
+const ELEMENTWISE_ROWS: usize = 64;
 
 /// `c (=|+=) a · b` for row-major views given as (slice, row stride, column stride):
 /// a is m×k, b is k×n, c is m×n with row stride `c_rs` and unit column stride.
@@ -95,33 +104,45 @@ fn gemm_on<T: Elem>(
     }
 }
 
-/// Per-channel sums of `f(row)` over the rows of an `[rows, c]` matrix, in `f64`, in a fixed
-/// order: chunks of [`REDUCE_ROWS`] rows summed in parallel, then the chunk sums in order.
-fn channel_sums<const K: usize>(
+/// `K` per-channel sums of `f(row)` over the rows of an `[rows, c]` matrix, in a fixed order:
+/// chunks of [`REDUCE_ROWS`] rows summed in parallel, then the chunk sums in order. Within a
+/// chunk, `f(row, acc)` adds a row's terms into `T` accumulators laid out `[K][c]` (so the
+/// loops run across channels in SIMD lanes); every [`FLUSH_ROWS`] rows they are added into
+/// `f64` sums and cleared. Rounding stays that of short `T` sums plus `f64` sums: as exact as
+/// summing in `f64` throughout for all the training dynamics can tell, at the speed of `T`.
+fn channel_sums<A: Elem, const K: usize>(
     rows: usize,
     c: usize,
-    f: impl Fn(usize, &mut [[f64; K]]) + Sync,
-) -> Vec<[f64; K]> {
+    f: impl Fn(usize, &mut [A]) + Sync,
+) -> [Vec<f64>; K] {
     let chunks = rows.div_ceil(REDUCE_ROWS);
-    let partial: Vec<Vec<[f64; K]>> = (0..chunks)
+    let partial: Vec<Vec<f64>> = (0..chunks)
         .into_par_iter()
         .map(|ch| {
-            let mut acc = vec![[0.0; K]; c];
-            for r in ch * REDUCE_ROWS..((ch + 1) * REDUCE_ROWS).min(rows) {
-                f(r, &mut acc);
+            let mut wide = vec![0.0f64; K * c];
+            let mut acc = vec![A::zero(); K * c];
+            let end = ((ch + 1) * REDUCE_ROWS).min(rows);
+            for r0 in (ch * REDUCE_ROWS..end).step_by(FLUSH_ROWS) {
+                for r in r0..(r0 + FLUSH_ROWS).min(end) {
+                    f(r, &mut acc);
+                }
+                for (w, a) in wide.iter_mut().zip(acc.iter_mut()) {
+                    *w += a.as_f64();
+                    *a = A::zero();
+                }
             }
-            acc
+            wide
         })
         .collect();
-    let mut total = vec![[0.0; K]; c];
-    for p in &partial {
-        for (t, v) in total.iter_mut().zip(p) {
-            for j in 0..K {
-                t[j] += v[j];
+    std::array::from_fn(|j| {
+        let mut total = vec![0.0f64; c];
+        for p in &partial {
+            for (t, v) in total.iter_mut().zip(&p[j * c..(j + 1) * c]) {
+                *t += v;
             }
         }
-    }
-    total
+        total
+    })
 }
 
 /// Unfolds the k×k windows of an NHWC image batch into rows:
@@ -360,19 +381,22 @@ fn bn_train<T: Elem>(
     crate::backend::check_batch_norm_train(xs)?;
     let (m, c) = (xs.pixels(), xs.c);
     // Two passes (mean, then squared deviations), as exact as the data allows.
-    let s1 = channel_sums::<1>(m, c, |r, acc| {
-        for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-            a[0] += v.as_f64();
+    // In f64 per term: with small batches the variance of a channel can be tiny next to its
+    // mean, and PyTorch's trajectories are only reproduced with exact statistics (the
+    // 5-step Nesterov fixture diverges from PyTorch's within tolerance otherwise).
+    let [s1] = channel_sums::<f64, 1>(m, c, |r, acc| {
+        for (a, &v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+            *a += v.as_f64();
         }
     });
-    let mu: Vec<f64> = s1.iter().map(|s| s[0] / m as f64).collect();
-    let s2 = channel_sums::<1>(m, c, |r, acc| {
-        for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
+    let mu: Vec<f64> = s1.iter().map(|s| s / m as f64).collect();
+    let [s2] = channel_sums::<f64, 1>(m, c, |r, acc| {
+        for ((a, &v), &mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
             let d = v.as_f64() - mu;
-            a[0] += d * d;
+            *a += d * d;
         }
     });
-    let var: Vec<f64> = s2.iter().map(|s| s[0] / m as f64).collect();
+    let var: Vec<f64> = s2.iter().map(|s| s / m as f64).collect();
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
     for ch in 0..c {
         mean[ch] = T::cast(mu[ch]);
@@ -405,6 +429,7 @@ fn bn_apply<T: Elem>(
 ) {
     y.par_chunks_mut(c)
         .zip(x.par_chunks(c))
+        .with_min_len(ELEMENTWISE_ROWS)
         .for_each(|(yr, xr)| {
             if relu_after {
                 for ch in 0..c {
@@ -447,31 +472,32 @@ fn bn_backward<T: Elem>(
     xs: Nhwc,
 ) {
     let (m, c) = (xs.pixels(), xs.c);
-    let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
     let inv: Vec<f64> = invstd.iter().map(|v| v.as_f64()).collect();
     // Σ dy and Σ dy·x̂ per channel, x̂ = (x − μ)·invstd, dy masked by the ReLU when there is
     // one. The row loops take slices and branch once per row, so they stay vectorisable.
-    let sums = channel_sums::<2>(m, c, |r, acc| {
+    let [sum_g, sum_gx] = channel_sums::<T, 2>(m, c, |r, acc| {
         let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
-        let mut add = |ch: usize, g: T| {
-            let g = g.as_f64();
-            acc[ch][0] += g;
-            acc[ch][1] += g * (xr[ch].as_f64() - mu[ch]) * inv[ch];
-        };
+        let (sg, sgx) = acc.split_at_mut(c);
+        // Σ g and Σ g·(x − μ); x̂ = (x − μ)·invstd is applied to the totals.
         match y {
             Some(y) => {
                 let yr = &y[r * c..(r + 1) * c];
-                for (ch, (&g, &yv)) in dyr.iter().zip(yr).enumerate() {
-                    add(ch, relu_grad(g, yv));
+                for ch in 0..c {
+                    let g = relu_grad(dyr[ch], yr[ch]);
+                    sg[ch] += g;
+                    sgx[ch] += g * (xr[ch] - mean[ch]);
                 }
             }
             None => {
-                for (ch, &g) in dyr.iter().enumerate() {
-                    add(ch, g);
+                for ch in 0..c {
+                    let g = dyr[ch];
+                    sg[ch] += g;
+                    sgx[ch] += g * (xr[ch] - mean[ch]);
                 }
             }
         }
     });
+    let sums: Vec<[f64; 2]> = (0..c).map(|ch| [sum_g[ch], sum_gx[ch] * inv[ch]]).collect();
     for ch in 0..c {
         dbeta[ch] += T::cast(sums[ch][0]);
         dgamma[ch] += T::cast(sums[ch][1]);
@@ -487,23 +513,26 @@ fn bn_backward<T: Elem>(
         b[ch] = T::cast(-k * sums[ch][1] * inv[ch]);
         c0[ch] = T::cast(-k * sums[ch][0]);
     }
-    dx.par_chunks_mut(c).enumerate().for_each(|(r, dxr)| {
-        let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
-        match y {
-            Some(y) => {
-                let yr = &y[r * c..(r + 1) * c];
-                for ch in 0..c {
-                    let g = relu_grad(dyr[ch], yr[ch]);
-                    dxr[ch] = a[ch] * g + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+    dx.par_chunks_mut(c)
+        .enumerate()
+        .with_min_len(ELEMENTWISE_ROWS)
+        .for_each(|(r, dxr)| {
+            let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
+            match y {
+                Some(y) => {
+                    let yr = &y[r * c..(r + 1) * c];
+                    for ch in 0..c {
+                        let g = relu_grad(dyr[ch], yr[ch]);
+                        dxr[ch] = a[ch] * g + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+                    }
+                }
+                None => {
+                    for ch in 0..c {
+                        dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+                    }
                 }
             }
-            None => {
-                for ch in 0..c {
-                    dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
-                }
-            }
-        }
-    });
+        });
 }
 
 /// Whether convolutions take the direct AVX-512 kernels ([`direct`]): f32 on a CPU that has
@@ -731,13 +760,13 @@ impl<T: Elem> Backend<T> for Cpu {
         let (p, co) = (ys.pixels(), conv.cout);
         assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
         // db[co] += Σ_p dy[p, co]
-        let sums = channel_sums::<1>(p, co, |r, acc| {
-            for (a, v) in acc.iter_mut().zip(&dy[r * co..(r + 1) * co]) {
-                a[0] += v.as_f64();
+        let [sums] = channel_sums::<T, 1>(p, co, |r, acc| {
+            for (a, &v) in acc.iter_mut().zip(&dy[r * co..(r + 1) * co]) {
+                *a += v;
             }
         });
         for (d, s) in db.iter_mut().zip(&sums) {
-            *d += T::cast(s[0]);
+            *d += T::cast(*s);
         }
         #[cfg(target_arch = "x86_64")]
         if direct_enabled() && direct::supports(conv) {
