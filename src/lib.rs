@@ -44,3 +44,22 @@ pub mod sched;
 pub mod schedule;
 pub mod stepper;
 pub mod train;
+
+/// A training step allocates and frees the same large buffers every time. glibc would return
+/// each one to the kernel (mmap above 128 KiB, heap trimming), so every step pays page faults and
+/// zeroing again for memory it just gave back: about a tenth of a CPU step. This keeps freed
+/// memory in the heap instead, so the step's working set is reused from the second step on.
+/// The binary calls it first thing; so do the benchmarks.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn keep_freed_memory() {
+    // 32 MiB is the largest mmap threshold glibc accepts on 64-bit.
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// No allocator tuning outside glibc.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn keep_freed_memory() {}

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Report, Tol};
-use incept::backend::cpu::{self, direct, Cpu};
+use incept::backend::cpu::{self, direct, winograd, Cpu};
 use incept::backend::{Backend, Conv2d, Nhwc};
 use rand::{Rng, SeedableRng};
 
@@ -33,6 +33,15 @@ const TOL: Tol = Tol::scaled(
     2e-6,
     4e-6,
     "f32 accumulation of up to 2304 products vs f64",
+);
+
+/// Winograd F(4×4, 3×3): the transforms scale terms by up to 8×8 and 1/24 before the sums, so
+/// the rounding is a few times a direct sum's (measured 1e-5 – 3e-5 of the largest output).
+const WINOGRAD_TOL: Tol = Tol::scaled(
+    0.0,
+    1e-5,
+    3e-5,
+    "Winograd F(4x4,3x3) in f32 vs f64: transforms amplify rounding",
 );
 
 fn skip_reason() -> Option<&'static str> {
@@ -138,6 +147,35 @@ fn direct_matches_reference_at_model_shapes() {
                 direct::conv_backward_data(&mut dx, &c.dy, &c.w, xs, &conv);
                 report.check(&format!("{tag} dx (flipped)"), &wide(&dx), &want, TOL);
             }
+            if winograd::supports(&winograd::backward_data_conv(&conv)) {
+                let mut dx = vec![f32::NAN; xs.len()];
+                winograd::conv_backward_data(&mut dx, &c.dy, &c.w, xs, &conv);
+                report.check(
+                    &format!("{tag} dx (winograd)"),
+                    &wide(&dx),
+                    &want,
+                    WINOGRAD_TOL,
+                );
+            }
+            if winograd::supports(&conv) {
+                let mut y = vec![f32::NAN; ys.len()];
+                winograd::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), xs, &conv, false);
+                let mut want = vec![0.0f64; ys.len()];
+                cpu::conv2d_forward_reference(
+                    &mut want,
+                    &wide(&c.x),
+                    &wide(&c.w),
+                    &wide(&c.b),
+                    xs,
+                    &conv,
+                );
+                report.check(
+                    &format!("{tag} y (winograd)"),
+                    &wide(&y),
+                    &want,
+                    WINOGRAD_TOL,
+                );
+            }
         }
     }
     report.finish("direct convolutions vs reference");
@@ -163,7 +201,11 @@ fn direct_is_independent_of_thread_count() {
             direct::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
             let mut dx = vec![0.0f32; c.xs.len()];
             direct::conv_backward_data_scatter(&mut dx, &c.dy, &c.w, c.xs, &c.conv);
-            [y, dw, dx].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
+            let mut yw = vec![0.0f32; ys.len()];
+            if winograd::supports(&c.conv) {
+                winograd::conv_forward(&mut yw, &c.x, &c.w, Some(&c.b), c.xs, &c.conv, false);
+            }
+            [y, dw, dx, yw].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
         })
     };
     for c in cases(5) {
@@ -175,8 +217,8 @@ fn direct_is_independent_of_thread_count() {
     }
 }
 
-/// The backend's f32 convolutions are the direct kernels (bit for bit) where the CPU has
-/// AVX-512, unless INCEPT_CPU_CONV=reference.
+/// The backend's f32 convolutions are the direct or Winograd kernels (bit for bit) where the
+/// CPU has AVX-512, unless INCEPT_CPU_CONV=reference.
 #[test]
 fn backend_dispatches_to_direct() {
     if let Some(why) = skip_reason() {
@@ -190,12 +232,16 @@ fn backend_dispatches_to_direct() {
     for c in cases(4) {
         let ys = c.conv.out_shape(c.xs);
         let mut y = vec![0.0f32; ys.len()];
-        direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
+        if winograd::supports(&c.conv) {
+            winograd::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv, false);
+        } else {
+            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
+        }
         let mut got = vec![0.0f32; ys.len()];
         Backend::<f32>::conv2d_forward(&Cpu, &mut got, &c.x, &c.w, &c.b, c.xs, &c.conv);
         assert!(
             got == y,
-            "{}: backend forward is not the direct kernel",
+            "{}: backend forward is not the expected kernel",
             c.name
         );
 
@@ -215,6 +261,15 @@ fn backend_dispatches_to_direct() {
             &c.conv,
         );
         assert!(gdw == dw, "{}: backend dw is not the direct kernel", c.name);
+        if winograd::supports(&winograd::backward_data_conv(&c.conv)) {
+            let mut dx = vec![0.0f32; c.xs.len()];
+            winograd::conv_backward_data(&mut dx, &c.dy, &c.w, c.xs, &c.conv);
+            assert!(
+                gdx == dx,
+                "{}: backend dx is not the Winograd kernel",
+                c.name
+            );
+        }
     }
 }
 
@@ -266,12 +321,16 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
             &format!("{} conv+bn+relu", c.name),
             &wide(&got),
             &wide(&want),
-            Tol::scaled(
-                0.0,
-                1e-5,
-                1e-5,
-                "BatchNorm folded into the weights rounds differently",
-            ),
+            if winograd::supports(&conv) {
+                WINOGRAD_TOL
+            } else {
+                Tol::scaled(
+                    0.0,
+                    1e-5,
+                    1e-5,
+                    "BatchNorm folded into the weights rounds differently",
+                )
+            },
         );
     }
     report.finish("fused eval conv+bn+relu vs separate ops");

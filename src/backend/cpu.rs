@@ -11,6 +11,8 @@ use super::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd};
 
 #[cfg(target_arch = "x86_64")]
 pub mod direct;
+#[cfg(target_arch = "x86_64")]
+pub mod winograd;
 use rayon::prelude::*;
 
 /// The CPU backend. Stateless: threads come from the current rayon pool.
@@ -704,6 +706,9 @@ impl<T: Elem> Backend<T> for Cpu {
             if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
                 (T::f32s_mut(y), T::f32s(x), T::f32s(w), T::f32s(b))
             {
+                if winograd::supports(conv) {
+                    return winograd::conv_forward(yf, xf, wf, Some(bf), xs, conv, false);
+                }
                 return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv);
             }
         }
@@ -737,7 +742,11 @@ impl<T: Elem> Backend<T> for Cpu {
                     bias[co] = ((b[co].as_f64() - running_mean[co].as_f64()) * s
                         + beta[co].as_f64()) as f32;
                 }
-                direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                if winograd::supports(conv) {
+                    winograd::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                } else {
+                    direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                }
                 return true;
             }
         }
@@ -775,7 +784,9 @@ impl<T: Elem> Backend<T> for Cpu {
             {
                 direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
                 if let Some(dxf) = dx.and_then(|d| T::f32s_mut(d)) {
-                    if conv.stride == 1 && conv.pad < conv.k && conv.cin.is_multiple_of(16) {
+                    if winograd::supports(&winograd::backward_data_conv(conv)) {
+                        winograd::conv_backward_data(dxf, dyf, wf, xs, conv);
+                    } else if conv.stride == 1 && conv.pad < conv.k && conv.cin.is_multiple_of(16) {
                         direct::conv_backward_data(dxf, dyf, wf, xs, conv);
                     } else {
                         direct::conv_backward_data_scatter(dxf, dyf, wf, xs, conv);

@@ -13,7 +13,7 @@
 //! weight vectors and broadcasts one input value per pixel. The input gradient of a stride-1
 //! convolution is the same kernel over the padded output gradient with the flipped, transposed
 //! weight. The weight gradient tiles `R` output channels × `16·V` values of `j`, reducing over
-//! the pixels in [`PIECES`] fixed pieces summed in order, so it never depends on the threads.
+//! the pixels in `PIECES` (8) fixed pieces summed in order, so it never depends on the threads.
 //!
 //! Every sum runs in a fixed order, so results are reproducible; they differ from the reference
 //! by rounding only, which `tests/direct_conv.rs` bounds at the model's shapes.
@@ -28,6 +28,25 @@ const L: usize = 16;
 
 /// Fixed pieces of the pixel range for the weight gradient (as in `matmul_long_k`).
 const PIECES: usize = 8;
+
+thread_local! {
+    /// Buffers lent by [`with_scratch`], per thread.
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch buffer of `len` values whose contents are unspecified (left by an
+/// earlier user), for buffers a kernel overwrites whole: zeroing a fresh one each call costs
+/// more than some of the kernels using it. Buffers are kept per thread and reused; a call
+/// nested on the same thread (rayon may run another task while this one waits) gets another.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| s.borrow_mut().push(buf));
+    r
+}
 
 /// Whether this CPU can run the kernels.
 pub fn available() -> bool {
@@ -98,7 +117,7 @@ fn pack_weight(w: &[f32], cout: usize, cin: usize, k: usize, cb: usize) -> Vec<f
 
 /// The weight of the convolution that maps an output gradient back to its input, for stride 1:
 /// `w'[ci][co][ky][kx] = w[co][ci][k−1−ky][k−1−kx]`, OIHW with O = cin and I = cout.
-fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+pub(crate) fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; w.len()];
     for co in 0..cout {
         for ci in 0..cin {
@@ -189,6 +208,19 @@ pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv:
     run_forward(dx, &dyp, &offs, wp * conv.cout, &wt, None, geom, false);
 }
 
+/// `y[r] = x[offs[r]..][..cin] · wᵀ` for `w` [cout, cin]: a GEMM whose rows of `x` start at
+/// `offs` (any stride), with the forward kernel; `y` [offs.len(), cout] is overwritten. Needs
+/// `cout` a multiple of 16.
+pub fn matmul_rows(y: &mut [f32], x: &[f32], offs: &[usize], w: &[f32], cin: usize, cout: usize) {
+    assert!(
+        cout.is_multiple_of(L),
+        "matmul_rows: cout {cout} is not a multiple of {L}"
+    );
+    assert_eq!(w.len(), cout * cin, "matmul_rows: w length");
+    assert_eq!(y.len(), offs.len() * cout, "matmul_rows: y length");
+    run_forward(y, x, offs, 0, w, None, (cout, cin, 1), false);
+}
+
 /// Output channels per register tile and pixels per tile for `cout` channels.
 fn forward_tile(cout: usize) -> (usize, usize) {
     if cout.is_multiple_of(4 * L) {
@@ -213,10 +245,50 @@ fn run_forward(
     (cout, cin, k): (usize, usize, usize),
     relu: bool,
 ) {
+    let cb = forward_block(cout);
+    let wpk = pack_weight(w, cout, cin, k, cb);
+    let packed = Packed {
+        w: &wpk,
+        j_stride: cb,
+        blk_stride: k * k * cin * cb,
+    };
+    run_forward_packed(y, xp, offs, row, packed, b, (cout, cin, k), relu);
+}
+
+/// A forward weight in blocks of [`forward_block`] output channels: the `cb` values of block
+/// `blk`, window row `ky`, position `j` start at `blk·blk_stride + (ky·k·cin + j)·j_stride`.
+/// [`pack_weight`] makes them contiguous (`j_stride = cb`); the Winograd weights interleave
+/// their 36 planes (`j_stride = 36·cb`).
+#[derive(Clone, Copy)]
+pub(crate) struct Packed<'a> {
+    pub w: &'a [f32],
+    pub j_stride: usize,
+    pub blk_stride: usize,
+}
+
+/// Output channels per block of a packed forward weight (see `pack_weight`).
+pub fn forward_block(cout: usize) -> usize {
+    forward_tile(cout).0 * L
+}
+
+/// [`run_forward`] with the weight already packed ([`Packed`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_forward_packed(
+    y: &mut [f32],
+    xp: &[f32],
+    offs: &[usize],
+    row: usize,
+    wpk: Packed,
+    b: Option<&[f32]>,
+    (cout, cin, k): (usize, usize, usize),
+    relu: bool,
+) {
     let (v, r) = forward_tile(cout);
     let cb = v * L;
-    let wpk = pack_weight(w, cout, cin, k, cb);
     let kc = k * cin;
+    let last = (cout / cb - 1) * wpk.blk_stride + (k * kc - 1) * wpk.j_stride + cb;
+    assert!(last <= wpk.w.len(), "direct conv: packed weight too short");
+    assert_eq!(y.len(), offs.len() * cout, "direct conv: output length");
     // Every read stays inside xp: the last window of each pixel ends inside the padded image.
     if let Some(&last) = offs.iter().max() {
         assert!(
@@ -229,7 +301,9 @@ fn run_forward(
         row,
         k,
         kc,
-        wpk: &wpk,
+        wpk: wpk.w,
+        w_j: wpk.j_stride,
+        w_blk: wpk.blk_stride,
         b,
         cout,
         cb,
@@ -258,6 +332,8 @@ struct Tile<'a> {
     k: usize,
     kc: usize,
     wpk: &'a [f32],
+    w_j: usize,
+    w_blk: usize,
     b: Option<&'a [f32]>,
     cout: usize,
     cb: usize,
@@ -273,7 +349,7 @@ impl Tile<'_> {
         let offs: [usize; R] = std::array::from_fn(|i| ot[i.min(valid - 1)]);
         let x = self.xp.as_ptr();
         for blk in 0..self.cout / self.cb {
-            let w = self.wpk.as_ptr().add(blk * self.k * self.kc * self.cb);
+            let w = self.wpk.as_ptr().add(blk * self.w_blk);
             let mut acc = [[_mm512_setzero_ps(); V]; R];
             if let Some(b) = self.b {
                 for v in 0..V {
@@ -285,9 +361,9 @@ impl Tile<'_> {
             }
             for ky in 0..self.k {
                 let xs: [*const f32; R] = std::array::from_fn(|i| x.add(offs[i] + ky * self.row));
-                let wk = w.add(ky * self.kc * self.cb);
+                let wk = w.add(ky * self.kc * self.w_j);
                 for j in 0..self.kc {
-                    let wj = wk.add(j * self.cb);
+                    let wj = wk.add(j * self.w_j);
                     let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(wj.add(v * L)));
                     for i in 0..R {
                         let bx = _mm512_set1_ps(*xs[i].add(j));

@@ -1,0 +1,307 @@
+//! Winograd F(4×4, 3×3) for the 3×3, stride-1, padding-1 convolutions (Lavin & Gray, 2016).
+//!
+//! Each 4×4 block of outputs comes from a 6×6 block of input: `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`.
+//! Over all tiles and channels the elementwise product becomes 36 independent GEMMs
+//! `M_ξ = V_ξ · U_ξᵀ` ([tiles, Cin] × [Cin, Cout]), run with the direct kernel, so a 3×3
+//! convolution costs 36 multiply-adds per 16 outputs instead of 144: 4× fewer on the 4×4
+//! maps of block 4, 3× on the 7×7 maps of block 3 (whose 2×2 tiles overhang the map). The
+//! transforms add a few percent. The input gradient of the same convolution is one too (the
+//! flipped, transposed kernel over the output gradient). The rounding differs from a direct
+//! sum by a few ulps of the largest terms; `tests/direct_conv.rs` bounds it at the model's
+//! shapes against an f64 reference.
+
+use super::direct;
+use crate::backend::{Conv2d, Nhwc};
+use rayon::prelude::*;
+
+use std::arch::x86_64::*;
+
+/// Output tile side, input tile side.
+const M: usize = 4;
+const T: usize = 6;
+/// Elements per tile in the transformed domain.
+const XI: usize = T * T;
+/// f32 lanes of an AVX-512 register.
+const L: usize = 16;
+
+// The transforms themselves are written out: G in `g6`, Bᵀ in `bt`, Aᵀ in `at`.
+
+/// Whether a convolution is one these kernels compute: 3×3, stride 1, padding 1, whole
+/// vectors of channels, and enough input channels for the 36 GEMMs to pay for the transforms.
+pub fn supports(conv: &Conv2d) -> bool {
+    conv.k == 3
+        && conv.stride == 1
+        && conv.pad == 1
+        && conv.cout.is_multiple_of(L)
+        && conv.cin.is_multiple_of(L)
+        && conv.cin >= 64
+}
+
+/// `y = conv(x, w) + b` (then ReLU when `relu`) for an NHWC batch; `w` OIHW. Panics unless
+/// [`supports`]; the caller checks [`direct::available`].
+pub fn conv_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    xs: Nhwc,
+    conv: &Conv2d,
+    relu: bool,
+) {
+    assert!(
+        supports(conv) && xs.c == conv.cin,
+        "winograd: unsupported {conv:?}"
+    );
+    assert_eq!(x.len(), xs.len(), "winograd: x length");
+    assert_eq!(y.len(), conv.out_shape(xs).len(), "winograd: y length");
+    let (cin, cout) = (conv.cin, conv.cout);
+    let (th, tw) = (xs.h.div_ceil(M), xs.w.div_ceil(M));
+    let tiles = xs.n * th * tw;
+    let cb = direct::forward_block(cout);
+    direct::with_scratch(XI * cout * cin, |u| {
+        transform_weight(u, w, cout, cin, cb);
+        let u = &*u;
+        direct::with_scratch(tiles * XI * cin, |v| {
+            transform_input(v, x, xs, th, tw);
+            direct::with_scratch(XI * tiles * cout, |m| {
+                // M_ξ = V_ξ · U_ξᵀ. V is laid out [tile][ξ][cin], so the rows of V_ξ are 36·cin
+                // apart; U is [blk][cin][ξ][cb], so plane ξ starts at ξ·cb with rows 36·cb apart.
+                m.par_chunks_mut(tiles * cout)
+                    .enumerate()
+                    .for_each(|(xi, m_xi)| {
+                        let offs: Vec<usize> = (0..tiles).map(|t| (t * XI + xi) * cin).collect();
+                        let packed = direct::Packed {
+                            w: &u[xi * cb..],
+                            j_stride: XI * cb,
+                            blk_stride: cin * XI * cb,
+                        };
+                        direct::run_forward_packed(
+                            m_xi,
+                            v,
+                            &offs,
+                            0,
+                            packed,
+                            None,
+                            (cout, cin, 1),
+                            false,
+                        );
+                    });
+                transform_output(y, m, b, xs, (th, tw), cout, relu);
+            });
+        });
+    });
+}
+
+/// `dx = ∂L/∂x` of such a convolution from `dy` (overwritten): the same transform with the
+/// flipped, transposed kernel, which maps `cout` channels back to `cin`.
+pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv: &Conv2d) {
+    let back = backward_data_conv(conv);
+    let wt = direct::flip_transpose(w, conv.cout, conv.cin, conv.k);
+    conv_forward(dx, dy, &wt, None, conv.out_shape(xs), &back, false);
+}
+
+/// The convolution that computes `conv`'s input gradient (for a 3×3 stride-1 padding-1 one):
+/// `cout` channels back to `cin`. [`supports`] of it says whether [`conv_backward_data`] runs.
+pub fn backward_data_conv(conv: &Conv2d) -> Conv2d {
+    Conv2d {
+        cin: conv.cout,
+        cout: conv.cin,
+        ..*conv
+    }
+}
+
+/// `U_ξ = (G g Gᵀ)[ξ]` for every 3×3 kernel `g = w[co][ci]` into `u`, laid out for the direct
+/// kernel as `[co / cb][ci][ξ][co % cb]`: each (block, input channel) is one contiguous run of
+/// 36·cb.
+fn transform_weight(u: &mut [f32], w: &[f32], cout: usize, cin: usize, cb: usize) {
+    assert_eq!(u.len(), XI * cout * cin);
+    u.par_chunks_mut(XI * cb).enumerate().for_each(|(bc, run)| {
+        let (blk, ci) = (bc / cin, bc % cin);
+        for l in 0..cb {
+            let g = &w[((blk * cb + l) * cin + ci) * 9..][..9];
+            // Gg (6×3) column by column, then (Gg)Gᵀ (6×6) row by row, in f64.
+            let cols: [[f64; T]; 3] =
+                std::array::from_fn(|j| g6([g[j], g[3 + j], g[6 + j]].map(f64::from)));
+            for i in 0..T {
+                for (j, v) in g6([cols[0][i], cols[1][i], cols[2][i]])
+                    .into_iter()
+                    .enumerate()
+                {
+                    run[(i * T + j) * cb + l] = v as f32;
+                }
+            }
+        }
+    });
+}
+
+/// G applied to a column of 3: the kernel transform (points 0, ±1, ±2, ∞).
+fn g6([g0, g1, g2]: [f64; 3]) -> [f64; T] {
+    [
+        g0 / 4.0,
+        -(g0 + g1 + g2) / 6.0,
+        -(g0 - g1 + g2) / 6.0,
+        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+        g2,
+    ]
+}
+
+/// Bᵀ applied to a column of 6: the input transform.
+#[inline(always)]
+unsafe fn bt(z: [__m512; T]) -> [__m512; T] {
+    let k = |v: f32| _mm512_set1_ps(v);
+    let s12 = _mm512_add_ps(z[1], z[2]);
+    let d12 = _mm512_sub_ps(z[1], z[2]);
+    let s34 = _mm512_add_ps(z[3], z[4]);
+    let d43 = _mm512_sub_ps(z[4], z[3]);
+    let d42 = _mm512_sub_ps(z[4], z[2]);
+    let d31 = _mm512_sub_ps(z[3], z[1]);
+    [
+        // 4 z0 − 5 z2 + z4
+        _mm512_fmadd_ps(k(4.0), z[0], _mm512_fmadd_ps(k(-5.0), z[2], z[4])),
+        // z3 + z4 − 4 (z1 + z2)
+        _mm512_fmadd_ps(k(-4.0), s12, s34),
+        // z4 − z3 + 4 (z1 − z2)
+        _mm512_fmadd_ps(k(4.0), d12, d43),
+        // z4 − z2 + 2 (z3 − z1)
+        _mm512_fmadd_ps(k(2.0), d31, d42),
+        // z4 − z2 − 2 (z3 − z1)
+        _mm512_fmadd_ps(k(-2.0), d31, d42),
+        // 4 z1 − 5 z3 + z5
+        _mm512_fmadd_ps(k(4.0), z[1], _mm512_fmadd_ps(k(-5.0), z[3], z[5])),
+    ]
+}
+
+/// Aᵀ applied to a column of 6: the output transform.
+#[inline(always)]
+unsafe fn at(m: [__m512; T]) -> [__m512; M] {
+    let k = |v: f32| _mm512_set1_ps(v);
+    let s12 = _mm512_add_ps(m[1], m[2]);
+    let d12 = _mm512_sub_ps(m[1], m[2]);
+    let s34 = _mm512_add_ps(m[3], m[4]);
+    let d34 = _mm512_sub_ps(m[3], m[4]);
+    [
+        _mm512_add_ps(_mm512_add_ps(m[0], s12), s34),
+        _mm512_fmadd_ps(k(2.0), d34, d12),
+        _mm512_fmadd_ps(k(4.0), s34, s12),
+        _mm512_add_ps(_mm512_fmadd_ps(k(8.0), d34, d12), m[5]),
+    ]
+}
+
+/// `V = Bᵀ d B` for every 6×6 input tile (zero outside the image) into `v`: [tile][36][c].
+fn transform_input(v: &mut [f32], x: &[f32], xs: Nhwc, th: usize, tw: usize) {
+    let c = xs.c;
+    assert_eq!(v.len(), xs.n * th * tw * XI * c);
+    v.par_chunks_mut(XI * c).enumerate().for_each(|(t, vt)| {
+        let (n, ty, tx) = (t / (th * tw), (t / tw) % th, t % tw);
+        // SAFETY: avx512f checked by the caller; reads are bounds-checked below, and vt
+        // holds 36·c values.
+        unsafe { input_tile(x, xs, (n, ty, tx), vt) };
+    });
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn input_tile(x: &[f32], xs: Nhwc, (n, ty, tx): (usize, usize, usize), vt: &mut [f32]) {
+    let c = xs.c;
+    assert_eq!(vt.len(), XI * c);
+    // d[i][j] = x[n, 4ty − 1 + i, 4tx − 1 + j, :], or None outside the image.
+    let at_ij: [[Option<usize>; T]; T] = std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let (yy, xx) = ((M * ty + i) as isize - 1, (M * tx + j) as isize - 1);
+            (yy >= 0 && xx >= 0 && yy < xs.h as isize && xx < xs.w as isize)
+                .then(|| ((n * xs.h + yy as usize) * xs.w + xx as usize) * c)
+        })
+    });
+    for cb in (0..c).step_by(L) {
+        // tmp = Bᵀ d, column by column.
+        let mut tmp = [[_mm512_setzero_ps(); T]; T];
+        for j in 0..T {
+            let col: [__m512; T] = std::array::from_fn(|i| match at_ij[i][j] {
+                Some(o) => _mm512_loadu_ps(x[o + cb..o + cb + L].as_ptr()),
+                None => _mm512_setzero_ps(),
+            });
+            for (i, r) in bt(col).into_iter().enumerate() {
+                tmp[i][j] = r;
+            }
+        }
+        // V = tmp B, row by row.
+        for (i, row) in tmp.into_iter().enumerate() {
+            for (j, r) in bt(row).into_iter().enumerate() {
+                _mm512_storeu_ps(vt[(i * T + j) * c + cb..][..L].as_mut_ptr(), r);
+            }
+        }
+    }
+}
+
+/// `y = Aᵀ M A + b` (then ReLU) for every tile, keeping the outputs inside the map.
+fn transform_output(
+    y: &mut [f32],
+    m: &[f32],
+    b: Option<&[f32]>,
+    xs: Nhwc,
+    (th, tw): (usize, usize),
+    c: usize,
+    relu: bool,
+) {
+    let tiles = xs.n * th * tw;
+    y.par_chunks_mut(xs.h * xs.w * c)
+        .enumerate()
+        .for_each(|(n, img)| {
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let t = (n * th + ty) * tw + tx;
+                    // SAFETY: avx512f checked by the caller; every index is bounds-checked.
+                    unsafe { output_tile(img, m, b, (tiles, t), xs, (ty, tx), c, relu) };
+                }
+            }
+        });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_tile(
+    img: &mut [f32],
+    m: &[f32],
+    b: Option<&[f32]>,
+    (tiles, t): (usize, usize),
+    xs: Nhwc,
+    (ty, tx): (usize, usize),
+    c: usize,
+    relu: bool,
+) {
+    let zero = _mm512_setzero_ps();
+    for cb in (0..c).step_by(L) {
+        // tmp = Aᵀ M (4×6), column by column; Y = tmp A (4×4), row by row.
+        let mut tmp = [[zero; T]; M];
+        for j in 0..T {
+            let col: [__m512; T] = std::array::from_fn(|i| {
+                _mm512_loadu_ps(m[((i * T + j) * tiles + t) * c + cb..][..L].as_ptr())
+            });
+            for (i, r) in at(col).into_iter().enumerate() {
+                tmp[i][j] = r;
+            }
+        }
+        let bias = match b {
+            Some(b) => _mm512_loadu_ps(b[cb..cb + L].as_ptr()),
+            None => zero,
+        };
+        for (i, row) in tmp.into_iter().enumerate() {
+            let yy = M * ty + i;
+            if yy >= xs.h {
+                break;
+            }
+            for (j, mut r) in at(row).into_iter().enumerate() {
+                let xx = M * tx + j;
+                if xx >= xs.w {
+                    break;
+                }
+                r = _mm512_add_ps(r, bias);
+                if relu {
+                    // max(0, r) returns r when r is NaN, as PyTorch's ReLU.
+                    r = _mm512_max_ps(zero, r);
+                }
+                _mm512_storeu_ps(img[(yy * xs.w + xx) * c + cb..][..L].as_mut_ptr(), r);
+            }
+        }
+    }
+}
