@@ -135,6 +135,16 @@ fn direct_matches_reference_at_model_shapes() {
             let mut want = wide(&start);
             cpu::conv2d_backward_weight_reference(&mut want, &wide(&c.dy), &wide(&c.x), xs, &conv);
             report.check(&format!("{tag} dw"), &wide(&dw), &want, TOL);
+            if winograd::supports(&conv) {
+                let mut dw = start.clone();
+                winograd::conv_backward_weight(&mut dw, &c.dy, &c.x, xs, &conv);
+                report.check(
+                    &format!("{tag} dw (winograd)"),
+                    &wide(&dw),
+                    &want,
+                    WINOGRAD_TOL,
+                );
+            }
 
             let mut want = vec![0.0f64; xs.len()];
             cpu::conv2d_backward_data_reference(&mut want, &wide(&c.dy), &wide(&c.w), xs, &conv);
@@ -202,10 +212,12 @@ fn direct_is_independent_of_thread_count() {
             let mut dx = vec![0.0f32; c.xs.len()];
             direct::conv_backward_data_scatter(&mut dx, &c.dy, &c.w, c.xs, &c.conv);
             let mut yw = vec![0.0f32; ys.len()];
+            let mut dww = vec![0.0f32; c.conv.weight_len()];
             if winograd::supports(&c.conv) {
                 winograd::conv_forward(&mut yw, &c.x, &c.w, Some(&c.b), c.xs, &c.conv, false);
+                winograd::conv_backward_weight(&mut dww, &c.dy, &c.x, c.xs, &c.conv);
             }
-            [y, dw, dx, yw].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
+            [y, dw, dx, yw, dww].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
         })
     };
     for c in cases(5) {
@@ -246,7 +258,11 @@ fn backend_dispatches_to_direct() {
         );
 
         let mut dw = vec![0.0f32; c.conv.weight_len()];
-        direct::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
+        if winograd::supports(&c.conv) {
+            winograd::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
+        } else {
+            direct::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
+        }
         let (mut gdw, mut gdb) = (vec![0.0f32; dw.len()], vec![0.0f32; c.conv.cout]);
         let mut gdx = vec![0.0f32; c.xs.len()];
         Backend::<f32>::conv2d_backward(
@@ -260,7 +276,11 @@ fn backend_dispatches_to_direct() {
             c.xs,
             &c.conv,
         );
-        assert!(gdw == dw, "{}: backend dw is not the direct kernel", c.name);
+        assert!(
+            gdw == dw,
+            "{}: backend dw is not the expected kernel",
+            c.name
+        );
         if winograd::supports(&winograd::backward_data_conv(&c.conv)) {
             let mut dx = vec![0.0f32; c.xs.len()];
             winograd::conv_backward_data(&mut dx, &c.dy, &c.w, c.xs, &c.conv);

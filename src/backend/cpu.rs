@@ -55,7 +55,7 @@ pub fn matmul<T: Elem>(
 }
 
 /// [`matmul`] with the threads to use: the rayon pool, or only the calling thread.
-fn gemm_on<T: Elem>(
+pub(crate) fn gemm_on<T: Elem>(
     c: &mut [T],
     c_rs: usize,
     a: (&[T], usize, usize),
@@ -782,7 +782,11 @@ impl<T: Elem> Backend<T> for Cpu {
             if let (Some(dwf), Some(dyf), Some(xf), Some(wf)) =
                 (T::f32s_mut(dw), T::f32s(dy), T::f32s(x), T::f32s(w))
             {
-                direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
+                if winograd::supports(conv) {
+                    winograd::conv_backward_weight(dwf, dyf, xf, xs, conv);
+                } else {
+                    direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
+                }
                 if let Some(dxf) = dx.and_then(|d| T::f32s_mut(d)) {
                     if winograd::supports(&winograd::backward_data_conv(conv)) {
                         winograd::conv_backward_data(dxf, dyf, wf, xs, conv);

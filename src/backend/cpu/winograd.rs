@@ -305,3 +305,135 @@ unsafe fn output_tile(
         }
     }
 }
+
+/// `dw += ∂L/∂w` (OIHW) of such a convolution from its input `x` and output gradient `dy`.
+///
+/// With `M_ξ = U_ξ ⊙ V_ξ` and `Y = Aᵀ M A`, the gradient of the transformed kernel is
+/// `∂L/∂U_ξ = Σ_tiles (A ∂Y Aᵀ)_ξ · V_ξ`: 36 GEMMs reducing over the tiles, [cout, tiles] ×
+/// [tiles, cin]; then `∂L/∂g = Gᵀ (∂L/∂U) G`. Each GEMM runs on one thread, so the sums never
+/// depend on the thread count.
+pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, conv: &Conv2d) {
+    assert!(
+        supports(conv) && xs.c == conv.cin,
+        "winograd: unsupported {conv:?}"
+    );
+    assert_eq!(x.len(), xs.len(), "winograd: x length");
+    assert_eq!(dy.len(), conv.out_shape(xs).len(), "winograd: dy length");
+    assert_eq!(dw.len(), conv.weight_len(), "winograd: dw length");
+    let (cin, cout) = (conv.cin, conv.cout);
+    let (th, tw) = (xs.h.div_ceil(M), xs.w.div_ceil(M));
+    let tiles = xs.n * th * tw;
+    direct::with_scratch(tiles * XI * cin, |v| {
+        transform_input(v, x, xs, th, tw);
+        direct::with_scratch(tiles * XI * cout, |d| {
+            let ys = Nhwc { c: cout, ..xs };
+            transform_grad(d, dy, ys, th, tw);
+            let (v, d) = (&*v, &*d);
+            direct::with_scratch(XI * cout * cin, |du| {
+                // du_ξ[co][ci] = Σ_t d[t][ξ][co] · v[t][ξ][ci]
+                du.par_chunks_mut(cout * cin)
+                    .enumerate()
+                    .for_each(|(xi, du_xi)| {
+                        super::gemm_on(
+                            du_xi,
+                            cin,
+                            (&d[xi * cout..], 1, XI * cout),
+                            (&v[xi * cin..], XI * cin, 1),
+                            (cout, cin, tiles),
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    });
+                let du = &*du;
+                dw.par_chunks_mut(cin * 9)
+                    .enumerate()
+                    .for_each(|(co, dwc)| {
+                        for ci in 0..cin {
+                            let u: [f64; XI] = std::array::from_fn(|xi| {
+                                f64::from(du[(xi * cout + co) * cin + ci])
+                            });
+                            // Gᵀ u G: columns first (6 → 3), then rows.
+                            let cols: [[f64; 3]; T] =
+                                std::array::from_fn(|j| gt3(std::array::from_fn(|i| u[i * T + j])));
+                            for k in 0..3 {
+                                let row = gt3(std::array::from_fn(|j| cols[j][k]));
+                                for (l, g) in row.into_iter().enumerate() {
+                                    dwc[ci * 9 + k * 3 + l] += g as f32;
+                                }
+                            }
+                        }
+                    });
+            });
+        });
+    });
+}
+
+/// Gᵀ applied to a column of 6: the adjoint of [`g6`].
+fn gt3(u: [f64; T]) -> [f64; 3] {
+    [
+        u[0] / 4.0 - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
+        (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
+        (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+    ]
+}
+
+/// A (= Aᵀ's transpose) applied to a column of 4: the adjoint of [`at`].
+#[inline(always)]
+unsafe fn a6(y: [__m512; M]) -> [__m512; T] {
+    let k = |v: f32| _mm512_set1_ps(v);
+    let s02 = _mm512_add_ps(y[0], y[2]);
+    let s13 = _mm512_add_ps(y[1], y[3]);
+    // y0 + 4 y2 and 2 y1 + 8 y3
+    let e = _mm512_fmadd_ps(k(4.0), y[2], y[0]);
+    let o = _mm512_mul_ps(k(2.0), _mm512_fmadd_ps(k(4.0), y[3], y[1]));
+    [
+        y[0],
+        _mm512_add_ps(s02, s13),
+        _mm512_sub_ps(s02, s13),
+        _mm512_add_ps(e, o),
+        _mm512_sub_ps(e, o),
+        y[3],
+    ]
+}
+
+/// `D = A ∂Y Aᵀ` for every 4×4 tile of the output gradient (zero outside the map) into `d`:
+/// [tile][36][c].
+fn transform_grad(d: &mut [f32], dy: &[f32], ys: Nhwc, th: usize, tw: usize) {
+    let c = ys.c;
+    assert_eq!(d.len(), ys.n * th * tw * XI * c);
+    d.par_chunks_mut(XI * c).enumerate().for_each(|(t, dt)| {
+        let (n, ty, tx) = (t / (th * tw), (t / tw) % th, t % tw);
+        // SAFETY: avx512f checked by the caller; reads are bounds-checked, dt holds 36·c.
+        unsafe { grad_tile(dy, ys, (n, ty, tx), dt) };
+    });
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_tile(dy: &[f32], ys: Nhwc, (n, ty, tx): (usize, usize, usize), dt: &mut [f32]) {
+    let c = ys.c;
+    assert_eq!(dt.len(), XI * c);
+    let at_ij: [[Option<usize>; M]; M] = std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let (yy, xx) = (M * ty + i, M * tx + j);
+            (yy < ys.h && xx < ys.w).then(|| ((n * ys.h + yy) * ys.w + xx) * c)
+        })
+    });
+    for cb in (0..c).step_by(L) {
+        // tmp = A ∂Y (6×4), column by column; D = tmp Aᵀ (6×6), row by row.
+        let mut tmp = [[_mm512_setzero_ps(); M]; T];
+        for j in 0..M {
+            let col: [__m512; M] = std::array::from_fn(|i| match at_ij[i][j] {
+                Some(o) => _mm512_loadu_ps(dy[o + cb..o + cb + L].as_ptr()),
+                None => _mm512_setzero_ps(),
+            });
+            for (i, r) in a6(col).into_iter().enumerate() {
+                tmp[i][j] = r;
+            }
+        }
+        for (i, row) in tmp.into_iter().enumerate() {
+            for (j, r) in a6(row).into_iter().enumerate() {
+                _mm512_storeu_ps(dt[(i * T + j) * c + cb..][..L].as_mut_ptr(), r);
+            }
+        }
+    }
+}
