@@ -15,6 +15,7 @@ use crate::backend::{Conv2d, Nhwc};
 use rayon::prelude::*;
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// Output tile side, input tile side.
 const M: usize = 4;
@@ -24,7 +25,8 @@ const XI: usize = T * T;
 /// f32 lanes of an AVX-512 register.
 const L: usize = 16;
 
-// The transforms themselves are written out: G in `g6`, Bᵀ in `bt`, Aᵀ in `at`.
+// The transforms themselves are written out: G in `g6v`, Bᵀ in `bt`, Aᵀ in `at` (points 0,
+// ±1, ±2, ∞), and their adjoints Gᵀ in `gt3v`, A in `a6`.
 
 /// Whether a convolution is one these kernels compute: 3×3, stride 1, padding 1, whole
 /// vectors of channels, and enough input channels for the 36 GEMMs to pay for the transforms.
@@ -115,33 +117,51 @@ pub fn backward_data_conv(conv: &Conv2d) -> Conv2d {
 /// 36·cb.
 fn transform_weight(u: &mut [f32], w: &[f32], cout: usize, cin: usize, cb: usize) {
     assert_eq!(u.len(), XI * cout * cin);
+    assert!(cb.is_multiple_of(L));
     u.par_chunks_mut(XI * cb).enumerate().for_each(|(bc, run)| {
         let (blk, ci) = (bc / cin, bc % cin);
-        for l in 0..cb {
-            let g = &w[((blk * cb + l) * cin + ci) * 9..][..9];
-            // Gg (6×3) column by column, then (Gg)Gᵀ (6×6) row by row, in f64.
-            let cols: [[f64; T]; 3] =
-                std::array::from_fn(|j| g6([g[j], g[3 + j], g[6 + j]].map(f64::from)));
-            for i in 0..T {
-                for (j, v) in g6([cols[0][i], cols[1][i], cols[2][i]])
-                    .into_iter()
-                    .enumerate()
-                {
-                    run[(i * T + j) * cb + l] = v as f32;
-                }
-            }
+        for l0 in (0..cb).step_by(L) {
+            // The 9 taps of 16 kernels (output channels blk·cb + l0 ..), one vector per tap.
+            let g: [[f32; L]; 9] = std::array::from_fn(|kk| {
+                std::array::from_fn(|l| w[((blk * cb + l0 + l) * cin + ci) * 9 + kk])
+            });
+            // SAFETY: avx512f checked by the caller; run holds 36·cb values.
+            unsafe { weight_lanes(&g, &mut run[l0..], cb) };
         }
     });
 }
 
-/// G applied to a column of 3: the kernel transform (points 0, ±1, ±2, ∞).
-fn g6([g0, g1, g2]: [f64; 3]) -> [f64; T] {
+/// `G g Gᵀ` for 16 kernels at once (one per lane): `out[ξ·stride ..][..16]`.
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_lanes(g: &[[f32; L]; 9], out: &mut [f32], stride: usize) {
+    assert!(out.len() >= (XI - 1) * stride + L);
+    let gv: [__m512; 9] = std::array::from_fn(|kk| _mm512_loadu_ps(g[kk].as_ptr()));
+    // Gg (6×3) column by column, then (Gg)Gᵀ (6×6) row by row.
+    let cols: [[__m512; T]; 3] = std::array::from_fn(|j| g6v([gv[j], gv[3 + j], gv[6 + j]]));
+    for i in 0..T {
+        for (j, v) in g6v([cols[0][i], cols[1][i], cols[2][i]])
+            .into_iter()
+            .enumerate()
+        {
+            _mm512_storeu_ps(out[(i * T + j) * stride..][..L].as_mut_ptr(), v);
+        }
+    }
+}
+
+/// [`g6`] on 16 lanes.
+#[inline(always)]
+unsafe fn g6v([g0, g1, g2]: [__m512; 3]) -> [__m512; T] {
+    let k = |v: f32| _mm512_set1_ps(v);
+    let s02 = _mm512_add_ps(g0, g2);
+    // g0/24 + g2/6 and g1/12
+    let e = _mm512_fmadd_ps(k(1.0 / 24.0), g0, _mm512_mul_ps(k(1.0 / 6.0), g2));
+    let o = _mm512_mul_ps(k(1.0 / 12.0), g1);
     [
-        g0 / 4.0,
-        -(g0 + g1 + g2) / 6.0,
-        -(g0 - g1 + g2) / 6.0,
-        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+        _mm512_mul_ps(k(0.25), g0),
+        _mm512_mul_ps(k(-1.0 / 6.0), _mm512_add_ps(s02, g1)),
+        _mm512_mul_ps(k(-1.0 / 6.0), _mm512_sub_ps(s02, g1)),
+        _mm512_add_ps(e, o),
+        _mm512_sub_ps(e, o),
         g2,
     ]
 }
@@ -200,30 +220,40 @@ fn transform_input(v: &mut [f32], x: &[f32], xs: Nhwc, th: usize, tw: usize) {
     });
 }
 
+// Columns of the tile are indexed across rows of `at_ij`: a range loop reads clearest.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 unsafe fn input_tile(x: &[f32], xs: Nhwc, (n, ty, tx): (usize, usize, usize), vt: &mut [f32]) {
     let c = xs.c;
     assert_eq!(vt.len(), XI * c);
-    // d[i][j] = x[n, 4ty − 1 + i, 4tx − 1 + j, :], or None outside the image.
-    let at_ij: [[Option<usize>; T]; T] = std::array::from_fn(|i| {
-        std::array::from_fn(|j| {
+    // Offset of d[i][j] = x[n, 4ty − 1 + i, 4tx − 1 + j, :], or None outside the image.
+    let mut at_ij = [[None; T]; T];
+    for (i, row) in at_ij.iter_mut().enumerate() {
+        for (j, a) in row.iter_mut().enumerate() {
             let (yy, xx) = ((M * ty + i) as isize - 1, (M * tx + j) as isize - 1);
-            (yy >= 0 && xx >= 0 && yy < xs.h as isize && xx < xs.w as isize)
-                .then(|| ((n * xs.h + yy as usize) * xs.w + xx as usize) * c)
-        })
-    });
-    for cb in (0..c).step_by(L) {
-        // tmp = Bᵀ d, column by column.
-        let mut tmp = [[_mm512_setzero_ps(); T]; T];
-        for j in 0..T {
-            let col: [__m512; T] = std::array::from_fn(|i| match at_ij[i][j] {
-                Some(o) => _mm512_loadu_ps(x[o + cb..o + cb + L].as_ptr()),
-                None => _mm512_setzero_ps(),
-            });
-            for (i, r) in bt(col).into_iter().enumerate() {
-                tmp[i][j] = r;
+            if yy >= 0 && xx >= 0 && yy < xs.h as isize && xx < xs.w as isize {
+                *a = Some(((n * xs.h + yy as usize) * xs.w + xx as usize) * c);
             }
         }
+    }
+    for cb in (0..c).step_by(L) {
+        // tmp = Bᵀ d, column by column. Left uninitialised until written (zeroing it costs a
+        // memset), and built in plain loops: closures would not inline the intrinsics.
+        let mut tmp = MaybeUninit::<[[__m512; T]; T]>::uninit();
+        let tp = tmp.as_mut_ptr() as *mut __m512;
+        for j in 0..T {
+            let mut col = [_mm512_setzero_ps(); T];
+            for (i, v) in col.iter_mut().enumerate() {
+                if let Some(o) = at_ij[i][j] {
+                    *v = _mm512_loadu_ps(x[o + cb..o + cb + L].as_ptr());
+                }
+            }
+            for (i, r) in bt(col).into_iter().enumerate() {
+                tp.add(i * T + j).write(r);
+            }
+        }
+        // SAFETY: all 36 entries were written above.
+        let tmp = tmp.assume_init();
         // V = tmp B, row by row.
         for (i, row) in tmp.into_iter().enumerate() {
             for (j, r) in bt(row).into_iter().enumerate() {
@@ -272,15 +302,19 @@ unsafe fn output_tile(
     let zero = _mm512_setzero_ps();
     for cb in (0..c).step_by(L) {
         // tmp = Aᵀ M (4×6), column by column; Y = tmp A (4×4), row by row.
-        let mut tmp = [[zero; T]; M];
+        let mut tmp = MaybeUninit::<[[__m512; T]; M]>::uninit();
+        let tp = tmp.as_mut_ptr() as *mut __m512;
         for j in 0..T {
-            let col: [__m512; T] = std::array::from_fn(|i| {
-                _mm512_loadu_ps(m[((i * T + j) * tiles + t) * c + cb..][..L].as_ptr())
-            });
+            let mut col = [zero; T];
+            for (i, v) in col.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(m[((i * T + j) * tiles + t) * c + cb..][..L].as_ptr());
+            }
             for (i, r) in at(col).into_iter().enumerate() {
-                tmp[i][j] = r;
+                tp.add(i * T + j).write(r);
             }
         }
+        // SAFETY: all 24 entries were written above.
+        let tmp = tmp.assume_init();
         let bias = match b {
             Some(b) => _mm512_loadu_ps(b[cb..cb + L].as_ptr()),
             None => zero,
@@ -348,17 +382,14 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
                 dw.par_chunks_mut(cin * 9)
                     .enumerate()
                     .for_each(|(co, dwc)| {
-                        for ci in 0..cin {
-                            let u: [f64; XI] = std::array::from_fn(|xi| {
-                                f64::from(du[(xi * cout + co) * cin + ci])
-                            });
-                            // Gᵀ u G: columns first (6 → 3), then rows.
-                            let cols: [[f64; 3]; T] =
-                                std::array::from_fn(|j| gt3(std::array::from_fn(|i| u[i * T + j])));
-                            for k in 0..3 {
-                                let row = gt3(std::array::from_fn(|j| cols[j][k]));
-                                for (l, g) in row.into_iter().enumerate() {
-                                    dwc[ci * 9 + k * 3 + l] += g as f32;
+                        for ci0 in (0..cin).step_by(L) {
+                            let mut g = [[0.0f32; L]; 9];
+                            // SAFETY: avx512f checked by the caller; du holds 36 planes of
+                            // [cout, cin] and cin is a multiple of 16.
+                            unsafe { weight_grad_lanes(du, (co, ci0), (cout, cin), &mut g) };
+                            for (l, dwk) in dwc[ci0 * 9..(ci0 + L) * 9].chunks_mut(9).enumerate() {
+                                for (kk, d) in dwk.iter_mut().enumerate() {
+                                    *d += g[kk][l];
                                 }
                             }
                         }
@@ -368,12 +399,49 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
     });
 }
 
-/// Gᵀ applied to a column of 6: the adjoint of [`g6`].
-fn gt3(u: [f64; T]) -> [f64; 3] {
+/// `Gᵀ dU G` for 16 input channels at once (one per lane) of output channel `co`:
+/// `g[ky·3 + kx][lane]`.
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_grad_lanes(
+    du: &[f32],
+    (co, ci0): (usize, usize),
+    (cout, cin): (usize, usize),
+    g: &mut [[f32; L]; 9],
+) {
+    let u: [__m512; XI] =
+        std::array::from_fn(|xi| _mm512_loadu_ps(du[(xi * cout + co) * cin + ci0..][..L].as_ptr()));
+    // Gᵀ u G: columns first (6 → 3), then rows.
+    let cols: [[__m512; 3]; T] =
+        std::array::from_fn(|j| gt3v(std::array::from_fn(|i| u[i * T + j])));
+    for k in 0..3 {
+        for (l, v) in gt3v(std::array::from_fn(|j| cols[j][k]))
+            .into_iter()
+            .enumerate()
+        {
+            _mm512_storeu_ps(g[k * 3 + l].as_mut_ptr(), v);
+        }
+    }
+}
+
+/// Gᵀ applied to a column of 6 on 16 lanes: the adjoint of [`g6v`].
+#[inline(always)]
+unsafe fn gt3v(u: [__m512; T]) -> [__m512; 3] {
+    let k = |v: f32| _mm512_set1_ps(v);
+    let s12 = _mm512_add_ps(u[1], u[2]);
+    let d21 = _mm512_sub_ps(u[2], u[1]);
+    let s34 = _mm512_add_ps(u[3], u[4]);
+    let d34 = _mm512_sub_ps(u[3], u[4]);
     [
-        u[0] / 4.0 - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
-        (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
-        (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+        // u0/4 − (u1 + u2)/6 + (u3 + u4)/24
+        _mm512_fmadd_ps(
+            k(0.25),
+            u[0],
+            _mm512_fmadd_ps(k(-1.0 / 6.0), s12, _mm512_mul_ps(k(1.0 / 24.0), s34)),
+        ),
+        // (u2 − u1)/6 + (u3 − u4)/12
+        _mm512_fmadd_ps(k(1.0 / 6.0), d21, _mm512_mul_ps(k(1.0 / 12.0), d34)),
+        // (u3 + u4 − u1 − u2)/6 + u5
+        _mm512_fmadd_ps(k(1.0 / 6.0), _mm512_sub_ps(s34, s12), u[5]),
     ]
 }
 
@@ -408,28 +476,37 @@ fn transform_grad(d: &mut [f32], dy: &[f32], ys: Nhwc, th: usize, tw: usize) {
     });
 }
 
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 unsafe fn grad_tile(dy: &[f32], ys: Nhwc, (n, ty, tx): (usize, usize, usize), dt: &mut [f32]) {
     let c = ys.c;
     assert_eq!(dt.len(), XI * c);
-    let at_ij: [[Option<usize>; M]; M] = std::array::from_fn(|i| {
-        std::array::from_fn(|j| {
+    let mut at_ij = [[None; M]; M];
+    for (i, row) in at_ij.iter_mut().enumerate() {
+        for (j, a) in row.iter_mut().enumerate() {
             let (yy, xx) = (M * ty + i, M * tx + j);
-            (yy < ys.h && xx < ys.w).then(|| ((n * ys.h + yy) * ys.w + xx) * c)
-        })
-    });
-    for cb in (0..c).step_by(L) {
-        // tmp = A ∂Y (6×4), column by column; D = tmp Aᵀ (6×6), row by row.
-        let mut tmp = [[_mm512_setzero_ps(); M]; T];
-        for j in 0..M {
-            let col: [__m512; M] = std::array::from_fn(|i| match at_ij[i][j] {
-                Some(o) => _mm512_loadu_ps(dy[o + cb..o + cb + L].as_ptr()),
-                None => _mm512_setzero_ps(),
-            });
-            for (i, r) in a6(col).into_iter().enumerate() {
-                tmp[i][j] = r;
+            if yy < ys.h && xx < ys.w {
+                *a = Some(((n * ys.h + yy) * ys.w + xx) * c);
             }
         }
+    }
+    for cb in (0..c).step_by(L) {
+        // tmp = A ∂Y (6×4), column by column; D = tmp Aᵀ (6×6), row by row.
+        let mut tmp = MaybeUninit::<[[__m512; M]; T]>::uninit();
+        let tp = tmp.as_mut_ptr() as *mut __m512;
+        for j in 0..M {
+            let mut col = [_mm512_setzero_ps(); M];
+            for (i, v) in col.iter_mut().enumerate() {
+                if let Some(o) = at_ij[i][j] {
+                    *v = _mm512_loadu_ps(dy[o + cb..o + cb + L].as_ptr());
+                }
+            }
+            for (i, r) in a6(col).into_iter().enumerate() {
+                tp.add(i * M + j).write(r);
+            }
+        }
+        // SAFETY: all 24 entries were written above.
+        let tmp = tmp.assume_init();
         for (i, row) in tmp.into_iter().enumerate() {
             for (j, r) in a6(row).into_iter().enumerate() {
                 _mm512_storeu_ps(dt[(i * T + j) * c + cb..][..L].as_mut_ptr(), r);
