@@ -266,7 +266,8 @@ pub fn gemm_ceiling(size: usize, reps: usize) -> f64 {
 
 /// `incept bench --profile`: time per layer, forward and backward, over `opts.steps` training
 /// steps (branches in sequence, so each layer's time is its own), with each convolution's
-/// GFLOP/s next to the GEMM ceiling.
+/// GFLOP/s next to the GEMM ceiling. GFLOP/s counts a direct convolution's multiply-adds, so
+/// the Winograd layers (fewer multiplies for the same result) can exceed the ceiling.
 pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
     use std::fmt::Write;
     let mut net: Net<f32, Cpu> = Net::new(ModelSpec::inception_net_small(), Cpu, 0)?;
@@ -298,7 +299,7 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "per-layer profile: batch {n}, {} threads, {} steps, branches in sequence; train {step_ms:.1} ms/step, eval {eval_ms:.1} ms/step; f32 GEMM ceiling {ceiling:.0} GFLOP/s",
+        "per-layer profile: batch {n}, {} threads, {} steps, branches in sequence; train {step_ms:.1} ms/step, eval {eval_ms:.1} ms/step; f32 GEMM ceiling {ceiling:.0} GFLOP/s (conv GF/s: direct-convolution FLOPs, so Winograd layers can exceed it)",
         rayon::current_num_threads(),
         opts.steps
     );

@@ -6,7 +6,8 @@
 //! - [`model`]: the network as data ([`model::ModelSpec`]: layers, Inception blocks, branches,
 //!   PyTorch module names) and [`model::net::Net`], the network instantiated on a backend.
 //! - [`backend`]: the [`backend::Backend`] trait, every op as a forward/backward pair, and the
-//!   CPU reference implementation [`backend::cpu::Cpu`] (NHWC, GEMM-based convolutions, rayon);
+//!   CPU implementation [`backend::cpu::Cpu`] (NHWC, rayon; im2col + GEMM convolutions as the
+//!   reference, direct AVX-512 and Winograd kernels as the fast path on CPUs that have it);
 //!   with the `cudnn` feature, `backend::cuda::Gpu` (cuDNN, cuBLAS, the kernels of `cuda/`).
 //! - [`schedule`]: runs the branches of each Inception block, in sequence or concurrently; the
 //!   network also tells the backend where each branch forks and joins, which the CUDA backend
