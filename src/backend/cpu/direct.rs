@@ -468,6 +468,21 @@ const WR: usize = 8;
 impl WeightTile<'_> {
     #[target_feature(enable = "avx512f")]
     unsafe fn run(&self, part: &mut [f32]) {
+        // A window row of the first layer is 7 pixels × 3 channels = 21 values: whole vectors
+        // of j would waste most lanes, so there the vectors run over output channels instead.
+        if !self.kc.is_multiple_of(L)
+            && self.cout.is_multiple_of(4 * L)
+            && self.kc.is_multiple_of(7)
+        {
+            for co0 in (0..self.cout).step_by(4 * L) {
+                for ky in 0..self.k {
+                    for j0 in (0..self.kc).step_by(7) {
+                        self.block_co::<7>(part, co0, ky, j0);
+                    }
+                }
+            }
+            return;
+        }
         let mut j0 = 0;
         while j0 < self.kc {
             let left = self.kc - j0;
@@ -482,6 +497,37 @@ impl WeightTile<'_> {
                 L
             };
             j0 += step;
+        }
+    }
+
+    /// `R` values of `j` from `j0` × 64 output channels from `co0` (4 vectors), for row `ky`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_co<const R: usize>(&self, part: &mut [f32], co0: usize, ky: usize, j0: usize) {
+        const V: usize = 4;
+        let x = self.xp.as_ptr();
+        let xo = ky * self.row + j0;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for (pi, &o) in self.offs.iter().enumerate() {
+            let d = self.dy.as_ptr().add(pi * self.cout + co0);
+            let dv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(d.add(v * L)));
+            let xr = x.add(o + xo);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*xr.add(r));
+                for v in 0..V {
+                    a[v] = _mm512_fmadd_ps(b, dv[v], a[v]);
+                }
+            }
+        }
+        // acc[r][v] lane l is dwp[co0 + 16v + l][ky][j0 + r].
+        let kkc = self.k * self.kc;
+        let mut lanes = [0.0f32; L];
+        for (r, a) in acc.iter().enumerate() {
+            for (v, &av) in a.iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), av);
+                for (l, &val) in lanes.iter().enumerate() {
+                    part[(co0 + v * L + l) * kkc + ky * self.kc + j0 + r] = val;
+                }
+            }
         }
     }
 
