@@ -59,6 +59,9 @@ pub fn conv_forward(
     let (cin, cout) = (conv.cin, conv.cout);
     let (th, tw) = (xs.h.div_ceil(M), xs.w.div_ceil(M));
     let tiles = xs.n * th * tw;
+    if tiles == 0 {
+        return;
+    }
     let cb = direct::forward_block(cout);
     direct::with_scratch(XI * cout * cin, |u| {
         transform_weight(u, w, cout, cin, cb);
@@ -357,6 +360,9 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
     let (cin, cout) = (conv.cin, conv.cout);
     let (th, tw) = (xs.h.div_ceil(M), xs.w.div_ceil(M));
     let tiles = xs.n * th * tw;
+    if tiles == 0 {
+        return;
+    }
     direct::with_scratch(tiles * XI * cin, |v| {
         transform_input(v, x, xs, th, tw);
         direct::with_scratch(tiles * XI * cout, |d| {
