@@ -29,14 +29,15 @@ const L: usize = 16;
 // ±1, ±2, ∞), and their adjoints Gᵀ in `gt3v`, A in `a6`.
 
 /// Whether a convolution is one these kernels compute: 3×3, stride 1, padding 1, whole
-/// vectors of channels, and enough input channels for the 36 GEMMs to pay for the transforms.
+/// vectors of channels (16 input channels already pay for the transforms: at the model's
+/// shapes `benches/conv_kernels.rs` measures it ahead of the direct kernel from there up).
 pub fn supports(conv: &Conv2d) -> bool {
     conv.k == 3
         && conv.stride == 1
         && conv.pad == 1
         && conv.cout.is_multiple_of(L)
         && conv.cin.is_multiple_of(L)
-        && conv.cin >= 64
+        && conv.cin >= 16
 }
 
 /// `y = conv(x, w) + b` (then ReLU when `relu`) for an NHWC batch; `w` OIHW. Panics unless
