@@ -17,7 +17,7 @@
 //! - [`checkpoint`]: safetensors files with PyTorch's names and shapes (NCHW/OIHW).
 //! - [`train`]: the training loop (epochs, LR schedule [`sched`], eval, metrics, checkpoints
 //!   that resume exactly); [`report`] draws a run's curves.
-//! - [`bench`]: the `incept bench` measurements.
+//! - [`mod@bench`]: the `incept bench` measurements.
 //! - [`data`]: CIFAR-10 binary files (memory-mapped, validated), augmented NHWC batches,
 //!   synthetic data for tests, `incept data check`, and the verified download.
 //!

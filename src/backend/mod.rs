@@ -240,7 +240,7 @@ pub trait Backend<T: Elem>: Sync {
         Ok(())
     }
 
-    /// `y = conv2d(x, w) + b`. x: [N,H,W,Cin], w: [Cout,Cin,k,k], b: [Cout], y: [N,Ho,Wo,Cout].
+    /// `y = conv2d(x, w) + b`. x: `[N,H,W,Cin]`, w: `[Cout,Cin,k,k]`, b: `[Cout]`, y: `[N,Ho,Wo,Cout]`.
     fn conv2d_forward(
         &self,
         y: &mut Self::Buf,
@@ -265,7 +265,7 @@ pub trait Backend<T: Elem>: Sync {
     );
 
     /// Training-mode BatchNorm over the N·H·W pixels of each channel: normalises with the batch
-    /// mean and biased variance, saves `mean` and `invstd` ([C] each) for the backward, and
+    /// mean and biased variance, saves `mean` and `invstd` (`[C]` each) for the backward, and
     /// updates the running statistics with PyTorch's rule (unbiased variance).
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_train(
@@ -433,7 +433,7 @@ pub trait Backend<T: Elem>: Sync {
     fn avg_pool2d_forward(&self, y: &mut Self::Buf, x: &Self::Buf, xs: Nhwc);
     fn avg_pool2d_backward(&self, dx: &mut Self::Buf, dy: &Self::Buf, xs: Nhwc);
 
-    /// `y = x·Wᵀ + b`. x: [N,In], w: [Out,In], y: [N,Out].
+    /// `y = x·Wᵀ + b`. x: `[N,In]`, w: `[Out,In]`, y: `[N,Out]`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -461,7 +461,7 @@ pub trait Backend<T: Elem>: Sync {
     );
 
     /// Mean softmax cross-entropy over the batch with label smoothing `smoothing` (0 = none).
-    /// Returns the loss; `probs` keeps the softmax for the backward. logits: [N,K].
+    /// Returns the loss; `probs` keeps the softmax for the backward. logits: `[N,K]`.
     fn cross_entropy_forward(
         &self,
         probs: &mut Self::Buf,

@@ -773,7 +773,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         &mut self.be
     }
 
-    /// Runs the network on `x` ([N,H,W,C], NHWC) and returns the logits [N, classes].
+    /// Runs the network on `x` (`[N,H,W,C]`, NHWC) and returns the logits [N, classes].
     /// `train` selects batch statistics (and updates the running ones) over running statistics.
     pub fn forward(&mut self, x: &[T], n: usize, train: bool) -> Result<Vec<T>> {
         let (c, h, w) = self.spec.input;
@@ -806,7 +806,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     }
 
     /// [`Net::forward`] on the input already loaded (the last one, possibly refilled through
-    /// [`Net::input_mut`]), without reading the logits back.
+    /// [`Net::with_input`]), without reading the logits back.
     pub fn forward_loaded(&mut self, train: bool) -> Result<()> {
         let ctx = Ctx {
             be: &self.be,
