@@ -305,7 +305,7 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
     );
     let _ = writeln!(
         out,
-        "{:<34} {:<15} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<34} {:<15} {:>8} {:>8} {:>8} {:>8} {:>8}  kernels (fwd/dw/dx)",
         "layer", "op", "fwd ms", "bwd ms", "eval ms", "fwd GF/s", "bwd GF/s"
     );
     let (mut tf, mut tb, mut te) = (0.0, 0.0, 0.0);
@@ -331,11 +331,16 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
         };
         let _ = writeln!(
             out,
-            "{:<34} {:<15} {f:>8.2} {b:>8.2} {e:>8.2} {:>8} {:>8}",
+            "{:<34} {:<15} {f:>8.2} {b:>8.2} {e:>8.2} {:>8} {:>8}  {}",
             l.name,
             l.op,
             rate(l.forward_flop, f),
-            rate(bwd_flop, b)
+            rate(bwd_flop, b),
+            l.conv.map_or(String::new(), |c| {
+                let [f, w, d] = crate::backend::cpu::conv_kernels(&c).map(|k| k.name());
+                let d = if l.name == "block1.0" { "-" } else { d };
+                format!("{f}/{w}/{d}")
+            })
         );
     }
     let _ = writeln!(

@@ -548,6 +548,53 @@ pub fn direct_enabled() -> bool {
     })
 }
 
+/// The implementation an f32 convolution runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// im2col + GEMM (a plain GEMM for 1×1): any CPU, any element type.
+    Reference,
+    /// The direct AVX-512 kernels of [`direct`].
+    Direct,
+    /// Input gradient of a strided convolution: each output pixel's window added back.
+    Scatter,
+    /// Winograd F(4×4, 3×3), [`winograd`].
+    Winograd,
+}
+
+impl ConvKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvKernel::Reference => "im2col+gemm",
+            ConvKernel::Direct => "direct",
+            ConvKernel::Scatter => "scatter",
+            ConvKernel::Winograd => "winograd",
+        }
+    }
+}
+
+/// The kernels an f32 convolution runs on: forward, weight gradient, input gradient. The
+/// backend dispatches through this, and `incept bench --profile` prints it.
+pub fn conv_kernels(conv: &Conv2d) -> [ConvKernel; 3] {
+    #[cfg(target_arch = "x86_64")]
+    if direct_enabled() && direct::supports(conv) {
+        let main = if winograd::supports(conv) {
+            ConvKernel::Winograd
+        } else {
+            ConvKernel::Direct
+        };
+        let dx = if winograd::supports(&winograd::backward_data_conv(conv)) {
+            ConvKernel::Winograd
+        } else if conv.stride == 1 && conv.pad < conv.k && conv.cin.is_multiple_of(16) {
+            ConvKernel::Direct
+        } else {
+            ConvKernel::Scatter
+        };
+        return [main, main, dx];
+    }
+    let _ = conv;
+    [ConvKernel::Reference; 3]
+}
+
 /// The reference convolution: `y = b + im2col(x) · wᵀ` (a plain GEMM for 1×1).
 pub fn conv2d_forward_reference<T: Elem>(
     y: &mut [T],
@@ -702,14 +749,15 @@ impl<T: Elem> Backend<T> for Cpu {
         conv: &Conv2d,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if direct_enabled() && direct::supports(conv) {
-            if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
-                (T::f32s_mut(y), T::f32s(x), T::f32s(w), T::f32s(b))
-            {
-                if winograd::supports(conv) {
-                    return winograd::conv_forward(yf, xf, wf, Some(bf), xs, conv, false);
+        if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
+            (T::f32s_mut(y), T::f32s(x), T::f32s(w), T::f32s(b))
+        {
+            match conv_kernels(conv)[0] {
+                ConvKernel::Winograd => {
+                    return winograd::conv_forward(yf, xf, wf, Some(bf), xs, conv, false)
                 }
-                return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv);
+                ConvKernel::Direct => return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv),
+                _ => {}
             }
         }
         conv2d_forward_reference(y, x, w, b, xs, conv);
@@ -726,7 +774,7 @@ impl<T: Elem> Backend<T> for Cpu {
         cfg: &BatchNormCfg,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if direct_enabled() && direct::supports(conv) {
+        if conv_kernels(conv)[0] != ConvKernel::Reference {
             if let (Some(yf), Some(xf), Some(wf)) = (T::f32s_mut(y), T::f32s(x), T::f32s(w)) {
                 // BatchNorm with running statistics is affine per channel: relu(s·(conv + b − μ)
                 // + β) with s = γ/√(σ² + eps) is a convolution with weight s·w and bias
@@ -742,7 +790,7 @@ impl<T: Elem> Backend<T> for Cpu {
                     bias[co] = ((b[co].as_f64() - running_mean[co].as_f64()) * s
                         + beta[co].as_f64()) as f32;
                 }
-                if winograd::supports(conv) {
+                if conv_kernels(conv)[0] == ConvKernel::Winograd {
                     winograd::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
                 } else {
                     direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
@@ -778,22 +826,24 @@ impl<T: Elem> Backend<T> for Cpu {
             *d += T::cast(*s);
         }
         #[cfg(target_arch = "x86_64")]
-        if direct_enabled() && direct::supports(conv) {
+        if let [_, dw_kernel @ (ConvKernel::Direct | ConvKernel::Winograd), dx_kernel] =
+            conv_kernels(conv)
+        {
             if let (Some(dwf), Some(dyf), Some(xf), Some(wf)) =
                 (T::f32s_mut(dw), T::f32s(dy), T::f32s(x), T::f32s(w))
             {
-                if winograd::supports(conv) {
+                if dw_kernel == ConvKernel::Winograd {
                     winograd::conv_backward_weight(dwf, dyf, xf, xs, conv);
                 } else {
                     direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
                 }
                 if let Some(dxf) = dx.and_then(|d| T::f32s_mut(d)) {
-                    if winograd::supports(&winograd::backward_data_conv(conv)) {
-                        winograd::conv_backward_data(dxf, dyf, wf, xs, conv);
-                    } else if conv.stride == 1 && conv.pad < conv.k && conv.cin.is_multiple_of(16) {
-                        direct::conv_backward_data(dxf, dyf, wf, xs, conv);
-                    } else {
-                        direct::conv_backward_data_scatter(dxf, dyf, wf, xs, conv);
+                    match dx_kernel {
+                        ConvKernel::Winograd => {
+                            winograd::conv_backward_data(dxf, dyf, wf, xs, conv)
+                        }
+                        ConvKernel::Direct => direct::conv_backward_data(dxf, dyf, wf, xs, conv),
+                        _ => direct::conv_backward_data_scatter(dxf, dyf, wf, xs, conv),
                     }
                 }
                 return;

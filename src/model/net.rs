@@ -662,6 +662,8 @@ pub struct LayerTime {
     pub backward_s: f64,
     /// Multiply-adds ×2 of one forward at the last batch (convolutions and linear only).
     pub forward_flop: f64,
+    /// The convolution, for a conv layer.
+    pub conv: Option<Conv2d>,
 }
 
 fn collect_times<Buf>(nodes: &[Node<Buf>], out: &mut Vec<LayerTime>) -> [f64; 2] {
@@ -702,6 +704,10 @@ fn collect_times<Buf>(nodes: &[Node<Buf>], out: &mut Vec<LayerTime>) -> [f64; 2]
             forward_s: (node.time[0] - inner[0]).max(0.0),
             backward_s: (node.time[1] - inner[1]).max(0.0),
             forward_flop: flop,
+            conv: match &node.op {
+                Op::Conv { conv, .. } => Some(*conv),
+                _ => None,
+            },
         });
         total[0] += node.time[0];
         total[1] += node.time[1];
