@@ -12,8 +12,11 @@
 //! A register tile holds `R` output pixels × `16·V` output channels; each step of `j` loads `V`
 //! weight vectors and broadcasts one input value per pixel. The input gradient of a stride-1
 //! convolution is the same kernel over the padded output gradient with the flipped, transposed
-//! weight. The weight gradient tiles `R` output channels × `16·V` values of `j`, reducing over
-//! the pixels in `PIECES` (8) fixed pieces summed in order, so it never depends on the threads.
+//! weight; that of a strided one (block 2) adds each output pixel's gradient times the weight
+//! back onto its window, image by image. The weight gradient tiles `R` output channels × `16·V`
+//! values of `j` (or, for the first layer's 21-value window rows, `j` × 64 output channels),
+//! reducing over the pixels in `PIECES` (8) fixed pieces summed in order, so it never depends
+//! on the threads. The same forward kernel runs the GEMMs of [`super::winograd`].
 //!
 //! Every sum runs in a fixed order, so results are reproducible; they differ from the reference
 //! by rounding only, which `tests/direct_conv.rs` bounds at the model's shapes.
