@@ -11,7 +11,7 @@
 #[cfg(target_arch = "x86_64")]
 fn main() {
     use incept::backend::cpu::{self, direct, winograd};
-    use incept::backend::{Conv2d, Nhwc};
+    use incept::backend::Conv2d;
     use std::time::Instant;
 
     incept::keep_freed_memory();
@@ -31,38 +31,21 @@ fn main() {
         t.sort_by(f64::total_cmp);
         t[3]
     };
-    let shapes = [
-        ("block1", 32, 3, 64, 7, 2, 1),
-        ("block2", 14, 64, 128, 3, 2, 1),
-        ("block3.branch1", 7, 128, 64, 1, 1, 0),
-        ("block3.reduce", 7, 128, 16, 1, 1, 0),
-        ("block3.branch2_conv2", 7, 16, 64, 3, 1, 1),
-        ("block3.branch3_conv2", 7, 16, 64, 5, 1, 2),
-        ("block3.branch4", 7, 128, 64, 3, 1, 1),
-        ("block4.branch1", 4, 256, 96, 1, 1, 0),
-        ("block4.reduce", 4, 256, 32, 1, 1, 0),
-        ("block4.branch2_conv2", 4, 32, 96, 3, 1, 1),
-        ("block4.branch3_conv2", 4, 32, 96, 5, 1, 2),
-        ("block4.branch4", 4, 256, 96, 3, 1, 1),
-    ];
     println!(
-        "{:<22} {:<9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<26} {:<9} {:>9} {:>9} {:>9} {:>7}",
         "layer", "kernel", "fwd ms", "dw ms", "dx ms", "GF/s"
     );
-    for (name, side, cin, cout, k, stride, pad) in shapes {
-        let conv = Conv2d {
+    let convolutions = incept::model::ModelSpec::inception_net_small()
+        .convolutions(128)
+        .expect("the seed model's shapes fit");
+    for (name, xs, conv) in convolutions {
+        let Conv2d {
             cin,
             cout,
             k,
             stride,
-            pad,
-        };
-        let xs = Nhwc {
-            n: 128,
-            h: side,
-            w: side,
-            c: cin,
-        };
+            ..
+        } = conv;
         let ys = conv.out_shape(xs);
         let fill = |len: usize, m: usize| -> Vec<f32> {
             (0..len)
@@ -86,7 +69,7 @@ fn main() {
             let work = flop * if d.is_some() { 3.0 } else { 2.0 };
             let d = d.map_or("-".to_string(), |d| format!("{d:.2}"));
             println!(
-                "{name:<22} {kernel:<9} {f:>9.2} {g:>9.2} {d:>9} {:>7.0}",
+                "{name:<26} {kernel:<9} {f:>9.2} {g:>9.2} {d:>9} {:>7.0}",
                 work / total / 1e6
             );
         };

@@ -8,23 +8,8 @@ mod common;
 use common::{Report, Tol};
 use incept::backend::cpu::{self, direct, winograd, Cpu};
 use incept::backend::{Backend, Conv2d, Nhwc};
+use incept::model::ModelSpec;
 use rand::{Rng, SeedableRng};
-
-/// (name, input side, cin, cout, k, stride, pad): every convolution of the seed model.
-const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 12] = [
-    ("block1", 32, 3, 64, 7, 2, 1),
-    ("block2", 14, 64, 128, 3, 2, 1),
-    ("block3.branch1", 7, 128, 64, 1, 1, 0),
-    ("block3.reduce", 7, 128, 16, 1, 1, 0),
-    ("block3.branch2_conv2", 7, 16, 64, 3, 1, 1),
-    ("block3.branch3_conv2", 7, 16, 64, 5, 1, 2),
-    ("block3.branch4", 7, 128, 64, 3, 1, 1),
-    ("block4.branch1", 4, 256, 96, 1, 1, 0),
-    ("block4.reduce", 4, 256, 32, 1, 1, 0),
-    ("block4.branch2_conv2", 4, 32, 96, 3, 1, 1),
-    ("block4.branch3_conv2", 4, 32, 96, 5, 1, 2),
-    ("block4.branch4", 4, 256, 96, 3, 1, 1),
-];
 
 /// f32 sums of up to k·k·Cin = 2304 products against an f64 reference: a few ulps of the
 /// largest value, as the rounding of either summation order.
@@ -60,7 +45,7 @@ fn wide(v: &[f32]) -> Vec<f64> {
 }
 
 struct Case {
-    name: &'static str,
+    name: String,
     conv: Conv2d,
     xs: Nhwc,
     x: Vec<f32>,
@@ -69,24 +54,14 @@ struct Case {
     dy: Vec<f32>,
 }
 
+/// Every convolution of the seed model at batch `n`, with random data.
 fn cases(n: usize) -> Vec<Case> {
-    SHAPES
-        .iter()
+    ModelSpec::inception_net_small()
+        .convolutions(n)
+        .expect("the seed model's shapes fit")
+        .into_iter()
         .enumerate()
-        .map(|(i, &(name, side, cin, cout, k, stride, pad))| {
-            let conv = Conv2d {
-                cin,
-                cout,
-                k,
-                stride,
-                pad,
-            };
-            let xs = Nhwc {
-                n,
-                h: side,
-                w: side,
-                c: cin,
-            };
+        .map(|(i, (name, xs, conv))| {
             let seed = 100 * i as u64 + n as u64;
             Case {
                 name,
@@ -94,7 +69,7 @@ fn cases(n: usize) -> Vec<Case> {
                 xs,
                 x: random(xs.len(), seed),
                 w: random(conv.weight_len(), seed + 1),
-                b: random(cout, seed + 2),
+                b: random(conv.cout, seed + 2),
                 dy: random(conv.out_shape(xs).len(), seed + 3),
             }
         })
@@ -356,7 +331,11 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
     report.finish("fused eval conv+bn+relu vs separate ops");
 
     // A NaN in the input poisons the pixels whose windows read it, as in PyTorch.
-    let c = &cases(1)[6];
+    let cases = cases(1);
+    let c = cases
+        .iter()
+        .find(|c| c.name == "block3.0.branch4_conv.0")
+        .expect("block3's branch4 conv");
     let mut x = c.x.clone();
     x[0] = f32::NAN;
     let ones = vec![1.0f32; c.conv.cout];

@@ -257,8 +257,31 @@ impl ModelSpec {
     /// Checks that consecutive layers fit together, and returns the output shape of every layer
     /// for a batch of `n` (in execution order, branches before the join).
     pub fn shapes(&self, n: usize) -> anyhow::Result<Nhwc> {
-        fn walk(layers: &[Layer], mut s: Nhwc) -> anyhow::Result<Nhwc> {
+        self.walk(n, &mut |_, _| {})
+    }
+
+    /// Every convolution with its input shape for a batch of `n`, in execution order: the
+    /// shapes the convolution kernels have to cover.
+    pub fn convolutions(&self, n: usize) -> anyhow::Result<Vec<(String, Nhwc, Conv2d)>> {
+        let mut out = Vec::new();
+        self.walk(n, &mut |layer, s| {
+            if let Layer::Conv { name, conv } = layer {
+                out.push((name.clone(), s, *conv));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Walks the layers in execution order, checking that they fit together and calling
+    /// `visit(layer, its input shape)`; returns the network's output shape.
+    fn walk(&self, n: usize, visit: &mut dyn FnMut(&Layer, Nhwc)) -> anyhow::Result<Nhwc> {
+        fn walk(
+            layers: &[Layer],
+            mut s: Nhwc,
+            visit: &mut dyn FnMut(&Layer, Nhwc),
+        ) -> anyhow::Result<Nhwc> {
             for layer in layers {
+                visit(layer, s);
                 s = match layer {
                     Layer::Conv { name, conv } => {
                         anyhow::ensure!(
@@ -288,7 +311,7 @@ impl ModelSpec {
                     Layer::Inception { name, branches } => {
                         let outs = branches
                             .iter()
-                            .map(|b| walk(&b.layers, s))
+                            .map(|b| walk(&b.layers, s, visit))
                             .collect::<anyhow::Result<Vec<_>>>()?;
                         let first = outs[0];
                         anyhow::ensure!(
@@ -321,7 +344,7 @@ impl ModelSpec {
             Ok(s)
         }
         let (c, h, w) = self.input;
-        walk(&self.layers, Nhwc::new(n, h, w, c))
+        walk(&self.layers, Nhwc::new(n, h, w, c), visit)
     }
 }
 
