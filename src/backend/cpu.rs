@@ -325,7 +325,7 @@ pub fn matmul_long_k<T: Elem>(
 }
 
 /// OIHW → O(HW)I, the weight as the `[Cout, k·k·Cin]` matrix that matches [`im2col`]'s rows.
-fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
+pub(crate) fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
     let (kk, cin) = (conv.k * conv.k, conv.cin);
     let mut out = vec![T::zero(); w.len()];
     for co in 0..conv.cout {
@@ -336,6 +336,19 @@ fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
         }
     }
     out
+}
+
+/// `dw += dwp`, `dwp` the weight gradient laid out as [`weight_oihw_to_ohwi`] makes it and
+/// `dw` OIHW.
+pub(crate) fn add_ohwi_to_oihw<T: Elem>(dw: &mut [T], dwp: &[T], conv: &Conv2d) {
+    let (kk, cin) = (conv.k * conv.k, conv.cin);
+    for o in 0..conv.cout {
+        for ci in 0..cin {
+            for s in 0..kk {
+                dw[(o * cin + ci) * kk + s] += dwp[(o * kk + s) * cin + ci];
+            }
+        }
+    }
 }
 
 /// Whether the convolution reads its input directly as a `[pixels, Cin]` matrix.
@@ -671,14 +684,7 @@ pub fn conv2d_backward_weight_reference<T: Elem>(
         p,
         false,
     );
-    let (kk, cin) = (conv.k * conv.k, conv.cin);
-    for o in 0..co {
-        for ci in 0..cin {
-            for s in 0..kk {
-                dw[(o * cin + ci) * kk + s] += dwp[(o * kk + s) * cin + ci];
-            }
-        }
-    }
+    add_ohwi_to_oihw(dw, &dwp, conv);
 }
 
 /// The reference input gradient: `dx = col2im(dy · w)`, overwriting dx.
@@ -774,7 +780,9 @@ impl<T: Elem> Backend<T> for Cpu {
         cfg: &BatchNormCfg,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if conv_kernels(conv)[0] != ConvKernel::Reference {
+        let kernel = conv_kernels(conv)[0];
+        #[cfg(target_arch = "x86_64")]
+        if kernel != ConvKernel::Reference {
             if let (Some(yf), Some(xf), Some(wf)) = (T::f32s_mut(y), T::f32s(x), T::f32s(w)) {
                 // BatchNorm with running statistics is affine per channel: relu(s·(conv + b − μ)
                 // + β) with s = γ/√(σ² + eps) is a convolution with weight s·w and bias
@@ -790,7 +798,7 @@ impl<T: Elem> Backend<T> for Cpu {
                     bias[co] = ((b[co].as_f64() - running_mean[co].as_f64()) * s
                         + beta[co].as_f64()) as f32;
                 }
-                if conv_kernels(conv)[0] == ConvKernel::Winograd {
+                if kernel == ConvKernel::Winograd {
                     winograd::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
                 } else {
                     direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);

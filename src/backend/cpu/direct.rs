@@ -51,6 +51,19 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
     r
 }
 
+/// Load/store masks for `V` vectors covering the next `left` values: full vectors, then one
+/// holding the remainder, then empty ones.
+fn tail_masks<const V: usize>(left: usize) -> [__mmask16; V] {
+    std::array::from_fn(|v| {
+        let n = left.saturating_sub(v * L).min(L);
+        if n == L {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    })
+}
+
 /// Whether this CPU can run the kernels.
 pub fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
@@ -209,19 +222,6 @@ pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv:
     let wt = flip_transpose(w, conv.cout, conv.cin, conv.k);
     let geom = (conv.cin, conv.cout, conv.k);
     run_forward(dx, &dyp, &offs, wp * conv.cout, &wt, None, geom, false);
-}
-
-/// `y[r] = x[offs[r]..][..cin] · wᵀ` for `w` [cout, cin]: a GEMM whose rows of `x` start at
-/// `offs` (any stride), with the forward kernel; `y` [offs.len(), cout] is overwritten. Needs
-/// `cout` a multiple of 16.
-pub fn matmul_rows(y: &mut [f32], x: &[f32], offs: &[usize], w: &[f32], cin: usize, cout: usize) {
-    assert!(
-        cout.is_multiple_of(L),
-        "matmul_rows: cout {cout} is not a multiple of {L}"
-    );
-    assert_eq!(w.len(), cout * cin, "matmul_rows: w length");
-    assert_eq!(y.len(), offs.len() * cout, "matmul_rows: y length");
-    run_forward(y, x, offs, 0, w, None, (cout, cin, 1), false);
 }
 
 /// Output channels per register tile and pixels per tile for `cout` channels.
@@ -437,21 +437,14 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
             part
         })
         .collect();
-    let kk = k * k;
-    for co in 0..cout {
-        for ky in 0..k {
-            for kx in 0..k {
-                for ci in 0..cin {
-                    let src = (co * k + ky) * kc + kx * cin + ci;
-                    let mut s = 0.0f32;
-                    for part in &parts {
-                        s += part[src];
-                    }
-                    dw[(co * cin + ci) * kk + ky * k + kx] += s;
-                }
-            }
+    // The pieces summed in order, then added onto dw.
+    let mut total = vec![0.0f32; cout * k * kc];
+    for part in &parts {
+        for (t, &v) in total.iter_mut().zip(part) {
+            *t += v;
         }
     }
+    super::add_ohwi_to_oihw(dw, &total, conv);
 }
 
 /// One piece of pixels of a weight gradient.
@@ -538,14 +531,7 @@ impl WeightTile<'_> {
     /// [`WR`] output channels, for every `ky`.
     #[target_feature(enable = "avx512f")]
     unsafe fn block<const V: usize>(&self, part: &mut [f32], j0: usize, left: usize) {
-        let masks: [__mmask16; V] = std::array::from_fn(|v| {
-            let n = left.saturating_sub(v * L).min(L);
-            if n == L {
-                0xffff
-            } else {
-                ((1u32 << n) - 1) as __mmask16
-            }
-        });
+        let masks = tail_masks::<V>(left);
         let x = self.xp.as_ptr();
         let dy = self.dy.as_ptr();
         for ky in 0..self.k {
@@ -588,17 +574,8 @@ pub fn conv_backward_data_scatter(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhw
     let (k, cin, cout, pad) = (conv.k, conv.cin, conv.cout, conv.pad);
     let (hp, wp) = (xs.h + 2 * pad, xs.w + 2 * pad);
     let kc = k * cin;
-    // The weight as [co][ky][j]: row co of OHWI, so a dy value scales a contiguous run of j.
-    let mut wt = vec![0.0f32; w.len()];
-    for co in 0..cout {
-        for ci in 0..cin {
-            for ky in 0..k {
-                for kx in 0..k {
-                    wt[(co * k + ky) * kc + kx * cin + ci] = w[((co * cin + ci) * k + ky) * k + kx];
-                }
-            }
-        }
-    }
+    // The weight as [co][ky][j] (OHWI): a dy value scales a contiguous run of j.
+    let wt = super::weight_oihw_to_ohwi(w, conv);
     let img_out = ys.h * ys.w;
     let job = Scatter {
         wt: &wt,
@@ -651,14 +628,7 @@ impl Scatter<'_> {
             let mut j0 = 0;
             while j0 < self.kc {
                 let left = self.kc - j0;
-                let masks: [__mmask16; V] = std::array::from_fn(|v| {
-                    let n = left.saturating_sub(v * L).min(L);
-                    if n == L {
-                        0xffff
-                    } else {
-                        ((1u32 << n) - 1) as __mmask16
-                    }
-                });
+                let masks = tail_masks::<V>(left);
                 let mut acc = [[_mm512_setzero_ps(); V]; SR];
                 let w = self.wt.as_ptr().add(ky * self.kc + j0);
                 for co in 0..cout {
