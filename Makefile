@@ -53,7 +53,9 @@ ptx-check:
 gpu-bundle:
 	scripts/gpu-bundle.sh
 
-# Runs the GPU tests and benchmarks from the bundle; report in target/gpu-check/.
+# The GPU check from the bundle (info, training, GPU tests, compute-sanitizer, bench matrix,
+# PyTorch ratios); report in target/gpu-check/. GPU_CHECK_ARGS=--quick: the short version.
+GPU_CHECK_ARGS ?=
 gpu-check:
 	@test -x target/gpu-bundle/gpu-check.sh || { echo "no target/gpu-bundle: run \`make gpu-bundle\` first (on a machine with cargo)"; exit 1; }
-	target/gpu-bundle/gpu-check.sh target/gpu-check
+	target/gpu-bundle/gpu-check.sh $(GPU_CHECK_ARGS) target/gpu-check

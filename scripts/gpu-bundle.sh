@@ -5,7 +5,10 @@
 #   incept              release binary, --features cudnn (PTX embedded)
 #   tests/<name>        GPU test executables (debug info stripped)
 #   tests.txt           what gpu-check.sh runs: <name> [libtest filter]
-#   gpu-check.sh        run it there: ./gpu-check.sh [report-dir]
+#   fixtures/           the golden fixtures the GPU tests read
+#   pytorch_baseline.py, seed_model.py, bench_report.py
+#                       PyTorch's figures on the same card, and the table of ratios
+#   gpu-check.sh        run it there: ./gpu-check.sh [--quick] [report-dir]
 #   BUILD-INFO.txt      how it was built
 #
 # Which tests: integration tests whose target name matches $GPU_TESTS (regex, default `gpu|cuda`,
@@ -15,7 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO="${CARGO:-cargo}"
-bundle="${GPU_BUNDLE_DIR:-target/gpu-bundle}"
+target_dir="${CARGO_TARGET_DIR:-target}"
+bundle="${GPU_BUNDLE_DIR:-$target_dir/gpu-bundle}"
 gpu_tests="${GPU_TESTS:-gpu|cuda}"
 unit_filter="${GPU_UNIT_FILTER:-cuda}"
 limit_mib=64
@@ -29,10 +33,28 @@ fi
 
 echo "== cargo build --release --features cudnn"
 "$CARGO" build --release --features cudnn
-echo "== cargo test --release --features cudnn --no-run"
+# Only the test targets the bundle takes: the others (the kernel emulation's C++ build among
+# them) would cost minutes of release build for nothing.
+targets=()
+while read -r t; do
+  targets+=(--test "$t")
+done < <("$CARGO" metadata --no-deps --format-version 1 | python3 -c '
+import json, re, sys
+pattern = re.compile(sys.argv[1])
+for pkg in json.load(sys.stdin)["packages"]:
+    for t in pkg["targets"]:
+        if "test" in t["kind"] and pattern.search(t["name"]):
+            print(t["name"])' "$gpu_tests")
+[ "$unit_filter" != none ] && targets+=(--lib)
+if [ "${#targets[@]}" -eq 0 ]; then
+  echo "gpu-bundle: warning: no test target matched GPU_TESTS='$gpu_tests'" >&2
+fi
+echo "== cargo test --release --features cudnn --no-run ${targets[*]}"
 json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
-"$CARGO" test --release --features cudnn --no-run --message-format=json >"$json"
+if [ "${#targets[@]}" -gt 0 ]; then
+  "$CARGO" test --release --features cudnn --no-run --message-format=json "${targets[@]}" >"$json"
+fi
 
 rm -rf "$bundle"
 mkdir -p "$bundle/tests"
@@ -78,7 +100,7 @@ if [ "$n" -eq 0 ]; then
   echo "gpu-bundle: warning: no test executable matched GPU_TESTS='$gpu_tests'" >&2
 fi
 
-strip_copy target/release/incept "$bundle/incept"
+strip_copy "$target_dir/release/incept" "$bundle/incept"
 cp scripts/gpu-check.sh "$bundle/gpu-check.sh"
 # The PyTorch baseline and the seed model it times; the golden fixtures for the GPU tests.
 cp benches/pytorch_baseline.py benches/bench_report.py tests/fixtures/seed_model.py "$bundle/"
@@ -86,7 +108,11 @@ mkdir -p "$bundle/fixtures"
 cp tests/fixtures/*.safetensors "$bundle/fixtures/"
 chmod +x "$bundle/gpu-check.sh"
 
-out_dir="$(ls -td target/release/build/incept-*/out 2>/dev/null | head -n 1 || true)"
+# The newest build script output: older ones stay behind after a change of build.rs.
+out_dir=""
+for d in "$target_dir"/release/build/incept-*/out; do
+  if [ -d "$d" ] && { [ -z "$out_dir" ] || [ "$d" -nt "$out_dir" ]; }; then out_dir="$d"; fi
+done
 {
   echo "built: $(date -u '+%Y-%m-%dT%H:%M:%SZ') on $(uname -srm)"
   echo "rustc: $(rustc --version 2>/dev/null || echo '?')"

@@ -167,14 +167,48 @@ pub fn bench_cuda(
     })
 }
 
-/// [`bench_cuda`] over {streams 1, 4} × {graph off, on} × {fp32, AMP fp16} × `batches`.
+/// One configuration of the benchmark matrix, with what it measured or why it could not.
+#[derive(Clone, Debug)]
+pub struct MatrixRow {
+    pub precision: String,
+    pub streams: usize,
+    pub graph: bool,
+    pub batch: usize,
+    /// The error chain on one line, or a panic's message.
+    pub result: std::result::Result<BenchResult, String>,
+}
+
+impl MatrixRow {
+    /// [`BenchResult::to_json`], or the configuration with an `error` field, so a table made
+    /// from the JSON lines shows which configuration failed and why.
+    pub fn to_json(&self) -> String {
+        match &self.result {
+            Ok(r) => r.to_json(),
+            Err(e) => serde_json::json!({
+                "precision": self.precision,
+                "streams": self.streams,
+                "graph": self.graph,
+                "batch": self.batch,
+                "error": e,
+            })
+            .to_string(),
+        }
+    }
+}
+
+/// [`bench_cuda`] over {streams 1, 4} × {graph off, on} × {fp32, AMP fp16} × `batches`. A
+/// configuration that fails (an error or a panic) becomes a row with the error and the others
+/// still run: the matrix is where an untested path shows up first, and one broken
+/// configuration should not hide the figures of the rest. `on_row` sees each row as soon as it
+/// is measured, so a run killed by a time limit keeps the rows it finished.
 #[cfg(feature = "cudnn")]
 pub fn bench_cuda_matrix(
     opts: &BenchOpts,
     device: &str,
     base: &crate::train::CudaArgs,
     batches: &[usize],
-) -> Result<Vec<BenchResult>> {
+    on_row: &mut dyn FnMut(&MatrixRow),
+) -> Vec<MatrixRow> {
     let mut out = Vec::new();
     for &batch in batches {
         for no_amp in [true, false] {
@@ -191,12 +225,34 @@ pub fn bench_cuda_matrix(
                         batch,
                         ..opts.clone()
                     };
-                    out.push(bench_cuda(&o, device, &cuda)?);
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        bench_cuda(&o, device, &cuda)
+                    }));
+                    let result = match result {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(format!("{e:#}")),
+                        Err(p) => Err(format!(
+                            "panicked: {}",
+                            p.downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| p.downcast_ref::<&str>().copied())
+                                .unwrap_or("?")
+                        )),
+                    };
+                    let row = MatrixRow {
+                        precision: cuda.describe(device).to_string(),
+                        streams,
+                        graph: !no_cuda_graph,
+                        batch,
+                        result,
+                    };
+                    on_row(&row);
+                    out.push(row);
                 }
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Median step times of `net`. Each timed step ends by reading the loss or the logits back,

@@ -189,8 +189,21 @@ fn bench(args: BenchArgs) -> Result<()> {
         #[cfg(feature = "cudnn")]
         {
             let batches = args.batch_size.map_or(vec![128, 512], |b| vec![b]);
-            let rows = incept::bench::bench_cuda_matrix(&opts, &args.device, &args.cuda, &batches)?;
-            print_matrix(&rows, args.json);
+            let mut first = true;
+            let rows = incept::bench::bench_cuda_matrix(
+                &opts,
+                &args.device,
+                &args.cuda,
+                &batches,
+                &mut |row| {
+                    print_matrix(row, args.json, first);
+                    first = false;
+                },
+            );
+            let failed = rows.iter().filter(|r| r.result.is_err()).count();
+            if failed > 0 {
+                bail!("{failed} of {} benchmark configurations failed", rows.len());
+            }
         }
         return Ok(());
     }
@@ -221,37 +234,52 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The benchmark matrix as a table, and as JSON lines with `json`.
+/// One row of the benchmark matrix, printed as soon as it is measured so that a run killed by
+/// a time limit keeps what it finished. With `json` the table goes to stderr and stdout holds
+/// only the JSON lines, one per row, ready for `benches/bench_report.py`.
 #[cfg(feature = "cudnn")]
-fn print_matrix(rows: &[incept::bench::BenchResult], json: bool) {
-    println!(
-        "{:<10} {:>7} {:>6} {:>6} {:>10} {:>12} {:>10} {:>12}",
-        "precision",
-        "streams",
-        "graph",
-        "batch",
-        "train ms",
-        "train img/s",
-        "eval ms",
-        "eval img/s"
+fn print_matrix(row: &incept::bench::MatrixRow, json: bool, header: bool) {
+    use std::io::Write;
+    let mut line = format!(
+        "{:<10} {:>7} {:>6} {:>6}",
+        row.precision,
+        row.streams,
+        if row.graph { "on" } else { "off" },
+        row.batch
     );
-    for r in rows {
-        println!(
-            "{:<10} {:>7} {:>6} {:>6} {:>10.2} {:>12.1} {:>10.2} {:>12.1}",
-            r.precision,
-            r.streams,
-            if r.graph { "on" } else { "off" },
-            r.batch,
-            r.train_ms,
-            r.train_img_s,
-            r.eval_ms,
-            r.eval_img_s
+    match &row.result {
+        Ok(r) => {
+            line += &format!(
+                " {:>10.2} {:>12.1} {:>10.2} {:>12.1}",
+                r.train_ms, r.train_img_s, r.eval_ms, r.eval_img_s
+            )
+        }
+        Err(e) => line += &format!("  error: {}", e.replace('\n', " / ")),
+    }
+    let mut table: Box<dyn Write> = if json {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    if header {
+        let _ = writeln!(
+            table,
+            "{:<10} {:>7} {:>6} {:>6} {:>10} {:>12} {:>10} {:>12}",
+            "precision",
+            "streams",
+            "graph",
+            "batch",
+            "train ms",
+            "train img/s",
+            "eval ms",
+            "eval img/s"
         );
     }
+    let _ = writeln!(table, "{line}");
+    let _ = table.flush();
     if json {
-        for r in rows {
-            println!("{}", r.to_json());
-        }
+        println!("{}", row.to_json());
+        let _ = std::io::stdout().flush();
     }
 }
 

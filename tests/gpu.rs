@@ -5,7 +5,8 @@
 //!
 //! A plain program (no libtest harness), so that without a GPU every test reports itself
 //! `skipped` with the reason, and the run ends with an `N passed, N failed, N skipped` line.
-//! Without a driver, one test checks the error the binary gives instead.
+//! Without a driver, one test checks the error the binary gives instead. With
+//! `INCEPT_EXPECT_GPU=1` (set by `gpu-check.sh`), a missing GPU fails each test instead.
 
 mod common;
 
@@ -1077,6 +1078,14 @@ fn main() {
     // An optional argument keeps only the tests whose names contain it.
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     let device = Gpu::new(0).map(|_| ()).map_err(|e| format!("{e:#}"));
+    // On a machine that is meant to have a GPU, a test skipped for want of one would let a
+    // broken driver or library setup pass as green: there it fails instead, with the reason.
+    let expect_gpu = std::env::var("INCEPT_EXPECT_GPU").is_ok_and(|v| v == "1");
+    if expect_gpu {
+        if let Err(why) = &device {
+            println!("INCEPT_EXPECT_GPU=1 but no GPU opens: every GPU test fails\n  {why}");
+        }
+    }
     let mut tally = Tally::default();
     let mut run = |name: String, f: &dyn Fn() -> Outcome| {
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
@@ -1084,6 +1093,7 @@ fn main() {
         }
         let t = std::time::Instant::now();
         let r = match &device {
+            Err(why) if expect_gpu => Ok(Err(format!("no GPU (INCEPT_EXPECT_GPU=1): {why}"))),
             Err(why) => Err(why.clone()),
             Ok(()) => Ok(guarded(f)),
         };
