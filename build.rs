@@ -75,6 +75,46 @@ fn main() {
         eprintln!("\nerror: {msg}\n");
         process::exit(1);
     }
+    build_nvtx();
+}
+
+/// Compiles cuda/nvtx.c against NVIDIA's header-only NVTX 3 (the CUDA toolkit's
+/// `include/nvtx3`, or the `nvidia-nvtx` wheel's) and sets `cfg(incept_nvtx)`; without the
+/// headers the binary is built without profiler ranges, and `incept info` says so.
+fn build_nvtx() {
+    println!("cargo:rustc-check-cfg=cfg(incept_nvtx)");
+    println!("cargo:rerun-if-changed=cuda/nvtx.c");
+    let mut dirs: Vec<PathBuf> = toolkit_roots()
+        .into_iter()
+        .map(|(_, root)| root.join("include"))
+        .collect();
+    for site in site_packages(&mut Vec::new()) {
+        for sub in [
+            "nvidia/nvtx/include",
+            "nvidia/cu13/include",
+            "nvidia/cuda_runtime/include",
+        ] {
+            dirs.push(site.join(sub));
+        }
+    }
+    let Some(dir) = dirs
+        .into_iter()
+        .find(|d| d.join("nvtx3/nvToolsExt.h").is_file())
+    else {
+        println!(
+            "cargo:warning=incept: NVTX 3 headers (nvtx3/nvToolsExt.h) not found under $CUDA_HOME/include or the nvidia-nvtx wheel: building without profiler ranges"
+        );
+        return;
+    };
+    cc::Build::new()
+        .file("cuda/nvtx.c")
+        .include(&dir)
+        .warnings(false)
+        .compile("incept_nvtx");
+    // NVTX 3 loads the profiler's injection library with dlopen.
+    println!("cargo:rustc-link-lib=dl");
+    println!("cargo:rustc-cfg=incept_nvtx");
+    println!("cargo:warning=incept: NVTX 3 ranges from {}", dir.display());
 }
 
 /// One compiled kernel file.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or reuses) a Python venv holding the NVIDIA CUDA 12 wheels that build.rs needs for
 # `--features cudnn` on a machine without the CUDA toolkit: NVRTC (compiles cuda/*.cu to PTX),
-# the runtime headers (cuda_fp16.h, cuda_bf16.h) and ptxas (scripts/ptx-check.sh).
+# the runtime headers (cuda_fp16.h, cuda_bf16.h), ptxas (scripts/ptx-check.sh) and the NVTX 3
+# headers (cuda/nvtx.c). With INCEPT_CUDA_WHEELS it makes any other set, e.g. the CUDA 13
+# runtime libraries that .ci/run checks `incept info` against.
 #
 #   export INCEPT_PYTHON="$(scripts/cuda-venv.sh)"     # prints the venv's python, nothing else
 #
@@ -16,7 +18,7 @@
 set -euo pipefail
 
 venv="${1:-${INCEPT_CUDA_VENV:-${TMPDIR:-/tmp}/incept-cuda-venv}}"
-wheels="${INCEPT_CUDA_WHEELS:-nvidia-cuda-nvrtc-cu12==12.4.127 nvidia-cuda-runtime-cu12==12.4.127 nvidia-cuda-nvcc-cu12==12.4.131}"
+wheels="${INCEPT_CUDA_WHEELS:-nvidia-cuda-nvrtc-cu12==12.4.127 nvidia-cuda-runtime-cu12==12.4.127 nvidia-cuda-nvcc-cu12==12.4.131 nvidia-nvtx-cu12==12.4.127}"
 python="${PYTHON3:-python3}"
 log() { echo "cuda-venv: $*" >&2; }
 

@@ -342,13 +342,22 @@ fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn info() {
+/// Prints the build, the CPU and, in the CUDA build, every NVIDIA library and device. Exits
+/// with status 1 when the CUDA build finds no usable GPU, so scripts can test for one.
+fn info() -> ExitCode {
     println!("incept {}", env!("CARGO_PKG_VERSION"));
     println!("cpu: {} threads", rayon::current_num_threads());
     #[cfg(feature = "cudnn")]
-    print!("{}", incept::backend::cuda::info());
+    {
+        let (text, usable) = incept::backend::cuda::info();
+        print!("{text}");
+        if !usable {
+            return ExitCode::FAILURE;
+        }
+    }
     #[cfg(not(feature = "cudnn"))]
     println!("cuda: not in this build (rebuild with `cargo build --release --features cudnn`)");
+    ExitCode::SUCCESS
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -384,7 +393,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Data(DataCommand::Check { dir }) => print!("{}", incept::data::check(&dir)?),
         Command::Bench(args) => bench(args)?,
-        Command::Info => info(),
+        Command::Info => return Ok(info()),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -224,12 +224,19 @@ mod gpu {
     /// and the rest replay it. Evaluation between epochs reallocates the buffers the graph
     /// points into, so the graph is dropped at the end of each epoch. Partial batches are left
     /// out: the graph has one batch size.
+    ///
+    /// Capturing is an optimisation, never a requirement: if a capture fails (a call the
+    /// driver will not capture, an allocation it refuses, a driver without graph support),
+    /// the step counters it advanced are put back, a warning says why, and this step and all
+    /// later ones run op by op, with the same numerics.
     pub struct GraphStepper<'a> {
         feed: DeviceFeed<'a>,
         labels: Vec<u32>,
         graph: Option<StepGraph>,
         /// The batch size of this epoch's eager step, once it has run.
         warm: Option<usize>,
+        /// Set once a capture has failed: every later step runs eagerly.
+        eager_only: bool,
     }
 
     impl<'a> GraphStepper<'a> {
@@ -239,7 +246,18 @@ mod gpu {
                 labels: Vec::new(),
                 graph: None,
                 warm: None,
+                eager_only: false,
             }
+        }
+
+        fn eager(
+            &mut self,
+            net: &mut Net<f32, Gpu>,
+            step: (&[usize], u64, u64),
+            opt: &Sgd,
+            smoothing: f64,
+        ) -> Result<Option<(f64, u64)>> {
+            eager_step(&mut self.feed, &mut self.labels, net, step, opt, smoothing)
         }
 
         /// Records one step; nothing runs until the graph is replayed.
@@ -286,20 +304,27 @@ mod gpu {
                 self.graph = None;
             }
             if self.graph.is_none() {
-                if self.warm != Some(b) {
+                if self.eager_only || self.warm != Some(b) {
                     self.warm = Some(b);
-                    return eager_step(
-                        &mut self.feed,
-                        &mut self.labels,
-                        net,
-                        (idx, epoch, first_pos),
-                        opt,
-                        smoothing,
-                    );
+                    return self.eager(net, (idx, epoch, first_pos), opt, smoothing);
                 }
-                self.graph = Some(self.capture(net, idx, opt, smoothing)?);
-                // The capture advanced the host's step counters once; its replay below is
-                // that step.
+                let counters = net.step_counters();
+                match self.capture(net, idx, opt, smoothing) {
+                    // The capture advanced the host's step counters once; its replay below is
+                    // that step.
+                    Ok(graph) => self.graph = Some(graph),
+                    Err(e) => {
+                        // Nothing recorded ran: undo the counting, clear what the capture
+                        // left behind, and take this step op by op.
+                        net.set_step_counters(&counters);
+                        net.backend().recover_from_capture()?;
+                        tracing::warn!(
+                            "CUDA graph capture failed ({e:#}); continuing without CUDA graphs (same results, more launch overhead; --no-cuda-graph skips the attempt)"
+                        );
+                        self.eager_only = true;
+                        return self.eager(net, (idx, epoch, first_pos), opt, smoothing);
+                    }
+                }
             } else {
                 net.count_replayed_step();
             }

@@ -302,16 +302,19 @@ pub fn parse_steps(s: &str) -> Result<std::ops::Range<u64>> {
     Ok(a..b)
 }
 
-/// Accepts `cpu`; says clearly why `cuda` is not available in this build.
+/// Accepts `cpu`, and `cuda[:N]` only where that device can be opened: checked before any
+/// data is downloaded or read, so a missing driver, GPU or library is the first thing said.
 pub fn check_device(device: &str) -> Result<()> {
     match device {
         "cpu" => Ok(()),
         d if d == "cuda" || d.starts_with("cuda:") => {
-            if cfg!(feature = "cudnn") {
-                Ok(())
-            } else {
-                bail!("--device {d}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu")
+            #[cfg(feature = "cudnn")]
+            {
+                let ordinal = crate::backend::cuda::parse_device(d)?;
+                crate::backend::cuda::probe(ordinal).with_context(|| format!("--device {d}"))
             }
+            #[cfg(not(feature = "cudnn"))]
+            bail!("--device {d}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu")
         }
         d => bail!("--device {d}: unknown device; use cpu or cuda[:N]"),
     }

@@ -268,8 +268,9 @@ fn no_arguments_means_train_with_defaults() {
     assert!(ok(&["--help"]).contains("With no subcommand, `incept` runs `incept train`"));
 }
 
-/// Runs incept expecting failure: non-zero exit, no panic, and every `needles` in the message.
-fn fails(args: &[&str], needles: &[&str]) {
+/// Runs incept expecting failure: non-zero exit, no panic, and every `needles` in the message,
+/// which it returns.
+fn fails(args: &[&str], needles: &[&str]) -> String {
     let o = run(args);
     let t = text(&o);
     assert!(!o.status.success(), "incept {args:?} should fail:\n{t}");
@@ -280,6 +281,12 @@ fn fails(args: &[&str], needles: &[&str]) {
     for n in needles {
         assert!(t.contains(n), "incept {args:?}: message lacks {n:?}:\n{t}");
     }
+    t
+}
+
+/// Whether `incept info` finds a usable GPU (it exits 0 only then, in the CUDA build).
+fn gpu_present() -> bool {
+    cfg!(feature = "cudnn") && run(&["info"]).status.success()
 }
 
 #[test]
@@ -291,18 +298,58 @@ fn bad_input_is_a_clear_error() {
         &["train", "--data-dir", d, "--output", out, "-b", "1"],
         &["--batch-size"],
     );
-    fails(
-        &[
+    // A CUDA device that cannot be used is refused before the data is read: the data folder
+    // here holds a broken file, and the message must be about the device. The CPU-only build
+    // names the missing feature; the CUDA build what is missing (no driver, no GPU, or, on a
+    // GPU machine, no device 99).
+    let broken = tmp.join("broken-data");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("data_batch_1.bin"), b"not CIFAR").unwrap();
+    for device in ["cuda", "cuda:99"] {
+        let flag = format!("--device {device}");
+        let needles: &[&str] = if cfg!(feature = "cudnn") {
+            &[&flag]
+        } else {
+            &[&flag, "cudnn"]
+        };
+        let args = [
             "train",
             "--data-dir",
-            d,
+            broken.to_str().unwrap(),
             "--output",
             out,
             "--device",
-            "cuda",
-        ],
-        &["--device cuda", "cudnn"],
-    );
+            device,
+        ];
+        if cfg!(feature = "cudnn") && device == "cuda" && gpu_present() {
+            continue;
+        }
+        let t = fails(&args, needles);
+        assert!(
+            !t.contains("data_batch") && !t.contains("broken-data"),
+            "incept {args:?} read the data before checking the device:\n{t}"
+        );
+    }
+    // eval and bench likewise check the device first (eval: before the checkpoint and data).
+    let broken = broken.to_str().unwrap();
+    for args in [
+        &[
+            "eval",
+            "--checkpoint",
+            "/nonexistent/best.safetensors",
+            "--data-dir",
+            broken,
+            "--device",
+            "cuda:99",
+        ][..],
+        &["bench", "--device", "cuda:99", "--steps", "1"][..],
+    ] {
+        let t = fails(args, &["--device cuda:99"]);
+        assert!(
+            !t.contains("nonexistent") && !t.contains("broken-data"),
+            "incept {args:?} read its inputs before checking the device:\n{t}"
+        );
+    }
     fails(
         &["train", "--data-dir", d, "--output", out, "--device", "tpu"],
         &["--device tpu"],
@@ -523,4 +570,95 @@ fn pytorch_weights_evaluate_and_start_training() {
         p,
     ]);
     assert_eq!(summary(&dir.join("ft")).len(), 2);
+}
+
+/// `incept info` in a bare environment: every library gets a line, either its version and
+/// file or where it looked and what to do; without a usable GPU it says so and exits non-zero,
+/// and nothing panics.
+#[cfg(feature = "cudnn")]
+#[test]
+fn info_names_every_library_or_where_it_looked() {
+    let empty = scratch("info-empty");
+    // A file of the right name that is no library: named with the loader's reason.
+    let broken = scratch("info-broken");
+    std::fs::write(broken.join("libcudnn.so.9"), b"not an ELF file").unwrap();
+    let libs = format!("{}:{}", empty.display(), broken.display());
+    let o = bare_env(&empty, "/usr/bin:/bin")
+        .env("INCEPT_CUDA_LIBS", &libs)
+        .output()
+        .expect("run incept");
+    let t = text(&o);
+    assert!(!t.contains("panicked"), "incept info panicked:\n{t}");
+    let cudnn = t.lines().find(|l| l.starts_with("cuDNN: ")).unwrap_or("");
+    assert!(
+        cudnn.contains("libcudnn.so.9 would not load"),
+        "the broken libcudnn.so.9 is not named: {cudnn:?}"
+    );
+    for lib in [
+        "driver", "cuBLASLt", "cuBLAS", "cuDNN", "NVRTC", "NCCL", "NVTX",
+    ] {
+        let line = t
+            .lines()
+            .find(|l| l.starts_with(&format!("{lib}: ")))
+            .unwrap_or_else(|| panic!("no {lib} line in incept info:\n{t}"));
+        if line.contains("not found") {
+            for needle in ["looked for", "[INCEPT_CUDA_LIBS]", "system loader"] {
+                assert!(line.contains(needle), "{needle:?} missing from {line:?}");
+            }
+        }
+    }
+    if !o.status.success() {
+        assert!(t.contains("cuda: not usable"), "no verdict in:\n{t}");
+    }
+}
+
+/// The CUDA 13 wheels in a virtual environment that is on PATH but not activated (as PyTorch's
+/// is on the GPU machines): `incept info` finds each library in the wheels' layout and reads
+/// its version. Needs INCEPT_CUDA13_PYTHON, the python of a venv holding nvidia-cublas,
+/// nvidia-cuda-nvrtc, nvidia-cudnn-cu13 and nvidia-nccl-cu13 (.ci/run makes one).
+#[cfg(feature = "cudnn")]
+#[test]
+fn info_finds_cuda13_wheels_in_a_venv_that_is_not_activated() {
+    let Some(python) = std::env::var_os("INCEPT_CUDA13_PYTHON") else {
+        eprintln!("skipped: INCEPT_CUDA13_PYTHON is not set (scripts/cuda-venv.sh makes the venv; see .ci/run)");
+        return;
+    };
+    let bin = Path::new(&python).parent().expect("python in a bin folder");
+    let home = scratch("info-home");
+    let o = bare_env(&home, &format!("{}:/usr/bin:/bin", bin.display()))
+        .output()
+        .expect("run incept");
+    let t = text(&o);
+    assert!(!t.contains("panicked"), "incept info panicked:\n{t}");
+    assert!(
+        !t.contains("cudarc cannot open"),
+        "a library was found that cudarc would not open by name:\n{t}"
+    );
+    for (lib, version, file) in [
+        ("cuBLASLt", "13.", "nvidia/cu13/lib/libcublasLt.so.13"),
+        ("cuBLAS", "13.", "nvidia/cu13/lib/libcublas.so.13"),
+        ("cuDNN", "9.", "nvidia/cudnn/lib/libcudnn.so.9"),
+        ("NVRTC", "13.", "nvidia/cu13/lib/libnvrtc.so.13"),
+        ("NCCL", "2.", "nvidia/nccl/lib/libnccl.so.2"),
+    ] {
+        let want = format!("{lib}: {version}");
+        let line = t.lines().find(|l| l.starts_with(&want));
+        assert!(
+            line.is_some_and(|l| l.contains(file)),
+            "expected a line starting {want:?} naming {file}:\n{t}"
+        );
+    }
+}
+
+/// `incept info` with a minimal environment: no toolkit, virtual or conda environment, and
+/// `home` as HOME.
+#[cfg(feature = "cudnn")]
+fn bare_env(home: &Path, path: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_incept"));
+    c.arg("info")
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", home)
+        .stdin(Stdio::null());
+    c
 }

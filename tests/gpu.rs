@@ -1014,8 +1014,10 @@ fn test_no_driver_error() -> Outcome {
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || !text.contains("no NVIDIA driver found") || text.contains("panicked")
-    {
+    let clear = text.contains("--device cuda: driver: not found")
+        && text.contains("install the NVIDIA driver")
+        && text.contains("looked for libcuda.so.1");
+    if out.status.success() || !clear || text.contains("panicked") {
         return Err(format!(
             "expected a clear no-driver error, got status {:?}:\n{text}",
             out.status
@@ -1161,7 +1163,7 @@ fn main() {
         0.0,
     );
     let no_driver = match &device {
-        Err(why) if why.contains("no NVIDIA driver") => Ok(test_no_driver_error()),
+        Err(why) if why.contains("driver: not found") => Ok(test_no_driver_error()),
         _ => Err("a driver is present".to_string()),
     };
     tally.report("no_driver_error_is_clear", no_driver, 0.0);

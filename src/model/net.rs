@@ -87,6 +87,13 @@ struct Ctx<'a, B> {
     profile: bool,
 }
 
+/// See [`Net::step_counters`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepCounters {
+    batches: Vec<i64>,
+    sgd_steps: u64,
+}
+
 /// The network on backend `B`, computing in `T`.
 pub struct Net<T: Elem, B: Backend<T>> {
     pub spec: ModelSpec,
@@ -834,6 +841,33 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             }
         });
         self.sgd_steps += 1;
+    }
+
+    /// The host's step counters (BatchNorm's batch counts and the SGD step count), to be put
+    /// back with [`Net::set_step_counters`] when a recorded step never runs (a CUDA graph
+    /// capture that failed).
+    pub fn step_counters(&mut self) -> StepCounters {
+        let mut batches = Vec::new();
+        visit_nodes(&mut self.nodes, &mut |_, slot| {
+            if let Slot::Count(c) = slot {
+                batches.push(*c);
+            }
+        });
+        StepCounters {
+            batches,
+            sgd_steps: self.sgd_steps,
+        }
+    }
+
+    /// Restores what [`Net::step_counters`] returned.
+    pub fn set_step_counters(&mut self, counters: &StepCounters) {
+        let mut it = counters.batches.iter().copied();
+        visit_nodes(&mut self.nodes, &mut |_, slot| {
+            if let (Slot::Count(c), Some(v)) = (slot, it.next()) {
+                *c = v;
+            }
+        });
+        self.sgd_steps = counters.sgd_steps;
     }
 
     /// Mean cross-entropy of the last forward's logits against `labels` (label smoothing

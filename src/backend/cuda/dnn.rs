@@ -396,13 +396,6 @@ impl Dnn {
         }
     }
 
-    /// cuDNN's version as MAJOR.MINOR.PATCH.
-    pub fn version() -> String {
-        // SAFETY: a pure query.
-        let v = unsafe { sys::cudnnGetVersion() };
-        format!("{}.{}.{}", v / 10000, v % 10000 / 100, v % 100)
-    }
-
     /// The algorithms for convolving `xs` with `conv` in `dt`, chosen on first use of the shape
     /// and cached: measured by `cudnnFind*` (which runs every candidate once, on scratch memory
     /// cuDNN allocates itself), or ranked by the heuristics if measuring fails, and always

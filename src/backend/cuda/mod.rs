@@ -22,7 +22,10 @@
 
 mod dnn;
 pub mod libs;
+mod nvtx;
 mod ops;
+
+use libs::Lib;
 
 pub use ops::DeviceRecords;
 
@@ -229,7 +232,7 @@ pub struct Gpu {
     loss_scale: Option<LossScale>,
     /// Present with several streams.
     graveyard: Option<Graveyard>,
-    /// NVTX ranges (libnvToolsExt found).
+    /// NVTX ranges (a profiler is attached).
     nvtx: bool,
     /// Streaming multiprocessors, for launch geometry (read once: the reduction kernels'
     /// grids, hence their bits, must not change from launch to launch).
@@ -255,16 +258,50 @@ pub fn parse_device(device: &str) -> Result<usize> {
     }
 }
 
-/// Checks that the driver library loads, without which cudarc would panic.
-fn driver_present() -> Result<()> {
-    libs::preload();
-    // SAFETY: only tries to open the library.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+/// `Ok` if `lib` was found and cudarc, which looks it up by name and panics when that fails,
+/// will find it too.
+fn present(lib: Lib) -> Result<()> {
+    let found = libs::libraries().require(lib)?;
+    if !cudarc_finds(lib) {
         bail!(
-            "no NVIDIA driver found (libcuda.so.1 could not be loaded): install the NVIDIA driver on this machine, or use --device cpu"
+            "{} was loaded from {} but cannot be opened by any of the names this build looks for; point INCEPT_CUDA_LIBS at a CUDA 13 or 12 library set",
+            lib.name(),
+            found.file.as_deref().unwrap_or(std::path::Path::new("?")).display()
         );
     }
     Ok(())
+}
+
+/// Whether cudarc's own by-name lookup of `lib` succeeds (true for those it does not open).
+fn cudarc_finds(lib: Lib) -> bool {
+    // SAFETY: each only tries to open the library by the names cudarc uses.
+    unsafe {
+        match lib {
+            Lib::Driver => cudarc::driver::sys::is_culib_present(),
+            Lib::Cublas => cudarc::cublas::sys::is_culib_present(),
+            Lib::Cudnn => cudarc::cudnn::sys::is_culib_present(),
+            Lib::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+            Lib::CublasLt | Lib::Nccl => true,
+        }
+    }
+}
+
+/// Checks, before anything else is read or computed, that CUDA device `ordinal` can be used:
+/// the driver, a device of that number, cuBLAS and cuDNN.
+pub fn probe(ordinal: usize) -> Result<()> {
+    present(Lib::Driver)?;
+    let count = CudaContext::device_count().map_err(|e| {
+        anyhow::anyhow!("the NVIDIA driver found no usable CUDA device ({e}); use --device cpu")
+    })?;
+    if count == 0 {
+        bail!("the NVIDIA driver reports no CUDA device; use --device cpu");
+    }
+    if ordinal >= count as usize {
+        bail!("this machine has {count} CUDA device(s), numbered from 0");
+    }
+    present(Lib::CublasLt)?;
+    present(Lib::Cublas)?;
+    present(Lib::Cudnn)
 }
 
 /// The driver's CUDA version, e.g. `12.8`.
@@ -276,17 +313,6 @@ fn driver_version() -> Result<String> {
         bail!("cuDriverGetVersion failed: {r:?}");
     }
     Ok(format!("{}.{}", v / 1000, v % 1000 / 10))
-}
-
-fn cudnn_present() -> Result<()> {
-    // SAFETY: only tries to open the library.
-    if !unsafe { cudarc::cudnn::sys::is_culib_present() } {
-        bail!(
-            "cuDNN not found (libcudnn.so.9): install it (e.g. `pip install nvidia-cudnn-cu12`, found automatically in the active Python environment) or add its lib folder to LD_LIBRARY_PATH; searched: {}",
-            libs::search_dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok(())
 }
 
 /// Every kernel the backend launches. Those in `TYPED` exist once per activation type
@@ -380,17 +406,7 @@ impl Gpu {
 
     /// Opens device `ordinal`, its cuDNN and cuBLAS handles, and loads the kernels.
     pub fn with_options(ordinal: usize, opts: GpuOptions) -> Result<Gpu> {
-        driver_present()?;
-        let count = CudaContext::device_count()
-            .map_err(|e| anyhow::anyhow!("cannot query CUDA devices: {e}"))?;
-        if count == 0 {
-            bail!("the NVIDIA driver reports no CUDA device; use --device cpu");
-        }
-        if ordinal >= count as usize {
-            bail!(
-                "--device cuda:{ordinal}: this machine has {count} CUDA device(s), numbered from 0"
-            );
-        }
+        probe(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow::anyhow!("cannot open CUDA device {ordinal}: {e}"))?;
         // SAFETY: called before any buffer or stream exists; this backend orders its own work
@@ -401,7 +417,6 @@ impl Gpu {
         if opts.streams == 0 {
             bail!("--streams must be at least 1");
         }
-        cudnn_present()?;
         let alloc = |e| anyhow::anyhow!("CUDA allocation failed: {e}");
         let n_lanes = if opts.streams == 1 {
             1
@@ -503,8 +518,7 @@ impl Gpu {
                 skipped: stream.alloc_zeros::<i32>(1).map_err(alloc)?,
             })
         };
-        // SAFETY: only tries to open the library.
-        let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
+        let nvtx = nvtx::active();
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -620,6 +634,22 @@ impl Gpu {
         self.take_error()
     }
 
+    /// After a failed CUDA graph capture, whose recorded work never ran: waits for the
+    /// device and forgets the failures the capture left (including those of freeing memory
+    /// allocated inside it), so that eager steps can follow. An error only if the device
+    /// itself has failed.
+    pub fn recover_from_capture(&self) -> Result<()> {
+        self.capturing
+            .store(false, std::sync::atomic::Ordering::Release);
+        let _ = self.take_error();
+        self.ctx
+            .synchronize()
+            .map_err(|e| anyhow::anyhow!("CUDA error after a failed graph capture: {e}"))?;
+        let _ = self.ctx.check_err();
+        let _ = self.take_error();
+        Ok(())
+    }
+
     /// Records the first failure; later ones are consequences of it.
     fn record(&self, what: &str, e: impl std::fmt::Display) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
@@ -649,16 +679,17 @@ impl Gpu {
     }
 }
 
-/// What `incept info` prints: driver, devices, cuDNN, and whether the kernels load.
-pub fn info() -> String {
+/// What `incept info` prints: the build, each library (file and version, or where it looked),
+/// the devices, and whether device 0 opens with the kernels loaded. The flag is false when
+/// the CUDA backend cannot run here.
+pub fn info() -> (String, bool) {
     let mut out = String::new();
     let mut line = |s: String| {
         out.push_str(&s);
         out.push('\n');
     };
     line(format!(
-        "build: CUDA backend (cudarc {}), kernels: {}",
-        "0.19.10",
+        "build: CUDA backend (cudarc 0.19.10, CUDA 13 bindings; opens CUDA 13 or 12 libraries), kernels: {}",
         ptx::PTX
             .iter()
             .map(|(m, _)| *m)
@@ -682,36 +713,37 @@ pub fn info() -> String {
                 .join(", ")
         }
     ));
-    let loaded = libs::preload();
-    if !loaded.is_empty() {
-        line(format!(
-            "preloaded: {}",
-            loaded
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    let libraries = libs::libraries();
+    for lib in Lib::ALL {
+        let found = libraries.get(lib);
+        let mut l = found.describe(&libraries.places);
+        if found.file.is_some() && !cudarc_finds(lib) {
+            l.push_str("; but cudarc cannot open it by name (unsupported soname)");
+        }
+        line(l);
     }
-    if let Err(e) = driver_present() {
-        line(format!("driver: {e}"));
-        return out;
-    }
-    line(format!(
-        "driver: CUDA {}",
-        driver_version().unwrap_or_else(|e| e.to_string())
-    ));
-    match CudaContext::device_count() {
-        Ok(n) => line(format!("devices: {n}")),
-        Err(e) => line(format!("devices: cannot query ({e})")),
-    }
-    match cudnn_present() {
-        Ok(()) => line(format!("cuDNN: {}", dnn::Dnn::version())),
-        Err(e) => line(format!("cuDNN: {e}")),
-    }
-    match Gpu::new(0) {
-        Ok(g) => line(format!("cuda:0: {}; kernels load", g.describe())),
-        Err(e) => line(format!("cuda:0: {e:#}")),
-    }
-    out
+    line(format!("NVTX: {}", nvtx::status()));
+    let usable = match probe(0) {
+        Err(e) => {
+            line(format!("cuda: not usable: {e:#}"));
+            false
+        }
+        Ok(()) => {
+            match CudaContext::device_count() {
+                Ok(n) => line(format!("devices: {n}")),
+                Err(e) => line(format!("devices: cannot query ({e})")),
+            }
+            match Gpu::new(0) {
+                Ok(g) => {
+                    line(format!("cuda:0: {}; kernels load", g.describe()));
+                    true
+                }
+                Err(e) => {
+                    line(format!("cuda:0: {e:#}"));
+                    false
+                }
+            }
+        }
+    };
+    (out, usable)
 }

@@ -362,7 +362,7 @@ impl Backend<f32> for Gpu {
 
     fn range_push(&self, name: &str) {
         if self.nvtx {
-            cudarc::nvtx::result::range_push(name);
+            super::nvtx::push(name);
         }
     }
 
@@ -394,7 +394,7 @@ impl Backend<f32> for Gpu {
 
     fn range_pop(&self) {
         if self.nvtx {
-            cudarc::nvtx::result::range_pop();
+            super::nvtx::pop();
         }
     }
 
