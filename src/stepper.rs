@@ -280,6 +280,11 @@ mod gpu {
                 net.loss(&self.labels, smoothing)?;
                 net.backward()?;
                 net.sgd_step(opt);
+                // Fault injection for the GPU tests: the whole step is recorded, then refused
+                // as a driver would refuse it, which exercises the fallback end to end.
+                if std::env::var_os("INCEPT_REFUSE_CUDA_GRAPH").is_some() {
+                    anyhow::bail!("refused: INCEPT_REFUSE_CUDA_GRAPH is set");
+                }
                 Ok(())
             })();
             // Always end the capture, so a failure leaves the stream usable.

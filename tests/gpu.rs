@@ -855,7 +855,8 @@ fn test_device_batches_match_host(p: &Prec) -> Outcome {
 /// The step captured as a CUDA graph and replayed (the default) against every step issued op
 /// by op (`--no-cuda-graph`): 100 steps of one epoch (6000 images, batch 60, no partial
 /// batch), with deterministic algorithms, end in the same checkpoint, byte for byte, and the
-/// same training loss and accuracy (read back from the device in the graph's case).
+/// same training loss and accuracy (read back from the device in the graph's case); and a
+/// refused capture (`INCEPT_REFUSE_CUDA_GRAPH`) falls back to eager steps, warning once.
 fn test_graph_matches_eager(p: &Prec) -> Outcome {
     let dir = scratch("graph", p);
     let r = (|| {
@@ -885,6 +886,25 @@ fn test_graph_matches_eager(p: &Prec) -> Outcome {
         if g != e {
             return Err(format!(
                 "[{}] summary differs:\n  graph {g:?}\n  eager {e:?}",
+                p.name
+            ));
+        }
+        // A capture that fails is no failure of training: it warns once and goes on op by op,
+        // to the same checkpoint.
+        std::env::set_var("INCEPT_REFUSE_CUDA_GRAPH", "1");
+        let refused = train_binary_on(&dir, "6000", p, &args, "refused");
+        std::env::remove_var("INCEPT_REFUSE_CUDA_GRAPH");
+        let refused = refused?;
+        let log = std::fs::read_to_string(dir.join("last-stderr.txt")).unwrap_or_default();
+        if log.matches("CUDA graph capture failed").count() != 1 {
+            return Err(format!(
+                "[{}] expected one warning about the failed capture, got:\n{log}",
+                p.name
+            ));
+        }
+        if read(&refused, "last.safetensors")? != read(&eager, "last.safetensors")? {
+            return Err(format!(
+                "[{}] after a refused capture, last.safetensors differs from eager steps",
                 p.name
             ));
         }
@@ -950,6 +970,8 @@ fn train_binary_on(
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;
+        // The last command's messages, for tests that look for a warning.
+        let _ = std::fs::write(dir.join("last-stderr.txt"), &out.stderr);
         if !out.status.success() {
             return Err(format!(
                 "incept {}: {:?}\n{}",
