@@ -5,8 +5,8 @@
 // - eval normalises with the running statistics;
 // - the ReLU backward masks with the output: dy' = (y <= 0) ? 0 : dy.
 //
-// Per-channel reductions (batch statistics, Σdy', Σdy'·x̂, and the bias gradient Σdy of a
-// convolution, which shares the machinery) are grid-wide and deterministic:
+// Per-channel reductions (batch statistics, Σdy', Σdy'·x̂; the bias gradient Σdy shares the
+// machinery with fixed tiles in place of chunks) are grid-wide and deterministic:
 // block (bx, by) of the grid owns channels [bx·blockDim.x, +blockDim.x) and the row chunk
 // `by` of gridDim.y equal chunks; each thread accumulates its rows (stride blockDim.y) in float,
 // the block combines its threads in double in a fixed order and writes its partial to a
@@ -14,8 +14,8 @@
 // the partials in chunk order, in double. No float atomics; the result depends only on the
 // data and the launch geometry.
 //
-// Shared requirements of the three reduction kernels (batch_norm_stats,
-// batch_norm_relu_backward_reduce, bias_grad):
+// Shared requirements of the reduction kernels (batch_norm_stats,
+// batch_norm_relu_backward_reduce; bias_grad differs in its row split and workspace, see there):
 //   block = (BX, BY) with BX ≤ 32 and BY ≤ 32 (recommended (32, 16); (16, 32) when C = 16),
 //   grid = (ceil(C / BX), G), G ≥ 1 row chunks. Recommended: about two blocks per SM while
 //   each thread keeps at least ~8 rows, G = max(1, min(ceil(2·SMs / gridDim.x), P / (8·BY))).
@@ -255,37 +255,51 @@ __device__ __forceinline__ void batch_norm_relu_backward_apply_impl(T* dx, const
 
 // ---- bias_grad ------------------------------------------------------------------------------------
 
-// db[c] += Σ_p dy[p, c]: the bias gradient of a convolution whose weight and data gradients come
-// from cuDNN. The same chunked reduction as the BN kernels (float per thread, double per block
-// and across chunks, fixed order), so it is deterministic, which cuDNN's bias-gradient
-// reduction is not promised to be. Only the first G·C doubles of the workspace are used.
+// db[c] += Σ_p dy[p, c]: the bias gradient of a convolution or of the linear head, on every
+// precision path. Unlike the BN reductions, the summation order does not depend on the grid:
+// the rows are cut into fixed tiles of R rows, each tile is summed the same way whichever block
+// takes it (float per thread over rows ty, ty + BY, …, then the BY thread sums in double in
+// order), and the last block merges the tile sums in an order fixed by the tile index and BY.
+// The result therefore depends only on the data, P, C, R and BY, never on G (which follows the
+// GPU's SM count) or on the order in which blocks run: the same bits on every GPU and every run.
 template <typename T>
 __device__ __forceinline__ void bias_grad_impl(float* __restrict__ db, double* workspace, int* counters,
-                                               const T* __restrict__ dy, int P, int C) {
-    __shared__ float red[BN_MAX_BY][BN_MAX_BX + 1];
+                                               const T* __restrict__ dy, int P, int C, int R) {
+    __shared__ double red[BN_MAX_BY][BN_MAX_BX + 1];
     const int tx = threadIdx.x, ty = threadIdx.y, by = blockDim.y;
     const int c = blockIdx.x * blockDim.x + tx;
     const bool active = c < C;
-    const int G = gridDim.y, chunk = blockIdx.y;
-    int r0, r1;
-    bn_chunk(P, G, chunk, r0, r1);
+    const int tiles = (P + R - 1) / R;
 
-    float s = 0.f;
-    if (active)
-        for (int r = r0 + ty; r < r1; r += by) s += to_float(dy[(size_t)r * C + c]);
-    red[ty][tx] = s;
-    __syncthreads();
-    if (ty == 0 && active) {
-        double t = 0.0;
-        for (int k = 0; k < by; ++k) t += red[k][tx];
-        workspace[(size_t)chunk * C + c] = t;
+    // The loop bounds depend only on blockIdx.y, so every thread of the block meets the barriers.
+    for (int t = blockIdx.y; t < tiles; t += gridDim.y) {
+        const int r1 = min(P, (t + 1) * R);
+        float s = 0.f;
+        if (active)
+            for (int r = t * R + ty; r < r1; r += by) s += to_float(dy[(size_t)r * C + c]);
+        red[ty][tx] = s;
+        __syncthreads();
+        if (ty == 0 && active) {
+            double acc = 0.0;
+            for (int k = 0; k < by; ++k) acc += red[k][tx];
+            workspace[(size_t)t * C + c] = acc;
+        }
+        __syncthreads();  // row 0 has read `red` before the next tile overwrites it
     }
     if (!bn_last_block(counters)) return;
 
-    if (ty == 0 && active) {
+    // Thread ty merges tiles ty, ty + BY, … in order, then row 0 adds the BY partials in order:
+    // BY-way parallel, so a long row of tiles is not read by one thread alone.
+    double part = 0.0;
+    if (active) {
         const volatile double* ws = workspace;
+        for (int t = ty; t < tiles; t += by) part += ws[(size_t)t * C + c];
+    }
+    red[ty][tx] = part;
+    __syncthreads();
+    if (ty == 0 && active) {
         double total = 0.0;
-        for (int k = 0; k < G; ++k) total += ws[(size_t)k * C + c];
+        for (int k = 0; k < by; ++k) total += red[k][tx];
         db[c] = db[c] + (float)total;  // accumulates, as autograd; one float add
     }
 }
@@ -349,17 +363,20 @@ INCEPT_INSTANTIATE_3(batch_norm_relu_backward_apply,
                       int P, int C, int relu),
                      (dx, dy, ld_dy, dy_off, y, ld_y, y_off, x, mean, coef, P, C, relu))
 
-// bias_grad_{f32,f16,bf16}(float* db, double* workspace, int* counters, const T* dy, int P, int C)
-//   dy [P, C] contiguous (a convolution's output gradient). db[c] += Σ_p dy[p·C + c]: summed in
-//   float per thread, in double per block and across the G chunks in chunk order, then
-//   db[c] = db[c] + (float)total. Deterministic for a given launch geometry.
-//   Launch: as batch_norm_stats: block (32, 16) ((16, 32) when C ≤ 16), grid (ceil(C/BX), G);
-//   workspace ≥ G·C doubles (the 2·G·C of the BN kernels will do), counters gridDim.x ints,
+// bias_grad_{f32,f16,bf16}(float* db, double* workspace, int* counters, const T* dy, int P, int C,
+//     int R)
+//   dy [P, C] contiguous (a convolution's output gradient, or the logits' gradient of the
+//   linear head). db[c] += Σ_p dy[p·C + c]: tiles of R rows (R ≥ 1), each summed in float per
+//   thread and in double across the block, the ceil(P/R) tile sums merged in double in a fixed
+//   order, then db[c] = db[c] + (float)total. The bits depend on P, C, R and BY only: not on G,
+//   not on the order the blocks run in.
+//   Launch: block (32, 16) ((16, 32) when C ≤ 16), grid (ceil(C/BX), G) for any G ≥ 1 (more
+//   than ceil(P/R) leaves blocks idle); workspace ceil(P/R)·C doubles, counters gridDim.x ints,
 //   zero before the launch and left zero.
 INCEPT_INSTANTIATE_3(bias_grad,
                      (float* __restrict__ db, double* workspace, int* counters, const T* __restrict__ dy, int P,
-                      int C),
-                     (db, workspace, counters, dy, P, C))
+                      int C, int R),
+                     (db, workspace, counters, dy, P, C, R))
 
 // batch_norm_eval_invstd(float* invstd, const float* running_var, int C, float eps)
 //   invstd[c] = 1/√(running_var[c] + eps), computed in double: the eval path's invstd for

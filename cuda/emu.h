@@ -3,9 +3,11 @@
 // the CPU in `cargo test` (through the kernel-emu crate).
 //
 // Execution model of `emu_launch`:
-// - Blocks run one after another, in blockIdx order (x fastest). `__shared__` is `static`, so
-//   every block sees the same storage; that is sound only because blocks never overlap in time
-//   and launches are serialized by a process-wide mutex.
+// - Blocks run one after another, in blockIdx order (x fastest), or in a seeded random order
+//   (`order` ≠ 0) so that tests can show a result does not depend on which block runs first or
+//   finishes last, as it must not on a GPU. `__shared__` is `static`, so every block sees the
+//   same storage; that is sound only because blocks never overlap in time and launches are
+//   serialized by a process-wide mutex.
 // - The threads of a block are real host threads (one std::thread per CUDA thread, created once
 //   per launch and reused for every block). `__syncthreads()` is a std::barrier across the
 //   block; a thread that returns from the kernel early drops out of it, as exited threads do on
@@ -39,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 // ---- qualifiers -------------------------------------------------------------------------------
@@ -281,9 +284,27 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
 // One launch at a time in the whole process: `__shared__` storage is static.
 inline std::mutex emu_launch_mutex;
 
+// The order in which `emu_launch` runs the blocks: 0, 1, 2, … for `order` 0, otherwise a
+// permutation drawn from `order` (Fisher–Yates with splitmix64).
+inline std::vector<long> emu_block_order(long blocks, uint64_t order) {
+    std::vector<long> seq(blocks);
+    for (long b = 0; b < blocks; ++b) seq[b] = b;
+    uint64_t state = order;
+    auto next = [&state] {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    };
+    if (order != 0)
+        for (long i = blocks - 1; i > 0; --i) std::swap(seq[i], seq[(long)(next() % (uint64_t)(i + 1))]);
+    return seq;
+}
+
 // Runs `kernel` (a closure calling the __global__ function with its arguments) over `grid`
-// blocks of `block` threads. Returns when every block has finished.
-inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+// blocks of `block` threads, in the block order `order` selects (see emu_block_order). Returns
+// when every block has finished.
+inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel, uint64_t order = 0) {
     std::lock_guard<std::mutex> lock(emu_launch_mutex);
     const int threads = (int)(block.x * block.y * block.z);
     const long blocks = (long)grid.x * grid.y * grid.z;
@@ -292,6 +313,7 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
         std::fprintf(stderr, "emu_launch: %d threads per block (CUDA allows 1024)\n", threads);
         std::abort();
     }
+    const std::vector<long> sequence = emu_block_order(blocks, order);
     long current = 0;
     std::unique_ptr<EmuBlock> state(new EmuBlock(threads));
     // Runs once per block, after every thread finished it and before any starts the next.
@@ -306,8 +328,8 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
         threadIdx = dim3(tid % block.x, (tid / block.x) % block.y, tid / (block.x * block.y));
         emu_tid = tid;
         for (;;) {
-            const long b = current;  // published by the block_done barrier
-            if (b >= blocks) break;
+            if (current >= blocks) break;  // `current` is published by the block_done barrier
+            const long b = sequence[current];
             blockIdx = dim3((unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
                             (unsigned)(b / ((long)grid.x * grid.y)));
             emu_block = state.get();

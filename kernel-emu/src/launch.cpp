@@ -6,6 +6,7 @@ extern "C" {
 struct EmuDims {
     unsigned grid_x, grid_y, grid_z;
     unsigned block_x, block_y, block_z;
+    uint64_t order;  // 0: blocks in blockIdx order; otherwise the seed of a random order
 };
 }
 
@@ -16,7 +17,7 @@ struct EmuDims {
     extern "C" void name params;                                                      \
     extern "C" void emu_##name(EmuDims d, EMU_UNPAREN params) {                       \
         emu_launch(dim3(d.grid_x, d.grid_y, d.grid_z), dim3(d.block_x, d.block_y, d.block_z), \
-                   [&] { name args; });                                               \
+                   [&] { name args; }, d.order);                                      \
     }
 
 // The same for the three instantiations name_f32, name_f16, name_bf16, with `T` in params.
@@ -53,8 +54,8 @@ EMU_WRAP_3(batch_norm_relu_backward_apply,
            (T * dx, const T* dy, int ld_dy, int dy_off, const T* y, int ld_y, int y_off, const T* x,
             const float* mean, const float* coef, int P, int C, int relu),
            (dx, dy, ld_dy, dy_off, y, ld_y, y_off, x, mean, coef, P, C, relu))
-EMU_WRAP_3(bias_grad, (float* db, double* workspace, int* counters, const T* dy, int P, int C),
-           (db, workspace, counters, dy, P, C))
+EMU_WRAP_3(bias_grad, (float* db, double* workspace, int* counters, const T* dy, int P, int C, int R),
+           (db, workspace, counters, dy, P, C, R))
 EMU_WRAP(batch_norm_eval_invstd, (float* invstd, const float* running_var, int C, float eps),
          (invstd, running_var, C, eps))
 

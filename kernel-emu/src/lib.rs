@@ -1,9 +1,10 @@
 //! Runs the CUDA kernels of `../cuda/*.cu` on the CPU, for tests.
 //!
 //! `build.rs` compiles the very same sources with the host C++ compiler (`-DINCEPT_EMU`), where
-//! `cuda/emu.h` supplies the CUDA built-ins: blocks run one after another, the threads of a
-//! block run as real host threads with `__syncthreads` as a barrier, warp shuffles exchange
-//! values through per-warp slots. This crate only launches them: every function here takes
+//! `cuda/emu.h` supplies the CUDA built-ins: blocks run one after another (in blockIdx order,
+//! or a seeded random one: [`Launch::shuffled`]), the threads of a block run as real host
+//! threads with `__syncthreads` as a barrier, warp shuffles exchange values through per-warp
+//! slots. This crate only launches them: every function here takes
 //! slices, checks that they are large enough for what the kernel will touch, and runs the
 //! kernel with the launch geometry given. None of the kernels' arithmetic is written in Rust.
 //!
@@ -13,12 +14,16 @@
 use half::{bf16, f16};
 use std::os::raw::c_int;
 
-/// A launch geometry: `grid` blocks of `block` threads (x, y, z each).
+/// A launch geometry: `grid` blocks of `block` threads (x, y, z each), and the order the
+/// emulation runs the blocks in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub grid: [u32; 3],
     pub block: [u32; 3],
+    /// 0: blocks one after another in blockIdx order; otherwise the seed of a random order.
+    /// A GPU promises no order, so a kernel's result must be the same for every seed.
+    pub order: u64,
 }
 
 impl Launch {
@@ -27,6 +32,7 @@ impl Launch {
         Launch {
             grid: [grid, 1, 1],
             block: [block, 1, 1],
+            order: 0,
         }
     }
     /// 2-D grid and block.
@@ -34,6 +40,15 @@ impl Launch {
         Launch {
             grid: [grid.0, grid.1, 1],
             block: [block.0, block.1, 1],
+            order: 0,
+        }
+    }
+    /// The same launch with its blocks run in the random order drawn from `seed` (0: in
+    /// blockIdx order).
+    pub fn shuffled(self, seed: u64) -> Launch {
+        Launch {
+            order: seed,
+            ..self
         }
     }
     fn threads(&self) -> u32 {
@@ -220,6 +235,7 @@ mod ffi {
                     dy: *const $t,
                     p: c_int,
                     c: c_int,
+                    r: c_int,
                 );
             }
         };
@@ -434,7 +450,8 @@ pub struct Kernels<T: 'static> {
     convert_to_f32: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
     accumulate_grad: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
     bias_add: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int),
-    bias_grad: unsafe extern "C" fn(Dims, *mut f32, *mut f64, *mut c_int, *const T, c_int, c_int),
+    bias_grad:
+        unsafe extern "C" fn(Dims, *mut f32, *mut f64, *mut c_int, *const T, c_int, c_int, c_int),
 }
 
 macro_rules! act {
@@ -958,18 +975,26 @@ pub fn bias_add<T: Act>(l: Launch, y: &mut [T], b: &[f32], p: usize, c: usize) {
     unsafe { (T::K.bias_add)(l, y.as_mut_ptr(), b.as_ptr(), int(p, "P"), int(c, "C")) }
 }
 
-/// `bias_grad_*`: `db[c] += Σ_p dy[p·C + c]`, dy `[p, c]`, with the launch geometry of the BN
-/// reductions. Workspace (G·C doubles) and counters are allocated here; the counters are
-/// checked to come back zero.
-pub fn bias_grad<T: Act>(l: Launch, db: &mut [f32], dy: &[T], p: usize, c: usize) {
-    let (mut ws, mut counters) = bn_reduction_buffers(l, c, "bias_grad");
-    bias_grad_with(l, db, &mut ws, &mut counters, dy, p, c);
+/// `bias_grad_*`: `db[c] += Σ_p dy[p·C + c]`, dy `[p, c]`, summed in tiles of `r` rows.
+/// Workspace (ceil(P/r)·C doubles) and counters are allocated here; the counters are checked to
+/// come back zero.
+pub fn bias_grad<T: Act>(l: Launch, db: &mut [f32], dy: &[T], p: usize, c: usize, r: usize) {
+    check_reduction_launch(l, c, "bias_grad");
+    let mut ws = vec![0.0; bias_grad_workspace(p, c, r)];
+    let mut counters = vec![0; l.grid[0] as usize];
+    bias_grad_with(l, db, &mut ws, &mut counters, dy, p, c, r);
     assert_counters_reset(&counters, "bias_grad");
 }
 
-/// `bias_grad_*` with the caller's workspace (at least G·C doubles) and counters (grid.x ints,
-/// which the kernel expects zero), so tests can reuse them across launches as the GPU does.
-/// Does not check the counters afterwards.
+/// Doubles of workspace `bias_grad_*` needs: one per channel and tile of `r` rows.
+pub fn bias_grad_workspace(p: usize, c: usize, r: usize) -> usize {
+    p.div_ceil(r.max(1)) * c
+}
+
+/// `bias_grad_*` with the caller's workspace (at least ceil(P/r)·C doubles) and counters
+/// (grid.x ints, which the kernel expects zero), so tests can reuse them across launches as
+/// the GPU does. Does not check the counters afterwards.
+#[allow(clippy::too_many_arguments)]
 pub fn bias_grad_with<T: Act>(
     l: Launch,
     db: &mut [f32],
@@ -978,15 +1003,21 @@ pub fn bias_grad_with<T: Act>(
     dy: &[T],
     p: usize,
     c: usize,
+    r: usize,
 ) {
     check_reduction_launch(l, c, "bias_grad");
-    check_len(workspace, l.grid[1] as usize * c, "bias_grad workspace");
+    assert!(r >= 1, "bias_grad: tiles of at least one row");
+    check_len(
+        workspace,
+        bias_grad_workspace(p, c, r),
+        "bias_grad workspace",
+    );
     check_len(counters, l.grid[0] as usize, "bias_grad counters");
     check_len(db, c, "bias_grad db");
     check_len(dy, p * c, "bias_grad dy");
     int(p * c, "P·C");
-    // SAFETY: db holds C values, dy P·C, the workspace G·C doubles (all the kernel indexes),
-    // the counters one per channel group; all distinct borrows.
+    // SAFETY: db holds C values, dy P·C, the workspace one double per channel and tile (all
+    // the kernel indexes), the counters one per channel group; all distinct borrows.
     unsafe {
         (T::K.bias_grad)(
             l,
@@ -996,6 +1027,7 @@ pub fn bias_grad_with<T: Act>(
             dy.as_ptr(),
             int(p, "P"),
             int(c, "C"),
+            int(r, "R"),
         )
     }
 }

@@ -9,6 +9,7 @@
 pub mod cpu;
 #[cfg(feature = "cudnn")]
 pub mod cuda;
+pub mod geometry;
 
 use std::fmt::Debug;
 

@@ -1,6 +1,6 @@
 //! cuDNN through its C API (cudarc's `sys`): one handle on the backend's stream, descriptors
 //! that free themselves, convolution forward / backward-data / backward-filter in NHWC (fp32,
-//! fp16 or bf16 data, fp32 accumulation), pooling, bias add and bias gradient (fp32). Algorithms
+//! fp16 or bf16 data, fp32 accumulation), pooling and bias add (fp32). Algorithms
 //! are measured with `cudnnFind*` once per shape and data type and cached; cuDNN's heuristics
 //! are the fallback.
 
@@ -632,18 +632,6 @@ impl Dnn {
         check(
             sys::cudnnAddTensor(self.handle, one(), bd.0, b, one(), yd.0, y),
             "add bias",
-        )
-    }
-
-    /// db[c] += Σ_pixels dy[p, c] over an fp32 NHWC tensor.
-    ///
-    /// # Safety
-    /// As [`Dnn::add_bias`].
-    pub unsafe fn bias_grad(&mut self, db: *mut c_void, dy: *const c_void, ys: Nhwc) -> Result<()> {
-        let (bd, yd) = (Tensor::channels(ys.c)?, Tensor::nhwc(ys, DType::F32)?);
-        check(
-            sys::cudnnConvolutionBackwardBias(self.handle, one(), yd.0, dy, one(), bd.0, db),
-            "bias gradient",
         )
     }
 

@@ -6,6 +6,7 @@ use super::{
     DType, Gpu, GpuBuf, StepGraph, StepState, LOSS_SCALE_BACKOFF, LOSS_SCALE_GROWTH,
     LOSS_SCALE_INTERVAL,
 };
+use crate::backend::geometry::{self, Reduction};
 use crate::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd, SgdParam};
 use cudarc::cublas::sys::{cublasOperation_t, cublasSgemm_v2, cublasStatus_t};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -461,13 +462,13 @@ impl Backend<f32> for Gpu {
         let dt = dy.dtype;
         let ys = conv.out_shape(xs);
         let dx_ptr = dx.map(|d| self.vptr(d));
+        self.bias_grad(db, dy, ys);
         if dt == DType::F32 {
             self.dnn_call("conv2d_backward", |d| {
                 let need = d.algos(xs, conv, dt)?.workspace;
                 let (ws, ws_len) = self.workspace(need);
                 // SAFETY: as in conv2d_forward.
                 unsafe {
-                    d.bias_grad(self.vptr(db), self.vptr(dy), ys)?;
                     let filter = ConvPtrs {
                         x: self.vptr(x),
                         w: self.vptr(dw),
@@ -489,9 +490,8 @@ impl Backend<f32> for Gpu {
             });
             return;
         }
-        // Mixed precision: the bias gradient is reduced by a kernel straight into fp32; the
-        // weight gradient comes out of cuDNN in the data type and is added to the fp32 one.
-        self.bias_grad(db, dy, ys);
+        // Mixed precision: the weight gradient comes out of cuDNN in the data type and is added
+        // to the fp32 one (the bias gradient above is reduced straight into fp32).
         let dw_low = self.alloc(conv.weight_len(), dt);
         let wp = dx_ptr.map(|_| self.low(w, dt));
         self.dnn_call("conv2d_backward", |d| {
@@ -841,10 +841,7 @@ impl Backend<f32> for Gpu {
                 );
             }
         }
-        self.dnn_call("linear_backward bias", |d| {
-            // SAFETY: dy holds n·out floats, db out.
-            unsafe { d.bias_grad(self.vptr(db), self.vptr(dy), Nhwc::new(n, 1, 1, fout)) }
-        });
+        self.bias_grad(db, dy, Nhwc::new(n, 1, 1, fout));
     }
 
     fn cross_entropy_forward(
@@ -1199,15 +1196,6 @@ impl Gpu {
     }
 }
 
-/// A launch of one of the per-channel reduction kernels of `bn_relu.cu`.
-struct Reduction {
-    cfg: LaunchConfig,
-    /// Doubles of the partial-sum workspace (2·G·C).
-    workspace: usize,
-    /// Ints of the arrival counters (one per channel group).
-    counters: usize,
-}
-
 impl Gpu {
     fn sm_count(&self) -> u32 {
         self.sm_count
@@ -1226,24 +1214,9 @@ impl Gpu {
         }
     }
 
-    /// The geometry bn_relu.cu recommends for a [P, C] reduction: block (32, 16), or (16, 32)
-    /// for 16 channels; about two blocks per SM, each thread keeping at least ~8 rows.
+    /// The BatchNorm reductions' launch for a [P, C] tensor on this GPU.
     fn reduction(&self, p: usize, c: usize) -> Reduction {
-        let (bx, by) = if c <= 16 { (16u32, 32u32) } else { (32, 16) };
-        let gx = (c as u32).div_ceil(bx);
-        let g = (2 * self.sm_count())
-            .div_ceil(gx)
-            .min((p as u32 / (8 * by)).max(1))
-            .max(1);
-        Reduction {
-            cfg: LaunchConfig {
-                grid_dim: (gx, g, 1),
-                block_dim: (bx, by, 1),
-                shared_mem_bytes: 0,
-            },
-            workspace: 2 * g as usize * c,
-            counters: gx as usize,
-        }
+        geometry::batch_norm(p, c, self.sm_count())
     }
 
     /// The zeroed counters and a workspace of the reduction kernels, grown as needed. The
@@ -1330,7 +1303,7 @@ impl Gpu {
             F(cfg.eps as f32),
             F(cfg.momentum as f32),
         ];
-        self.launch(&typed("batch_norm_stats", x.dtype), r.cfg, &args);
+        self.launch(&typed("batch_norm_stats", x.dtype), config(&r), &args);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1428,7 +1401,7 @@ impl Gpu {
         ];
         self.launch(
             &typed("batch_norm_relu_backward_reduce", x.dtype),
-            r.cfg,
+            config(&r),
             &args,
         );
         let args = [
@@ -1629,9 +1602,12 @@ impl Gpu {
         self.launch("sgd_step", self.strided(param.len), &args);
     }
 
-    /// db[c] += Σ_pixels dy[p, c] for a 16-bit dy, by the deterministic reduction kernel.
+    /// db[c] += Σ_pixels dy[p, c] (dy NHWC in any activation type, or the fp32 logits'
+    /// gradient), by the project's own reduction kernel on every path: its bits depend only on
+    /// the data and the shape, never on timing or on the GPU, which `--deterministic` needs and
+    /// cuDNN's bias-gradient reduction does not promise.
     fn bias_grad(&self, db: &mut Buf, dy: &Buf, ys: Nhwc) {
-        let r = self.reduction(ys.pixels(), ys.c);
+        let r = geometry::bias_grad(ys.pixels(), ys.c, self.sm_count());
         let (ws, counters) = self.reduction_buffers(&r);
         let args = [
             P(self.ptr(db)),
@@ -1640,7 +1616,17 @@ impl Gpu {
             P(self.ptr(dy)),
             I(ys.pixels() as i32),
             I(ys.c as i32),
+            I(geometry::BIAS_GRAD_TILE_ROWS as i32),
         ];
-        self.launch(&typed("bias_grad", dy.dtype), r.cfg, &args);
+        self.launch(&typed("bias_grad", dy.dtype), config(&r), &args);
+    }
+}
+
+/// The launch of a per-channel reduction.
+fn config(r: &Reduction) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (r.grid.0, r.grid.1, 1),
+        block_dim: (r.block.0, r.block.1, 1),
+        shared_mem_bytes: 0,
     }
 }
