@@ -2343,3 +2343,72 @@ fn the_cuda_backend_never_calls_cudnn_for_bias_gradients() {
         dir.display()
     );
 }
+
+// ---- avg_pool2d_backward (pool.cu) -------------------------------------------------------------
+
+/// The input shape of every avg_pool2d of the model at batch `n`.
+fn model_avg_pools(n: usize) -> Vec<(String, Nhwc)> {
+    ModelSpec::inception_net_small()
+        .layer_inputs(n)
+        .expect("the seed model's shapes fit")
+        .into_iter()
+        .filter_map(|(layer, xs)| match layer {
+            Layer::AvgPool2 { name } => Some((name, xs)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn avg_pool_case<T: Act>(report: &mut Report, name: &str, xs: Nhwc, l: Launch, seed: u64) {
+    let ys = Nhwc::new(xs.n, xs.h / 2, xs.w / 2, xs.c);
+    let mut g = activations(seed, ys.pixels(), ys.c);
+    // NaN, ±inf, −0 and a value whose quarter is subnormal pass as the CPU passes them.
+    let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 2e-38];
+    for (v, s) in g.iter_mut().zip(specials) {
+        *v = s;
+    }
+    let (dy, dyr) = quantize::<T>(&g);
+    // NaN everywhere first: every element of dx must be written, the odd tail with zeros.
+    let mut dx = vec![T::from_f32(f32::NAN); xs.len()];
+    emu::avg_pool2d_backward(l, &mut dx, &dy, [xs.n, xs.h, xs.w, xs.c]);
+    let mut want = vec![f32::NAN; xs.len()];
+    cpu().avg_pool2d_backward(&mut want, &dyr, xs);
+    check_bits(
+        report,
+        &format!("{name} {}x{}x{}x{} {}", xs.n, xs.h, xs.w, xs.c, T::NAME),
+        &widen(&dx),
+        &round_to::<T>(&want),
+        "dy·0.25 in float, one rounding to T",
+    );
+}
+
+#[test]
+fn avg_pool2d_backward_matches_the_cpu_bitwise() {
+    let mut report = Report::default();
+    let pools = model_avg_pools(N);
+    assert!(!pools.is_empty(), "the model has no avg_pool2d");
+    for (k, (name, xs)) in pools.iter().enumerate() {
+        let (seed, l) = (2100 + 10 * k as u64, elementwise(xs.len()));
+        avg_pool_case::<f32>(&mut report, name, *xs, l, seed);
+        avg_pool_case::<f16>(&mut report, name, *xs, l, seed + 1);
+        avg_pool_case::<bf16>(&mut report, name, *xs, l, seed + 2);
+    }
+    // The GPU backend's launch at batch 1024: 4096 blocks, two rounds of the grid-stride loop.
+    for (name, xs) in model_avg_pools(1024) {
+        avg_pool_case::<f16>(&mut report, &name, xs, gpu_elementwise(xs.len()), 2180);
+    }
+    // Odd heights and widths: the last row or column is not pooled and gets a zero gradient.
+    for (k, xs) in [
+        Nhwc::new(2, 5, 7, 3),
+        Nhwc::new(3, 3, 2, 10),
+        Nhwc::new(1, 1, 4, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (seed, l) = (2190 + 10 * k as u64, elementwise(xs.len()));
+        avg_pool_case::<f32>(&mut report, "odd", xs, l, seed);
+        avg_pool_case::<bf16>(&mut report, "odd", xs, l, seed + 1);
+    }
+    report.finish("avg_pool2d_backward");
+}

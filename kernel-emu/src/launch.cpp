@@ -100,3 +100,6 @@ EMU_WRAP_3(convert_from_f32, (T * dst, const float* src, int n), (dst, src, n))
 EMU_WRAP_3(convert_to_f32, (float* dst, const T* src, int n), (dst, src, n))
 EMU_WRAP_3(accumulate_grad, (float* grad, const T* g, int n), (grad, g, n))
 EMU_WRAP_3(bias_add, (T * y, const float* b, int P, int C), (y, b, P, C))
+
+// ---- pool.cu
+EMU_WRAP_3(avg_pool2d_backward, (T * dx, const T* dy, int N, int H, int W, int C), (dx, dy, N, H, W, C))

@@ -105,6 +105,7 @@ mod ffi {
             accumulate_grad: $acc:ident,
             bias_add: $bad:ident,
             bias_grad: $bgr:ident,
+            avg_pool2d_backward: $apb:ident,
         ) => {
             extern "C" {
                 pub fn $cf(
@@ -237,6 +238,15 @@ mod ffi {
                     c: c_int,
                     r: c_int,
                 );
+                pub fn $apb(
+                    d: Dims,
+                    dx: *mut $t,
+                    dy: *const $t,
+                    n: c_int,
+                    h: c_int,
+                    w: c_int,
+                    c: c_int,
+                );
             }
         };
     }
@@ -258,6 +268,7 @@ mod ffi {
         accumulate_grad: emu_accumulate_grad_f32,
         bias_add: emu_bias_add_f32,
         bias_grad: emu_bias_grad_f32,
+        avg_pool2d_backward: emu_avg_pool2d_backward_f32,
     );
     instance!(
         f16,
@@ -277,6 +288,7 @@ mod ffi {
         accumulate_grad: emu_accumulate_grad_f16,
         bias_add: emu_bias_add_f16,
         bias_grad: emu_bias_grad_f16,
+        avg_pool2d_backward: emu_avg_pool2d_backward_f16,
     );
     instance!(
         bf16,
@@ -296,6 +308,7 @@ mod ffi {
         accumulate_grad: emu_accumulate_grad_bf16,
         bias_add: emu_bias_add_bf16,
         bias_grad: emu_bias_grad_bf16,
+        avg_pool2d_backward: emu_avg_pool2d_backward_bf16,
     );
 
     extern "C" {
@@ -452,6 +465,7 @@ pub struct Kernels<T: 'static> {
     bias_add: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int),
     bias_grad:
         unsafe extern "C" fn(Dims, *mut f32, *mut f64, *mut c_int, *const T, c_int, c_int, c_int),
+    avg_pool2d_backward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int, c_int, c_int, c_int),
 }
 
 macro_rules! act {
@@ -494,6 +508,7 @@ act!(
         accumulate_grad: emu_accumulate_grad_f32,
         bias_add: emu_bias_add_f32,
         bias_grad: emu_bias_grad_f32,
+        avg_pool2d_backward: emu_avg_pool2d_backward_f32,
     }
 );
 act!(
@@ -518,6 +533,7 @@ act!(
         accumulate_grad: emu_accumulate_grad_f16,
         bias_add: emu_bias_add_f16,
         bias_grad: emu_bias_grad_f16,
+        avg_pool2d_backward: emu_avg_pool2d_backward_f16,
     }
 );
 act!(
@@ -542,6 +558,7 @@ act!(
         accumulate_grad: emu_accumulate_grad_bf16,
         bias_add: emu_bias_add_bf16,
         bias_grad: emu_bias_grad_bf16,
+        avg_pool2d_backward: emu_avg_pool2d_backward_bf16,
     }
 );
 
@@ -1028,6 +1045,27 @@ pub fn bias_grad_with<T: Act>(
             int(p, "P"),
             int(c, "C"),
             int(r, "R"),
+        )
+    }
+}
+
+/// `avg_pool2d_backward_*`: dx `[n, h, w, c]` from dy `[n, h/2, w/2, c]`, every element of dx
+/// written (dy/4 in the pooled area, 0 in an odd last row or column).
+pub fn avg_pool2d_backward<T: Act>(l: Launch, dx: &mut [T], dy: &[T], [n, h, w, c]: [usize; 4]) {
+    l.check();
+    check_len(dx, n * h * w * c, "avg_pool2d_backward dx");
+    check_len(dy, n * (h / 2) * (w / 2) * c, "avg_pool2d_backward dy");
+    int(n * h * w * c, "N·H·W·C");
+    // SAFETY: bounds checked above; dx is the only buffer written and does not alias dy.
+    unsafe {
+        (T::K.avg_pool2d_backward)(
+            l,
+            dx.as_mut_ptr(),
+            dy.as_ptr(),
+            int(n, "N"),
+            int(h, "H"),
+            int(w, "W"),
+            int(c, "C"),
         )
     }
 }

@@ -272,6 +272,14 @@ impl ModelSpec {
         Ok(out)
     }
 
+    /// Every layer with its input shape for a batch of `n`, in execution order (an Inception
+    /// block, then the layers of its branches): the shapes each op has to cover.
+    pub fn layer_inputs(&self, n: usize) -> anyhow::Result<Vec<(Layer, Nhwc)>> {
+        let mut out = Vec::new();
+        self.walk(n, &mut |layer, s| out.push((layer.clone(), s)))?;
+        Ok(out)
+    }
+
     /// Walks the layers in execution order, checking that they fit together and calling
     /// `visit(layer, its input shape)`; returns the network's output shape.
     fn walk(&self, n: usize, visit: &mut dyn FnMut(&Layer, Nhwc)) -> anyhow::Result<Nhwc> {

@@ -341,6 +341,7 @@ const TYPED: &[&str] = &[
     "concat_forward",
     "concat_backward",
     "amp_unscale",
+    "avg_pool2d_backward",
 ];
 
 fn kernel_names() -> Vec<String> {

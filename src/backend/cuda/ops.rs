@@ -720,25 +720,21 @@ impl Backend<f32> for Gpu {
     }
 
     fn avg_pool2d_backward(&self, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
-        let ys = Nhwc::new(xs.n, xs.h / 2, xs.w / 2, xs.c);
-        let dt = dy.dtype;
-        self.dnn_call("avg_pool2d_backward", |d| {
-            let pd = Pooling::avg2()?;
-            // cuDNN's average-pooling backward reads neither x nor y; dx and dy stand in.
-            // SAFETY: as above.
-            unsafe {
-                d.pool_backward(
-                    &pd,
-                    self.vptr(dx),
-                    self.vptr(dy),
-                    self.vptr(dx),
-                    self.vptr(dy),
-                    xs,
-                    ys,
-                    dt,
-                )
-            }
-        });
+        // A kernel of ours rather than cudnnPoolingBackward, which wants the forward's x and y
+        // (that average pooling never reads) and does not allow dx or dy in their place.
+        let args = [
+            P(self.ptr(dx)),
+            P(self.ptr(dy)),
+            I(xs.n as i32),
+            I(xs.h as i32),
+            I(xs.w as i32),
+            I(xs.c as i32),
+        ];
+        self.launch(
+            &typed("avg_pool2d_backward", dy.dtype),
+            elementwise(xs.len()),
+            &args,
+        );
     }
 
     fn linear_forward(
