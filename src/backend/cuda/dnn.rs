@@ -231,7 +231,10 @@ pub struct Algos {
     pub measured: bool,
 }
 
-/// The math type a descriptor starts with: tensor cores for 16-bit data, plain FMA for fp32.
+/// The math type of the descriptors an algorithm search runs with: plain FMA for fp32, so that
+/// `Find` measures and the heuristics rank what the fp32 path may run (and [`choose`] takes only
+/// FMA results, whatever cuDNN returns); tensor-op math for 16-bit data, which has cuDNN consider
+/// tensor-core algorithms beside the others, each result reporting the math type it ran in.
 fn default_math(dt: DType) -> sys::cudnnMathType_t {
     match dt {
         DType::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
@@ -288,35 +291,72 @@ perf!(
 /// passed over for the next one.
 const MAX_WORKSPACE: usize = 1 << 30;
 
+/// Whether a result measured (or ranked) in math type `math` may run on data of type `dt`.
+/// The fp32 path (`--no-amp`) is strict fp32: only `CUDNN_FMA_MATH`. Tensor-op math on fp32
+/// data is TF32 (10-bit mantissa products) on Ampere and later, and `CUDNN_DEFAULT_MATH` may be
+/// too, either of which would put the fp32 path out of reach of the CPU reference's tolerances.
+/// 16-bit data runs in whatever math type cuDNN measured.
+fn math_allowed(dt: DType, math: sys::cudnnMathType_t) -> bool {
+    dt != DType::F32 || math == sys::cudnnMathType_t::CUDNN_FMA_MATH
+}
+
 /// The first usable result, in cuDNN's order (fastest first for `Find`, best-ranked first for
-/// the heuristics): it succeeded, fits the workspace cap, and is deterministic when asked.
-/// Returns the algorithm with the math type to run it in: the one cuDNN measured it with, but
-/// always plain FMA for fp32 data (the descriptor asked for FMA; a result reporting the default
-/// math type must not turn into TF32 on Ampere and later, which would put the fp32 path out of
-/// reach of the CPU reference's tolerances).
+/// the heuristics): it succeeded, fits the workspace cap, is deterministic when asked, and ran in
+/// a math type allowed for `dt`. Returns the algorithm with the math type cuDNN reported for it,
+/// which the calls then set on their descriptors: an algorithm's speed and workspace are those of
+/// that math type, and some algorithms exist in one math type only, so running a result in
+/// another (e.g. a tensor-op result forced to FMA) runs something that was never measured or
+/// may not exist. None when no result qualifies.
 fn choose<P: Perf>(
     results: &[P],
     dt: DType,
     deterministic: bool,
 ) -> Option<(P::Algo, sys::cudnnMathType_t)> {
-    let usable =
-        |p: &&P| p.ok() && p.memory() <= MAX_WORKSPACE && (!deterministic || p.deterministic());
-    // For fp32, prefer a result measured in FMA: `Find` may also time the default math type,
-    // which is TF32 on Ampere and later, and rank an algorithm by a speed it will not have.
-    let fma = |p: &&P| p.math() == sys::cudnnMathType_t::CUDNN_FMA_MATH;
-    let measured_fma = (dt == DType::F32)
-        .then(|| results.iter().filter(usable).find(fma))
-        .flatten();
-    measured_fma
-        .or_else(|| results.iter().find(usable))
-        .map(|p| {
-            let math = if dt == DType::F32 {
-                sys::cudnnMathType_t::CUDNN_FMA_MATH
-            } else {
-                p.math()
-            };
-            (p.algo(), math)
+    results
+        .iter()
+        .find(|p| {
+            p.ok()
+                && p.memory() <= MAX_WORKSPACE
+                && (!deterministic || p.deterministic())
+                && math_allowed(dt, p.math())
         })
+        .map(|p| (p.algo(), p.math()))
+}
+
+/// Why [`choose`] found nothing for the `what` direction of convolving `xs` with `conv` in `dt`:
+/// the convolution's shape and every condition a result had to meet.
+fn no_usable_algorithm(
+    what: &str,
+    xs: Nhwc,
+    conv: &Conv2d,
+    dt: DType,
+    deterministic: bool,
+) -> String {
+    let mut conditions = vec![format!(
+        "succeeded within the {} MiB workspace cap",
+        MAX_WORKSPACE >> 20
+    )];
+    if dt == DType::F32 {
+        conditions
+            .push("ran in plain fp32 math (CUDNN_FMA_MATH; the fp32 path never uses TF32)".into());
+    }
+    if deterministic {
+        conditions.push("is deterministic (--deterministic)".into());
+    }
+    format!(
+        "cuDNN offers no usable {what} algorithm for the {}x{} convolution {} -> {} channels, stride {}, padding {}, on a {}x{}x{}x{} (NHWC) {dt:?} input: none {}",
+        conv.k,
+        conv.k,
+        conv.cin,
+        conv.cout,
+        conv.stride,
+        conv.pad,
+        xs.n,
+        xs.h,
+        xs.w,
+        xs.c,
+        conditions.join(", ")
+    )
 }
 
 /// The cuDNN handle with its algorithm cache. Not thread-safe: the backend keeps it behind a
@@ -433,16 +473,7 @@ impl Dnn {
         let d = ConvDescs::new(xs, conv, dt, default_math(dt))?;
         let h = self.handle;
         let det = self.deterministic;
-        let none = |what: &str| {
-            anyhow::anyhow!(
-                "cuDNN offers no usable {what} algorithm for input {xs:?}, {conv:?}, {dt:?}{}",
-                if det {
-                    " among its deterministic ones (--deterministic)"
-                } else {
-                    ""
-                }
-            )
-        };
+        let none = |what: &str| anyhow::anyhow!(no_usable_algorithm(what, xs, conv, dt, det));
         const N: usize = 16;
         // One direction: cuDNN's `Find` (measured) or `Get…_v7` (heuristics), which take the
         // same arguments, then the first usable result.
@@ -689,5 +720,242 @@ impl Dnn {
             ),
             "pooling backward",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnConvolutionBwdDataAlgo_t as Data;
+    use sys::cudnnConvolutionBwdFilterAlgo_t as Filt;
+    use sys::cudnnConvolutionFwdAlgo_t as Fwd;
+    use sys::cudnnMathType_t::{
+        CUDNN_DEFAULT_MATH as DEFAULT, CUDNN_FMA_MATH as FMA, CUDNN_TENSOR_OP_MATH as TENSOR_OP,
+        CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION as CONVERT,
+    };
+
+    /// A result as cuDNN reports one: usable unless `status` or `memory` or `determinism` say
+    /// otherwise.
+    #[derive(Clone, Copy)]
+    struct R {
+        math: sys::cudnnMathType_t,
+        ok: bool,
+        memory: usize,
+        deterministic: bool,
+    }
+
+    const fn r(math: sys::cudnnMathType_t) -> R {
+        R {
+            math,
+            ok: true,
+            memory: 1 << 20,
+            deterministic: true,
+        }
+    }
+
+    fn status(ok: bool) -> sys::cudnnStatus_t {
+        if ok {
+            sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+        } else {
+            sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED
+        }
+    }
+
+    fn determinism(d: bool) -> sys::cudnnDeterminism_t {
+        if d {
+            sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+        } else {
+            sys::cudnnDeterminism_t::CUDNN_NON_DETERMINISTIC
+        }
+    }
+
+    /// Forward results: algorithm `algos[i]` described by `rs[i]`, fastest first.
+    fn fwd(rs: &[(Fwd, R)]) -> Vec<sys::cudnnConvolutionFwdAlgoPerf_t> {
+        rs.iter()
+            .enumerate()
+            .map(|(i, &(algo, r))| sys::cudnnConvolutionFwdAlgoPerf_t {
+                algo,
+                status: status(r.ok),
+                time: 0.1 * (i + 1) as f32,
+                memory: r.memory,
+                determinism: determinism(r.deterministic),
+                mathType: r.math,
+                reserved: [0; 3],
+            })
+            .collect()
+    }
+
+    fn bwd_data(rs: &[(Data, R)]) -> Vec<sys::cudnnConvolutionBwdDataAlgoPerf_t> {
+        rs.iter()
+            .enumerate()
+            .map(|(i, &(algo, r))| sys::cudnnConvolutionBwdDataAlgoPerf_t {
+                algo,
+                status: status(r.ok),
+                time: 0.1 * (i + 1) as f32,
+                memory: r.memory,
+                determinism: determinism(r.deterministic),
+                mathType: r.math,
+                reserved: [0; 3],
+            })
+            .collect()
+    }
+
+    fn bwd_filter(rs: &[(Filt, R)]) -> Vec<sys::cudnnConvolutionBwdFilterAlgoPerf_t> {
+        rs.iter()
+            .enumerate()
+            .map(|(i, &(algo, r))| sys::cudnnConvolutionBwdFilterAlgoPerf_t {
+                algo,
+                status: status(r.ok),
+                time: 0.1 * (i + 1) as f32,
+                memory: r.memory,
+                determinism: determinism(r.deterministic),
+                mathType: r.math,
+                reserved: [0; 3],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn strict_fp32_takes_only_fma_results_and_runs_them_in_fma() {
+        let results = fwd(&[
+            (
+                Fwd::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                r(TENSOR_OP),
+            ),
+            (
+                Fwd::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                r(DEFAULT),
+            ),
+            (Fwd::CUDNN_CONVOLUTION_FWD_ALGO_GEMM, r(CONVERT)),
+            (Fwd::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, r(FMA)),
+        ]);
+        assert_eq!(
+            choose(&results, DType::F32, false),
+            Some((Fwd::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, FMA))
+        );
+    }
+
+    #[test]
+    fn strict_fp32_without_an_fma_result_chooses_nothing() {
+        // The fastest result was measured with tensor-op math: the algorithm may exist only
+        // there, and in fp32 it would run TF32. It must not be run in FMA, nor at all.
+        let results = fwd(&[
+            (
+                Fwd::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                r(TENSOR_OP),
+            ),
+            (Fwd::CUDNN_CONVOLUTION_FWD_ALGO_GEMM, r(DEFAULT)),
+        ]);
+        assert_eq!(choose(&results, DType::F32, false), None);
+        let results = bwd_filter(&[(Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, r(TENSOR_OP))]);
+        assert_eq!(choose(&results, DType::F32, false), None);
+        let results = bwd_data(&[(Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, r(CONVERT))]);
+        assert_eq!(choose(&results, DType::F32, true), None);
+    }
+
+    #[test]
+    fn sixteen_bit_runs_each_result_in_the_math_type_cudnn_reported() {
+        let failed = R {
+            ok: false,
+            ..r(TENSOR_OP)
+        };
+        let results = bwd_data(&[
+            (Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, failed),
+            (Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, r(FMA)),
+            (Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD, r(TENSOR_OP)),
+        ]);
+        assert_eq!(
+            choose(&results, DType::F16, false),
+            Some((Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, FMA))
+        );
+        for math in [TENSOR_OP, CONVERT, DEFAULT] {
+            let results = bwd_filter(&[(Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, r(math))]);
+            assert_eq!(
+                choose(&results, DType::Bf16, false),
+                Some((Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, math))
+            );
+        }
+    }
+
+    #[test]
+    fn failed_oversized_and_nondeterministic_results_are_passed_over() {
+        let results = bwd_filter(&[
+            (
+                Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+                R {
+                    ok: false,
+                    ..r(FMA)
+                },
+            ),
+            (
+                Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+                R {
+                    memory: MAX_WORKSPACE + 1,
+                    ..r(FMA)
+                },
+            ),
+            (
+                Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                R {
+                    deterministic: false,
+                    ..r(FMA)
+                },
+            ),
+            (Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, r(FMA)),
+        ]);
+        assert_eq!(
+            choose(&results, DType::F32, false),
+            Some((Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0, FMA))
+        );
+        assert_eq!(
+            choose(&results, DType::F32, true),
+            Some((Filt::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, FMA))
+        );
+        assert_eq!(
+            choose::<sys::cudnnConvolutionFwdAlgoPerf_t>(&[], DType::F16, false),
+            None
+        );
+    }
+
+    #[test]
+    fn the_search_descriptors_carry_the_math_type_the_fp32_path_runs() {
+        // What Find/Get measure or rank with must be what runs: for fp32 every chosen result
+        // is FMA, the descriptors' own math type during the search.
+        assert_eq!(default_math(DType::F32), FMA);
+        assert_eq!(default_math(DType::F16), TENSOR_OP);
+        assert_eq!(default_math(DType::Bf16), TENSOR_OP);
+        for math in [DEFAULT, TENSOR_OP, CONVERT, FMA] {
+            let results = fwd(&[(Fwd::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT, r(math))]);
+            if let Some((_, m)) = choose(&results, DType::F32, false) {
+                assert_eq!(m, default_math(DType::F32));
+            }
+        }
+    }
+
+    #[test]
+    fn no_usable_algorithm_names_the_convolution_and_the_conditions() {
+        let conv = Conv2d {
+            cin: 3,
+            cout: 64,
+            k: 7,
+            stride: 2,
+            pad: 1,
+        };
+        let xs = Nhwc::new(128, 32, 32, 3);
+        let msg = no_usable_algorithm("forward", xs, &conv, DType::F32, true);
+        for part in [
+            "forward",
+            "7x7 convolution 3 -> 64 channels, stride 2, padding 1",
+            "128x32x32x3 (NHWC) F32 input",
+            "CUDNN_FMA_MATH",
+            "--deterministic",
+        ] {
+            assert!(msg.contains(part), "{part:?} missing from: {msg}");
+        }
+        let msg = no_usable_algorithm("backward-data", xs, &conv, DType::F16, false);
+        assert!(
+            !msg.contains("FMA") && !msg.contains("deterministic"),
+            "{msg}"
+        );
     }
 }
