@@ -82,38 +82,127 @@ fn from_bytes(bytes: &[u8], dt: DType) -> Vec<f32> {
     }
 }
 
+thread_local! {
+    /// The profiler ranges open on this thread (`Backend::range_push`): the innermost names
+    /// the layer being run, which an out-of-memory message names in turn.
+    static RANGES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `bytes` as a person reads it: `12845056 bytes (12.2 MiB)`.
+fn size(bytes: usize) -> String {
+    let b = bytes as f64;
+    let (v, unit) = if bytes >= 1 << 30 {
+        (b / (1u64 << 30) as f64, "GiB")
+    } else if bytes >= 1 << 20 {
+        (b / (1u64 << 20) as f64, "MiB")
+    } else if bytes >= 1 << 10 {
+        (b / 1024.0, "KiB")
+    } else {
+        return format!("{bytes} bytes");
+    };
+    format!("{bytes} bytes ({v:.1} {unit})")
+}
+
+/// The error of a failed device allocation: what it was for, its size, and the device's free
+/// and total memory at that moment (`None` if the driver could not say).
+fn oom_message(what: &str, bytes: usize, mem: Option<(usize, usize)>, err: &str) -> String {
+    let device = match mem {
+        Some((free, total)) => format!("{} free of {}", size(free), size(total)),
+        None => "free memory unknown".into(),
+    };
+    format!(
+        "out of GPU memory allocating {what}: {} requested, {device} on the device; use a smaller --batch-size ({err})",
+        size(bytes)
+    )
+}
+
+/// What a buffer of `len` values of `dt` is, for the error if its allocation fails: `kind`, its
+/// size, and the layer being run if a profiler range names one.
+fn buffer_label(kind: &str, len: usize, dt: DType) -> String {
+    let layer = RANGES.with(|r| r.borrow().last().cloned());
+    let at = layer.map_or(String::new(), |l| format!(" in {l}"));
+    format!("{kind} of {len} {} values{at}", dt.suffix())
+}
+
 impl Gpu {
+    /// Whether a failure is recorded and not yet reported by `status`. Until it is, no kernel,
+    /// library call or copy runs: a failed allocation leaves a buffer without memory, and the
+    /// work queued after it would read or write through it.
+    fn failed(&self) -> bool {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// The raw device address of a buffer, for cuDNN calls and kernel arguments. The backend
-    /// orders its streams itself (events at forks and joins), so cudarc records no event.
+    /// orders its streams itself (events at forks and joins), so cudarc records no event. A
+    /// buffer whose allocation failed has none: that is recorded (so the work it was for does
+    /// not run) and 0 returned.
     fn ptr(&self, b: &Buf) -> u64 {
+        if b.mem.is_none() {
+            self.record(
+                "using a GPU buffer",
+                format!(
+                    "its allocation ({} {} values) failed earlier",
+                    b.len,
+                    b.dtype.suffix()
+                ),
+            );
+            return 0;
+        }
         let (p, _sync) = b.mem().device_ptr(self.cur());
         p
     }
 
+    /// Whether a copy may touch `bufs`: each has memory (a missing one is recorded) and no
+    /// failure is pending.
+    fn usable(&self, bufs: &[&Buf]) -> bool {
+        for b in bufs {
+            self.ptr(b);
+        }
+        !self.failed()
+    }
+
+    /// [`Gpu::ptr`] as a library call takes it. Taken before [`Gpu::dnn_call`], which then
+    /// runs nothing if a buffer has no memory.
     fn vptr(&self, b: &Buf) -> *mut c_void {
         self.ptr(b) as *mut c_void
     }
 
-    /// A zeroed buffer of `len` elements of `dtype`.
-    fn alloc(&self, len: usize, dtype: DType) -> Buf {
+    /// A zeroed buffer of `len` elements of `dtype` for `what` (see [`buffer_label`]). If the
+    /// device is out of memory, or an earlier failure is not reported yet, the buffer has no
+    /// memory and the failure is recorded: nothing runs on it.
+    fn alloc(&self, what: &str, len: usize, dtype: DType) -> Buf {
         let bytes = len.max(1) * dtype.size();
-        let mem = match self.cur().alloc_zeros::<u8>(bytes) {
-            Ok(b) => b,
+        if self.failed() {
+            return self.without_memory(len, dtype);
+        }
+        match self.cur().alloc_zeros::<u8>(bytes) {
+            Ok(mem) => self.wrap(mem, len, dtype),
             Err(e) => {
-                self.record(
-                    &format!(
-                        "out of GPU memory allocating {} MiB; use a smaller --batch-size",
-                        bytes >> 20
-                    ),
-                    e,
-                );
-                // A small stand-in keeps the op going; `status` reports the failure.
-                self.cur()
-                    .alloc_zeros::<u8>(4)
-                    .expect("a 4-byte allocation")
+                self.record_oom(what, bytes, e);
+                self.without_memory(len, dtype)
             }
-        };
-        self.wrap(mem, len, dtype)
+        }
+    }
+
+    /// Records a failed allocation of `bytes` for `what`, with the device's memory.
+    fn record_oom(&self, what: &str, bytes: usize, e: impl std::fmt::Display) {
+        let msg = oom_message(what, bytes, self.mem_info(), &e.to_string());
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(msg);
+    }
+
+    /// A zeroed fp32 buffer of `len` values, `kind` naming it if it cannot be allocated.
+    fn f32_zeros(&self, kind: &str, len: usize) -> Buf {
+        self.alloc(&buffer_label(kind, len, DType::F32), len, DType::F32)
+    }
+
+    /// The device's free and total memory, if the driver says.
+    fn mem_info(&self) -> Option<(usize, usize)> {
+        self.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok()
     }
 
     /// A buffer of `len` elements of `dtype` in `mem`.
@@ -128,33 +217,53 @@ impl Gpu {
         }
     }
 
-    /// The 16-bit copy of the fp32 weight `w` in `dt`, remade if `w` changed since.
+    /// The stand-in for a buffer that could not be allocated: its shape, no memory.
+    fn without_memory(&self, len: usize, dtype: DType) -> Buf {
+        Buf {
+            mem: None,
+            len,
+            dtype,
+            shadow: Mutex::new(None),
+            shadow_fresh: AtomicBool::new(false),
+            grave: None,
+        }
+    }
+
+    /// The 16-bit copy of the fp32 weight `w` in `dt`, remade if `w` changed since; 0 when a
+    /// failure is recorded (its allocation or an earlier one), so the caller's work is skipped.
     fn low(&self, w: &Buf, dt: DType) -> u64 {
+        if self.failed() {
+            return 0;
+        }
         let mut shadow = w.shadow.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = w.len.max(1) * dt.size();
         if shadow.as_ref().is_none_or(|s| s.len() != bytes) {
             match self.cur().alloc_zeros::<u8>(bytes) {
                 Ok(s) => *shadow = Some(s),
                 Err(e) => {
-                    self.record("out of GPU memory for a 16-bit weight copy", e);
-                    return self.ptr(w);
+                    let what = format!("the {} copy of a weight of {} values", dt.suffix(), w.len);
+                    self.record_oom(&what, bytes, e);
+                    return 0;
                 }
             }
             w.shadow_fresh.store(false, Ordering::Release);
         }
         let Some(s) = shadow.as_ref() else {
-            return self.ptr(w);
+            return 0;
         };
         let (sp, _sync) = s.device_ptr(self.cur());
-        if !w.shadow_fresh.swap(true, Ordering::AcqRel) {
+        if !w.shadow_fresh.load(Ordering::Acquire) {
             let args = [P(sp), P(self.ptr(w)), I(w.len as i32)];
-            self.launch(&typed("convert_from_f32", dt), elementwise(w.len), &args);
+            // Fresh only once the conversion is queued: a skipped one is redone next time.
+            if self.launch(&typed("convert_from_f32", dt), elementwise(w.len), &args) {
+                w.shadow_fresh.store(true, Ordering::Release);
+            }
         }
         sp
     }
 
     /// A cuDNN workspace of at least `bytes`, grown (never shrunk) as shapes need.
-    fn workspace(&self, bytes: usize) -> (u64, usize) {
+    fn workspace(&self, bytes: usize) -> anyhow::Result<(u64, usize)> {
         let mut ws = self
             .lane()
             .workspace
@@ -163,18 +272,22 @@ impl Gpu {
         if ws.len() < bytes {
             match self.cur().alloc_zeros::<u8>(bytes) {
                 Ok(b) => *ws = b,
-                Err(e) => self.record(
-                    &format!("out of GPU memory for a {bytes}-byte cuDNN workspace"),
-                    e,
-                ),
+                Err(e) => {
+                    self.record_oom("a cuDNN workspace", bytes, e);
+                    anyhow::bail!("no cuDNN workspace");
+                }
             }
         }
         let (p, _sync) = ws.device_ptr(self.cur());
-        (p, ws.len())
+        Ok((p, ws.len()))
     }
 
-    /// Launches kernel `name` with its parameters in order.
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) {
+    /// Launches kernel `name` with its parameters in order; false (and nothing queued) when a
+    /// failure is recorded, before or by the launch.
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> bool {
+        if self.failed() {
+            return false;
+        }
         let mut b = self.cur().launch_builder(self.func(name));
         for a in args {
             match a {
@@ -184,13 +297,22 @@ impl Gpu {
             };
         }
         // SAFETY: each caller passes the kernel's exact parameter list (pointers to live
-        // buffers of the sizes the kernel reads, then scalars), as documented in cuda/.
-        if let Err(e) = unsafe { b.launch(cfg) } {
-            self.record(&format!("launching {name}"), e);
+        // buffers of the sizes the kernel reads, then scalars), as documented in cuda/; with
+        // no failure recorded, every buffer was allocated and none is a stand-in.
+        match unsafe { b.launch(cfg) } {
+            Ok(_) => true,
+            Err(e) => {
+                self.record(&format!("launching {name}"), e);
+                false
+            }
         }
     }
 
+    /// Runs cuDNN calls, unless a failure is recorded (see [`Gpu::failed`]).
     fn dnn_call(&self, what: &str, f: impl FnOnce(&mut super::dnn::Dnn) -> anyhow::Result<()>) {
+        if self.failed() {
+            return;
+        }
         let mut d = self.lane().dnn.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f(&mut d) {
             self.record(what, e);
@@ -213,6 +335,9 @@ impl Gpu {
         c: u64,
         ldc: usize,
     ) {
+        if self.failed() {
+            return;
+        }
         let alpha = 1.0f32;
         // SAFETY: the caller passes live fp32 buffers of the shapes given; the handle works on
         // this backend's stream.
@@ -245,7 +370,11 @@ impl Gpu {
         if x.dtype == DType::F32 {
             return (self.ptr(x), None);
         }
-        let copy = self.alloc(x.len, DType::F32);
+        let copy = self.alloc(
+            &buffer_label("an fp32 copy of the linear head's input", x.len, DType::F32),
+            x.len,
+            DType::F32,
+        );
         let args = [P(self.ptr(&copy)), P(self.ptr(x)), I(x.len as i32)];
         self.launch(&typed("convert_to_f32", x.dtype), elementwise(x.len), &args);
         (self.ptr(&copy), Some(copy))
@@ -276,11 +405,12 @@ impl Backend<f32> for Gpu {
     type Buf = Buf;
 
     fn zeros(&self, len: usize) -> Buf {
-        self.alloc(len, DType::F32)
+        self.f32_zeros("a tensor", len)
     }
 
     fn act_zeros(&self, len: usize) -> Buf {
-        self.alloc(len, self.opts.activations)
+        let dt = self.opts.activations;
+        self.alloc(&buffer_label("an activation", len, dt), len, dt)
     }
 
     fn upload(&self, data: &[f32]) -> Buf {
@@ -292,6 +422,10 @@ impl Backend<f32> for Gpu {
     }
 
     fn download(&self, buf: &Buf) -> Vec<f32> {
+        // Nothing is read after a failure: the values would be those of work that did not run.
+        if !self.usable(&[buf]) {
+            return vec![f32::NAN; buf.len];
+        }
         // On the main stream, which has joined every branch stream by the time anything is
         // read back.
         match self.stream().clone_dtoh(buf.mem()) {
@@ -308,6 +442,9 @@ impl Backend<f32> for Gpu {
     }
 
     fn fill_zero(&self, buf: &mut Buf) {
+        if !self.usable(&[buf]) {
+            return;
+        }
         if let Err(e) = self.cur().memset_zeros(buf.mem_mut()) {
             self.record("memset", e);
         }
@@ -362,6 +499,7 @@ impl Backend<f32> for Gpu {
     }
 
     fn range_push(&self, name: &str) {
+        RANGES.with(|r| r.borrow_mut().push(name.to_string()));
         if self.nvtx {
             super::nvtx::push(name);
         }
@@ -394,6 +532,7 @@ impl Backend<f32> for Gpu {
     }
 
     fn range_pop(&self) {
+        RANGES.with(|r| r.borrow_mut().pop());
         if self.nvtx {
             super::nvtx::pop();
         }
@@ -414,24 +553,25 @@ impl Backend<f32> for Gpu {
         let dt = x.dtype;
         let ys = conv.out_shape(xs);
         let wp = if dt == DType::F32 {
-            self.ptr(w)
+            self.vptr(w)
         } else {
-            self.low(w, dt)
+            self.low(w, dt) as *mut c_void
         };
+        let (xp, yp, bp) = (self.vptr(x), self.vptr(y), self.vptr(b));
         self.dnn_call("conv2d_forward", |d| {
             let need = d.algos(xs, conv, dt)?.workspace;
-            let (ws, ws_len) = self.workspace(need);
+            let (ws, ws_len) = self.workspace(need)?;
             let p = ConvPtrs {
-                x: self.vptr(x),
-                w: wp as *mut c_void,
-                y: self.vptr(y),
+                x: xp,
+                w: wp,
+                y: yp,
                 workspace: ws as *mut c_void,
             };
             // SAFETY: buffers sized by the network for these shapes, on the handle's stream.
             unsafe {
                 d.conv_forward(&p, ws_len, xs, conv, dt)?;
                 if dt == DType::F32 {
-                    d.add_bias(p.y, self.vptr(b), ys)?;
+                    d.add_bias(p.y, bp, ys)?;
                 }
                 Ok(())
             }
@@ -462,25 +602,27 @@ impl Backend<f32> for Gpu {
         let dt = dy.dtype;
         let ys = conv.out_shape(xs);
         let dx_ptr = dx.map(|d| self.vptr(d));
+        let (xp, dyp) = (self.vptr(x), self.vptr(dy));
         self.bias_grad(db, dy, ys);
         if dt == DType::F32 {
+            let (dwp, wp) = (self.vptr(dw), self.vptr(w));
             self.dnn_call("conv2d_backward", |d| {
                 let need = d.algos(xs, conv, dt)?.workspace;
-                let (ws, ws_len) = self.workspace(need);
+                let (ws, ws_len) = self.workspace(need)?;
                 // SAFETY: as in conv2d_forward.
                 unsafe {
                     let filter = ConvPtrs {
-                        x: self.vptr(x),
-                        w: self.vptr(dw),
-                        y: self.vptr(dy),
+                        x: xp,
+                        w: dwp,
+                        y: dyp,
                         workspace: ws as *mut c_void,
                     };
                     d.conv_backward_filter(&filter, ws_len, xs, conv, dt, true)?;
                     if let Some(dxp) = dx_ptr {
                         let data = ConvPtrs {
                             x: dxp,
-                            w: self.vptr(w),
-                            y: self.vptr(dy),
+                            w: wp,
+                            y: dyp,
                             workspace: ws as *mut c_void,
                         };
                         d.conv_backward_data(&data, ws_len, xs, conv, dt)?;
@@ -492,25 +634,27 @@ impl Backend<f32> for Gpu {
         }
         // Mixed precision: the weight gradient comes out of cuDNN in the data type and is added
         // to the fp32 one (the bias gradient above is reduced straight into fp32).
-        let dw_low = self.alloc(conv.weight_len(), dt);
-        let wp = dx_ptr.map(|_| self.low(w, dt));
+        let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
+        let dw_low = self.alloc(&what, conv.weight_len(), dt);
+        let dw_lowp = self.vptr(&dw_low);
+        let wp = dx_ptr.map(|_| self.low(w, dt) as *mut c_void);
         self.dnn_call("conv2d_backward", |d| {
             let need = d.algos(xs, conv, dt)?.workspace;
-            let (ws, ws_len) = self.workspace(need);
+            let (ws, ws_len) = self.workspace(need)?;
             // SAFETY: as in conv2d_forward.
             unsafe {
                 let filter = ConvPtrs {
-                    x: self.vptr(x),
-                    w: self.vptr(&dw_low),
-                    y: self.vptr(dy),
+                    x: xp,
+                    w: dw_lowp,
+                    y: dyp,
                     workspace: ws as *mut c_void,
                 };
                 d.conv_backward_filter(&filter, ws_len, xs, conv, dt, false)?;
                 if let (Some(dxp), Some(wp)) = (dx_ptr, wp) {
                     let data = ConvPtrs {
                         x: dxp,
-                        w: wp as *mut c_void,
-                        y: self.vptr(dy),
+                        w: wp,
+                        y: dyp,
                         workspace: ws as *mut c_void,
                     };
                     d.conv_backward_data(&data, ws_len, xs, conv, dt)?;
@@ -641,10 +785,11 @@ impl Backend<f32> for Gpu {
 
     fn max_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc, pool: &MaxPool2d) {
         let dt = x.dtype;
+        let (yp, xp) = (self.vptr(y), self.vptr(x));
         self.dnn_call("max_pool2d_forward", |d| {
             let pd = Pooling::max(pool)?;
             // SAFETY: buffers sized for these shapes, on the handle's stream.
-            unsafe { d.pool_forward(&pd, self.vptr(y), self.vptr(x), xs, pool.out_shape(xs), dt) }
+            unsafe { d.pool_forward(&pd, yp, xp, xs, pool.out_shape(xs), dt) }
         });
     }
 
@@ -658,21 +803,12 @@ impl Backend<f32> for Gpu {
         pool: &MaxPool2d,
     ) {
         let dt = x.dtype;
+        // The forward's real x and y: cuDNN finds the maximum of each window from them.
+        let (dxp, dyp, xp, yp) = (self.vptr(dx), self.vptr(dy), self.vptr(x), self.vptr(y));
         self.dnn_call("max_pool2d_backward", |d| {
             let pd = Pooling::max(pool)?;
-            // SAFETY: as above.
-            unsafe {
-                d.pool_backward(
-                    &pd,
-                    self.vptr(dx),
-                    self.vptr(dy),
-                    self.vptr(x),
-                    self.vptr(y),
-                    xs,
-                    pool.out_shape(xs),
-                    dt,
-                )
-            }
+            // SAFETY: as above; dx is distinct from dy, x and y.
+            unsafe { d.pool_backward(&pd, dxp, dyp, xp, yp, xs, pool.out_shape(xs), dt) }
         });
     }
 
@@ -712,10 +848,11 @@ impl Backend<f32> for Gpu {
     fn avg_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc) {
         let ys = Nhwc::new(xs.n, xs.h / 2, xs.w / 2, xs.c);
         let dt = x.dtype;
+        let (yp, xp) = (self.vptr(y), self.vptr(x));
         self.dnn_call("avg_pool2d_forward", |d| {
             let pd = Pooling::avg2()?;
             // SAFETY: as above.
-            unsafe { d.pool_forward(&pd, self.vptr(y), self.vptr(x), xs, ys, dt) }
+            unsafe { d.pool_forward(&pd, yp, xp, xs, ys, dt) }
         });
     }
 
@@ -769,9 +906,10 @@ impl Backend<f32> for Gpu {
             self.ptr(y),
             fout,
         );
+        let (yp, bp) = (self.vptr(y), self.vptr(b));
         self.dnn_call("linear_forward bias", |d| {
             // SAFETY: y holds n·out floats, b out.
-            unsafe { d.add_bias(self.vptr(y), self.vptr(b), Nhwc::new(n, 1, 1, fout)) }
+            unsafe { d.add_bias(yp, bp, Nhwc::new(n, 1, 1, fout)) }
         });
     }
 
@@ -811,7 +949,14 @@ impl Backend<f32> for Gpu {
         if let Some(dx) = dx {
             // dx[n, in] = dy·w  ⇔  column-major dxᵀ(in×n) = wᵀ(in×out) · dyᵀ(out×n), in fp32,
             // then narrowed to the activation type.
-            let dx32 = (dx.dtype != DType::F32).then(|| self.alloc(dx.len, DType::F32));
+            let dx32 = (dx.dtype != DType::F32).then(|| {
+                let what = buffer_label(
+                    "the fp32 input gradient of the linear head",
+                    dx.len,
+                    DType::F32,
+                );
+                self.alloc(&what, dx.len, DType::F32)
+            });
             let target = dx32.as_ref().map_or(self.ptr(dx), |b| self.ptr(b));
             self.sgemm(
                 "linear_backward dx",
@@ -866,6 +1011,9 @@ impl Backend<f32> for Gpu {
     ) {
         // The forward kernel already wrote (softmax − target)/N (× the loss scale in mixed
         // precision) into `probs`.
+        if !self.usable(&[probs, dlogits]) {
+            return;
+        }
         if let Err(e) = self.cur().memcpy_dtod(probs.mem(), dlogits.mem_mut()) {
             self.record("cross_entropy_backward copy", e);
         }
@@ -945,6 +1093,8 @@ impl Gpu {
     /// Copies the records of `set` to the device, once (about 150 MB for the training split).
     pub fn upload_records(&self, set: &crate::data::Cifar10) -> anyhow::Result<DeviceRecords> {
         use crate::data::{MEAN, RECORD, STD};
+        // A failure still unreported comes first; nothing is copied after it.
+        self.take_error()?;
         let total: usize = set.record_chunks().map(|c| c.len()).sum();
         let err = |e| {
             anyhow::anyhow!(
@@ -952,7 +1102,14 @@ impl Gpu {
                 total >> 20
             )
         };
-        let mut bytes = self.cur().alloc_zeros::<u8>(total.max(1)).map_err(err)?;
+        let mut bytes = match self.cur().alloc_zeros::<u8>(total.max(1)) {
+            Ok(b) => b,
+            Err(e) => {
+                let what = format!("the training set ({} records)", total / RECORD);
+                let msg = oom_message(&what, total.max(1), self.mem_info(), &e.to_string());
+                anyhow::bail!(msg);
+            }
+        };
         let mut at = 0;
         for chunk in set.record_chunks() {
             let mut dst = bytes.slice_mut(at..at + chunk.len());
@@ -992,6 +1149,9 @@ impl Gpu {
         params.extend(views.iter().map(|v| v.0));
         params.extend(views.iter().map(|v| v.1));
         params.extend(views.iter().map(|v| v.2 as i32));
+        if self.failed() {
+            return out;
+        }
         let params = match self.cur().clone_htod(&params) {
             Ok(p) => p,
             Err(e) => {
@@ -1139,6 +1299,8 @@ impl Gpu {
         views: &[(i32, i32, bool)],
         lr: f32,
     ) -> anyhow::Result<()> {
+        // A failure recorded outside the graph is reported before the graph runs again.
+        self.take_error()?;
         if indices.len() != g.batch || views.len() != g.batch {
             anyhow::bail!(
                 "a CUDA graph of {} images replayed on {} images",
@@ -1170,23 +1332,24 @@ impl Gpu {
         let Some(st) = step.as_mut() else {
             return Ok((0.0, 0));
         };
+        self.take_error()?;
         let s = self.stream();
         let err = |e| anyhow::anyhow!("reading the training metrics: {e}");
         let sums = s.clone_dtoh(&st.sums).map_err(err)?;
         s.memset_zeros(&mut st.sums).map_err(err)?;
-        self.take_error()?;
         Ok((sums[0], sums[1].max(0.0) as u64))
     }
 
     fn upload_as(&self, data: &[f32], dt: DType) -> Buf {
-        if data.is_empty() {
-            return self.alloc(0, dt);
+        let what = buffer_label("an uploaded tensor", data.len(), dt);
+        if data.is_empty() || self.failed() {
+            return self.alloc(&what, data.len(), dt);
         }
         match self.cur().clone_htod(&to_bytes(data, dt)) {
             Ok(mem) => self.wrap(mem, data.len(), dt),
             Err(e) => {
-                self.record("copying to the GPU", e);
-                self.alloc(0, dt)
+                self.record_oom(&what, data.len() * dt.size(), e);
+                self.without_memory(data.len(), dt)
             }
         }
     }
@@ -1223,16 +1386,24 @@ impl Gpu {
             .bn_scratch
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // A failed growth leaves the old, smaller buffers, which no launch then reads: the
+        // failure is recorded and `launch` runs nothing until it is reported.
         if b.0.len() < r.workspace {
             match self.cur().alloc_zeros::<f64>(r.workspace) {
                 Ok(w) => b.0 = w,
-                Err(e) => self.record("out of GPU memory for the BatchNorm workspace", e),
+                Err(e) => self.record_oom(
+                    "the partial sums of a per-channel reduction",
+                    8 * r.workspace,
+                    e,
+                ),
             }
         }
         if b.1.len() < r.counters {
             match self.cur().alloc_zeros::<i32>(r.counters) {
                 Ok(c) => b.1 = c,
-                Err(e) => self.record("out of GPU memory for the BatchNorm counters", e),
+                Err(e) => {
+                    self.record_oom("the counters of a per-channel reduction", 4 * r.counters, e)
+                }
             }
         }
         let (w, _s1) = b.0.device_ptr(self.cur());
@@ -1267,7 +1438,7 @@ impl Gpu {
         cfg: &BatchNormCfg,
         relu: bool,
     ) {
-        let mut invstd = self.zeros(xs.c);
+        let mut invstd = self.f32_zeros("the eval-mode 1/σ of a BatchNorm", xs.c);
         self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
         self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, relu);
     }
@@ -1368,7 +1539,7 @@ impl Gpu {
         xs: Nhwc,
     ) {
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
-        let coef = self.zeros(3 * xs.c);
+        let coef = self.f32_zeros("the backward coefficients of a BatchNorm", 3 * xs.c);
         let r = self.reduction(xs.pixels(), xs.c);
         let (ws, counters) = self.reduction_buffers(&r);
         let (dyp, xp, mp, cp) = (self.ptr(dy), self.ptr(x), self.ptr(mean), self.ptr(&coef));
@@ -1473,6 +1644,9 @@ impl Gpu {
         smoothing: f64,
     ) -> f64 {
         let n = labels.len();
+        if self.failed() {
+            return f64::NAN;
+        }
         if self.capturing() {
             self.cross_entropy_captured(probs, logits, n, k, smoothing);
             return f64::NAN;
@@ -1485,11 +1659,11 @@ impl Gpu {
                 return f64::NAN;
             }
         };
-        let loss = self.zeros(1);
+        let loss = self.f32_zeros("the loss", 1);
         let correct = match self.cur().alloc_zeros::<i32>(1) {
             Ok(b) => b,
             Err(e) => {
-                self.record("allocating the accuracy counter", e);
+                self.record_oom("the accuracy counter", 4, e);
                 return f64::NAN;
             }
         };
@@ -1624,5 +1798,50 @@ fn config(r: &Reduction) -> LaunchConfig {
         grid_dim: (r.grid.0, r.grid.1, 1),
         block_dim: (r.block.0, r.block.1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_names_what_how_much_and_the_device_memory() {
+        let what = "an activation of 6422528 f16 values in block1.0";
+        let free_total = Some((3 << 20, 140 << 30));
+        let msg = oom_message(what, 12845056, free_total, "CUDA_ERROR_OUT_OF_MEMORY");
+        for part in [
+            "out of GPU memory allocating an activation of 6422528 f16 values in block1.0",
+            "12845056 bytes (12.2 MiB) requested",
+            "3145728 bytes (3.0 MiB) free of 150323855360 bytes (140.0 GiB) on the device",
+            "--batch-size",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        ] {
+            assert!(msg.contains(part), "{part:?} missing from: {msg}");
+        }
+        let msg = oom_message("the loss", 4, None, "e");
+        assert!(
+            msg.contains("4 bytes requested, free memory unknown"),
+            "{msg}"
+        );
+        assert_eq!(size(2048), "2048 bytes (2.0 KiB)");
+    }
+
+    #[test]
+    fn buffer_labels_name_the_innermost_profiler_range() {
+        // The ranges are per thread, and each test runs on a thread of its own.
+        assert_eq!(
+            buffer_label("an activation", 10, DType::F16),
+            "an activation of 10 f16 values"
+        );
+        RANGES.with(|r| {
+            r.borrow_mut()
+                .extend(["step 3".to_string(), "block1.0".to_string()])
+        });
+        assert_eq!(
+            buffer_label("a tensor", 64, DType::F32),
+            "a tensor of 64 f32 values in block1.0"
+        );
+        RANGES.with(|r| r.borrow_mut().clear());
     }
 }
