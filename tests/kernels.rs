@@ -11,7 +11,7 @@ mod common;
 
 use common::{Report, Tol};
 use half::{bf16, f16};
-use incept::backend::cpu::Cpu;
+use incept::backend::cpu::{add_ohwi_to_oihw, weight_oihw_to_ohwi, Cpu};
 use incept::backend::{geometry, Backend, BatchNormCfg, Conv2d, Nhwc, Sgd};
 use incept::data::{make_batch, write_synthetic, Augment, Cifar10, Split, MEAN, STD, TRAIN_FILES};
 use incept::model::{Layer, ModelSpec};
@@ -1840,64 +1840,128 @@ fn conversions_round_trip_and_match_the_half_crate() {
     report.finish("convert");
 }
 
-fn accumulate_case<T: Act>(report: &mut Report, n: usize, seed: u64) {
+// ---- the 16-bit working copy of the conv weights: weight_oihw_to_ohwi, add_ohwi_to_oihw ----------
+
+/// The index in OIHW `[k, c, rs]` of element `j` of OHWI `[k, rs, c]`.
+fn oihw_index(j: usize, c: usize, rs: usize) -> usize {
+    let (ch, t) = (j % c, j / c);
+    let (r, k) = (t % rs, t / rs);
+    (k * c + ch) * rs + r
+}
+
+fn weight_layout_case<T: Act>(
+    report: &mut Report,
+    name: &str,
+    conv: &Conv2d,
+    l: Launch,
+    seed: u64,
+) {
     let t = T::NAME;
-    let mut g32 = uniform(seed, n, -1.0, 1.0);
-    let mut grad0 = uniform(seed + 1, n, -0.5, 0.5);
-    // Overflowed 16-bit gradients and a NaN must reach the fp32 gradient; +inf + −inf is NaN.
+    let (k, c, rs) = (conv.cout, conv.cin, conv.k * conv.k);
+    let n = k * c * rs;
+    // The fp32 master weight (OIHW) to the 16-bit working copy (OHWI): the CPU's reorder, then
+    // one rounding. A value beyond f16 becomes inf there, NaN stays NaN, −0 stays −0.
+    let mut w = uniform(seed, n, -0.3, 0.3);
+    w[1] = 1e6;
+    w[n / 2] = f32::NAN;
+    w[n - 1] = -0.0;
+    let mut low = vec![T::from_f32(f32::NAN); n];
+    emu::weight_oihw_to_ohwi(l, &mut low, &w, k, c, rs);
+    check_bits(
+        report,
+        &format!("{name} {t} weight_oihw_to_ohwi"),
+        &widen(&low),
+        &round_to::<T>(&weight_oihw_to_ohwi(&w, conv)),
+        "the CPU's OIHW -> OHWI reorder, one rounding to T",
+    );
+    // The reverse: a gradient from cuDNN in the working copy's layout, added into the fp32 OIHW
+    // gradient. Overflowed 16-bit gradients and NaN must reach the fp32 gradient (amp_unscale
+    // looks for them there); +inf + −inf is NaN.
+    let mut g32 = uniform(seed + 1, n, -1.0, 1.0);
+    let mut grad0 = uniform(seed + 2, n, -0.5, 0.5);
     let specials = [
-        (3, f32::INFINITY, 0.5),
-        (n / 3, f32::NEG_INFINITY, -0.5),
-        (n / 2, f32::NAN, 1.0),
-        (n - 1, 1e6, 0.0), // beyond f16: inf there, finite in bf16 and f32
-        (n - 2, f32::INFINITY, f32::NEG_INFINITY),
+        (3, f32::INFINITY, 0.5, "+inf"),
+        (n / 3, f32::NEG_INFINITY, -0.5, "-inf"),
+        (n / 2, f32::NAN, 1.0, "NaN"),
+        (n - 2, f32::INFINITY, f32::NEG_INFINITY, "NaN"),
+        (n - 1, 1e6, 0.0, if t == "f16" { "+inf" } else { "finite" }),
     ];
-    for &(i, g, acc) in &specials {
-        g32[i] = g;
-        grad0[i] = acc;
+    for &(j, g, acc, _) in &specials {
+        g32[j] = g;
+        grad0[oihw_index(j, c, rs)] = acc;
     }
     let (g, gr) = quantize::<T>(&g32);
     let mut grad = grad0.clone();
-    emu::accumulate_grad(elementwise(n), &mut grad, &g);
-    let want: Vec<f32> = grad0.iter().zip(&gr).map(|(a, b)| a + b).collect();
+    emu::add_ohwi_to_oihw(l, &mut grad, &g, k, c, rs);
+    let mut want = grad0.clone();
+    add_ohwi_to_oihw(&mut want, &gr, conv);
     check_bits(
         report,
-        &format!("accumulate_grad_{t} n={n}"),
+        &format!("{name} {t} add_ohwi_to_oihw"),
         &grad,
         &want,
-        "one float addition of the exactly widened gradient",
+        "the CPU's OHWI -> OIHW reorder, one float addition of the exactly widened gradient",
     );
-    let mut trouble = vec![(3, "+inf"), (n / 3, "-inf"), (n / 2, "NaN"), (n - 2, "NaN")];
-    if t == "f16" {
-        trouble.push((n - 1, "+inf"));
-    }
     // The bitwise check covers these too; spelled out so a failure names the rule it broke.
-    for (i, what) in trouble {
+    for &(j, _, _, what) in &specials {
+        let v = grad[oihw_index(j, c, rs)];
         let ok = match what {
-            "+inf" => grad[i] == f32::INFINITY,
-            "-inf" => grad[i] == f32::NEG_INFINITY,
-            _ => grad[i].is_nan(),
+            "+inf" => v == f32::INFINITY,
+            "-inf" => v == f32::NEG_INFINITY,
+            "NaN" => v.is_nan(),
+            _ => v.is_finite(),
         };
         report.checked += 1;
         if !ok {
             report.failures.push(format!(
-                "accumulate_grad_{t} n={n}: grad[{i}] = {:e} (g = {:e}, grad before {:e}), want {what}",
-                grad[i], gr[i], grad0[i]
+                "{name} add_ohwi_to_oihw_{t}: OHWI [{j}] = {:e} added to {:e} gave {v:e}, want {what}",
+                gr[j],
+                grad0[oihw_index(j, c, rs)]
             ));
         }
     }
+    // The two are inverse permutations: the working copy added back onto zeros is the master
+    // weight rounded to T, in place.
+    let mut back = vec![0f32; n];
+    emu::add_ohwi_to_oihw(l, &mut back, &low, k, c, rs);
+    check_bits(
+        report,
+        &format!("{name} {t} OIHW -> OHWI -> OIHW"),
+        &back,
+        &round_to::<T>(&w)
+            .iter()
+            .map(|&v| v + 0.0)
+            .collect::<Vec<_>>(),
+        "the round trip is the rounding to T",
+    );
 }
 
 #[test]
-fn accumulate_grad_adds_the_widened_gradient_and_propagates_inf_and_nan() {
+fn conv_weights_cross_between_oihw_fp32_and_ohwi_16_bit_like_the_cpu_reorders() {
     let mut report = Report::default();
-    // The model's parameter count (every gradient accumulated in one launch), and a small one.
-    for (n, seed) in [(575_050, 1600), (1000, 1610)] {
-        accumulate_case::<f32>(&mut report, n, seed);
-        accumulate_case::<f16>(&mut report, n, seed + 1);
-        accumulate_case::<bf16>(&mut report, n, seed + 2);
+    let mut seen: Vec<Conv2d> = Vec::new();
+    let convs = ModelSpec::inception_net_small()
+        .convolutions(N)
+        .expect("the seed model's shapes fit");
+    for (name, _, conv) in convs {
+        if seen.contains(&conv) {
+            continue;
+        }
+        seen.push(conv);
+        let n = conv.weight_len();
+        let (seed, l) = (1600 + 10 * seen.len() as u64, elementwise(n));
+        weight_layout_case::<f32>(&mut report, &name, &conv, l, seed);
+        weight_layout_case::<f16>(&mut report, &name, &conv, l, seed + 1);
+        weight_layout_case::<bf16>(&mut report, &name, &conv, l, seed + 2);
     }
-    report.finish("accumulate_grad");
+    // The GPU backend's launch (one element per thread) on the largest weight.
+    let big = *seen
+        .iter()
+        .max_by_key(|c| c.weight_len())
+        .expect("convolutions");
+    let l = gpu_elementwise(big.weight_len());
+    weight_layout_case::<f16>(&mut report, "largest, GPU grid", &big, l, 1690);
+    report.finish("conv weight layouts");
 }
 
 /// The [P, C] shapes of the bias kernels: convolution outputs at batch 128 and odd ones.

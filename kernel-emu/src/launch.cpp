@@ -98,7 +98,8 @@ EMU_WRAP_3(relu_backward, (T * dy, const T* y, int n), (dy, y, n))
 EMU_WRAP_3(fork_backward, (T * dx, const T* a, const T* b, const T* c, const T* e, int n), (dx, a, b, c, e, n))
 EMU_WRAP_3(convert_from_f32, (T * dst, const float* src, int n), (dst, src, n))
 EMU_WRAP_3(convert_to_f32, (float* dst, const T* src, int n), (dst, src, n))
-EMU_WRAP_3(accumulate_grad, (float* grad, const T* g, int n), (grad, g, n))
+EMU_WRAP_3(weight_oihw_to_ohwi, (T * dst, const float* src, int K, int C, int RS), (dst, src, K, C, RS))
+EMU_WRAP_3(add_ohwi_to_oihw, (float* grad, const T* g, int K, int C, int RS), (grad, g, K, C, RS))
 EMU_WRAP_3(bias_add, (T * y, const float* b, int P, int C), (y, b, P, C))
 
 // ---- pool.cu

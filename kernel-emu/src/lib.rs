@@ -102,7 +102,8 @@ mod ffi {
             fork_backward: $fb:ident,
             convert_from_f32: $cvf:ident,
             convert_to_f32: $cvt:ident,
-            accumulate_grad: $acc:ident,
+            weight_oihw_to_ohwi: $w2o:ident,
+            add_ohwi_to_oihw: $o2w:ident,
             bias_add: $bad:ident,
             bias_grad: $bgr:ident,
             avg_pool2d_backward: $apb:ident,
@@ -226,7 +227,8 @@ mod ffi {
                 );
                 pub fn $cvf(d: Dims, dst: *mut $t, src: *const f32, n: c_int);
                 pub fn $cvt(d: Dims, dst: *mut f32, src: *const $t, n: c_int);
-                pub fn $acc(d: Dims, grad: *mut f32, g: *const $t, n: c_int);
+                pub fn $w2o(d: Dims, dst: *mut $t, src: *const f32, k: c_int, c: c_int, rs: c_int);
+                pub fn $o2w(d: Dims, grad: *mut f32, g: *const $t, k: c_int, c: c_int, rs: c_int);
                 pub fn $bad(d: Dims, y: *mut $t, b: *const f32, p: c_int, c: c_int);
                 pub fn $bgr(
                     d: Dims,
@@ -265,7 +267,8 @@ mod ffi {
         fork_backward: emu_fork_backward_f32,
         convert_from_f32: emu_convert_from_f32_f32,
         convert_to_f32: emu_convert_to_f32_f32,
-        accumulate_grad: emu_accumulate_grad_f32,
+        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f32,
+        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f32,
         bias_add: emu_bias_add_f32,
         bias_grad: emu_bias_grad_f32,
         avg_pool2d_backward: emu_avg_pool2d_backward_f32,
@@ -285,7 +288,8 @@ mod ffi {
         fork_backward: emu_fork_backward_f16,
         convert_from_f32: emu_convert_from_f32_f16,
         convert_to_f32: emu_convert_to_f32_f16,
-        accumulate_grad: emu_accumulate_grad_f16,
+        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f16,
+        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f16,
         bias_add: emu_bias_add_f16,
         bias_grad: emu_bias_grad_f16,
         avg_pool2d_backward: emu_avg_pool2d_backward_f16,
@@ -305,7 +309,8 @@ mod ffi {
         fork_backward: emu_fork_backward_bf16,
         convert_from_f32: emu_convert_from_f32_bf16,
         convert_to_f32: emu_convert_to_f32_bf16,
-        accumulate_grad: emu_accumulate_grad_bf16,
+        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_bf16,
+        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_bf16,
         bias_add: emu_bias_add_bf16,
         bias_grad: emu_bias_grad_bf16,
         avg_pool2d_backward: emu_avg_pool2d_backward_bf16,
@@ -461,7 +466,8 @@ pub struct Kernels<T: 'static> {
         unsafe extern "C" fn(Dims, *mut T, *const T, *const T, *const T, *const T, c_int),
     convert_from_f32: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int),
     convert_to_f32: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
-    accumulate_grad: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
+    weight_oihw_to_ohwi: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int, c_int),
+    add_ohwi_to_oihw: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int, c_int, c_int),
     bias_add: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int),
     bias_grad:
         unsafe extern "C" fn(Dims, *mut f32, *mut f64, *mut c_int, *const T, c_int, c_int, c_int),
@@ -505,7 +511,8 @@ act!(
         fork_backward: emu_fork_backward_f32,
         convert_from_f32: emu_convert_from_f32_f32,
         convert_to_f32: emu_convert_to_f32_f32,
-        accumulate_grad: emu_accumulate_grad_f32,
+        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f32,
+        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f32,
         bias_add: emu_bias_add_f32,
         bias_grad: emu_bias_grad_f32,
         avg_pool2d_backward: emu_avg_pool2d_backward_f32,
@@ -530,7 +537,8 @@ act!(
         fork_backward: emu_fork_backward_f16,
         convert_from_f32: emu_convert_from_f32_f16,
         convert_to_f32: emu_convert_to_f32_f16,
-        accumulate_grad: emu_accumulate_grad_f16,
+        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f16,
+        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f16,
         bias_add: emu_bias_add_f16,
         bias_grad: emu_bias_grad_f16,
         avg_pool2d_backward: emu_avg_pool2d_backward_f16,
@@ -555,7 +563,8 @@ act!(
         fork_backward: emu_fork_backward_bf16,
         convert_from_f32: emu_convert_from_f32_bf16,
         convert_to_f32: emu_convert_to_f32_bf16,
-        accumulate_grad: emu_accumulate_grad_bf16,
+        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_bf16,
+        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_bf16,
         bias_add: emu_bias_add_bf16,
         bias_grad: emu_bias_grad_bf16,
         avg_pool2d_backward: emu_avg_pool2d_backward_bf16,
@@ -975,12 +984,67 @@ pub fn convert_to_f32<T: Act>(l: Launch, dst: &mut [f32], src: &[T]) {
     unsafe { (T::K.convert_to_f32)(l, dst.as_mut_ptr(), src.as_ptr(), int(src.len(), "n")) }
 }
 
-/// `accumulate_grad_*`: `grad += f32(g)`.
-pub fn accumulate_grad<T: Act>(l: Launch, grad: &mut [f32], g: &[T]) {
+/// `weight_oihw_to_ohwi_*`: `dst` `[k, r·s, c]` (OHWI) = T(`src` `[k, c, r·s]` (OIHW)), with
+/// `rs` = r·s.
+pub fn weight_oihw_to_ohwi<T: Act>(
+    l: Launch,
+    dst: &mut [T],
+    src: &[f32],
+    k: usize,
+    c: usize,
+    rs: usize,
+) {
     l.check();
-    assert_eq!(grad.len(), g.len(), "accumulate_grad grad and g");
-    // SAFETY: both slices hold n values.
-    unsafe { (T::K.accumulate_grad)(l, grad.as_mut_ptr(), g.as_ptr(), int(g.len(), "n")) }
+    let n = k * c * rs;
+    assert!(
+        dst.len() == n && src.len() == n,
+        "weight_oihw_to_ohwi: {} and {} values for {k}·{c}·{rs}",
+        dst.len(),
+        src.len()
+    );
+    int(n, "K·C·RS");
+    // SAFETY: both slices hold K·C·RS values, all the kernel indexes; distinct borrows.
+    unsafe {
+        (T::K.weight_oihw_to_ohwi)(
+            l,
+            dst.as_mut_ptr(),
+            src.as_ptr(),
+            int(k, "K"),
+            int(c, "C"),
+            int(rs, "RS"),
+        )
+    }
+}
+
+/// `add_ohwi_to_oihw_*`: `grad` `[k, c, r·s]` (OIHW) += f32(`g` `[k, r·s, c]` (OHWI)).
+pub fn add_ohwi_to_oihw<T: Act>(
+    l: Launch,
+    grad: &mut [f32],
+    g: &[T],
+    k: usize,
+    c: usize,
+    rs: usize,
+) {
+    l.check();
+    let n = k * c * rs;
+    assert!(
+        grad.len() == n && g.len() == n,
+        "add_ohwi_to_oihw: {} and {} values for {k}·{c}·{rs}",
+        grad.len(),
+        g.len()
+    );
+    int(n, "K·C·RS");
+    // SAFETY: both slices hold K·C·RS values, all the kernel indexes; distinct borrows.
+    unsafe {
+        (T::K.add_ohwi_to_oihw)(
+            l,
+            grad.as_mut_ptr(),
+            g.as_ptr(),
+            int(k, "K"),
+            int(c, "C"),
+            int(rs, "RS"),
+        )
+    }
 }
 
 /// `bias_add_*`: `y[p·C + c] = T(f32(y[p·C + c]) + b[c])` in place, y `[p, c]`.

@@ -325,7 +325,7 @@ pub fn matmul_long_k<T: Elem>(
 }
 
 /// OIHW → O(HW)I, the weight as the `[Cout, k·k·Cin]` matrix that matches [`im2col`]'s rows.
-pub(crate) fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
+pub fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
     let (kk, cin) = (conv.k * conv.k, conv.cin);
     let mut out = vec![T::zero(); w.len()];
     for co in 0..conv.cout {
@@ -340,7 +340,7 @@ pub(crate) fn weight_oihw_to_ohwi<T: Elem>(w: &[T], conv: &Conv2d) -> Vec<T> {
 
 /// `dw += dwp`, `dwp` the weight gradient laid out as [`weight_oihw_to_ohwi`] makes it and
 /// `dw` OIHW.
-pub(crate) fn add_ohwi_to_oihw<T: Elem>(dw: &mut [T], dwp: &[T], conv: &Conv2d) {
+pub fn add_ohwi_to_oihw<T: Elem>(dw: &mut [T], dwp: &[T], conv: &Conv2d) {
     let (kk, cin) = (conv.k * conv.k, conv.cin);
     for o in 0..conv.cout {
         for ci in 0..cin {

@@ -78,12 +78,23 @@ impl Drop for Tensor {
     }
 }
 
-/// A filter descriptor for PyTorch's OIHW weights.
+/// A filter descriptor.
 pub struct Filter(pub sys::cudnnFilterDescriptor_t);
 
+/// The layout of `conv`'s weight as the convolutions of data type `dt` read it: the fp32 path
+/// reads the master weight itself, PyTorch's OIHW (`NCHW` for a filter); mixed precision reads
+/// the 16-bit working copy, which `weight_oihw_to_ohwi` writes in OHWI (`NHWC` for a filter,
+/// cuDNN's KRSC), the layout its tensor-core kernels for NHWC activations want.
+pub fn filter_format(dt: DType) -> sys::cudnnTensorFormat_t {
+    match dt {
+        DType::F32 => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        DType::F16 | DType::Bf16 => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+    }
+}
+
 impl Filter {
-    /// The weight of `conv` in element type `dt`.
-    pub fn oihw(conv: &Conv2d, dt: DType) -> Result<Filter> {
+    /// The weight of `conv` in element type `dt`, in the layout of [`filter_format`].
+    pub fn new(conv: &Conv2d, dt: DType) -> Result<Filter> {
         let mut d = std::ptr::null_mut();
         // SAFETY: as for Tensor::new.
         unsafe {
@@ -93,10 +104,12 @@ impl Filter {
             )?;
             let f = Filter(d);
             check(
+                // The dimensions are K, C, R, S in either format; the format sets the order in
+                // memory.
                 sys::cudnnSetFilter4dDescriptor(
                     d,
                     dt.cudnn(),
-                    sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                    filter_format(dt),
                     conv.cout as i32,
                     conv.cin as i32,
                     conv.k as i32,
@@ -412,7 +425,7 @@ impl ConvDescs {
         Ok(ConvDescs {
             x: Tensor::nhwc(xs, dt)?,
             y: Tensor::nhwc(conv.out_shape(xs), dt)?,
-            w: Filter::oihw(conv, dt)?,
+            w: Filter::new(conv, dt)?,
             conv: Convolution::new(conv, math)?,
         })
     }

@@ -229,9 +229,10 @@ impl Gpu {
         }
     }
 
-    /// The 16-bit copy of the fp32 weight `w` in `dt`, remade if `w` changed since; 0 when a
-    /// failure is recorded (its allocation or an earlier one), so the caller's work is skipped.
-    fn low(&self, w: &Buf, dt: DType) -> u64 {
+    /// The 16-bit working copy in `dt` of `conv`'s fp32 OIHW weight `w`, in OHWI (cuDNN's KRSC,
+    /// see `dnn::filter_format`), remade if `w` changed since; 0 when a failure is recorded (its
+    /// allocation or an earlier one), so the caller's work is skipped.
+    fn low(&self, w: &Buf, conv: &Conv2d, dt: DType) -> u64 {
         if self.failed() {
             return 0;
         }
@@ -253,9 +254,16 @@ impl Gpu {
         };
         let (sp, _sync) = s.device_ptr(self.cur());
         if !w.shadow_fresh.load(Ordering::Acquire) {
-            let args = [P(sp), P(self.ptr(w)), I(w.len as i32)];
+            let args = [
+                P(sp),
+                P(self.ptr(w)),
+                I(conv.cout as i32),
+                I(conv.cin as i32),
+                I((conv.k * conv.k) as i32),
+            ];
             // Fresh only once the conversion is queued: a skipped one is redone next time.
-            if self.launch(&typed("convert_from_f32", dt), elementwise(w.len), &args) {
+            let name = typed("weight_oihw_to_ohwi", dt);
+            if self.launch(&name, elementwise(w.len), &args) {
                 w.shadow_fresh.store(true, Ordering::Release);
             }
         }
@@ -555,7 +563,7 @@ impl Backend<f32> for Gpu {
         let wp = if dt == DType::F32 {
             self.vptr(w)
         } else {
-            self.low(w, dt) as *mut c_void
+            self.low(w, conv, dt) as *mut c_void
         };
         let (xp, yp, bp) = (self.vptr(x), self.vptr(y), self.vptr(b));
         self.dnn_call("conv2d_forward", |d| {
@@ -632,12 +640,13 @@ impl Backend<f32> for Gpu {
             });
             return;
         }
-        // Mixed precision: the weight gradient comes out of cuDNN in the data type and is added
-        // to the fp32 one (the bias gradient above is reduced straight into fp32).
+        // Mixed precision: the weight gradient comes out of cuDNN in the data type (and the
+        // filter layout) of the working copy and is added to the fp32 one (the bias gradient
+        // above is reduced straight into fp32).
         let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
         let dw_low = self.alloc(&what, conv.weight_len(), dt);
         let dw_lowp = self.vptr(&dw_low);
-        let wp = dx_ptr.map(|_| self.low(w, dt) as *mut c_void);
+        let wp = dx_ptr.map(|_| self.low(w, conv, dt) as *mut c_void);
         self.dnn_call("conv2d_backward", |d| {
             let need = d.algos(xs, conv, dt)?.workspace;
             let (ws, ws_len) = self.workspace(need)?;
@@ -662,8 +671,17 @@ impl Backend<f32> for Gpu {
                 Ok(())
             }
         });
-        let args = [P(self.ptr(dw)), P(self.ptr(&dw_low)), I(dw.len as i32)];
-        self.launch(&typed("accumulate_grad", dt), elementwise(dw.len), &args);
+        // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
+        // gradient keeps the master weight's OIHW.
+        let args = [
+            P(self.ptr(dw)),
+            P(self.ptr(&dw_low)),
+            I(conv.cout as i32),
+            I(conv.cin as i32),
+            I((conv.k * conv.k) as i32),
+        ];
+        let name = typed("add_ohwi_to_oihw", dt);
+        self.launch(&name, elementwise(dw.len), &args);
     }
 
     fn batch_norm_forward_train(
