@@ -105,7 +105,8 @@ type Graveyard = Arc<Mutex<Vec<CudaSlice<u8>>>>;
 
 /// A device buffer: `len` elements of `dtype`.
 pub struct GpuBuf {
-    /// Always `Some` (taken only by `drop`).
+    /// `None` when its allocation failed (and once `drop` has taken it): every use goes
+    /// through `Gpu::ptr` / `Gpu::usable`, which record that instead of touching memory.
     mem: Option<CudaSlice<u8>>,
     len: usize,
     dtype: DType,
@@ -135,10 +136,14 @@ impl Drop for GpuBuf {
 
 impl GpuBuf {
     fn mem(&self) -> &CudaSlice<u8> {
-        self.mem.as_ref().expect("a live buffer has its memory")
+        self.mem
+            .as_ref()
+            .expect("checked by Gpu::ptr / Gpu::usable before use")
     }
     fn mem_mut(&mut self) -> &mut CudaSlice<u8> {
-        self.mem.as_mut().expect("a live buffer has its memory")
+        self.mem
+            .as_mut()
+            .expect("checked by Gpu::ptr / Gpu::usable before use")
     }
 
     pub fn len(&self) -> usize {
