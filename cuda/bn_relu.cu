@@ -386,3 +386,4 @@ extern "C" __global__ void batch_norm_eval_invstd(float* __restrict__ invstd, co
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x)
         invstd[c] = (float)(1.0 / sqrt((double)running_var[c] + (double)eps));
 }
+INCEPT_REGISTER(batch_norm_eval_invstd)

@@ -11,6 +11,9 @@
 #else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+// The host emulation's kernel registry (see cuda/emu.h): nothing on the GPU. Written after the
+// definition of every non-template `extern "C" __global__` kernel.
+#define INCEPT_REGISTER(name)
 #endif
 
 namespace incept {
@@ -105,15 +108,23 @@ __device__ __forceinline__ A block_sum(A v) {
 //   INCEPT_INSTANTIATE_3(concat_forward, (T* y, int ld), (y, ld))
 // defines `extern "C" __global__ void concat_forward_f32(float* y, int ld)` calling
 // `incept::concat_forward_impl<float>(y, ld)`, and the same for __half and __nv_bfloat16.
+// Under INCEPT_EMU each instantiation also registers itself (INCEPT_REGISTER).
 #define INCEPT_INSTANTIATE_ONE(name, suffix, TYPE, params, args)      \
     namespace incept_instance_##name##_##suffix {                     \
     using T = TYPE;                                                   \
     extern "C" __global__ void name##_##suffix params {               \
         incept::name##_impl<T> args;                                  \
     }                                                                 \
+    INCEPT_REGISTER(name##_##suffix)                                  \
     }
 
 #define INCEPT_INSTANTIATE_3(name, params, args)                \
     INCEPT_INSTANTIATE_ONE(name, f32, float, params, args)      \
+    INCEPT_INSTANTIATE_ONE(name, f16, __half, params, args)     \
+    INCEPT_INSTANTIATE_ONE(name, bf16, __nv_bfloat16, params, args)
+
+// The 16-bit instantiations only (`_f16`, `_bf16`): kernels of the mixed-precision path that
+// the fp32 path has no use for (it converts nothing; cuDNN adds its bias).
+#define INCEPT_INSTANTIATE_16(name, params, args)               \
     INCEPT_INSTANTIATE_ONE(name, f16, __half, params, args)     \
     INCEPT_INSTANTIATE_ONE(name, bf16, __nv_bfloat16, params, args)

@@ -131,26 +131,26 @@ INCEPT_INSTANTIATE_3(fork_backward,
 // convert_from_f32_{f32,f16,bf16}(T* dst, const float* src, int n)
 //   dst[i] = T(src[i]), round to nearest even (overflow → ±inf; _f32 is a copy).
 //   Launch: as relu_forward.
-INCEPT_INSTANTIATE_3(convert_from_f32, (T* __restrict__ dst, const float* __restrict__ src, int n), (dst, src, n))
+INCEPT_INSTANTIATE_16(convert_from_f32, (T* __restrict__ dst, const float* __restrict__ src, int n), (dst, src, n))
 
 // convert_to_f32_{f32,f16,bf16}(float* dst, const T* src, int n)
 //   dst[i] = float(src[i]) (exact). Launch: as relu_forward.
-INCEPT_INSTANTIATE_3(convert_to_f32, (float* __restrict__ dst, const T* __restrict__ src, int n), (dst, src, n))
+INCEPT_INSTANTIATE_16(convert_to_f32, (float* __restrict__ dst, const T* __restrict__ src, int n), (dst, src, n))
 
 // weight_oihw_to_ohwi_{f32,f16,bf16}(T* dst, const float* src, int K, int C, int RS)
 //   dst[(k·RS + rs)·C + c] = T(src[(k·C + c)·RS + rs]) (round to nearest even): an OIHW weight
 //   [K, C, R, S] (RS = R·S) to OHWI/KRSC [K, R, S, C]. dst and src distinct, K·C·RS < 2^31.
 //   Launch: block 256, grid = min(ceil(K·C·RS/256), 4096) (grid-stride).
-INCEPT_INSTANTIATE_3(weight_oihw_to_ohwi, (T* __restrict__ dst, const float* __restrict__ src, int K, int C, int RS),
+INCEPT_INSTANTIATE_16(weight_oihw_to_ohwi, (T* __restrict__ dst, const float* __restrict__ src, int K, int C, int RS),
                      (dst, src, K, C, RS))
 
 // add_ohwi_to_oihw_{f32,f16,bf16}(float* grad, const T* g, int K, int C, int RS)
 //   grad[(k·C + c)·RS + rs] += float(g[(k·RS + rs)·C + c]) (inf/NaN propagate): the reverse
 //   permutation of weight_oihw_to_ohwi, accumulating. Launch: as weight_oihw_to_ohwi.
-INCEPT_INSTANTIATE_3(add_ohwi_to_oihw, (float* __restrict__ grad, const T* __restrict__ g, int K, int C, int RS),
+INCEPT_INSTANTIATE_16(add_ohwi_to_oihw, (float* __restrict__ grad, const T* __restrict__ g, int K, int C, int RS),
                      (grad, g, K, C, RS))
 
 // bias_add_{f32,f16,bf16}(T* y, const float* b, int P, int C)
 //   y[p·C + c] = T(float(y[p·C + c]) + b[c]) for p < P, c < C, in place; y [P, C] contiguous,
 //   P·C < 2^31. Launch: block 256, grid = min(ceil(P·C/256), 4096) (grid-stride over P·C).
-INCEPT_INSTANTIATE_3(bias_add, (T* __restrict__ y, const float* __restrict__ b, int P, int C), (y, b, P, C))
+INCEPT_INSTANTIATE_16(bias_add, (T* __restrict__ y, const float* __restrict__ b, int P, int C), (y, b, P, C))

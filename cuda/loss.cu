@@ -110,6 +110,7 @@ extern "C" __global__ void cross_entropy_forward_backward(float* __restrict__ dl
                                                           float smoothing, const float* __restrict__ loss_scale) {
     incept::cross_entropy_impl(dlogits, loss, correct, logits, labels, N, K, smoothing, loss_scale);
 }
+INCEPT_REGISTER(cross_entropy_forward_backward)
 
 // accumulate_step_metrics(double* sums, const float* loss, const int* correct, int n)
 //   sums[0] += loss[0]·n (the step's summed loss, exact in double), sums[1] += correct[0]: an
@@ -122,3 +123,4 @@ extern "C" __global__ void accumulate_step_metrics(double* __restrict__ sums, co
     sums[0] += (double)loss[0] * (double)n;
     sums[1] += (double)correct[0];
 }
+INCEPT_REGISTER(accumulate_step_metrics)

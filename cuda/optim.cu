@@ -34,7 +34,7 @@ __device__ __forceinline__ void amp_unscale_impl(float* master, const T* grad, i
 //   master[i] = grad[i] · (1 / *scale); *found_inf = 1 when any grad[i] or master[i] is inf or
 //   NaN (never cleared here: update_loss_scale clears it). For f32, master may be grad itself
 //   (in place). Launch: block 256, grid = min(ceil(n/256), 8·SMs) (grid-stride).
-INCEPT_INSTANTIATE_3(amp_unscale, (float* master, const T* grad, int n, const float* __restrict__ scale, int* __restrict__ found_inf),
+INCEPT_INSTANTIATE_ONE(amp_unscale, f32, float, (float* master, const T* grad, int n, const float* __restrict__ scale, int* __restrict__ found_inf),
                      (master, grad, n, scale, found_inf))
 
 // sgd_step(float* param, const float* grad, float* momentum_buf, int n, float lr,
@@ -69,6 +69,7 @@ extern "C" __global__ void sgd_step(float* __restrict__ param, const float* __re
         param[i] = p - rate * step;
     }
 }
+INCEPT_REGISTER(sgd_step)
 
 // update_loss_scale(float* scale, int* growth_tracker, int* found_inf, int* skipped_steps,
 //     float growth_factor, float backoff_factor, int growth_interval)
@@ -97,3 +98,4 @@ extern "C" __global__ void update_loss_scale(float* __restrict__ scale, int* __r
     }
     *found_inf = 0;
 }
+INCEPT_REGISTER(update_loss_scale)

@@ -95,7 +95,6 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
 /// Times the seed model on a CUDA device as `cuda` asks (precision, streams, graph or not).
 /// The training steps run on a synthetic set of `2·batch` images resident on the GPU, as
 /// `incept train` runs them; the eval steps on a random batch from the host.
-#[cfg(feature = "cudnn")]
 pub fn bench_cuda(
     opts: &BenchOpts,
     device: &str,
@@ -201,7 +200,6 @@ impl MatrixRow {
 /// still run: the matrix is where an untested path shows up first, and one broken
 /// configuration should not hide the figures of the rest. `on_row` sees each row as soon as it
 /// is measured, so a run killed by a time limit keeps the rows it finished.
-#[cfg(feature = "cudnn")]
 pub fn bench_cuda_matrix(
     opts: &BenchOpts,
     device: &str,

@@ -201,6 +201,7 @@ pub fn save(
         .context("building the checkpoint")?;
     let bytes =
         safetensors::serialize(views, Some(metadata)).context("serialising the checkpoint")?;
+    let bytes = canonical_header(bytes)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -228,6 +229,25 @@ pub fn save(
         let _ = std::fs::remove_file(&tmp);
         anyhow::anyhow!("cannot write {}: {e}", path.display())
     })
+}
+
+/// The same safetensors file with its JSON header's keys sorted: the metadata comes from a
+/// `HashMap`, whose order changes from run to run, and the same state must give the same bytes
+/// (runs are compared byte for byte).
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = || anyhow::anyhow!("safetensors wrote a malformed header");
+    let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into()?) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(bad)?;
+    // serde_json's maps are sorted by key.
+    let value: serde_json::Value = serde_json::from_slice(header)?;
+    let mut json = serde_json::to_vec(&value)?;
+    // The data starts 8-byte aligned, as safetensors pads it (with spaces).
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Saves the model's `state_dict()` to `path` (atomically).

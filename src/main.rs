@@ -95,7 +95,9 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Device to run on (`cpu`; `cuda` needs a build with `--features cudnn`).
+    /// Device to run on: `cpu`, `cuda[:N]` (a build with `--features cudnn`), or `emu`, the
+    /// emulated GPU (the CUDA backend run on the CPU with a race and memory checker: a slow
+    /// correctness tool).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Images per step (default 128; with --matrix, both 128 and 512).
@@ -186,7 +188,6 @@ fn bench(args: BenchArgs) -> Result<()> {
         if args.device == "cpu" {
             bail!("--matrix compares CUDA streams and precisions; use --device cuda");
         }
-        #[cfg(feature = "cudnn")]
         {
             let batches = args.batch_size.map_or(vec![128, 512], |b| vec![b]);
             let mut first = true;
@@ -207,14 +208,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    #[cfg(feature = "cudnn")]
     let r = if args.device == "cpu" {
         bench_cpu(&opts)?
     } else {
         incept::bench::bench_cuda(&opts, &args.device, &args.cuda)?
     };
-    #[cfg(not(feature = "cudnn"))]
-    let r = bench_cpu(&opts)?;
     if args.json {
         println!("{}", r.to_json());
     } else {
@@ -237,7 +235,6 @@ fn bench(args: BenchArgs) -> Result<()> {
 /// One row of the benchmark matrix, printed as soon as it is measured so that a run killed by
 /// a time limit keeps what it finished. With `json` the table goes to stderr and stdout holds
 /// only the JSON lines, one per row, ready for `benches/bench_report.py`.
-#[cfg(feature = "cudnn")]
 fn print_matrix(row: &incept::bench::MatrixRow, json: bool, header: bool) {
     use std::io::Write;
     let mut line = format!(
@@ -295,19 +292,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     let test = incept::data::Cifar10::open(&args.data_dir, incept::data::Split::Test)?;
     let file = incept::checkpoint::TensorFile::open(&args.checkpoint)?;
     let spec = ModelSpec::inception_net_small();
-    #[cfg(feature = "cudnn")]
     let r = if args.device != "cpu" {
         let gpu = train::open_gpu(&args.device, &args.cuda)?;
         let mut net: Net<f32, incept::backend::cuda::Gpu> = Net::new(spec, gpu, 0)?;
         incept::checkpoint::load_model(&mut net, &file, "")?;
         train::evaluate(&mut net, &test, args.batch_size)?
     } else {
-        let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, 0)?;
-        incept::checkpoint::load_model(&mut net, &file, "")?;
-        train::evaluate(&mut net, &test, args.batch_size)?
-    };
-    #[cfg(not(feature = "cudnn"))]
-    let r = {
         let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, 0)?;
         incept::checkpoint::load_model(&mut net, &file, "")?;
         train::evaluate(&mut net, &test, args.batch_size)?

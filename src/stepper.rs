@@ -160,10 +160,8 @@ impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for EagerStepper<F> {
     }
 }
 
-#[cfg(feature = "cudnn")]
 pub use gpu::{DeviceFeed, GraphStepper};
 
-#[cfg(feature = "cudnn")]
 mod gpu {
     use super::*;
     use crate::backend::cuda::{DeviceRecords, Gpu, GpuBuf, StepGraph};

@@ -91,7 +91,9 @@ pub struct TrainConfig {
     /// Log a line every this many steps (when not on a terminal).
     #[arg(long, default_value_t = 50)]
     pub log_interval: usize,
-    /// `cpu`, or `cuda[:N]` in a build with `--features cudnn`.
+    /// `cpu`, `cuda[:N]` in a build with `--features cudnn`, or `emu`: the emulated GPU, which
+    /// runs the CUDA backend on the CPU with a race and memory checker (a slow correctness
+    /// tool; `INCEPT_EMU_SEED` sets its scheduling seed).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// CPU threads (default: all cores).
@@ -194,7 +196,6 @@ impl CudaArgs {
     }
 
     /// What a CUDA device runs: mixed precision unless --no-amp.
-    #[cfg(feature = "cudnn")]
     pub fn gpu_options(&self) -> crate::backend::cuda::GpuOptions {
         use crate::backend::cuda::{DType, GpuOptions};
         GpuOptions {
@@ -205,6 +206,7 @@ impl CudaArgs {
             },
             deterministic: self.deterministic,
             streams: self.streams,
+            skip_wait: None,
         }
     }
 
@@ -218,11 +220,20 @@ impl CudaArgs {
     }
 }
 
-/// Opens the CUDA device `device` (`cuda` or `cuda:N`) as `precision` says.
-#[cfg(feature = "cudnn")]
+/// Opens the CUDA device `device` (`cuda`, `cuda:N`, or `emu` for the emulated GPU) as
+/// `precision` says.
 pub fn open_gpu(device: &str, precision: &CudaArgs) -> Result<crate::backend::cuda::Gpu> {
-    use crate::backend::cuda::{parse_device, Gpu};
-    Gpu::with_options(parse_device(device)?, precision.gpu_options())
+    use crate::backend::cuda::{emu, Gpu};
+    if device == "emu" {
+        return Gpu::emulated(emu::EmuOptions::from_env()?, precision.gpu_options());
+    }
+    #[cfg(feature = "cudnn")]
+    {
+        let ordinal = crate::backend::cuda::parse_device(device)?;
+        Gpu::with_options(ordinal, precision.gpu_options())
+    }
+    #[cfg(not(feature = "cudnn"))]
+    bail!("--device {device}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu (or emu, the emulated GPU)")
 }
 
 impl TrainConfig {
@@ -302,11 +313,12 @@ pub fn parse_steps(s: &str) -> Result<std::ops::Range<u64>> {
     Ok(a..b)
 }
 
-/// Accepts `cpu`, and `cuda[:N]` only where that device can be opened: checked before any
-/// data is downloaded or read, so a missing driver, GPU or library is the first thing said.
+/// Accepts `cpu` and `emu`, and `cuda[:N]` only where that device can be opened: checked
+/// before any data is downloaded or read, so a missing driver, GPU or library is the first
+/// thing said.
 pub fn check_device(device: &str) -> Result<()> {
     match device {
-        "cpu" => Ok(()),
+        "cpu" | "emu" => Ok(()),
         d if d == "cuda" || d.starts_with("cuda:") => {
             #[cfg(feature = "cudnn")]
             {
@@ -316,7 +328,7 @@ pub fn check_device(device: &str) -> Result<()> {
             #[cfg(not(feature = "cudnn"))]
             bail!("--device {d}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu")
         }
-        d => bail!("--device {d}: unknown device; use cpu or cuda[:N]"),
+        d => bail!("--device {d}: unknown device; use cpu, cuda[:N] or emu"),
     }
 }
 
@@ -682,7 +694,6 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
     let test_set = Cifar10::open(&cfg.data_dir, Split::Test)?;
 
     let spec = ModelSpec::inception_net_small();
-    #[cfg(feature = "cudnn")]
     if cfg.device != "cpu" {
         let gpu = open_gpu(&cfg.device, &cfg.cuda)?;
         info!(

@@ -1032,23 +1032,19 @@ fn amp_unscale_divides_by_the_scale_and_flags_inf_and_nan() {
         let (_, flag, _) = unscale_case::<T>(Some(v));
         assert_eq!(flag, 1, "{}: a gradient {v} was not flagged", T::NAME);
     }
-    clean::<f16>();
-    clean::<bf16>();
+    // The gradients are fp32 (the 16-bit weight gradients are added into them first), so
+    // only the fp32 instantiation exists.
     clean::<f32>();
     for v in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
-        flagged::<f16>(v);
-        flagged::<bf16>(v);
         flagged::<f32>(v);
     }
-    // 1e5 overflows f16 (max 65504) on the way in: flagged too.
-    flagged::<f16>(1e5);
     // The flag is only ever set: a clean pass leaves a raised flag raised.
     let mut flag = 1;
     let mut master = vec![0f32; 4];
     emu::amp_unscale(
         Launch::linear(1, 32),
         &mut master,
-        &[f16::from_f32(1.0); 4],
+        &[1.0f32; 4],
         2.0,
         &mut flag,
     );
@@ -1788,7 +1784,6 @@ fn convert_case<T: Act>(report: &mut Report, seed: u64) {
 #[test]
 fn conversions_round_trip_and_match_the_half_crate() {
     let mut report = Report::default();
-    convert_case::<f32>(&mut report, 1500);
     convert_case::<f16>(&mut report, 1501);
     convert_case::<bf16>(&mut report, 1502);
     // Every 16-bit pattern: to f32 as `half` widens it, and back to the same bits (NaN stays
@@ -1818,25 +1813,6 @@ fn conversions_round_trip_and_match_the_half_crate() {
     }
     all_patterns::<f16>(&mut report, f16::from_bits);
     all_patterns::<bf16>(&mut report, bf16::from_bits);
-    // f32: a copy, NaN payloads included.
-    let src: Vec<f32> = conversion_probes(1503);
-    let mut dst = vec![0f32; src.len()];
-    emu::convert_from_f32(gpu_elementwise(src.len()), &mut dst, &src);
-    report.checked += 1;
-    let bad: Vec<usize> = (0..src.len())
-        .filter(|&i| dst[i].to_bits() != src[i].to_bits())
-        .collect();
-    if let Some(&i) = bad.first() {
-        report.failures.push(format!(
-            "convert_from_f32_f32: {} of {} values not copied bit for bit; first at [{i}]: got {:e} ({:#010x}), want {:e} ({:#010x})",
-            bad.len(),
-            src.len(),
-            dst[i],
-            dst[i].to_bits(),
-            src[i],
-            src[i].to_bits()
-        ));
-    }
     report.finish("convert");
 }
 
@@ -1950,7 +1926,6 @@ fn conv_weights_cross_between_oihw_fp32_and_ohwi_16_bit_like_the_cpu_reorders() 
         seen.push(conv);
         let n = conv.weight_len();
         let (seed, l) = (1600 + 10 * seen.len() as u64, elementwise(n));
-        weight_layout_case::<f32>(&mut report, &name, &conv, l, seed);
         weight_layout_case::<f16>(&mut report, &name, &conv, l, seed + 1);
         weight_layout_case::<bf16>(&mut report, &name, &conv, l, seed + 2);
     }
@@ -2008,7 +1983,6 @@ fn bias_add_adds_the_channel_bias_and_rounds_once() {
     let mut report = Report::default();
     for (k, &(name, p, c)) in BIAS_SHAPES.iter().enumerate() {
         let (seed, l) = (1700 + 10 * k as u64, elementwise(p * c));
-        bias_add_case::<f32>(&mut report, name, p, c, l, seed);
         bias_add_case::<f16>(&mut report, name, p, c, l, seed + 1);
         bias_add_case::<bf16>(&mut report, name, p, c, l, seed + 2);
     }

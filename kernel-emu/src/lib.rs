@@ -2,17 +2,340 @@
 //!
 //! `build.rs` compiles the very same sources with the host C++ compiler (`-DINCEPT_EMU`), where
 //! `cuda/emu.h` supplies the CUDA built-ins: blocks run one after another (in blockIdx order,
-//! or a seeded random one: [`Launch::shuffled`]), the threads of a block run as real host
-//! threads with `__syncthreads` as a barrier, warp shuffles exchange values through per-warp
-//! slots. This crate only launches them: every function here takes
-//! slices, checks that they are large enough for what the kernel will touch, and runs the
-//! kernel with the launch geometry given. None of the kernels' arithmetic is written in Rust.
+//! or a seeded random one: [`Launch::shuffled`]), the threads of a block run as user-level
+//! contexts on the calling OS thread, switched only at barriers (`__syncthreads`, warp
+//! shuffles), and warp shuffles exchange values through per-lane slots.
+//!
+//! Every kernel registers itself in the .cu file that defines it (its signature is written only
+//! there): [`kernels`] lists them with their parameters, [`launch`] runs one by name with
+//! cuLaunchKernel-style arguments, checked against the registered signature. The typed
+//! functions below are built on [`launch`]: each takes slices, checks that they are large
+//! enough for what the kernel will touch, and runs the kernel with the launch geometry given.
+//! None of the kernels' arithmetic is written in Rust.
 //!
 //! Activation-typed kernels are generic over [`Act`]: `f32`, [`half::f16`] (`__half`) and
 //! [`half::bf16`] (`__nv_bfloat16`), which have the same bits on both sides.
 
 use half::{bf16, f16};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::fmt;
 use std::os::raw::c_int;
+use std::sync::OnceLock;
+
+mod ffi {
+    use std::ffi::{c_char, c_void};
+    use std::os::raw::c_int;
+
+    extern "C" {
+        pub fn incept_emu_kernel_count() -> c_int;
+        pub fn incept_emu_kernel_name(i: c_int) -> *const c_char;
+        pub fn incept_emu_kernel_param_count(i: c_int) -> c_int;
+        pub fn incept_emu_kernel_param(
+            i: c_int,
+            j: c_int,
+            kind: *mut c_int,
+            elem: *mut *const c_char,
+            elem_size: *mut c_int,
+        ) -> c_int;
+        pub fn incept_emu_launch(
+            name: *const c_char,
+            grid: *const u32,
+            block: *const u32,
+            shared_bytes: u32,
+            order: u64,
+            args: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        pub fn emu_float2half_bits(v: f32) -> u16;
+        pub fn emu_half_bits2float(b: u16) -> f32;
+        pub fn emu_float2bfloat16_bits(v: f32) -> u16;
+        pub fn emu_bfloat16_bits2float(b: u16) -> f32;
+    }
+}
+
+// ---- the kernel registry ------------------------------------------------------------------------
+
+/// A kernel parameter, as the registry derives it from the C++ function type. `elem` is the
+/// C++ name of the pointee: `"float"`, `"__half"`, `"__nv_bfloat16"`, `"int"`, `"double"`,
+/// `"unsigned char"` (or `"unsigned int"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Param {
+    /// `elem*`: a buffer the kernel may write.
+    MutPtr { elem: &'static str },
+    /// `const elem*`: a buffer the kernel only reads.
+    ConstPtr { elem: &'static str },
+    /// `int`.
+    Int,
+    /// `float`.
+    Float,
+}
+
+impl fmt::Display for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Param::MutPtr { elem } => write!(f, "{elem}*"),
+            Param::ConstPtr { elem } => write!(f, "const {elem}*"),
+            Param::Int => f.write_str("int"),
+            Param::Float => f.write_str("float"),
+        }
+    }
+}
+
+/// A registered kernel: its `extern "C"` name and parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub params: Vec<Param>,
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}(", self.name)?;
+        for (i, p) in self.params.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// An argument of [`launch`]: a device (here: host) address for a pointer parameter, the value
+/// of an `int` or `float` one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+impl fmt::Display for Arg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arg::Ptr(p) => write!(f, "a pointer ({p:#x})"),
+            Arg::I32(v) => write!(f, "an int ({v})"),
+            Arg::F32(v) => write!(f, "a float ({v})"),
+        }
+    }
+}
+
+/// The C string the registry holds for a name: a string literal of the C++ side, so 'static.
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that lives for the whole process.
+unsafe fn static_str(p: *const c_char) -> &'static str {
+    assert!(!p.is_null(), "kernel-emu registry: null name");
+    // SAFETY: the caller's promise.
+    let s: &'static CStr = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .expect("kernel-emu registry: a name that is not UTF-8")
+}
+
+/// Every kernel of `cuda/*.cu`, sorted by name (the registry's order).
+pub fn kernels() -> &'static [Kernel] {
+    static KERNELS: OnceLock<Vec<Kernel>> = OnceLock::new();
+    KERNELS.get_or_init(|| {
+        // SAFETY: the registry's C API reads the process-wide registry, filled before main by
+        // static initializers; names are string literals (static storage).
+        unsafe {
+            let n = ffi::incept_emu_kernel_count();
+            (0..n)
+                .map(|i| {
+                    let name = static_str(ffi::incept_emu_kernel_name(i));
+                    let params = (0..ffi::incept_emu_kernel_param_count(i))
+                        .map(|j| {
+                            let (mut kind, mut elem, mut size) = (0, std::ptr::null(), 0);
+                            let rc =
+                                ffi::incept_emu_kernel_param(i, j, &mut kind, &mut elem, &mut size);
+                            assert_eq!(rc, 0, "kernel-emu registry: {name} parameter {j}");
+                            let elem = static_str(elem);
+                            match kind {
+                                0 => Param::MutPtr { elem },
+                                1 => Param::ConstPtr { elem },
+                                2 => Param::Int,
+                                3 => Param::Float,
+                                k => panic!("kernel-emu registry: {name} parameter {j}: kind {k}"),
+                            }
+                        })
+                        .collect();
+                    Kernel { name, params }
+                })
+                .collect()
+        }
+    })
+}
+
+/// The registered kernel named `name`.
+pub fn kernel(name: &str) -> Option<&'static Kernel> {
+    let k = kernels();
+    k.binary_search_by(|k| k.name.cmp(name)).ok().map(|i| &k[i])
+}
+
+/// Levenshtein distance, for the "did you mean" of an unknown name.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The registered names closest to `name` (at most five): same base name with another
+/// element suffix, or a small edit distance.
+fn near_names(name: &str) -> Vec<&'static str> {
+    let base = |s: &str| -> String {
+        ["_f32", "_f16", "_bf16"]
+            .iter()
+            .find_map(|suf| s.strip_suffix(suf))
+            .unwrap_or(s)
+            .to_string()
+    };
+    let b = base(name);
+    let mut scored: Vec<(usize, &'static str)> = kernels()
+        .iter()
+        .map(|k| {
+            let d = if base(k.name) == b {
+                0
+            } else {
+                distance(name, k.name)
+            };
+            (d, k.name)
+        })
+        .filter(|&(d, _)| d <= (name.len() / 3).max(3))
+        .collect();
+    scored.sort();
+    scored.into_iter().take(5).map(|(_, n)| n).collect()
+}
+
+/// Runs the kernel `name` over `grid` blocks of `block` threads (x, y, z each) on the CPU,
+/// with `args[i]` the value of its i-th parameter. `order` 0 runs the blocks in blockIdx order,
+/// any other value in the random order drawn from it. `shared_bytes` is the dynamic shared
+/// memory, which the emulation does not model: it must be 0.
+///
+/// Checked before anything runs, each failure an `Err` naming the kernel: a known name (the
+/// message lists the registered names nearest to it), the number of arguments, the kind of each
+/// ([`Arg::Ptr`] for a pointer parameter, [`Arg::I32`] for `int`, [`Arg::F32`] for `float`:
+/// the message gives the parameter's index and C++ type), a non-empty grid and block within
+/// CUDA's limits (at most 1024 threads per block). Problems of the kernel's execution (a
+/// barrier in divergent code, an out-of-bounds access) are not errors: they abort or crash the
+/// process, as they would fault on a GPU.
+///
+/// # Safety
+/// Every [`Arg::Ptr`] is a host address (or 0 where the kernel allows a null pointer) valid
+/// for every element the kernel reads or writes through it with these arguments and this
+/// geometry, for the element type of the parameter, and nothing else accesses that memory
+/// while the kernel runs. The kernel dereferences them as CUDA would device pointers.
+pub unsafe fn launch(
+    name: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+    order: u64,
+    args: &[Arg],
+) -> Result<(), String> {
+    let k = kernel(name).ok_or_else(|| {
+        let near = near_names(name);
+        if near.is_empty() {
+            format!(
+                "no kernel named {name:?} ({} are registered, see kernel_emu::kernels())",
+                kernels().len()
+            )
+        } else {
+            format!(
+                "no kernel named {name:?}; nearest registered: {}",
+                near.join(", ")
+            )
+        }
+    })?;
+    if args.len() != k.params.len() {
+        return Err(format!(
+            "{name}: {} arguments given, the kernel takes {}: {k}",
+            args.len(),
+            k.params.len()
+        ));
+    }
+    for (i, (a, p)) in args.iter().zip(&k.params).enumerate() {
+        let ok = matches!(
+            (a, p),
+            (Arg::Ptr(_), Param::MutPtr { .. } | Param::ConstPtr { .. })
+                | (Arg::I32(_), Param::Int)
+                | (Arg::F32(_), Param::Float)
+        );
+        if !ok {
+            let want = match p {
+                Param::MutPtr { .. } | Param::ConstPtr { .. } => "Arg::Ptr",
+                Param::Int => "Arg::I32",
+                Param::Float => "Arg::F32",
+            };
+            return Err(format!(
+                "{name}: argument {i} is {a}, parameter {i} is {p}: expected {want}"
+            ));
+        }
+    }
+    if grid.contains(&0) || block.contains(&0) {
+        return Err(format!("{name}: empty grid {grid:?} or block {block:?}"));
+    }
+    let threads: u64 = block.iter().map(|&b| b as u64).product();
+    if threads > 1024 {
+        return Err(format!(
+            "{name}: block {block:?} has {threads} threads, CUDA allows at most 1024"
+        ));
+    }
+    #[repr(C)]
+    union Slot {
+        p: *mut c_void,
+        i: c_int,
+        f: f32,
+    }
+    let mut slots: Vec<Slot> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(p) => Slot {
+                p: p as usize as *mut c_void,
+            },
+            Arg::I32(i) => Slot { i },
+            Arg::F32(f) => Slot { f },
+        })
+        .collect();
+    let mut ptrs: Vec<*mut c_void> = slots
+        .iter_mut()
+        .map(|s| s as *mut Slot as *mut c_void)
+        .collect();
+    let cname = CString::new(name).map_err(|_| format!("{name:?}: a NUL in the name"))?;
+    let mut err = vec![0 as c_char; 512];
+    // SAFETY: the name, geometry and argument array are valid for the call; each args[i]
+    // points to a slot holding a value of the i-th parameter's type (checked above); the
+    // pointers' validity is the caller's promise.
+    let rc = unsafe {
+        ffi::incept_emu_launch(
+            cname.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            shared_bytes,
+            order,
+            ptrs.as_mut_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the C side wrote a NUL-terminated message into `err` (vsnprintf).
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+        return Err(msg.to_string_lossy().into_owned());
+    }
+    Ok(())
+}
+
+// ---- the typed API ------------------------------------------------------------------------------
 
 /// A launch geometry: `grid` blocks of `block` threads (x, y, z each), and the order the
 /// emulation runs the blocks in.
@@ -66,510 +389,150 @@ impl Launch {
     }
 }
 
+/// The C++ name of a kernel buffer's element type, as the registry reports it ([`Param`]).
+pub trait CType: Copy + 'static {
+    const C_TYPE: &'static str;
+}
+
+macro_rules! ctype {
+    ($($t:ty => $n:literal),* $(,)?) => {
+        $(impl CType for $t {
+            const C_TYPE: &'static str = $n;
+        })*
+    };
+}
+ctype!(f32 => "float", f16 => "__half", bf16 => "__nv_bfloat16", i32 => "int", f64 => "double", u8 => "unsigned char");
+
 /// An activation element type of the kernels (`T` in the .cu templates).
-pub trait Act: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+pub trait Act: CType + Default + Send + Sync + std::fmt::Debug {
     /// `f32`, `f16` or `bf16`: the suffix of the kernel names.
     const NAME: &'static str;
     fn to_f32(self) -> f32;
     /// Round to nearest even, as the kernels' `from_float`.
     fn from_f32(v: f32) -> Self;
-    #[doc(hidden)]
-    const K: Kernels<Self>;
 }
 
-type Dims = Launch;
+impl Act for f32 {
+    const NAME: &'static str = "f32";
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Act for f16 {
+    const NAME: &'static str = "f16";
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+impl Act for bf16 {
+    const NAME: &'static str = "bf16";
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
 
-mod ffi {
-    use super::Dims;
-    use half::{bf16, f16};
-    use std::os::raw::c_int;
+/// An argument of a typed wrapper: pointers keep their element type, which [`run_kernel`]
+/// checks against the registered signature.
+#[derive(Clone, Copy, Debug)]
+enum TArg {
+    Mut(u64, &'static str),
+    Const(u64, &'static str),
+    I(i32),
+    F(f32),
+}
 
-    // The launch wrappers of one instantiation, each name given with its kernel's label, so a
-    // misplaced name (several kernels share a signature) cannot compile.
-    macro_rules! instance {
-        (
-            $t:ty,
-            concat_forward: $cf:ident,
-            concat_backward: $cb:ident,
-            batch_norm_stats: $st:ident,
-            batch_norm_relu_apply: $ap:ident,
-            batch_norm_relu_backward_reduce: $br:ident,
-            batch_norm_relu_backward_apply: $ba:ident,
-            amp_unscale: $au:ident,
-            augment_batch: $ag:ident,
-            relu_forward: $rf:ident,
-            relu_backward: $rb:ident,
-            fork_backward: $fb:ident,
-            convert_from_f32: $cvf:ident,
-            convert_to_f32: $cvt:ident,
-            weight_oihw_to_ohwi: $w2o:ident,
-            add_ohwi_to_oihw: $o2w:ident,
-            bias_add: $bad:ident,
-            bias_grad: $bgr:ident,
-            avg_pool2d_backward: $apb:ident,
-        ) => {
-            extern "C" {
-                pub fn $cf(
-                    d: Dims,
-                    y: *mut $t,
-                    ldy: c_int,
-                    y_off: c_int,
-                    x: *const $t,
-                    p: c_int,
-                    c: c_int,
-                );
-                pub fn $cb(
-                    d: Dims,
-                    dx: *mut $t,
-                    dy: *const $t,
-                    ldy: c_int,
-                    dy_off: c_int,
-                    p: c_int,
-                    c: c_int,
-                );
-                pub fn $st(
-                    d: Dims,
-                    mean: *mut f32,
-                    invstd: *mut f32,
-                    running_mean: *mut f32,
-                    running_var: *mut f32,
-                    workspace: *mut f64,
-                    counters: *mut c_int,
-                    x: *const $t,
-                    p: c_int,
-                    c: c_int,
-                    eps: f32,
-                    momentum: f32,
-                );
-                pub fn $ap(
-                    d: Dims,
-                    y: *mut $t,
-                    ldy: c_int,
-                    y_off: c_int,
-                    x: *const $t,
-                    mean: *const f32,
-                    invstd: *const f32,
-                    gamma: *const f32,
-                    beta: *const f32,
-                    p: c_int,
-                    c: c_int,
-                    relu: c_int,
-                );
-                pub fn $br(
-                    d: Dims,
-                    coef: *mut f32,
-                    dgamma: *mut f32,
-                    dbeta: *mut f32,
-                    workspace: *mut f64,
-                    counters: *mut c_int,
-                    dy: *const $t,
-                    ld_dy: c_int,
-                    dy_off: c_int,
-                    y: *const $t,
-                    ld_y: c_int,
-                    y_off: c_int,
-                    x: *const $t,
-                    mean: *const f32,
-                    invstd: *const f32,
-                    gamma: *const f32,
-                    p: c_int,
-                    c: c_int,
-                    relu: c_int,
-                );
-                pub fn $ba(
-                    d: Dims,
-                    dx: *mut $t,
-                    dy: *const $t,
-                    ld_dy: c_int,
-                    dy_off: c_int,
-                    y: *const $t,
-                    ld_y: c_int,
-                    y_off: c_int,
-                    x: *const $t,
-                    mean: *const f32,
-                    coef: *const f32,
-                    p: c_int,
-                    c: c_int,
-                    relu: c_int,
-                );
-                pub fn $au(
-                    d: Dims,
-                    master: *mut f32,
-                    grad: *const $t,
-                    n: c_int,
-                    scale: *const f32,
-                    found_inf: *mut c_int,
-                );
-                pub fn $ag(
-                    d: Dims,
-                    out: *mut $t,
-                    labels_out: *mut c_int,
-                    records: *const u8,
-                    n_records: c_int,
-                    indices: *const c_int,
-                    dy: *const c_int,
-                    dx: *const c_int,
-                    flip: *const c_int,
-                    mean: *const f32,
-                    stdev: *const f32,
-                    batch: c_int,
-                );
-                pub fn $rf(d: Dims, y: *mut $t, x: *const $t, n: c_int);
-                pub fn $rb(d: Dims, dy: *mut $t, y: *const $t, n: c_int);
-                pub fn $fb(
-                    d: Dims,
-                    dx: *mut $t,
-                    a: *const $t,
-                    b: *const $t,
-                    c: *const $t,
-                    e: *const $t,
-                    n: c_int,
-                );
-                pub fn $cvf(d: Dims, dst: *mut $t, src: *const f32, n: c_int);
-                pub fn $cvt(d: Dims, dst: *mut f32, src: *const $t, n: c_int);
-                pub fn $w2o(d: Dims, dst: *mut $t, src: *const f32, k: c_int, c: c_int, rs: c_int);
-                pub fn $o2w(d: Dims, grad: *mut f32, g: *const $t, k: c_int, c: c_int, rs: c_int);
-                pub fn $bad(d: Dims, y: *mut $t, b: *const f32, p: c_int, c: c_int);
-                pub fn $bgr(
-                    d: Dims,
-                    db: *mut f32,
-                    workspace: *mut f64,
-                    counters: *mut c_int,
-                    dy: *const $t,
-                    p: c_int,
-                    c: c_int,
-                    r: c_int,
-                );
-                pub fn $apb(
-                    d: Dims,
-                    dx: *mut $t,
-                    dy: *const $t,
-                    n: c_int,
-                    h: c_int,
-                    w: c_int,
-                    c: c_int,
-                );
-            }
+trait IntoArg {
+    fn into_arg(self) -> TArg;
+}
+impl<E: CType> IntoArg for *mut E {
+    fn into_arg(self) -> TArg {
+        TArg::Mut(self as usize as u64, E::C_TYPE)
+    }
+}
+impl<E: CType> IntoArg for *const E {
+    fn into_arg(self) -> TArg {
+        TArg::Const(self as usize as u64, E::C_TYPE)
+    }
+}
+impl<E: CType> IntoArg for &mut E {
+    fn into_arg(self) -> TArg {
+        TArg::Mut(self as *mut E as usize as u64, E::C_TYPE)
+    }
+}
+impl<E: CType> IntoArg for &E {
+    fn into_arg(self) -> TArg {
+        TArg::Const(self as *const E as usize as u64, E::C_TYPE)
+    }
+}
+impl IntoArg for i32 {
+    fn into_arg(self) -> TArg {
+        TArg::I(self)
+    }
+}
+impl IntoArg for f32 {
+    fn into_arg(self) -> TArg {
+        TArg::F(self)
+    }
+}
+
+/// The name of the `T` instantiation of kernel `base`.
+fn kname<T: Act>(base: &str) -> String {
+    format!("{base}_{}", T::NAME)
+}
+
+/// Launches `name` with `args`, after checking each pointer's element type and mutability
+/// against the registered signature; panics on any mismatch or launch error.
+///
+/// # Safety
+/// As [`launch`]: the pointers cover what the kernel touches.
+unsafe fn run_kernel(l: Launch, name: &str, args: &[TArg]) {
+    let k = kernel(name).unwrap_or_else(|| panic!("kernel-emu: no kernel named {name}"));
+    assert_eq!(
+        args.len(),
+        k.params.len(),
+        "kernel-emu: {name} takes {} arguments: {k}",
+        k.params.len()
+    );
+    for (i, (a, p)) in args.iter().zip(&k.params).enumerate() {
+        let ok = match (*a, *p) {
+            (TArg::Mut(_, e), Param::MutPtr { elem }) => e == elem,
+            (TArg::Const(_, e), Param::ConstPtr { elem }) => e == elem,
+            (TArg::I(_), Param::Int) | (TArg::F(_), Param::Float) => true,
+            _ => false,
         };
+        assert!(
+            ok,
+            "kernel-emu: {name} parameter {i} is {p}, the wrapper passes {a:?}"
+        );
     }
-    instance!(
-        f32,
-        concat_forward: emu_concat_forward_f32,
-        concat_backward: emu_concat_backward_f32,
-        batch_norm_stats: emu_batch_norm_stats_f32,
-        batch_norm_relu_apply: emu_batch_norm_relu_apply_f32,
-        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f32,
-        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f32,
-        amp_unscale: emu_amp_unscale_f32,
-        augment_batch: emu_augment_batch_f32,
-        relu_forward: emu_relu_forward_f32,
-        relu_backward: emu_relu_backward_f32,
-        fork_backward: emu_fork_backward_f32,
-        convert_from_f32: emu_convert_from_f32_f32,
-        convert_to_f32: emu_convert_to_f32_f32,
-        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f32,
-        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f32,
-        bias_add: emu_bias_add_f32,
-        bias_grad: emu_bias_grad_f32,
-        avg_pool2d_backward: emu_avg_pool2d_backward_f32,
-    );
-    instance!(
-        f16,
-        concat_forward: emu_concat_forward_f16,
-        concat_backward: emu_concat_backward_f16,
-        batch_norm_stats: emu_batch_norm_stats_f16,
-        batch_norm_relu_apply: emu_batch_norm_relu_apply_f16,
-        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f16,
-        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f16,
-        amp_unscale: emu_amp_unscale_f16,
-        augment_batch: emu_augment_batch_f16,
-        relu_forward: emu_relu_forward_f16,
-        relu_backward: emu_relu_backward_f16,
-        fork_backward: emu_fork_backward_f16,
-        convert_from_f32: emu_convert_from_f32_f16,
-        convert_to_f32: emu_convert_to_f32_f16,
-        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f16,
-        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f16,
-        bias_add: emu_bias_add_f16,
-        bias_grad: emu_bias_grad_f16,
-        avg_pool2d_backward: emu_avg_pool2d_backward_f16,
-    );
-    instance!(
-        bf16,
-        concat_forward: emu_concat_forward_bf16,
-        concat_backward: emu_concat_backward_bf16,
-        batch_norm_stats: emu_batch_norm_stats_bf16,
-        batch_norm_relu_apply: emu_batch_norm_relu_apply_bf16,
-        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_bf16,
-        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_bf16,
-        amp_unscale: emu_amp_unscale_bf16,
-        augment_batch: emu_augment_batch_bf16,
-        relu_forward: emu_relu_forward_bf16,
-        relu_backward: emu_relu_backward_bf16,
-        fork_backward: emu_fork_backward_bf16,
-        convert_from_f32: emu_convert_from_f32_bf16,
-        convert_to_f32: emu_convert_to_f32_bf16,
-        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_bf16,
-        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_bf16,
-        bias_add: emu_bias_add_bf16,
-        bias_grad: emu_bias_grad_bf16,
-        avg_pool2d_backward: emu_avg_pool2d_backward_bf16,
-    );
-
-    extern "C" {
-        pub fn emu_batch_norm_eval_invstd(
-            d: Dims,
-            invstd: *mut f32,
-            running_var: *const f32,
-            c: c_int,
-            eps: f32,
-        );
-        pub fn emu_cross_entropy_forward_backward(
-            d: Dims,
-            dlogits: *mut f32,
-            loss: *mut f32,
-            correct: *mut c_int,
-            logits: *const f32,
-            labels: *const c_int,
-            n: c_int,
-            k: c_int,
-            smoothing: f32,
-            loss_scale: *const f32,
-        );
-        pub fn emu_accumulate_step_metrics(
-            d: Dims,
-            sums: *mut f64,
-            loss: *const f32,
-            correct: *const c_int,
-            n: c_int,
-        );
-        pub fn emu_sgd_step(
-            d: Dims,
-            param: *mut f32,
-            grad: *const f32,
-            momentum_buf: *mut f32,
-            n: c_int,
-            lr: f32,
-            momentum: f32,
-            weight_decay: f32,
-            nesterov: c_int,
-            first_step: c_int,
-            found_inf: *const c_int,
-            lr_device: *const f32,
-        );
-        pub fn emu_update_loss_scale(
-            d: Dims,
-            scale: *mut f32,
-            growth_tracker: *mut c_int,
-            found_inf: *mut c_int,
-            skipped_steps: *mut c_int,
-            growth_factor: f32,
-            backoff_factor: f32,
-            growth_interval: c_int,
-        );
-        pub fn emu_float2half_bits(v: f32) -> u16;
-        pub fn emu_half_bits2float(b: u16) -> f32;
-        pub fn emu_float2bfloat16_bits(v: f32) -> u16;
-        pub fn emu_bfloat16_bits2float(b: u16) -> f32;
-    }
+    let args: Vec<Arg> = args
+        .iter()
+        .map(|a| match *a {
+            TArg::Mut(p, _) | TArg::Const(p, _) => Arg::Ptr(p),
+            TArg::I(v) => Arg::I32(v),
+            TArg::F(v) => Arg::F32(v),
+        })
+        .collect();
+    // SAFETY: the caller's promise.
+    unsafe { launch(name, l.grid, l.block, 0, l.order, &args) }
+        .unwrap_or_else(|e| panic!("kernel-emu: {e}"));
 }
 
-/// The launch wrappers of one instantiation of the activation-typed kernels.
-#[doc(hidden)]
-#[allow(clippy::type_complexity)]
-pub struct Kernels<T: 'static> {
-    concat_forward: unsafe extern "C" fn(Dims, *mut T, c_int, c_int, *const T, c_int, c_int),
-    concat_backward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int, c_int, c_int, c_int),
-    batch_norm_stats: unsafe extern "C" fn(
-        Dims,
-        *mut f32,
-        *mut f32,
-        *mut f32,
-        *mut f32,
-        *mut f64,
-        *mut c_int,
-        *const T,
-        c_int,
-        c_int,
-        f32,
-        f32,
-    ),
-    batch_norm_relu_apply: unsafe extern "C" fn(
-        Dims,
-        *mut T,
-        c_int,
-        c_int,
-        *const T,
-        *const f32,
-        *const f32,
-        *const f32,
-        *const f32,
-        c_int,
-        c_int,
-        c_int,
-    ),
-    batch_norm_relu_backward_reduce: unsafe extern "C" fn(
-        Dims,
-        *mut f32,
-        *mut f32,
-        *mut f32,
-        *mut f64,
-        *mut c_int,
-        *const T,
-        c_int,
-        c_int,
-        *const T,
-        c_int,
-        c_int,
-        *const T,
-        *const f32,
-        *const f32,
-        *const f32,
-        c_int,
-        c_int,
-        c_int,
-    ),
-    batch_norm_relu_backward_apply: unsafe extern "C" fn(
-        Dims,
-        *mut T,
-        *const T,
-        c_int,
-        c_int,
-        *const T,
-        c_int,
-        c_int,
-        *const T,
-        *const f32,
-        *const f32,
-        c_int,
-        c_int,
-        c_int,
-    ),
-    amp_unscale: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int, *const f32, *mut c_int),
-    augment_batch: unsafe extern "C" fn(
-        Dims,
-        *mut T,
-        *mut c_int,
-        *const u8,
-        c_int,
-        *const c_int,
-        *const c_int,
-        *const c_int,
-        *const c_int,
-        *const f32,
-        *const f32,
-        c_int,
-    ),
-    relu_forward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int),
-    relu_backward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int),
-    fork_backward:
-        unsafe extern "C" fn(Dims, *mut T, *const T, *const T, *const T, *const T, c_int),
-    convert_from_f32: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int),
-    convert_to_f32: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int),
-    weight_oihw_to_ohwi: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int, c_int),
-    add_ohwi_to_oihw: unsafe extern "C" fn(Dims, *mut f32, *const T, c_int, c_int, c_int),
-    bias_add: unsafe extern "C" fn(Dims, *mut T, *const f32, c_int, c_int),
-    bias_grad:
-        unsafe extern "C" fn(Dims, *mut f32, *mut f64, *mut c_int, *const T, c_int, c_int, c_int),
-    avg_pool2d_backward: unsafe extern "C" fn(Dims, *mut T, *const T, c_int, c_int, c_int, c_int),
-}
-
-macro_rules! act {
-    ($t:ty, $name:literal, $to:expr, $from:expr, { $($field:ident: $f:ident),* $(,)? }) => {
-        impl Act for $t {
-            const NAME: &'static str = $name;
-            fn to_f32(self) -> f32 {
-                $to(self)
-            }
-            fn from_f32(v: f32) -> Self {
-                $from(v)
-            }
-            // Every field named once: a missing or repeated kernel is a compile error.
-            const K: Kernels<Self> = Kernels {
-                $($field: ffi::$f),*
-            };
-        }
+/// `run!(launch, name, args...)`: [`run_kernel`] with each argument converted by [`IntoArg`].
+macro_rules! run {
+    ($l:expr, $name:expr, $($a:expr),* $(,)?) => {
+        run_kernel($l, &$name, &[$(IntoArg::into_arg($a)),*])
     };
 }
-
-act!(
-    f32,
-    "f32",
-    |v: f32| v,
-    |v: f32| v,
-    {
-        concat_forward: emu_concat_forward_f32,
-        concat_backward: emu_concat_backward_f32,
-        batch_norm_stats: emu_batch_norm_stats_f32,
-        batch_norm_relu_apply: emu_batch_norm_relu_apply_f32,
-        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f32,
-        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f32,
-        amp_unscale: emu_amp_unscale_f32,
-        augment_batch: emu_augment_batch_f32,
-        relu_forward: emu_relu_forward_f32,
-        relu_backward: emu_relu_backward_f32,
-        fork_backward: emu_fork_backward_f32,
-        convert_from_f32: emu_convert_from_f32_f32,
-        convert_to_f32: emu_convert_to_f32_f32,
-        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f32,
-        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f32,
-        bias_add: emu_bias_add_f32,
-        bias_grad: emu_bias_grad_f32,
-        avg_pool2d_backward: emu_avg_pool2d_backward_f32,
-    }
-);
-act!(
-    f16,
-    "f16",
-    |v: f16| v.to_f32(),
-    f16::from_f32,
-    {
-        concat_forward: emu_concat_forward_f16,
-        concat_backward: emu_concat_backward_f16,
-        batch_norm_stats: emu_batch_norm_stats_f16,
-        batch_norm_relu_apply: emu_batch_norm_relu_apply_f16,
-        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_f16,
-        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_f16,
-        amp_unscale: emu_amp_unscale_f16,
-        augment_batch: emu_augment_batch_f16,
-        relu_forward: emu_relu_forward_f16,
-        relu_backward: emu_relu_backward_f16,
-        fork_backward: emu_fork_backward_f16,
-        convert_from_f32: emu_convert_from_f32_f16,
-        convert_to_f32: emu_convert_to_f32_f16,
-        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_f16,
-        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_f16,
-        bias_add: emu_bias_add_f16,
-        bias_grad: emu_bias_grad_f16,
-        avg_pool2d_backward: emu_avg_pool2d_backward_f16,
-    }
-);
-act!(
-    bf16,
-    "bf16",
-    |v: bf16| v.to_f32(),
-    bf16::from_f32,
-    {
-        concat_forward: emu_concat_forward_bf16,
-        concat_backward: emu_concat_backward_bf16,
-        batch_norm_stats: emu_batch_norm_stats_bf16,
-        batch_norm_relu_apply: emu_batch_norm_relu_apply_bf16,
-        batch_norm_relu_backward_reduce: emu_batch_norm_relu_backward_reduce_bf16,
-        batch_norm_relu_backward_apply: emu_batch_norm_relu_backward_apply_bf16,
-        amp_unscale: emu_amp_unscale_bf16,
-        augment_batch: emu_augment_batch_bf16,
-        relu_forward: emu_relu_forward_bf16,
-        relu_backward: emu_relu_backward_bf16,
-        fork_backward: emu_fork_backward_bf16,
-        convert_from_f32: emu_convert_from_f32_bf16,
-        convert_to_f32: emu_convert_to_f32_bf16,
-        weight_oihw_to_ohwi: emu_weight_oihw_to_ohwi_bf16,
-        add_ohwi_to_oihw: emu_add_ohwi_to_oihw_bf16,
-        bias_add: emu_bias_add_bf16,
-        bias_grad: emu_bias_grad_bf16,
-        avg_pool2d_backward: emu_avg_pool2d_backward_bf16,
-    }
-);
 
 fn int(v: usize, what: &str) -> c_int {
     c_int::try_from(v).unwrap_or_else(|_| panic!("{what} = {v} does not fit a C int"))
@@ -636,8 +599,9 @@ pub fn concat_forward<T: Act>(
     check_len(x, p * c, "concat_forward x");
     // SAFETY: the checks above bound every index the kernel touches; the slices do not alias.
     unsafe {
-        (T::K.concat_forward)(
+        run!(
             l,
+            kname::<T>("concat_forward"),
             y.as_mut_ptr(),
             int(ldy, "ldy"),
             int(y_off, "y_off"),
@@ -655,8 +619,9 @@ pub fn concat_backward<T: Act>(l: Launch, dx: &mut [T], dy: Cols<T>, p: usize, c
     check_cols(dy.data.len(), p, c, dy.ld, dy.off, "concat_backward dy");
     // SAFETY: as concat_forward.
     unsafe {
-        (T::K.concat_backward)(
+        run!(
             l,
+            kname::<T>("concat_backward"),
             dx.as_mut_ptr(),
             dy.data.as_ptr(),
             int(dy.ld, "ldy"),
@@ -730,8 +695,9 @@ pub fn batch_norm_stats<T: Act>(
     // SAFETY: every buffer holds what the kernel indexes (C channels, P·C values, 2·G·C
     // workspace doubles, grid.x counters); the running statistics are distinct slices.
     unsafe {
-        (T::K.batch_norm_stats)(
+        run!(
             l,
+            kname::<T>("batch_norm_stats"),
             mean.as_mut_ptr(),
             invstd.as_mut_ptr(),
             rm,
@@ -777,8 +743,9 @@ pub fn batch_norm_relu_apply<T: Act>(
     }
     // SAFETY: bounds checked above; y is the only buffer written.
     unsafe {
-        (T::K.batch_norm_relu_apply)(
+        run!(
             l,
+            kname::<T>("batch_norm_relu_apply"),
             y.as_mut_ptr(),
             int(ldy, "ldy"),
             int(y_off, "y_off"),
@@ -831,8 +798,9 @@ pub fn batch_norm_relu_backward_reduce<T: Act>(
     // SAFETY: bounds checked above; the written buffers (coef, dgamma, dbeta, workspace,
     // counters) are distinct mutable borrows.
     unsafe {
-        (T::K.batch_norm_relu_backward_reduce)(
+        run!(
             l,
+            kname::<T>("batch_norm_relu_backward_reduce"),
             coef.as_mut_ptr(),
             dg,
             db,
@@ -879,8 +847,9 @@ pub fn batch_norm_relu_backward_apply<T: Act>(
     check_len(coef, 3 * c, "coef");
     // SAFETY: bounds checked above; dx is the only buffer written.
     unsafe {
-        (T::K.batch_norm_relu_backward_apply)(
+        run!(
             l,
+            kname::<T>("batch_norm_relu_backward_apply"),
             dx.as_mut_ptr(),
             dy.data.as_ptr(),
             int(dy.ld, "ld_dy"),
@@ -904,8 +873,9 @@ pub fn batch_norm_eval_invstd(l: Launch, invstd: &mut [f32], running_var: &[f32]
     assert_eq!(invstd.len(), running_var.len(), "invstd and running_var");
     // SAFETY: both slices hold C values.
     unsafe {
-        ffi::emu_batch_norm_eval_invstd(
+        run!(
             l,
+            "batch_norm_eval_invstd",
             invstd.as_mut_ptr(),
             running_var.as_ptr(),
             int(invstd.len(), "C"),
@@ -919,7 +889,15 @@ pub fn relu_forward<T: Act>(l: Launch, y: &mut [T], x: &[T]) {
     l.check();
     assert_eq!(y.len(), x.len(), "relu_forward y and x");
     // SAFETY: both slices hold n values and do not alias.
-    unsafe { (T::K.relu_forward)(l, y.as_mut_ptr(), x.as_ptr(), int(x.len(), "n")) }
+    unsafe {
+        run!(
+            l,
+            kname::<T>("relu_forward"),
+            y.as_mut_ptr(),
+            x.as_ptr(),
+            int(x.len(), "n")
+        )
+    }
 }
 
 /// `relu_backward_*`: `dy *= [y > 0]` in place (`y <= 0` zeroes; NaN keeps its gradient).
@@ -927,7 +905,15 @@ pub fn relu_backward<T: Act>(l: Launch, dy: &mut [T], y: &[T]) {
     l.check();
     assert_eq!(dy.len(), y.len(), "relu_backward dy and y");
     // SAFETY: both slices hold n values and do not alias.
-    unsafe { (T::K.relu_backward)(l, dy.as_mut_ptr(), y.as_ptr(), int(y.len(), "n")) }
+    unsafe {
+        run!(
+            l,
+            kname::<T>("relu_backward"),
+            dy.as_mut_ptr(),
+            y.as_ptr(),
+            int(y.len(), "n")
+        )
+    }
 }
 
 /// `fork_backward_*`: `dx = Σ parts` in order, in float, rounded once (one to four parts;
@@ -941,8 +927,9 @@ pub fn fork_backward<T: Act>(l: Launch, dx: &mut [T], parts: &[&[T]]) {
     let ptr = |i: usize| parts.get(i).map_or(std::ptr::null(), |p| p.as_ptr());
     // SAFETY: every non-null pointer covers n values; dx does not alias the parts.
     unsafe {
-        (T::K.fork_backward)(
+        run!(
             l,
+            kname::<T>("fork_backward"),
             dx.as_mut_ptr(),
             ptr(0),
             ptr(1),
@@ -965,7 +952,18 @@ pub fn fork_backward_into<T: Act>(l: Launch, dx: &mut [T], rest: &[&[T]]) {
     let d = dx.as_mut_ptr();
     // SAFETY: as fork_backward; dx is read and then written element by element by the same
     // thread, the aliasing the kernel documents as allowed.
-    unsafe { (T::K.fork_backward)(l, d, d, ptr(0), ptr(1), ptr(2), int(dx.len(), "n")) }
+    unsafe {
+        run!(
+            l,
+            kname::<T>("fork_backward"),
+            d,
+            d as *const T,
+            ptr(0),
+            ptr(1),
+            ptr(2),
+            int(dx.len(), "n")
+        )
+    }
 }
 
 /// `convert_from_f32_*`: `dst = T(src)`, round to nearest even.
@@ -973,7 +971,15 @@ pub fn convert_from_f32<T: Act>(l: Launch, dst: &mut [T], src: &[f32]) {
     l.check();
     assert_eq!(dst.len(), src.len(), "convert_from_f32 dst and src");
     // SAFETY: both slices hold n values.
-    unsafe { (T::K.convert_from_f32)(l, dst.as_mut_ptr(), src.as_ptr(), int(src.len(), "n")) }
+    unsafe {
+        run!(
+            l,
+            kname::<T>("convert_from_f32"),
+            dst.as_mut_ptr(),
+            src.as_ptr(),
+            int(src.len(), "n")
+        )
+    }
 }
 
 /// `convert_to_f32_*`: `dst = f32(src)`.
@@ -981,7 +987,15 @@ pub fn convert_to_f32<T: Act>(l: Launch, dst: &mut [f32], src: &[T]) {
     l.check();
     assert_eq!(dst.len(), src.len(), "convert_to_f32 dst and src");
     // SAFETY: both slices hold n values.
-    unsafe { (T::K.convert_to_f32)(l, dst.as_mut_ptr(), src.as_ptr(), int(src.len(), "n")) }
+    unsafe {
+        run!(
+            l,
+            kname::<T>("convert_to_f32"),
+            dst.as_mut_ptr(),
+            src.as_ptr(),
+            int(src.len(), "n")
+        )
+    }
 }
 
 /// `weight_oihw_to_ohwi_*`: `dst` `[k, r·s, c]` (OHWI) = T(`src` `[k, c, r·s]` (OIHW)), with
@@ -1005,8 +1019,9 @@ pub fn weight_oihw_to_ohwi<T: Act>(
     int(n, "K·C·RS");
     // SAFETY: both slices hold K·C·RS values, all the kernel indexes; distinct borrows.
     unsafe {
-        (T::K.weight_oihw_to_ohwi)(
+        run!(
             l,
+            kname::<T>("weight_oihw_to_ohwi"),
             dst.as_mut_ptr(),
             src.as_ptr(),
             int(k, "K"),
@@ -1036,8 +1051,9 @@ pub fn add_ohwi_to_oihw<T: Act>(
     int(n, "K·C·RS");
     // SAFETY: both slices hold K·C·RS values, all the kernel indexes; distinct borrows.
     unsafe {
-        (T::K.add_ohwi_to_oihw)(
+        run!(
             l,
+            kname::<T>("add_ohwi_to_oihw"),
             grad.as_mut_ptr(),
             g.as_ptr(),
             int(k, "K"),
@@ -1053,7 +1069,16 @@ pub fn bias_add<T: Act>(l: Launch, y: &mut [T], b: &[f32], p: usize, c: usize) {
     check_len(y, p * c, "bias_add y");
     check_len(b, c, "bias_add b");
     // SAFETY: bounds checked above; y is the only buffer written.
-    unsafe { (T::K.bias_add)(l, y.as_mut_ptr(), b.as_ptr(), int(p, "P"), int(c, "C")) }
+    unsafe {
+        run!(
+            l,
+            kname::<T>("bias_add"),
+            y.as_mut_ptr(),
+            b.as_ptr(),
+            int(p, "P"),
+            int(c, "C")
+        )
+    }
 }
 
 /// `bias_grad_*`: `db[c] += Σ_p dy[p·C + c]`, dy `[p, c]`, summed in tiles of `r` rows.
@@ -1100,8 +1125,9 @@ pub fn bias_grad_with<T: Act>(
     // SAFETY: db holds C values, dy P·C, the workspace one double per channel and tile (all
     // the kernel indexes), the counters one per channel group; all distinct borrows.
     unsafe {
-        (T::K.bias_grad)(
+        run!(
             l,
+            kname::<T>("bias_grad"),
             db.as_mut_ptr(),
             workspace.as_mut_ptr(),
             counters.as_mut_ptr(),
@@ -1122,8 +1148,9 @@ pub fn avg_pool2d_backward<T: Act>(l: Launch, dx: &mut [T], dy: &[T], [n, h, w, 
     int(n * h * w * c, "N·H·W·C");
     // SAFETY: bounds checked above; dx is the only buffer written and does not alias dy.
     unsafe {
-        (T::K.avg_pool2d_backward)(
+        run!(
             l,
+            kname::<T>("avg_pool2d_backward"),
             dx.as_mut_ptr(),
             dy.as_ptr(),
             int(n, "N"),
@@ -1172,8 +1199,9 @@ pub fn cross_entropy_forward_backward(
     };
     // SAFETY: N·K logits and gradients, N labels, one loss and one count.
     unsafe {
-        ffi::emu_cross_entropy_forward_backward(
+        run!(
             l,
+            "cross_entropy_forward_backward",
             dlogits.as_mut_ptr(),
             &mut loss,
             &mut correct,
@@ -1193,7 +1221,14 @@ pub fn accumulate_step_metrics(l: Launch, sums: &mut [f64; 2], out: LossOut, n: 
     l.check();
     // SAFETY: two doubles, one loss and one count.
     unsafe {
-        ffi::emu_accumulate_step_metrics(l, sums.as_mut_ptr(), &out.loss, &out.correct, int(n, "n"))
+        run!(
+            l,
+            "accumulate_step_metrics",
+            sums.as_mut_ptr(),
+            &out.loss,
+            &out.correct,
+            int(n, "n")
+        )
     }
 }
 
@@ -1209,8 +1244,9 @@ pub fn amp_unscale<T: Act>(
     assert_eq!(master.len(), grad.len(), "master and grad");
     // SAFETY: both hold n values; scale and found_inf are single values.
     unsafe {
-        (T::K.amp_unscale)(
+        run!(
             l,
+            kname::<T>("amp_unscale"),
             master.as_mut_ptr(),
             grad.as_ptr(),
             int(grad.len(), "n"),
@@ -1225,7 +1261,17 @@ pub fn amp_unscale_in_place(l: Launch, grad: &mut [f32], scale: f32, found_inf: 
     l.check();
     let ptr = grad.as_mut_ptr();
     // SAFETY: the kernel reads and then writes each element from the same thread.
-    unsafe { (f32::K.amp_unscale)(l, ptr, ptr, int(grad.len(), "n"), &scale, found_inf) }
+    unsafe {
+        run!(
+            l,
+            kname::<f32>("amp_unscale"),
+            ptr,
+            ptr as *const f32,
+            int(grad.len(), "n"),
+            &scale,
+            found_inf
+        )
+    }
 }
 
 /// The hyper-parameters of `sgd_step`.
@@ -1257,8 +1303,9 @@ pub fn sgd_step(l: Launch, param: &mut [f32], grad: &[f32], momentum_buf: &mut [
     let lr_dev = a.lr_device.unwrap_or(0.0);
     // SAFETY: n values in each buffer; the optional scalars live on this stack frame.
     unsafe {
-        ffi::emu_sgd_step(
+        run!(
             l,
+            "sgd_step",
             param.as_mut_ptr(),
             grad.as_ptr(),
             mom,
@@ -1300,8 +1347,9 @@ pub fn update_loss_scale(
 ) {
     // SAFETY: four distinct scalars.
     unsafe {
-        ffi::emu_update_loss_scale(
+        run!(
             Launch::linear(1, 1),
+            "update_loss_scale",
             &mut s.scale,
             &mut s.growth_tracker,
             &mut s.found_inf,
@@ -1347,8 +1395,9 @@ pub fn augment_batch<T: Act>(
     // SAFETY: the kernel reads records only for indices in 0..n_records (others give NaN), and
     // writes batch·3072 values and batch labels.
     unsafe {
-        (T::K.augment_batch)(
+        run!(
             l,
+            kname::<T>("augment_batch"),
             out.as_mut_ptr(),
             labels.as_mut_ptr(),
             records.as_ptr(),

@@ -7,7 +7,6 @@
 //! `[out, in]`) so they load and save under PyTorch's names and shapes without conversion.
 
 pub mod cpu;
-#[cfg(feature = "cudnn")]
 pub mod cuda;
 pub mod geometry;
 

@@ -863,8 +863,11 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     pub fn set_step_counters(&mut self, counters: &StepCounters) {
         let mut it = counters.batches.iter().copied();
         visit_nodes(&mut self.nodes, &mut |_, slot| {
-            if let (Slot::Count(c), Some(v)) = (slot, it.next()) {
-                *c = v;
+            // Only a counter takes the next saved value (the other slots are visited too).
+            if let Slot::Count(c) = slot {
+                if let Some(v) = it.next() {
+                    *c = v;
+                }
             }
         });
         self.sgd_steps = counters.sgd_steps;
@@ -887,6 +890,9 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
                 .cross_entropy_forward(&mut self.probs.buf, &logits.buf, labels, k, smoothing);
         self.labels = labels.to_vec();
         self.smoothing = smoothing;
+        // Reading the loss back is where a device reports what failed in the step so far: that
+        // failure, not the NaN that stands in for the loss, is the error.
+        self.be.status()?;
         Ok(loss)
     }
 

@@ -1,47 +1,36 @@
 //! `Backend<f32>` for [`Gpu`]: each op is a cuDNN or cuBLAS call or a kernel of `cuda/`, in
 //! the element type of its activations (fp32, or fp16/bf16 in mixed precision).
 
-use super::dnn::{ConvPtrs, Pooling};
+use super::device::{
+    AddTensor, ConvCall, ConvDirection, DnnCall, Gemm, KernelArg, LaunchDims, MathType,
+    PoolBackward, PoolForward, Transpose,
+};
 use super::{
-    DType, Gpu, GpuBuf, StepGraph, StepState, LOSS_SCALE_BACKOFF, LOSS_SCALE_GROWTH,
-    LOSS_SCALE_INTERVAL,
+    alloc_mem, dnn, DType, DevMem, Gpu, GpuBuf, StepGraph, StepState, LOSS_SCALE_BACKOFF,
+    LOSS_SCALE_GROWTH, LOSS_SCALE_INTERVAL,
 };
 use crate::backend::geometry::{self, Reduction};
 use crate::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd, SgdParam};
-use cudarc::cublas::sys::{cublasOperation_t, cublasSgemm_v2, cublasStatus_t};
-use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 type Buf = GpuBuf;
 
-/// A kernel parameter: a device address (0 for null), an `int` or a `float`.
-#[derive(Clone, Copy)]
-enum Arg {
-    P(u64),
-    I(i32),
-    F(f32),
-}
-use Arg::{F, I, P};
+use KernelArg::{Ptr as P, F32 as F, I32 as I};
 
 /// Threads per block of the element-wise kernels.
 const BLOCK: u32 = 256;
 
 /// The launch of the one-thread bookkeeping kernels (loss scale, step metrics).
-const ONE_THREAD: LaunchConfig = LaunchConfig {
-    grid_dim: (1, 1, 1),
-    block_dim: (1, 1, 1),
-    shared_mem_bytes: 0,
+const ONE_THREAD: LaunchDims = LaunchDims {
+    grid: [1, 1, 1],
+    block: [1, 1, 1],
+    shared_bytes: 0,
 };
 
 /// A grid-stride launch over `n` elements.
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(BLOCK).clamp(1, 4096), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
+fn elementwise(n: usize) -> LaunchDims {
+    LaunchDims::linear((n as u32).div_ceil(BLOCK).clamp(1, 4096), BLOCK)
 }
 
 /// `name_f32`, `name_f16` or `name_bf16`.
@@ -151,8 +140,7 @@ impl Gpu {
             );
             return 0;
         }
-        let (p, _sync) = b.mem().device_ptr(self.cur());
-        p
+        b.mem.as_ref().map_or(0, DevMem::ptr)
     }
 
     /// Whether a copy may touch `bufs`: each has memory (a missing one is recorded) and no
@@ -164,12 +152,6 @@ impl Gpu {
         !self.failed()
     }
 
-    /// [`Gpu::ptr`] as a library call takes it. Taken before [`Gpu::dnn_call`], which then
-    /// runs nothing if a buffer has no memory.
-    fn vptr(&self, b: &Buf) -> *mut c_void {
-        self.ptr(b) as *mut c_void
-    }
-
     /// A zeroed buffer of `len` elements of `dtype` for `what` (see [`buffer_label`]). If the
     /// device is out of memory, or an earlier failure is not reported yet, the buffer has no
     /// memory and the failure is recorded: nothing runs on it.
@@ -178,13 +160,29 @@ impl Gpu {
         if self.failed() {
             return self.without_memory(len, dtype);
         }
-        match self.cur().alloc_zeros::<u8>(bytes) {
+        match self.zeroed(bytes) {
             Ok(mem) => self.wrap(mem, len, dtype),
             Err(e) => {
                 self.record_oom(what, bytes, e);
                 self.without_memory(len, dtype)
             }
         }
+    }
+
+    /// `bytes` of zeroed device memory, stream-ordered on the current stream.
+    fn zeroed(&self, bytes: usize) -> anyhow::Result<DevMem> {
+        let m = alloc_mem(&self.dev, self.cur(), bytes)?;
+        self.dev.memset(self.cur(), m.ptr(), 0, m.bytes())?;
+        Ok(m)
+    }
+
+    /// `data` copied into fresh device memory on the current stream.
+    fn uploaded(&self, data: &[u8]) -> anyhow::Result<DevMem> {
+        let m = alloc_mem(&self.dev, self.cur(), data.len())?;
+        if !data.is_empty() {
+            self.dev.htod(self.cur(), m.ptr(), data)?;
+        }
+        Ok(m)
     }
 
     /// Records a failed allocation of `bytes` for `what`, with the device's memory.
@@ -194,6 +192,22 @@ impl Gpu {
         slot.get_or_insert(msg);
     }
 
+    /// A buffer of `len` elements of `dtype` for `what` whose contents are undefined until
+    /// written: for outputs that are overwritten whole before anything reads them.
+    fn uninit(&self, what: &str, len: usize, dtype: DType) -> Buf {
+        let bytes = len.max(1) * dtype.size();
+        if self.failed() {
+            return self.without_memory(len, dtype);
+        }
+        match alloc_mem(&self.dev, self.cur(), bytes) {
+            Ok(mem) => self.wrap(mem, len, dtype),
+            Err(e) => {
+                self.record_oom(what, bytes, e);
+                self.without_memory(len, dtype)
+            }
+        }
+    }
+
     /// A zeroed fp32 buffer of `len` values, `kind` naming it if it cannot be allocated.
     fn f32_zeros(&self, kind: &str, len: usize) -> Buf {
         self.alloc(&buffer_label(kind, len, DType::F32), len, DType::F32)
@@ -201,12 +215,11 @@ impl Gpu {
 
     /// The device's free and total memory, if the driver says.
     fn mem_info(&self) -> Option<(usize, usize)> {
-        self.ctx.bind_to_thread().ok()?;
-        cudarc::driver::result::mem_get_info().ok()
+        self.dev.mem_info()
     }
 
     /// A buffer of `len` elements of `dtype` in `mem`.
-    fn wrap(&self, mem: cudarc::driver::CudaSlice<u8>, len: usize, dtype: DType) -> Buf {
+    fn wrap(&self, mem: DevMem, len: usize, dtype: DType) -> Buf {
         Buf {
             mem: Some(mem),
             len,
@@ -238,8 +251,8 @@ impl Gpu {
         }
         let mut shadow = w.shadow.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = w.len.max(1) * dt.size();
-        if shadow.as_ref().is_none_or(|s| s.len() != bytes) {
-            match self.cur().alloc_zeros::<u8>(bytes) {
+        if shadow.as_ref().is_none_or(|s| s.bytes() != bytes) {
+            match alloc_mem(&self.dev, self.cur(), bytes) {
                 Ok(s) => *shadow = Some(s),
                 Err(e) => {
                     let what = format!("the {} copy of a weight of {} values", dt.suffix(), w.len);
@@ -252,7 +265,7 @@ impl Gpu {
         let Some(s) = shadow.as_ref() else {
             return 0;
         };
-        let (sp, _sync) = s.device_ptr(self.cur());
+        let sp = s.ptr();
         if !w.shadow_fresh.load(Ordering::Acquire) {
             let args = [
                 P(sp),
@@ -277,38 +290,33 @@ impl Gpu {
             .workspace
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if ws.len() < bytes {
-            match self.cur().alloc_zeros::<u8>(bytes) {
-                Ok(b) => *ws = b,
+        if bytes == 0 {
+            return Ok((0, 0));
+        }
+        if ws.as_ref().is_none_or(|w| w.bytes() < bytes) {
+            match alloc_mem(&self.dev, self.cur(), bytes) {
+                Ok(b) => *ws = Some(b),
                 Err(e) => {
                     self.record_oom("a cuDNN workspace", bytes, e);
                     anyhow::bail!("no cuDNN workspace");
                 }
             }
         }
-        let (p, _sync) = ws.device_ptr(self.cur());
-        Ok((p, ws.len()))
+        let ws = ws.as_ref().expect("allocated above");
+        Ok((ws.ptr(), ws.bytes()))
     }
 
     /// Launches kernel `name` with its parameters in order; false (and nothing queued) when a
     /// failure is recorded, before or by the launch.
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> bool {
+    fn launch(&self, name: &str, dims: LaunchDims, args: &[KernelArg]) -> bool {
         if self.failed() {
             return false;
         }
-        let mut b = self.cur().launch_builder(self.func(name));
-        for a in args {
-            match a {
-                Arg::P(v) => b.arg(v),
-                Arg::I(v) => b.arg(v),
-                Arg::F(v) => b.arg(v),
-            };
-        }
-        // SAFETY: each caller passes the kernel's exact parameter list (pointers to live
-        // buffers of the sizes the kernel reads, then scalars), as documented in cuda/; with
-        // no failure recorded, every buffer was allocated and none is a stand-in.
-        match unsafe { b.launch(cfg) } {
-            Ok(_) => true,
+        // Each caller passes the kernel's exact parameter list (pointers to live buffers of
+        // the sizes the kernel reads, then scalars), as documented in cuda/; the device checks
+        // it against the kernel's signature.
+        match self.dev.launch(self.cur(), name, dims, args) {
+            Ok(()) => true,
             Err(e) => {
                 self.record(&format!("launching {name}"), e);
                 false
@@ -316,13 +324,81 @@ impl Gpu {
         }
     }
 
-    /// Runs cuDNN calls, unless a failure is recorded (see [`Gpu::failed`]).
-    fn dnn_call(&self, what: &str, f: impl FnOnce(&mut super::dnn::Dnn) -> anyhow::Result<()>) {
+    /// Queues a cuDNN call, unless a failure is recorded (see [`Gpu::failed`]).
+    fn dnn_call(&self, what: &str, call: DnnCall) {
         if self.failed() {
             return;
         }
-        let mut d = self.lane().dnn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f(&mut d) {
+        if let Err(e) = self.dev.dnn(self.cur(), &call) {
+            self.record(what, e);
+        }
+    }
+
+    /// The algorithms of convolving `xs` with `conv` in `dt`, chosen once per shape.
+    fn algos(&self, xs: Nhwc, conv: &Conv2d, dt: DType) -> anyhow::Result<dnn::Algos> {
+        let mut cache = self.algos.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = cache.get(&(xs, *conv, dt)) {
+            return Ok(*a);
+        }
+        let a = dnn::algos(
+            &*self.dev,
+            self.cur(),
+            xs,
+            conv,
+            dt,
+            self.opts.deterministic,
+        )?;
+        tracing::debug!(
+            ?xs,
+            ?conv,
+            ?dt,
+            measured = a.measured,
+            ?a,
+            "cuDNN convolution algorithms"
+        );
+        cache.insert((xs, *conv, dt), a);
+        Ok(a)
+    }
+
+    /// One convolution of direction `dir` on `(x, w, y)` (dx, dw or dy in the backward
+    /// directions, as [`ConvCall`] says), with `beta` blending into the output.
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        what: &str,
+        dir: ConvDirection,
+        (x, w, y): (u64, u64, u64),
+        xs: Nhwc,
+        conv: &Conv2d,
+        dt: DType,
+        beta: f32,
+    ) {
+        if self.failed() {
+            return;
+        }
+        let run = || -> anyhow::Result<()> {
+            let a = self.algos(xs, conv, dt)?;
+            let (algo, math): (u32, MathType) = match dir {
+                ConvDirection::Forward => a.fwd,
+                ConvDirection::BackwardData => a.bwd_data,
+                ConvDirection::BackwardFilter => a.bwd_filter,
+            };
+            let (workspace, workspace_bytes) = self.workspace(a.workspace)?;
+            let call = ConvCall {
+                dir,
+                problem: dnn::problem(xs, conv, dt, math),
+                algo,
+                x,
+                w,
+                y,
+                workspace,
+                workspace_bytes,
+                alpha: 1.0,
+                beta,
+            };
+            self.dev.dnn(self.cur(), &DnnCall::Conv(call))
+        };
+        if let Err(e) = run() {
             self.record(what, e);
         }
     }
@@ -333,7 +409,7 @@ impl Gpu {
     fn sgemm(
         &self,
         what: &str,
-        (ta, tb): (cublasOperation_t, cublasOperation_t),
+        (transa, transb): (Transpose, Transpose),
         (m, n, k): (usize, usize, usize),
         a: u64,
         lda: usize,
@@ -346,29 +422,23 @@ impl Gpu {
         if self.failed() {
             return;
         }
-        let alpha = 1.0f32;
-        // SAFETY: the caller passes live fp32 buffers of the shapes given; the handle works on
-        // this backend's stream.
-        let status = unsafe {
-            cublasSgemm_v2(
-                *self.blas.handle(),
-                ta,
-                tb,
-                m as i32,
-                n as i32,
-                k as i32,
-                &alpha,
-                a as *const f32,
-                lda as i32,
-                b as *const f32,
-                ldb as i32,
-                &beta,
-                c as *mut f32,
-                ldc as i32,
-            )
+        let g = Gemm {
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            a,
+            lda,
+            b,
+            ldb,
+            c,
+            ldc,
+            alpha: 1.0,
+            beta,
         };
-        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            self.record(&format!("{what} (cuBLAS)"), format!("{status:?}"));
+        if let Err(e) = self.dev.gemm(self.cur(), &g) {
+            self.record(&format!("{what} (cuBLAS)"), e);
         }
     }
 
@@ -436,12 +506,9 @@ impl Backend<f32> for Gpu {
         }
         // On the main stream, which has joined every branch stream by the time anything is
         // read back.
-        match self.stream().clone_dtoh(buf.mem()) {
-            Ok(bytes) => {
-                let mut v = from_bytes(&bytes, buf.dtype);
-                v.truncate(buf.len);
-                v
-            }
+        let mut bytes = vec![0u8; buf.len * buf.dtype.size()];
+        match self.dev.dtoh(self.stream(), &mut bytes, self.ptr(buf)) {
+            Ok(()) => from_bytes(&bytes, buf.dtype),
             Err(e) => {
                 self.record("copying from the GPU", e);
                 vec![f32::NAN; buf.len]
@@ -453,7 +520,10 @@ impl Backend<f32> for Gpu {
         if !self.usable(&[buf]) {
             return;
         }
-        if let Err(e) = self.cur().memset_zeros(buf.mem_mut()) {
+        if let Err(e) = self
+            .dev
+            .memset(self.cur(), self.ptr(buf), 0, buf.len * buf.dtype.size())
+        {
             self.record("memset", e);
         }
     }
@@ -475,11 +545,11 @@ impl Backend<f32> for Gpu {
             return;
         }
         let main = &self.lanes[0];
-        if let Err(e) = main.event.record(&main.stream) {
+        if let Err(e) = self.dev.event_record(main.event, main.stream) {
             return self.record("recording a CUDA event", e);
         }
         for i in 0..n.min(self.lanes.len() - 1) {
-            if let Err(e) = self.lanes[self.branch_lane(i)].stream.wait(&main.event) {
+            if let Err(e) = self.wait(self.lanes[self.branch_lane(i)].stream, main.event) {
                 return self.record("ordering CUDA streams", e);
             }
         }
@@ -497,10 +567,10 @@ impl Backend<f32> for Gpu {
         let main = &self.lanes[0];
         for i in 0..n.min(self.lanes.len() - 1) {
             let lane = &self.lanes[self.branch_lane(i)];
-            if let Err(e) = lane.event.record(&lane.stream) {
+            if let Err(e) = self.dev.event_record(lane.event, lane.stream) {
                 return self.record("recording a CUDA event", e);
             }
-            if let Err(e) = main.stream.wait(&lane.event) {
+            if let Err(e) = self.wait(main.stream, lane.event) {
                 return self.record("ordering CUDA streams", e);
             }
         }
@@ -508,42 +578,17 @@ impl Backend<f32> for Gpu {
 
     fn range_push(&self, name: &str) {
         RANGES.with(|r| r.borrow_mut().push(name.to_string()));
-        if self.nvtx {
-            super::nvtx::push(name);
-        }
+        self.dev.range_push(name);
     }
 
     fn profiler(&self, on: bool) -> anyhow::Result<()> {
-        // Everything queued before the range belongs outside it.
-        self.ctx
-            .synchronize()
-            .map_err(|e| anyhow::anyhow!("CUDA error: {e}"))?;
-        // SAFETY: plain driver calls on the current context.
-        let r = unsafe {
-            if on {
-                cudarc::driver::sys::cuProfilerStart()
-            } else {
-                cudarc::driver::sys::cuProfilerStop()
-            }
-        };
-        if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-            anyhow::bail!(
-                "{} failed: {r:?}",
-                if on {
-                    "cuProfilerStart"
-                } else {
-                    "cuProfilerStop"
-                }
-            );
-        }
-        Ok(())
+        // The device waits for everything queued before the range, which belongs outside it.
+        self.dev.profiler(on)
     }
 
     fn range_pop(&self) {
         RANGES.with(|r| r.borrow_mut().pop());
-        if self.nvtx {
-            super::nvtx::pop();
-        }
+        self.dev.range_pop();
     }
 
     fn restore_loss_scale(&mut self, scale: f64) -> anyhow::Result<()> {
@@ -561,37 +606,33 @@ impl Backend<f32> for Gpu {
         let dt = x.dtype;
         let ys = conv.out_shape(xs);
         let wp = if dt == DType::F32 {
-            self.vptr(w)
+            self.ptr(w)
         } else {
-            self.low(w, conv, dt) as *mut c_void
+            self.low(w, conv, dt)
         };
-        let (xp, yp, bp) = (self.vptr(x), self.vptr(y), self.vptr(b));
-        self.dnn_call("conv2d_forward", |d| {
-            let need = d.algos(xs, conv, dt)?.workspace;
-            let (ws, ws_len) = self.workspace(need)?;
-            let p = ConvPtrs {
-                x: xp,
-                w: wp,
-                y: yp,
-                workspace: ws as *mut c_void,
+        let (xp, yp, bp) = (self.ptr(x), self.ptr(y), self.ptr(b));
+        self.conv(
+            "conv2d_forward",
+            ConvDirection::Forward,
+            (xp, wp, yp),
+            xs,
+            conv,
+            dt,
+            0.0,
+        );
+        if dt == DType::F32 {
+            let add = AddTensor {
+                a: dnn::channels(ys.c),
+                a_ptr: bp,
+                c: dnn::nhwc(ys, dt),
+                c_ptr: yp,
+                alpha: 1.0,
+                beta: 1.0,
             };
-            // SAFETY: buffers sized by the network for these shapes, on the handle's stream.
-            unsafe {
-                d.conv_forward(&p, ws_len, xs, conv, dt)?;
-                if dt == DType::F32 {
-                    d.add_bias(p.y, bp, ys)?;
-                }
-                Ok(())
-            }
-        });
-        if dt != DType::F32 {
+            self.dnn_call("conv2d_forward bias", DnnCall::AddTensor(add));
+        } else {
             // cuDNN's bias add wants the bias in the data type; ours stays fp32.
-            let args = [
-                P(self.ptr(y)),
-                P(self.ptr(b)),
-                I(ys.pixels() as i32),
-                I(ys.c as i32),
-            ];
+            let args = [P(yp), P(bp), I(ys.pixels() as i32), I(ys.c as i32)];
             self.launch(&typed("bias_add", dt), self.strided(ys.len()), &args);
         }
     }
@@ -609,73 +650,69 @@ impl Backend<f32> for Gpu {
     ) {
         let dt = dy.dtype;
         let ys = conv.out_shape(xs);
-        let dx_ptr = dx.map(|d| self.vptr(d));
-        let (xp, dyp) = (self.vptr(x), self.vptr(dy));
+        let dx_ptr = dx.map(|d| self.ptr(d));
+        let (xp, dyp) = (self.ptr(x), self.ptr(dy));
         self.bias_grad(db, dy, ys);
         if dt == DType::F32 {
-            let (dwp, wp) = (self.vptr(dw), self.vptr(w));
-            self.dnn_call("conv2d_backward", |d| {
-                let need = d.algos(xs, conv, dt)?.workspace;
-                let (ws, ws_len) = self.workspace(need)?;
-                // SAFETY: as in conv2d_forward.
-                unsafe {
-                    let filter = ConvPtrs {
-                        x: xp,
-                        w: dwp,
-                        y: dyp,
-                        workspace: ws as *mut c_void,
-                    };
-                    d.conv_backward_filter(&filter, ws_len, xs, conv, dt, true)?;
-                    if let Some(dxp) = dx_ptr {
-                        let data = ConvPtrs {
-                            x: dxp,
-                            w: wp,
-                            y: dyp,
-                            workspace: ws as *mut c_void,
-                        };
-                        d.conv_backward_data(&data, ws_len, xs, conv, dt)?;
-                    }
-                    Ok(())
-                }
-            });
+            // The fp32 weight gradient accumulates in place (beta = 1).
+            let filter = (xp, self.ptr(dw), dyp);
+            self.conv(
+                "conv2d_backward filter",
+                ConvDirection::BackwardFilter,
+                filter,
+                xs,
+                conv,
+                dt,
+                1.0,
+            );
+            if let Some(dxp) = dx_ptr {
+                let data = (dxp, self.ptr(w), dyp);
+                self.conv(
+                    "conv2d_backward data",
+                    ConvDirection::BackwardData,
+                    data,
+                    xs,
+                    conv,
+                    dt,
+                    0.0,
+                );
+            }
             return;
         }
         // Mixed precision: the weight gradient comes out of cuDNN in the data type (and the
         // filter layout) of the working copy and is added to the fp32 one (the bias gradient
-        // above is reduced straight into fp32).
+        // above is reduced straight into fp32). cuDNN overwrites it (beta = 0), so it needs no
+        // zeroing.
         let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
-        let dw_low = self.alloc(&what, conv.weight_len(), dt);
-        let dw_lowp = self.vptr(&dw_low);
-        let wp = dx_ptr.map(|_| self.low(w, conv, dt) as *mut c_void);
-        self.dnn_call("conv2d_backward", |d| {
-            let need = d.algos(xs, conv, dt)?.workspace;
-            let (ws, ws_len) = self.workspace(need)?;
-            // SAFETY: as in conv2d_forward.
-            unsafe {
-                let filter = ConvPtrs {
-                    x: xp,
-                    w: dw_lowp,
-                    y: dyp,
-                    workspace: ws as *mut c_void,
-                };
-                d.conv_backward_filter(&filter, ws_len, xs, conv, dt, false)?;
-                if let (Some(dxp), Some(wp)) = (dx_ptr, wp) {
-                    let data = ConvPtrs {
-                        x: dxp,
-                        w: wp,
-                        y: dyp,
-                        workspace: ws as *mut c_void,
-                    };
-                    d.conv_backward_data(&data, ws_len, xs, conv, dt)?;
-                }
-                Ok(())
-            }
-        });
+        let dw_low = self.uninit(&what, conv.weight_len(), dt);
+        let dw_lowp = self.ptr(&dw_low);
+        let filter = (xp, dw_lowp, dyp);
+        self.conv(
+            "conv2d_backward filter",
+            ConvDirection::BackwardFilter,
+            filter,
+            xs,
+            conv,
+            dt,
+            0.0,
+        );
+        if let Some(dxp) = dx_ptr {
+            let data = (dxp, self.low(w, conv, dt), dyp);
+            self.conv(
+                "conv2d_backward data",
+                ConvDirection::BackwardData,
+                data,
+                xs,
+                conv,
+                dt,
+                0.0,
+            );
+        }
         // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
         // gradient keeps the master weight's OIHW.
         let args = [
             P(self.ptr(dw)),
-            P(self.ptr(&dw_low)),
+            P(dw_lowp),
             I(conv.cout as i32),
             I(conv.cin as i32),
             I((conv.k * conv.k) as i32),
@@ -803,12 +840,16 @@ impl Backend<f32> for Gpu {
 
     fn max_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc, pool: &MaxPool2d) {
         let dt = x.dtype;
-        let (yp, xp) = (self.vptr(y), self.vptr(x));
-        self.dnn_call("max_pool2d_forward", |d| {
-            let pd = Pooling::max(pool)?;
-            // SAFETY: buffers sized for these shapes, on the handle's stream.
-            unsafe { d.pool_forward(&pd, yp, xp, xs, pool.out_shape(xs), dt) }
-        });
+        let call = PoolForward {
+            pool: dnn::max_pool(pool),
+            x: dnn::nhwc(xs, dt),
+            x_ptr: self.ptr(x),
+            y: dnn::nhwc(pool.out_shape(xs), dt),
+            y_ptr: self.ptr(y),
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.dnn_call("max_pool2d_forward", DnnCall::PoolForward(call));
     }
 
     fn max_pool2d_backward(
@@ -822,12 +863,18 @@ impl Backend<f32> for Gpu {
     ) {
         let dt = x.dtype;
         // The forward's real x and y: cuDNN finds the maximum of each window from them.
-        let (dxp, dyp, xp, yp) = (self.vptr(dx), self.vptr(dy), self.vptr(x), self.vptr(y));
-        self.dnn_call("max_pool2d_backward", |d| {
-            let pd = Pooling::max(pool)?;
-            // SAFETY: as above; dx is distinct from dy, x and y.
-            unsafe { d.pool_backward(&pd, dxp, dyp, xp, yp, xs, pool.out_shape(xs), dt) }
-        });
+        let call = PoolBackward {
+            pool: dnn::max_pool(pool),
+            y: dnn::nhwc(pool.out_shape(xs), dt),
+            y_ptr: self.ptr(y),
+            dy_ptr: self.ptr(dy),
+            x: dnn::nhwc(xs, dt),
+            x_ptr: self.ptr(x),
+            dx_ptr: self.ptr(dx),
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.dnn_call("max_pool2d_backward", DnnCall::PoolBackward(call));
     }
 
     fn fork_backward(&self, dx: &mut Buf, parts: &[&Buf]) {
@@ -866,12 +913,16 @@ impl Backend<f32> for Gpu {
     fn avg_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc) {
         let ys = Nhwc::new(xs.n, xs.h / 2, xs.w / 2, xs.c);
         let dt = x.dtype;
-        let (yp, xp) = (self.vptr(y), self.vptr(x));
-        self.dnn_call("avg_pool2d_forward", |d| {
-            let pd = Pooling::avg2()?;
-            // SAFETY: as above.
-            unsafe { d.pool_forward(&pd, yp, xp, xs, ys, dt) }
-        });
+        let call = PoolForward {
+            pool: dnn::avg_pool2(),
+            x: dnn::nhwc(xs, dt),
+            x_ptr: self.ptr(x),
+            y: dnn::nhwc(ys, dt),
+            y_ptr: self.ptr(y),
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.dnn_call("avg_pool2d_forward", DnnCall::PoolForward(call));
     }
 
     fn avg_pool2d_backward(&self, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
@@ -911,10 +962,7 @@ impl Backend<f32> for Gpu {
         // Row-major y[n, out] = x[n, in]·wᵀ is column-major yᵀ[out, n] = w(in×out)ᵀ · xᵀ(in×n).
         self.sgemm(
             "linear_forward",
-            (
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-            ),
+            (Transpose::T, Transpose::N),
             (fout, n, fin),
             self.ptr(w),
             fin,
@@ -924,11 +972,15 @@ impl Backend<f32> for Gpu {
             self.ptr(y),
             fout,
         );
-        let (yp, bp) = (self.vptr(y), self.vptr(b));
-        self.dnn_call("linear_forward bias", |d| {
-            // SAFETY: y holds n·out floats, b out.
-            unsafe { d.add_bias(yp, bp, Nhwc::new(n, 1, 1, fout)) }
-        });
+        let add = AddTensor {
+            a: dnn::channels(fout),
+            a_ptr: self.ptr(b),
+            c: dnn::nhwc(Nhwc::new(n, 1, 1, fout), DType::F32),
+            c_ptr: self.ptr(y),
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        self.dnn_call("linear_forward bias", DnnCall::AddTensor(add));
     }
 
     fn linear_backward(
@@ -951,10 +1003,7 @@ impl Backend<f32> for Gpu {
         // dw[out, in] += dyᵀ·x  ⇔  column-major dwᵀ(in×out) += xᵀ(in×n) · dy(n×out).
         self.sgemm(
             "linear_backward dw",
-            (
-                cublasOperation_t::CUBLAS_OP_N,
-                cublasOperation_t::CUBLAS_OP_T,
-            ),
+            (Transpose::N, Transpose::T),
             (fin, fout, n),
             xp,
             fin,
@@ -978,10 +1027,7 @@ impl Backend<f32> for Gpu {
             let target = dx32.as_ref().map_or(self.ptr(dx), |b| self.ptr(b));
             self.sgemm(
                 "linear_backward dx",
-                (
-                    cublasOperation_t::CUBLAS_OP_N,
-                    cublasOperation_t::CUBLAS_OP_N,
-                ),
+                (Transpose::N, Transpose::N),
                 (fin, n, fout),
                 self.ptr(w),
                 fin,
@@ -1032,7 +1078,11 @@ impl Backend<f32> for Gpu {
         if !self.usable(&[probs, dlogits]) {
             return;
         }
-        if let Err(e) = self.cur().memcpy_dtod(probs.mem(), dlogits.mem_mut()) {
+        let bytes = probs.len * probs.dtype.size();
+        if let Err(e) = self
+            .dev
+            .dtod(self.cur(), self.ptr(dlogits), self.ptr(probs), bytes)
+        {
             self.record("cross_entropy_backward copy", e);
         }
     }
@@ -1045,8 +1095,7 @@ impl Backend<f32> for Gpu {
                 }
             }
             Some(ls) => {
-                let (scale, _s1) = ls.scale.device_ptr(self.cur());
-                let (found_inf, _s2) = ls.found_inf.device_ptr(self.cur());
+                let (scale, found_inf) = (ls.scale.ptr(), ls.found_inf.ptr());
                 // Every gradient is unscaled and checked before any parameter moves, so an
                 // overflow anywhere skips the whole step (on the device, without a sync).
                 for p in params.iter_mut() {
@@ -1057,8 +1106,7 @@ impl Backend<f32> for Gpu {
                 for p in params.iter_mut() {
                     self.sgd(p.value, p.grad, p.momentum, first_step, opt, found_inf);
                 }
-                let (growth, _s3) = ls.growth.device_ptr(self.cur());
-                let (skipped, _s4) = ls.skipped.device_ptr(self.cur());
+                let (growth, skipped) = (ls.growth.ptr(), ls.skipped.ptr());
                 let args = [
                     P(scale),
                     P(growth),
@@ -1092,10 +1140,10 @@ impl Backend<f32> for Gpu {
 /// A CIFAR-10 split resident in device memory (the uint8 records, as in the files), with the
 /// normalisation constants: what `augment_batch` builds training batches from.
 pub struct DeviceRecords {
-    bytes: cudarc::driver::CudaSlice<u8>,
+    bytes: DevMem,
     records: usize,
     /// MEAN then STD, 3 floats each.
-    norm: cudarc::driver::CudaSlice<f32>,
+    norm: DevMem,
 }
 
 impl DeviceRecords {
@@ -1120,7 +1168,7 @@ impl Gpu {
                 total >> 20
             )
         };
-        let mut bytes = match self.cur().alloc_zeros::<u8>(total.max(1)) {
+        let bytes = match alloc_mem(&self.dev, self.cur(), total) {
             Ok(b) => b,
             Err(e) => {
                 let what = format!("the training set ({} records)", total / RECORD);
@@ -1130,12 +1178,17 @@ impl Gpu {
         };
         let mut at = 0;
         for chunk in set.record_chunks() {
-            let mut dst = bytes.slice_mut(at..at + chunk.len());
-            self.cur().memcpy_htod(chunk, &mut dst).map_err(err)?;
+            self.dev
+                .htod(self.cur(), bytes.ptr() + at as u64, chunk)
+                .map_err(err)?;
             at += chunk.len();
         }
-        let norm: Vec<f32> = MEAN.iter().chain(STD.iter()).copied().collect();
-        let norm = self.cur().clone_htod(&norm).map_err(err)?;
+        let norm: Vec<u8> = MEAN
+            .iter()
+            .chain(STD.iter())
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let norm = self.uploaded(&norm).map_err(err)?;
         Ok(DeviceRecords {
             bytes,
             records: total / RECORD,
@@ -1170,16 +1223,17 @@ impl Gpu {
         if self.failed() {
             return out;
         }
-        let params = match self.cur().clone_htod(&params) {
+        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let params = match self.uploaded(&bytes) {
             Ok(p) => p,
             Err(e) => {
                 self.record("copying the batch indices to the GPU", e);
                 return out;
             }
         };
-        let (pp, _s1) = params.device_ptr(self.cur());
-        // labels_out null: the host knows the labels.
-        self.launch_augment(&out, 0, records, pp, b);
+        // labels_out null: the host knows the labels. `params` is freed after the kernel, in
+        // stream order.
+        self.launch_augment(&out, 0, records, params.ptr(), b);
         out
     }
 
@@ -1196,16 +1250,20 @@ impl Gpu {
         {
             let mut step = self.step.lock().unwrap_or_else(|p| p.into_inner());
             if step.as_ref().is_none_or(|st| st.batch != batch) {
-                let s = self.stream();
-                let err = |e| anyhow::anyhow!("allocating the CUDA graph's step state: {e}");
+                self.current.store(0, Ordering::Relaxed);
+                let z = |bytes: usize| {
+                    self.zeroed(bytes).map_err(|e| {
+                        anyhow::anyhow!("allocating the CUDA graph's step state: {e:#}")
+                    })
+                };
                 *step = Some(StepState {
                     batch,
-                    params: s.alloc_zeros::<i32>(4 * batch).map_err(err)?,
-                    labels: s.alloc_zeros::<i32>(batch).map_err(err)?,
-                    loss: s.alloc_zeros::<f32>(1).map_err(err)?,
-                    correct: s.alloc_zeros::<i32>(1).map_err(err)?,
-                    sums: s.alloc_zeros::<f64>(2).map_err(err)?,
-                    lr: s.alloc_zeros::<f32>(1).map_err(err)?,
+                    params: z(4 * 4 * batch)?,
+                    labels: z(4 * batch)?,
+                    loss: z(4)?,
+                    correct: z(4)?,
+                    sums: z(16)?,
+                    lr: z(4)?,
                 });
             }
         }
@@ -1213,20 +1271,21 @@ impl Gpu {
         self.settle();
         self.synchronize()?;
         self.current.store(0, Ordering::Relaxed);
-        self.stream()
-            .begin_capture(
-                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-            )
-            .map_err(|e| anyhow::anyhow!("cannot start a CUDA graph capture: {e}"))?;
+        self.dev
+            .capture_begin(self.stream())
+            .map_err(|e| anyhow::anyhow!("cannot start a CUDA graph capture: {e:#}"))?;
         self.capturing.store(true, Ordering::Release);
         // Every branch stream joins the capture now, so that capture_end can rejoin them all
         // (waiting on a stream that never joined would break the capture).
         let main = &self.lanes[0];
-        let joined = main.event.record(&main.stream).and_then(|()| {
-            self.lanes[1..]
-                .iter()
-                .try_for_each(|lane| lane.stream.wait(&main.event))
-        });
+        let joined = self
+            .dev
+            .event_record(main.event, main.stream)
+            .and_then(|()| {
+                self.lanes[1..]
+                    .iter()
+                    .try_for_each(|lane| self.dev.stream_wait(lane.stream, main.event))
+            });
         if let Err(e) = joined {
             self.record("ordering CUDA streams in a capture", e);
         }
@@ -1241,22 +1300,23 @@ impl Gpu {
         self.settle();
         let main = &self.lanes[0];
         for lane in &self.lanes[1..] {
-            if let Err(e) = lane.event.record(&lane.stream) {
+            if let Err(e) = self.dev.event_record(lane.event, lane.stream) {
                 self.record("recording a CUDA event", e);
-            } else if let Err(e) = main.stream.wait(&lane.event) {
+            } else if let Err(e) = self.dev.stream_wait(main.stream, lane.event) {
                 self.record("ordering CUDA streams", e);
             }
         }
         self.capturing.store(false, Ordering::Release);
-        // Graph allocations are freed by the graph itself; auto-free is the safety net that
-        // keeps a relaunch possible if one were not.
-        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(1);
-        let graph = main.stream.end_capture(flags);
+        let graph = self.dev.capture_end(main.stream);
         self.take_error()?;
-        let graph = graph
-            .map_err(|e| anyhow::anyhow!("cannot build the CUDA graph of a training step: {e}"))?
-            .ok_or_else(|| anyhow::anyhow!("the captured training step is empty"))?;
-        Ok(StepGraph { graph, batch })
+        let graph = graph.map_err(|e| {
+            anyhow::anyhow!("cannot build the CUDA graph of a training step: {e:#}")
+        })?;
+        Ok(StepGraph {
+            dev: self.dev.clone(),
+            graph,
+            batch,
+        })
     }
 
     /// Inside a capture: the data kernel renders the batch staged by [`Gpu::replay`] (record
@@ -1267,10 +1327,7 @@ impl Gpu {
         let Some(st) = step.as_ref() else {
             return self.record("augment_batch", "no captured step");
         };
-        let s = self.cur();
-        let (pp, _s1) = st.params.device_ptr(s);
-        let (lp, _s2) = st.labels.device_ptr(s);
-        self.launch_augment(out, lp, records, pp, st.batch);
+        self.launch_augment(out, st.labels.ptr(), records, st.params.ptr(), st.batch);
     }
 
     /// `augment_batch_*` over `b` images into `out`: `params` is the device address of the
@@ -1283,9 +1340,7 @@ impl Gpu {
         params: u64,
         b: usize,
     ) {
-        let s = self.cur();
-        let (rp, _s1) = records.bytes.device_ptr(s);
-        let (np, _s2) = records.norm.device_ptr(s);
+        let (rp, np) = (records.bytes.ptr(), records.norm.ptr());
         let at = |k: usize| params + (k * b * 4) as u64;
         let args = [
             P(self.ptr(out)),
@@ -1300,10 +1355,10 @@ impl Gpu {
             P(np + 12), // STD follows MEAN
             I(b as i32),
         ];
-        let launch = LaunchConfig {
-            grid_dim: (12, (b as u32).min(65535), 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+        let launch = LaunchDims {
+            grid: [12, (b as u32).min(65535), 1],
+            block: [256, 1, 1],
+            shared_bytes: 0,
         };
         self.launch(&typed("augment_batch", out.dtype), launch, &args);
     }
@@ -1336,12 +1391,15 @@ impl Gpu {
         params.extend(views.iter().map(|v| v.1));
         params.extend(views.iter().map(|v| v.2 as i32));
         let s = self.stream();
-        let err = |e| anyhow::anyhow!("staging a training step: {e}");
-        s.memcpy_htod(&params, &mut st.params).map_err(err)?;
-        s.memcpy_htod(&[lr], &mut st.lr).map_err(err)?;
-        g.graph
-            .launch()
-            .map_err(|e| anyhow::anyhow!("replaying the CUDA graph of a training step: {e}"))
+        let err = |e| anyhow::anyhow!("staging a training step: {e:#}");
+        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.dev.htod(s, st.params.ptr(), &bytes).map_err(err)?;
+        self.dev
+            .htod(s, st.lr.ptr(), &lr.to_le_bytes())
+            .map_err(err)?;
+        self.dev
+            .graph_launch(g.graph, s)
+            .map_err(|e| anyhow::anyhow!("replaying the CUDA graph of a training step: {e:#}"))
     }
 
     /// Σ loss·n and Σ correct of the captured steps run since the last call (waits for them).
@@ -1352,10 +1410,13 @@ impl Gpu {
         };
         self.take_error()?;
         let s = self.stream();
-        let err = |e| anyhow::anyhow!("reading the training metrics: {e}");
-        let sums = s.clone_dtoh(&st.sums).map_err(err)?;
-        s.memset_zeros(&mut st.sums).map_err(err)?;
-        Ok((sums[0], sums[1].max(0.0) as u64))
+        let err = |e| anyhow::anyhow!("reading the training metrics: {e:#}");
+        let mut bytes = [0u8; 16];
+        self.dev.dtoh(s, &mut bytes, st.sums.ptr()).map_err(err)?;
+        self.dev.memset(s, st.sums.ptr(), 0, 16).map_err(err)?;
+        let loss = f64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let correct = f64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
+        Ok((loss, correct.max(0.0) as u64))
     }
 
     fn upload_as(&self, data: &[f32], dt: DType) -> Buf {
@@ -1363,7 +1424,7 @@ impl Gpu {
         if data.is_empty() || self.failed() {
             return self.alloc(&what, data.len(), dt);
         }
-        match self.cur().clone_htod(&to_bytes(data, dt)) {
+        match self.uploaded(&to_bytes(data, dt)) {
             Ok(mem) => self.wrap(mem, data.len(), dt),
             Err(e) => {
                 self.record_oom(&what, data.len() * dt.size(), e);
@@ -1379,16 +1440,11 @@ impl Gpu {
     }
 
     /// A grid-stride launch of at most 8 blocks per SM, as the bn/concat kernels recommend.
-    fn strided(&self, n: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (
-                (n as u32).div_ceil(BLOCK).clamp(1, 8 * self.sm_count()),
-                1,
-                1,
-            ),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
+    fn strided(&self, n: usize) -> LaunchDims {
+        LaunchDims::linear(
+            (n as u32).div_ceil(BLOCK).clamp(1, 8 * self.sm_count()),
+            BLOCK,
+        )
     }
 
     /// The BatchNorm reductions' launch for a [P, C] tensor on this GPU.
@@ -1406,9 +1462,10 @@ impl Gpu {
             .unwrap_or_else(|p| p.into_inner());
         // A failed growth leaves the old, smaller buffers, which no launch then reads: the
         // failure is recorded and `launch` runs nothing until it is reported.
-        if b.0.len() < r.workspace {
-            match self.cur().alloc_zeros::<f64>(r.workspace) {
-                Ok(w) => b.0 = w,
+        if b.0.as_ref().is_none_or(|w| w.bytes() < 8 * r.workspace) {
+            // The partial sums are written before they are read: no zeroing.
+            match alloc_mem(&self.dev, self.cur(), 8 * r.workspace) {
+                Ok(w) => b.0 = Some(w),
                 Err(e) => self.record_oom(
                     "the partial sums of a per-channel reduction",
                     8 * r.workspace,
@@ -1416,17 +1473,18 @@ impl Gpu {
                 ),
             }
         }
-        if b.1.len() < r.counters {
-            match self.cur().alloc_zeros::<i32>(r.counters) {
-                Ok(c) => b.1 = c,
+        if b.1.as_ref().is_none_or(|c| c.bytes() < 4 * r.counters) {
+            match self.zeroed(4 * r.counters) {
+                Ok(c) => b.1 = Some(c),
                 Err(e) => {
                     self.record_oom("the counters of a per-channel reduction", 4 * r.counters, e)
                 }
             }
         }
-        let (w, _s1) = b.0.device_ptr(self.cur());
-        let (c, _s2) = b.1.device_ptr(self.cur());
-        (w, c)
+        (
+            b.0.as_ref().map_or(0, DevMem::ptr),
+            b.1.as_ref().map_or(0, DevMem::ptr),
+        )
     }
 
     /// Training-mode BatchNorm, then ReLU when `relu`: the statistics kernel, then the apply.
@@ -1531,11 +1589,7 @@ impl Gpu {
             I(c as i32),
             F(cfg.eps as f32),
         ];
-        let launch = LaunchConfig {
-            grid_dim: ((c as u32).div_ceil(128), 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let launch = LaunchDims::linear((c as u32).div_ceil(128), 128);
         self.launch("batch_norm_eval_invstd", launch, &args);
     }
 
@@ -1670,7 +1724,8 @@ impl Gpu {
             return f64::NAN;
         }
         let labels_i: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-        let labels_d = match self.cur().clone_htod(&labels_i) {
+        let bytes: Vec<u8> = labels_i.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let labels_d = match self.uploaded(&bytes) {
             Ok(b) => b,
             Err(e) => {
                 self.record("copying labels to the GPU", e);
@@ -1678,16 +1733,15 @@ impl Gpu {
             }
         };
         let loss = self.f32_zeros("the loss", 1);
-        let correct = match self.cur().alloc_zeros::<i32>(1) {
+        let correct = match self.zeroed(4) {
             Ok(b) => b,
             Err(e) => {
                 self.record_oom("the accuracy counter", 4, e);
                 return f64::NAN;
             }
         };
-        let (correct_p, _s1) = correct.device_ptr(self.cur());
-        let (labels_p, _s2) = labels_d.device_ptr(self.cur());
-        let out = (self.ptr(&loss), correct_p);
+        let out = (self.ptr(&loss), correct.ptr());
+        let labels_p = labels_d.ptr();
         self.launch_cross_entropy(probs, logits, labels_p, out, (n, k), smoothing);
         self.download(&loss).first().map_or(f64::NAN, |&l| l as f64)
     }
@@ -1703,10 +1757,7 @@ impl Gpu {
         (n, k): (usize, usize),
         smoothing: f64,
     ) {
-        let scale = self
-            .loss_scale
-            .as_ref()
-            .map_or(0, |ls| ls.scale.device_ptr(self.cur()).0);
+        let scale = self.loss_scale.as_ref().map_or(0, |ls| ls.scale.ptr());
         let args = [
             P(self.ptr(probs)),
             P(loss),
@@ -1719,11 +1770,7 @@ impl Gpu {
             P(scale), // null on the fp32 path, which does not scale
         ];
         let threads = ((32 * n as u32).min(1024)).div_ceil(32) * 32;
-        let launch = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (threads.max(32), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let launch = LaunchDims::linear(1, threads.max(32));
         self.launch("cross_entropy_forward_backward", launch, &args);
     }
 
@@ -1744,11 +1791,8 @@ impl Gpu {
                 format!("a captured step of {n} images without its device state"),
             );
         };
-        let s = self.cur();
-        let (labels, _s1) = st.labels.device_ptr(s);
-        let (loss, _s2) = st.loss.device_ptr(s);
-        let (correct, _s3) = st.correct.device_ptr(s);
-        let (sums, _s4) = st.sums.device_ptr(s);
+        let (labels, loss) = (st.labels.ptr(), st.loss.ptr());
+        let (correct, sums) = (st.correct.ptr(), st.sums.ptr());
         self.launch_cross_entropy(probs, logits, labels, (loss, correct), (n, k), smoothing);
         let args = [P(sums), P(loss), P(correct), I(n as i32)];
         self.launch("accumulate_step_metrics", ONE_THREAD, &args);
@@ -1760,7 +1804,7 @@ impl Gpu {
             return 0;
         }
         let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
-        step.as_ref().map_or(0, |st| st.lr.device_ptr(self.cur()).0)
+        step.as_ref().map_or(0, |st| st.lr.ptr())
     }
 
     /// torch.optim.SGD over one parameter; with `found_inf` (a device flag, 0 for none) the
@@ -1811,11 +1855,11 @@ impl Gpu {
 }
 
 /// The launch of a per-channel reduction.
-fn config(r: &Reduction) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (r.grid.0, r.grid.1, 1),
-        block_dim: (r.block.0, r.block.1, 1),
-        shared_mem_bytes: 0,
+fn config(r: &Reduction) -> LaunchDims {
+    LaunchDims {
+        grid: [r.grid.0, r.grid.1, 1],
+        block: [r.block.0, r.block.1, 1],
+        shared_bytes: 0,
     }
 }
 
