@@ -5,7 +5,8 @@
 //! one noisy step does not move them. On CUDA a training step is what `incept train` runs
 //! (batches built on the GPU from a resident synthetic set; replayed as a CUDA graph, or op by
 //! op): the time of all timed steps with one sync at the end, divided by their number, since
-//! a replayed step never waits for the host.
+//! a replayed step never waits for the host. On the emulated device the timings say nothing
+//! of a GPU; its step profile (`backend::cuda::emu::profile`) models one.
 
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, Sgd};
@@ -39,11 +40,13 @@ pub struct BenchResult {
     pub train_img_s: f64,
     pub eval_ms: f64,
     pub eval_img_s: f64,
+    /// On the emulated device: one training step's operations and its modelled time on GPUs.
+    pub profile: Option<crate::backend::cuda::emu::profile::Profile>,
 }
 
 impl BenchResult {
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "device": self.device,
             "precision": self.precision,
             "streams": self.streams,
@@ -54,8 +57,11 @@ impl BenchResult {
             "train_img_s": self.train_img_s,
             "eval_ms": self.eval_ms,
             "eval_img_s": self.eval_img_s,
-        })
-        .to_string()
+        });
+        if let Some(p) = &self.profile {
+            v["step_profile"] = p.bounds_json();
+        }
+        v.to_string()
     }
 }
 
@@ -142,6 +148,17 @@ pub fn bench_cuda(
     run(&mut net, opts.steps, opts.warmup.max(3))?;
     net.backend().synchronize()?;
     let train = t.elapsed().as_secs_f64() / opts.steps as f64;
+    // The emulated device records one more step, in the steady state the timed ones ran in.
+    let dev = net.backend().device().clone();
+    let profile = match dev.as_emu() {
+        Some(emu) => {
+            emu.profile_begin();
+            run(&mut net, 1, opts.warmup.max(3) + opts.steps)?;
+            net.backend().synchronize()?;
+            Some(emu.profile_end())
+        }
+        None => None,
+    };
     let (x, _) = random_batch(&net.spec, n);
     let mut times = Vec::with_capacity(opts.steps);
     for i in 0..opts.warmup + opts.steps {
@@ -163,6 +180,7 @@ pub fn bench_cuda(
         train_img_s: n as f64 / train,
         eval_ms: eval * 1e3,
         eval_img_s: n as f64 / eval,
+        profile,
     })
 }
 
@@ -291,6 +309,7 @@ fn bench_net<B: Backend<f32>>(
         train_img_s: n as f64 / train,
         eval_ms: eval * 1e3,
         eval_img_s: n as f64 / eval,
+        profile: None,
     })
 }
 

@@ -97,7 +97,9 @@ struct EvalArgs {
 struct BenchArgs {
     /// Device to run on: `cpu`, `cuda[:N]` (a build with `--features cudnn`), or `emu`, the
     /// emulated GPU (the CUDA backend run on the CPU with a race and memory checker: a slow
-    /// correctness tool).
+    /// correctness tool). On `emu` the bench also prints one step's profile: its launches and
+    /// library calls, bytes, FLOPs, critical path, and a modelled lower bound of its time on
+    /// an H100 and an H200.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Images per step (default 128; with --matrix, both 128 and 512).
@@ -228,6 +230,9 @@ fn bench(args: BenchArgs) -> Result<()> {
             "eval   {:8.2} ms/step  {:8.1} img/s",
             r.eval_ms, r.eval_img_s
         );
+        if let Some(p) = &r.profile {
+            print!("\n{}", p.report(r.batch));
+        }
     }
     Ok(())
 }

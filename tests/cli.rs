@@ -662,3 +662,22 @@ fn bare_env(home: &Path, path: &str) -> Command {
         .stdin(Stdio::null());
     c
 }
+
+/// `bench --device emu` models the GPU it cannot time: one step's operations and the bounds.
+#[test]
+fn bench_on_the_emulated_gpu_prints_a_step_profile() {
+    let out = ok(&[
+        "bench", "--device", "emu", "-b", "8", "--steps", "1", "--warmup", "0", "--no-amp",
+    ]);
+    for needle in [
+        "step profile (emulated device; a model of a GPU, not a measurement)",
+        "cudnnConvolutionForward 3×3/2 64→128 @7×7 f32",
+        "sgd_step",
+        "critical path on the H200 SXM",
+        "route: stream 0",
+        "H100 SXM5, graph",
+        "H200 SXM, eager",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+}

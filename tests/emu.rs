@@ -406,3 +406,102 @@ fn step_counters_put_back_restore_every_batch_norm_count() {
         "{before:?}"
     );
 }
+
+/// The step profile of `incept bench --device emu` (batch 8, fp32) with `streams` and graph on
+/// or off.
+fn profiled_step(streams: usize, graph: bool) -> incept::backend::cuda::emu::profile::Profile {
+    let cuda = incept::train::CudaArgs {
+        no_amp: true,
+        streams,
+        no_cuda_graph: !graph,
+        ..Default::default()
+    };
+    let opts = incept::bench::BenchOpts {
+        batch: 8,
+        warmup: 0,
+        steps: 1,
+        schedule: incept::schedule::BranchSchedule::Concurrent,
+    };
+    let r = incept::bench::bench_cuda(&opts, "emu", &cuda).expect("bench on the emulated GPU");
+    r.profile
+        .expect("the emulated device records a step profile")
+}
+
+#[test]
+fn the_step_profile_counts_what_the_model_computes_and_follows_the_streams() {
+    use incept::backend::cuda::emu::profile::{OpKind, H100_SXM, H200_SXM, NODE_GAP_US};
+    let n = 8;
+    let spec = ModelSpec::inception_net_small();
+    // Each convolution: forward, backward filter and (but for the first, whose input needs no
+    // gradient) backward data, each 2·N·K·P·Q·C·R·S; its forward writes N·K·P·Q floats.
+    let (mut flops, mut outputs) = (0.0f64, 0u64);
+    for (i, (_, s, c)) in spec.convolutions(n).unwrap().into_iter().enumerate() {
+        let (p, q) = (c.out_side(s.h), c.out_side(s.w));
+        let one = 2.0 * (n * c.cout * p * q) as f64 * (c.cin * c.k * c.k) as f64;
+        flops += if i == 0 { 2.0 } else { 3.0 } * one;
+        outputs += (n * c.cout * p * q * 4) as u64;
+    }
+    for (streams, graph) in [(4, true), (1, false)] {
+        let p = profiled_step(streams, graph);
+        let convs: Vec<_> = p
+            .work()
+            .filter(|o| o.name.starts_with("cudnnConvolution"))
+            .collect();
+        let got: f64 = convs.iter().map(|o| o.work.flops).sum();
+        assert!(
+            (got - flops).abs() <= 1e-9 * flops,
+            "streams {streams}: convolution FLOPs {got} against the model's {flops}"
+        );
+        let written: u64 = convs
+            .iter()
+            .filter(|o| o.name.starts_with("cudnnConvolutionForward"))
+            .map(|o| o.work.written)
+            .sum();
+        assert_eq!(
+            written, outputs,
+            "streams {streams}: forward outputs' bytes"
+        );
+        // SGD rewrites every parameter and its momentum: the kernels' counted writes (bytes
+        // that changed) are all of them but the few whose update rounds away.
+        let sgd: u64 = p
+            .work()
+            .filter(|o| o.name == "sgd_step")
+            .map(|o| o.work.written)
+            .sum();
+        let all = 2 * 4 * spec.param_count() as u64;
+        assert!(
+            sgd <= all && sgd as f64 >= 0.99 * all as f64,
+            "sgd_step wrote {sgd} bytes of {all}"
+        );
+        assert_eq!(
+            p.ops.iter().any(|o| o.in_graph),
+            graph,
+            "graph nodes recorded as such"
+        );
+        let (critical, path) = p.critical_path(&H200_SXM);
+        let serial: f64 = p
+            .work()
+            .map(|o| H200_SXM.op_us(&o.work) + NODE_GAP_US)
+            .sum();
+        let on_path: std::collections::BTreeSet<u32> =
+            path.iter().map(|&i| p.ops[i].stream).collect();
+        if streams == 1 {
+            // One stream: the step is a chain, and its critical path is all of it.
+            assert!(p.work().all(|o| o.stream == 0 || o.kind == OpKind::Marker));
+            assert!(
+                (critical - serial).abs() <= 1e-9 * serial,
+                "{critical} vs {serial}"
+            );
+        } else {
+            // The branches overlap: the path is shorter than the sum, and runs through the
+            // branch streams as well as the main one.
+            assert!(critical < 0.9 * serial, "{critical} vs {serial}");
+            assert!(on_path.len() > 1, "the critical path stays on {on_path:?}");
+        }
+        for graph in [true, false] {
+            let (h100, h200) = (p.bound(&H100_SXM, graph), p.bound(&H200_SXM, graph));
+            assert!(h200.us() <= h100.us() && h200.us() >= h200.critical_us);
+        }
+        assert!(p.bound(&H200_SXM, false).us() >= p.bound(&H200_SXM, true).us());
+    }
+}

@@ -413,4 +413,9 @@ pub trait Device: Send + Sync {
     fn range_pop(&self);
     /// Starts (`true`) or stops the profiler's collection.
     fn profiler(&self, on: bool) -> Result<()>;
+
+    /// The emulated device, for what only it can do (record a step profile, count what ran).
+    fn as_emu(&self) -> Option<&super::emu::EmuDevice> {
+        None
+    }
 }

@@ -26,6 +26,7 @@
 //! kernels, and warp-level lockstep (see `cuda/emu.h` for the model inside a kernel).
 
 pub mod check;
+pub mod profile;
 pub mod reference;
 
 use super::device::{
@@ -34,6 +35,7 @@ use super::device::{
 };
 use anyhow::{anyhow, bail, Result};
 use check::{Checker, Clock, Who};
+use profile::{OpKind, Profile, Recorder, Traffic};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -224,6 +226,36 @@ impl Op {
             Op::Graph(g) => format!("graph {g}"),
         }
     }
+
+    /// The name and kind of the operation in a step profile: kernels by name, convolutions with
+    /// their shape (so each layer has its own row).
+    fn profile_name(&self) -> (String, OpKind) {
+        match self {
+            Op::Launch { name, .. } => (name.clone(), OpKind::Kernel),
+            Op::Dnn(call @ DnnCall::Conv(c)) => {
+                let p = &c.problem;
+                let [_, k, oh, ow] = p.y.dims;
+                let [_, ch, r, s] = p.w.dims;
+                let stride = if p.conv.stride == [1, 1] {
+                    String::new()
+                } else {
+                    format!("/{}", p.conv.stride[0])
+                };
+                let name = format!(
+                    "{} {r}×{s}{stride} {ch}→{k} @{oh}×{ow} {}",
+                    call.name(),
+                    p.x.dtype.suffix()
+                );
+                (name, OpKind::Library)
+            }
+            Op::Dnn(c) => (c.name().to_string(), OpKind::Library),
+            Op::Gemm(_) => ("cublasSgemm".into(), OpKind::Library),
+            Op::Memset { .. } => ("memset".into(), OpKind::Memory),
+            Op::Dtod { .. } => ("copy device→device".into(), OpKind::Memory),
+            Op::Htod { .. } => ("copy host→device".into(), OpKind::Upload),
+            _ => (self.label(), OpKind::Marker),
+        }
+    }
 }
 
 /// An operation with what orders it.
@@ -294,6 +326,8 @@ struct State {
     /// Launches so far, to seed each kernel's block order.
     launches: u64,
     ranges: Vec<String>,
+    /// A step profile being recorded.
+    profile: Option<Recorder>,
 }
 
 /// The emulated GPU.
@@ -337,6 +371,7 @@ impl EmuDevice {
                 counters: Counters::default(),
                 launches: 0,
                 ranges: Vec::new(),
+                profile: None,
             }),
         }
     }
@@ -348,6 +383,21 @@ impl EmuDevice {
     /// What ran so far (kernels by name, library calls by function).
     pub fn counters(&self) -> Counters {
         self.state().counters.clone()
+    }
+
+    /// Starts recording a step profile: every operation executed from now on (so synchronize
+    /// first, or work queued earlier is counted too).
+    pub fn profile_begin(&self) {
+        self.state().profile = Some(Recorder::default());
+    }
+
+    /// Ends the recording (synchronize first, or queued work is left out).
+    pub fn profile_end(&self) -> Profile {
+        self.state()
+            .profile
+            .take()
+            .map(Recorder::finish)
+            .unwrap_or_default()
     }
 
     /// Queues `op` on `stream` (or records it into the capture).
@@ -439,14 +489,25 @@ impl EmuDevice {
             let who = Who::op(q.id, q.stream, q.clock.clone(), q.op.label());
             let result = self.execute(st, &q.op, &who);
             st.done.insert(q.id);
-            result?;
+            let work = result?;
+            if let Some(p) = st.profile.as_mut() {
+                let waits_for = match q.op {
+                    Op::Wait(id) => Some(id),
+                    _ => None,
+                };
+                // A replayed graph recorded its own nodes.
+                if !matches!(q.op, Op::Graph(_)) {
+                    p.top(q.id, q.stream.0, q.op.profile_name(), work, waits_for);
+                }
+            }
         }
     }
 
-    /// Runs one operation now.
-    fn execute(&self, st: &mut State, op: &Op, who: &Who) -> Result<()> {
+    /// Runs one operation now; returns the work it did (for a step profile).
+    fn execute(&self, st: &mut State, op: &Op, who: &Who) -> Result<Traffic> {
+        let nothing = Traffic::default();
         match op {
-            Op::Record | Op::Wait(_) => Ok(()),
+            Op::Record | Op::Wait(_) => Ok(nothing),
             Op::Alloc { ptr } => {
                 let a = st
                     .allocs
@@ -456,7 +517,7 @@ impl EmuDevice {
                     a.repoison();
                 }
                 st.checker.forget(*ptr);
-                Ok(())
+                Ok(nothing)
             }
             Op::Free { ptr } => {
                 let bytes = self.bytes_of(st, *ptr, "free")?;
@@ -471,13 +532,17 @@ impl EmuDevice {
                     st.allocs.remove(ptr);
                 }
                 st.checker.forget(*ptr);
-                Ok(())
+                Ok(nothing)
             }
             Op::Memset { ptr, value, bytes } => {
                 let base = self.region(st, who, *ptr, *bytes, "memset")?;
                 // SAFETY: the region lies inside a live allocation (checked above).
                 unsafe { std::ptr::write_bytes(*ptr as *mut u8, *value, *bytes) };
-                st.checker.write(who, base, *ptr, *bytes)
+                st.checker.write(who, base, *ptr, *bytes)?;
+                Ok(Traffic {
+                    written: *bytes as u64,
+                    ..nothing
+                })
             }
             Op::Htod { dst, data } => {
                 let base = self.region(st, who, *dst, data.len(), "copy host→device")?;
@@ -485,7 +550,12 @@ impl EmuDevice {
                 unsafe {
                     std::ptr::copy_nonoverlapping(data.as_ptr(), *dst as *mut u8, data.len())
                 };
-                st.checker.write(who, base, *dst, data.len())
+                st.checker.write(who, base, *dst, data.len())?;
+                Ok(Traffic {
+                    written: data.len() as u64,
+                    host: data.len() as u64,
+                    ..nothing
+                })
             }
             Op::Dtod { dst, src, bytes } => {
                 let sbase = self.region(st, who, *src, *bytes, "copy device→device (source)")?;
@@ -495,26 +565,38 @@ impl EmuDevice {
                 // SAFETY: both regions are inside live allocations; cudaMemcpy does not allow
                 // overlap either (copy handles it anyway).
                 unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
-                st.checker.write(who, dbase, *dst, *bytes)
+                st.checker.write(who, dbase, *dst, *bytes)?;
+                Ok(Traffic {
+                    read: *bytes as u64,
+                    written: *bytes as u64,
+                    ..nothing
+                })
             }
             Op::Dnn(call) => {
                 reference::validate_dnn(call)?;
                 let regions = reference::dnn_regions(call);
+                let work = library_work(&regions, profile::dnn_flops(call));
                 self.library(st, who, call.name(), &regions, || {
                     // SAFETY: every region was checked to lie in a live allocation.
                     unsafe { reference::run_dnn(call) }
-                })
+                })?;
+                Ok(work)
             }
             Op::Gemm(g) => {
                 reference::validate_gemm(g)?;
                 let regions = reference::gemm_regions(g);
+                let work = library_work(&regions, profile::gemm_flops(g));
                 self.library(st, who, "cublasSgemm", &regions, || {
                     // SAFETY: as above.
                     unsafe { reference::run_gemm(g) }
-                })
+                })?;
+                Ok(work)
             }
             Op::Launch { name, dims, args } => self.kernel(st, who, name, dims, args),
-            Op::Graph(g) => self.replay(st, *g, who),
+            Op::Graph(g) => {
+                self.replay(st, *g, who)?;
+                Ok(nothing)
+            }
         }
     }
 
@@ -581,7 +663,7 @@ impl EmuDevice {
         name: &str,
         dims: &LaunchDims,
         args: &[KernelArg],
-    ) -> Result<()> {
+    ) -> Result<Traffic> {
         let params = self
             .kernels
             .get(name)
@@ -589,6 +671,9 @@ impl EmuDevice {
         // The buffers each pointer argument lies in.
         let mut written: Vec<(u64, u64, u64, usize, Vec<u8>)> = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
+        // Per const argument: its element size and the bytes it can reach.
+        let mut reads: Vec<(usize, u64)> = Vec::new();
+        let compare = st.checker.enabled() || st.profile.is_some();
         for (i, a) in args.iter().enumerate() {
             let KernelArg::Ptr(p) = *a else { continue };
             if p == 0 {
@@ -600,16 +685,22 @@ impl EmuDevice {
             let a = &st.allocs[&base];
             touched.push(base);
             let end = base + a.bytes as u64;
-            if let Some(kernel_emu::Param::MutPtr { elem }) = params.get(i) {
-                if st.checker.enabled() {
-                    let off = (p - base) as usize;
-                    written.push((base, p, end, elem_size(elem), a.user()[off..].to_vec()));
+            match params.get(i) {
+                Some(kernel_emu::Param::MutPtr { elem }) => {
+                    if compare {
+                        let off = (p - base) as usize;
+                        written.push((base, p, end, elem_size(elem), a.user()[off..].to_vec()));
+                    }
+                    continue;
                 }
-            } else {
-                let what = format!("its argument {i}");
-                st.checker
-                    .read_reachable(who, base, p, (end - p) as usize, &what)?;
+                Some(kernel_emu::Param::ConstPtr { elem }) => {
+                    reads.push((elem_size(elem), end - p))
+                }
+                _ => {}
             }
+            let what = format!("its argument {i}");
+            st.checker
+                .read_reachable(who, base, p, (end - p) as usize, &what)?;
         }
         let eargs: Vec<kernel_emu::Arg> = args
             .iter()
@@ -648,13 +739,30 @@ impl EmuDevice {
                 );
             }
         }
+        let mut work = Traffic::default();
+        // The most elements any mutable argument had written.
+        let mut elements = 0u64;
         for (base, p, end, elem, before) in written {
             // SAFETY: [p, end) is inside a live allocation.
             let after = unsafe { std::slice::from_raw_parts(p as *const u8, (end - p) as usize) };
+            if st.profile.is_some() {
+                let bytes: u64 = check::differences(p, &before, after, elem)
+                    .iter()
+                    .map(|iv| iv.end - iv.start)
+                    .sum();
+                work.written += bytes;
+                elements = elements.max(bytes / elem as u64);
+            }
             st.checker.changed(who, base, p, (&before, after), elem)?;
         }
+        // See `profile`: a const argument reads at most what it reaches and, in every project
+        // kernel but the reductions, as many elements as the launch writes.
+        for (elem, reach) in reads {
+            work.reach += reach;
+            work.read += reach.min(elements * elem as u64);
+        }
         count(&mut st.counters, |c| &mut c.kernels, name);
-        Ok(())
+        Ok(work)
     }
 
     /// Checks a launch against the kernel's signature (as its source declares it) when it is
@@ -718,6 +826,12 @@ impl EmuDevice {
         let mut ready: Vec<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
         let launch_id = st.next_id;
         st.next_id += 1;
+        // For a step profile: each node's profile node, and what the entry nodes wait for.
+        let entry = st
+            .profile
+            .as_ref()
+            .and_then(|p| p.graph_entry(outer.stream.0));
+        let mut profiled: Vec<usize> = vec![usize::MAX; n];
         while !ready.is_empty() {
             let k = if self.opts.seed == 0 {
                 0
@@ -727,13 +841,24 @@ impl EmuDevice {
             let i = ready.swap_remove(k);
             let nd = &graph.nodes[i];
             let who = outer.in_graph(launch_id, nd.stream, nd.clock.clone(), nd.op.label());
-            self.execute(st, &nd.op, &who)?;
+            let work = self.execute(st, &nd.op, &who)?;
+            if let Some(p) = st.profile.as_mut() {
+                let deps = if nd.deps.is_empty() {
+                    entry.into_iter().collect()
+                } else {
+                    nd.deps.iter().map(|&d| profiled[d]).collect()
+                };
+                profiled[i] = p.node(nd.stream.0, nd.op.profile_name(), work, deps);
+            }
             for &u in &users[i] {
                 remaining[u] -= 1;
                 if remaining[u] == 0 {
                     ready.push(u);
                 }
             }
+        }
+        if let Some(p) = st.profile.as_mut() {
+            p.graph_exit(outer.id, outer.stream.0, profiled);
         }
         Ok(())
     }
@@ -1139,12 +1264,38 @@ impl Device for EmuDevice {
         self.state().ranges.pop();
     }
 
+    fn as_emu(&self) -> Option<&EmuDevice> {
+        Some(self)
+    }
+
     fn profiler(&self, _on: bool) -> Result<()> {
         self.synchronize()
     }
 }
 
 /// Bytes of a kernel parameter's element type, by its C++ name.
+/// A library call's traffic: every operand's extent (the workspace left out), and its
+/// arithmetic.
+fn library_work(regions: &[reference::Region], (flops, math): (f64, profile::Math)) -> Traffic {
+    let mut w = Traffic {
+        flops,
+        math,
+        ..Traffic::default()
+    };
+    for r in regions.iter().filter(|r| r.what != "workspace") {
+        let bytes = r.bytes as u64;
+        match r.access {
+            reference::Access::Read => w.read += bytes,
+            reference::Access::Write => w.written += bytes,
+            reference::Access::ReadWrite => {
+                w.read += bytes;
+                w.written += bytes;
+            }
+        }
+    }
+    w
+}
+
 fn elem_size(elem: &str) -> usize {
     match elem {
         "double" => 8,
