@@ -1,6 +1,7 @@
-//! The CUDA kernels of cuda/*.cu, executed on the CPU through the host emulation (the
-//! kernel-emu dev-dependency compiles the same sources with cuda/emu.h), against the CPU
-//! reference backend and `make_batch`, at the model's real layer shapes with a small batch.
+//! The CUDA kernels of cuda/*.cu against the CPU reference backend and `make_batch`, at the
+//! model's real layer shapes with a small batch. Each kernel is launched by name through the
+//! emulated GPU's `Device::launch`, the CUDA backend's launch path, with the device's checker
+//! on: bounds, reads of unwritten memory (the typed wrappers are in common/kernels.rs).
 //!
 //! Tolerances are `atol + rtol·|ref|` (plus `scale·max|ref|` where cancellation makes single
 //! elements small), each with its reason. f16/bf16 kernels get inputs already rounded to the
@@ -9,13 +10,13 @@
 
 mod common;
 
+use common::kernels::{self as emu, Act, AugmentArgs, Cols, Launch, LossScale, SgdArgs};
 use common::{Report, Tol};
 use half::{bf16, f16};
 use incept::backend::cpu::{add_ohwi_to_oihw, weight_oihw_to_ohwi, Cpu};
 use incept::backend::{geometry, Backend, BatchNormCfg, Conv2d, Nhwc, Sgd};
 use incept::data::{make_batch, write_synthetic, Augment, Cifar10, Split, MEAN, STD, TRAIN_FILES};
 use incept::model::{Layer, ModelSpec};
-use kernel_emu::{self as emu, Act, AugmentArgs, Cols, Launch, LossScale, SgdArgs};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -107,8 +108,8 @@ fn emu_half_and_bfloat16_conversions_round_to_nearest_even() {
         let h = f16::from_bits(bits);
         let b = bf16::from_bits(bits);
         let (ef, eb) = (
-            emu::emu_f16_bits_to_f32(bits),
-            emu::emu_bf16_bits_to_f32(bits),
+            kernel_emu::emu_f16_bits_to_f32(bits),
+            kernel_emu::emu_bf16_bits_to_f32(bits),
         );
         assert!(
             ef.to_bits() == h.to_f32().to_bits() || (ef.is_nan() && h.is_nan()),
@@ -148,7 +149,10 @@ fn emu_half_and_bfloat16_conversions_round_to_nearest_even() {
         3e38,
     ]);
     for &v in &probes {
-        let (eh, eb) = (emu::emu_f32_to_f16_bits(v), emu::emu_f32_to_bf16_bits(v));
+        let (eh, eb) = (
+            kernel_emu::emu_f32_to_f16_bits(v),
+            kernel_emu::emu_f32_to_bf16_bits(v),
+        );
         let (h, b) = (f16::from_f32(v), bf16::from_f32(v));
         if v.is_nan() {
             assert!(
