@@ -1,0 +1,340 @@
+//! BatchNorm, alone and fused with the ReLU that follows it (`cuda/bn_relu.cu`): batch
+//! statistics by a grid-wide reduction, the normalisation, and the backward's two passes.
+
+// The ops take the arguments `Backend` declares for them, one for one.
+#![allow(clippy::too_many_arguments)]
+
+use super::*;
+
+impl Gpu {
+    /// The BatchNorm reductions' launch for a [P, C] tensor on this GPU.
+    pub(super) fn reduction(&self, p: usize, c: usize) -> Reduction {
+        geometry::batch_norm(p, c, self.sm_count())
+    }
+
+    /// The zeroed counters and a workspace of the reduction kernels, grown as needed. The
+    /// kernels leave the counters zero again, so one pair serves every launch on this stream.
+    pub(super) fn reduction_buffers(&self, r: &Reduction) -> (u64, u64) {
+        let mut b = self
+            .lane()
+            .bn_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // A failed growth leaves the old, smaller buffers, which no launch then reads: the
+        // failure is recorded and `launch` runs nothing until it is reported.
+        if b.0.as_ref().is_none_or(|w| w.bytes() < 8 * r.workspace) {
+            // The partial sums are written before they are read: no zeroing.
+            match alloc_mem(&self.dev, self.cur(), 8 * r.workspace) {
+                Ok(w) => b.0 = Some(w),
+                Err(e) => self.record_oom(
+                    "the partial sums of a per-channel reduction",
+                    8 * r.workspace,
+                    e,
+                ),
+            }
+        }
+        if b.1.as_ref().is_none_or(|c| c.bytes() < 4 * r.counters) {
+            match self.zeroed(4 * r.counters) {
+                Ok(c) => b.1 = Some(c),
+                Err(e) => {
+                    self.record_oom("the counters of a per-channel reduction", 4 * r.counters, e)
+                }
+            }
+        }
+        (
+            b.0.as_ref().map_or(0, DevMem::ptr),
+            b.1.as_ref().map_or(0, DevMem::ptr),
+        )
+    }
+
+    /// Training-mode BatchNorm, then ReLU when `relu`: the statistics kernel, then the apply.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn bn_train(
+        &self,
+        y: &mut Buf,
+        (mean, invstd, running_mean, running_var): (&mut Buf, &mut Buf, &mut Buf, &mut Buf),
+        (x, gamma, beta): (&Buf, &Buf, &Buf),
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) -> anyhow::Result<()> {
+        crate::backend::check_batch_norm_train(xs)?;
+        self.bn_stats(mean, invstd, running_mean, running_var, x, xs, cfg);
+        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, relu);
+        Ok(())
+    }
+
+    /// Eval-mode BatchNorm (running statistics), then ReLU when `relu`.
+    pub(super) fn bn_eval(
+        &self,
+        y: &mut Buf,
+        (x, gamma, beta): (&Buf, &Buf, &Buf),
+        (running_mean, running_var): (&Buf, &Buf),
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) {
+        let mut invstd = self.f32_zeros("the eval-mode 1/σ of a BatchNorm", xs.c);
+        self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
+        self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, relu);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_stats(
+        &self,
+        mean: &mut Buf,
+        invstd: &mut Buf,
+        running_mean: &mut Buf,
+        running_var: &mut Buf,
+        x: &Buf,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) {
+        let (p, c) = (xs.pixels() as i32, xs.c as i32);
+        let r = self.reduction(xs.pixels(), xs.c);
+        let (ws, counters) = self.reduction_buffers(&r);
+        let args = [
+            P(self.ptr(mean)),
+            P(self.ptr(invstd)),
+            P(self.ptr(running_mean)),
+            P(self.ptr(running_var)),
+            P(ws),
+            P(counters),
+            P(self.ptr(x)),
+            I(p),
+            I(c),
+            F(cfg.eps as f32),
+            F(cfg.momentum as f32),
+        ];
+        self.launch(&typed("batch_norm_stats", x.dtype), config(&r), &args);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_apply(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        mean: &Buf,
+        invstd: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        xs: Nhwc,
+        relu: bool,
+    ) {
+        let (p, c) = (xs.pixels() as i32, xs.c as i32);
+        let args = [
+            P(self.ptr(y)),
+            I(c), // ldy: a plain [P, C] output
+            I(0), // y_off
+            P(self.ptr(x)),
+            P(self.ptr(mean)),
+            P(self.ptr(invstd)),
+            P(self.ptr(gamma)),
+            P(self.ptr(beta)),
+            I(p),
+            I(c),
+            I(relu as i32),
+        ];
+        self.launch(
+            &typed("batch_norm_relu_apply", x.dtype),
+            self.strided(xs.len()),
+            &args,
+        );
+    }
+
+    pub(super) fn bn_eval_invstd(
+        &self,
+        invstd: &mut Buf,
+        running_var: &Buf,
+        c: usize,
+        cfg: &BatchNormCfg,
+    ) {
+        let args = [
+            P(self.ptr(invstd)),
+            P(self.ptr(running_var)),
+            I(c as i32),
+            F(cfg.eps as f32),
+        ];
+        let launch = LaunchDims::linear((c as u32).div_ceil(128), 128);
+        self.launch("batch_norm_eval_invstd", launch, &args);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    /// BatchNorm's backward, of BatchNorm+ReLU when `y` (the ReLU's output) is given: the
+    /// kernels mask dy by `y > 0` as they read it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_backward(
+        &self,
+        dx: &mut Buf,
+        dgamma: &mut Buf,
+        dbeta: &mut Buf,
+        dy: &Buf,
+        y: Option<&Buf>,
+        x: &Buf,
+        gamma: &Buf,
+        mean: &Buf,
+        invstd: &Buf,
+        xs: Nhwc,
+    ) {
+        let (p, c) = (xs.pixels() as i32, xs.c as i32);
+        let coef = self.f32_zeros("the backward coefficients of a BatchNorm", 3 * xs.c);
+        let r = self.reduction(xs.pixels(), xs.c);
+        let (ws, counters) = self.reduction_buffers(&r);
+        let (dyp, xp, mp, cp) = (self.ptr(dy), self.ptr(x), self.ptr(mean), self.ptr(&coef));
+        // Without the ReLU (relu = 0) y is never read: dy stands in for it. ld = C and
+        // offset 0: plain [P, C] tensors.
+        let (yp, relu) = y.map_or((dyp, 0), |y| (self.ptr(y), 1));
+        let args = [
+            P(cp),
+            P(self.ptr(dgamma)),
+            P(self.ptr(dbeta)),
+            P(ws),
+            P(counters),
+            P(dyp),
+            I(c),
+            I(0),
+            P(yp),
+            I(c),
+            I(0),
+            P(xp),
+            P(mp),
+            P(self.ptr(invstd)),
+            P(self.ptr(gamma)),
+            I(p),
+            I(c),
+            I(relu),
+        ];
+        self.launch(
+            &typed("batch_norm_relu_backward_reduce", x.dtype),
+            config(&r),
+            &args,
+        );
+        let args = [
+            P(self.ptr(dx)),
+            P(dyp),
+            I(c),
+            I(0),
+            P(yp),
+            I(c),
+            I(0),
+            P(xp),
+            P(mp),
+            P(cp),
+            I(p),
+            I(c),
+            I(relu),
+        ];
+        self.launch(
+            &typed("batch_norm_relu_backward_apply", x.dtype),
+            self.strided(xs.len()),
+            &args,
+        );
+    }
+}
+
+pub(super) fn batch_norm_forward_train(
+    gpu: &Gpu,
+    y: &mut Buf,
+    mean: &mut Buf,
+    invstd: &mut Buf,
+    running_mean: &mut Buf,
+    running_var: &mut Buf,
+    x: &Buf,
+    gamma: &Buf,
+    beta: &Buf,
+    xs: Nhwc,
+    cfg: &BatchNormCfg,
+) -> anyhow::Result<()> {
+    let stats = (mean, invstd, running_mean, running_var);
+    gpu.bn_train(y, stats, (x, gamma, beta), xs, cfg, false)
+}
+
+pub(super) fn batch_norm_forward_eval(
+    gpu: &Gpu,
+    y: &mut Buf,
+    x: &Buf,
+    gamma: &Buf,
+    beta: &Buf,
+    running_mean: &Buf,
+    running_var: &Buf,
+    xs: Nhwc,
+    cfg: &BatchNormCfg,
+) {
+    gpu.bn_eval(
+        y,
+        (x, gamma, beta),
+        (running_mean, running_var),
+        xs,
+        cfg,
+        false,
+    );
+}
+
+pub(super) fn batch_norm_backward(
+    gpu: &Gpu,
+    dx: &mut Buf,
+    dgamma: &mut Buf,
+    dbeta: &mut Buf,
+    dy: &Buf,
+    x: &Buf,
+    gamma: &Buf,
+    mean: &Buf,
+    invstd: &Buf,
+    xs: Nhwc,
+) {
+    gpu.bn_backward(dx, dgamma, dbeta, dy, None, x, gamma, mean, invstd, xs);
+}
+
+pub(super) fn batch_norm_relu_forward_train(
+    gpu: &Gpu,
+    y: &mut Buf,
+    mean: &mut Buf,
+    invstd: &mut Buf,
+    running_mean: &mut Buf,
+    running_var: &mut Buf,
+    x: &Buf,
+    gamma: &Buf,
+    beta: &Buf,
+    xs: Nhwc,
+    cfg: &BatchNormCfg,
+) -> anyhow::Result<()> {
+    let stats = (mean, invstd, running_mean, running_var);
+    gpu.bn_train(y, stats, (x, gamma, beta), xs, cfg, true)
+}
+
+pub(super) fn batch_norm_relu_forward_eval(
+    gpu: &Gpu,
+    y: &mut Buf,
+    x: &Buf,
+    gamma: &Buf,
+    beta: &Buf,
+    running_mean: &Buf,
+    running_var: &Buf,
+    xs: Nhwc,
+    cfg: &BatchNormCfg,
+) {
+    gpu.bn_eval(
+        y,
+        (x, gamma, beta),
+        (running_mean, running_var),
+        xs,
+        cfg,
+        true,
+    );
+}
+
+pub(super) fn batch_norm_relu_backward(
+    gpu: &Gpu,
+    dx: &mut Buf,
+    dgamma: &mut Buf,
+    dbeta: &mut Buf,
+    dy: &mut Buf,
+    y: &Buf,
+    x: &Buf,
+    gamma: &Buf,
+    mean: &Buf,
+    invstd: &Buf,
+    xs: Nhwc,
+) {
+    gpu.bn_backward(dx, dgamma, dbeta, dy, Some(y), x, gamma, mean, invstd, xs);
+}
