@@ -447,7 +447,15 @@ impl Profile {
     /// bounds on each GPU of [`GPUS`], eager and graphed.
     pub fn report(&self, batch: usize) -> String {
         let mut out = String::new();
-        let gpu = H200_SXM;
+        self.write_totals(&mut out);
+        self.write_table(&mut out, &H200_SXM);
+        self.write_critical_path(&mut out, &H200_SXM);
+        self.write_bounds(&mut out, batch);
+        out
+    }
+
+    /// The step's launches and its traffic and arithmetic in all.
+    fn write_totals(&self, out: &mut String) {
         let total = self.total();
         let graphed = self.ops.iter().any(|o| o.in_graph);
         let _ = writeln!(
@@ -475,7 +483,11 @@ impl Profile {
             total.host as f64 / 1e6,
             total.flops / 1e9
         );
-        let mut rows: Vec<_> = self.groups(&gpu).into_iter().collect();
+    }
+
+    /// A row per kind of operation, the costliest on `gpu` first.
+    fn write_table(&self, out: &mut String, gpu: &GpuSpec) {
+        let mut rows: Vec<_> = self.groups(gpu).into_iter().collect();
         rows.sort_by(|a, b| b.1.us.total_cmp(&a.1.us).then(a.0.cmp(&b.0)));
         let _ = writeln!(
             out,
@@ -501,7 +513,12 @@ impl Profile {
                 g.us
             );
         }
-        let (length, path) = self.critical_path(&gpu);
+    }
+
+    /// The critical path on `gpu`: its length, its route through the streams, its heaviest
+    /// operations.
+    fn write_critical_path(&self, out: &mut String, gpu: &GpuSpec) {
+        let (length, path) = self.critical_path(gpu);
         let on_path: Vec<&ProfOp> = path
             .iter()
             .map(|&i| &self.ops[i])
@@ -542,6 +559,10 @@ impl Profile {
                 o.stream
             );
         }
+    }
+
+    /// The lower bounds on every GPU of [`GPUS`], graphed and eager.
+    fn write_bounds(&self, out: &mut String, batch: usize) {
         let _ = writeln!(
             out,
             "\nlower bound of one training step of batch {batch} (µs; the largest limit binds):"
@@ -573,7 +594,6 @@ impl Profile {
             out,
             "  peaks: NVIDIA H100/H200 SXM datasheets, dense; launch costs {EAGER_ISSUE_US} µs eager, {GRAPH_LAUNCH_US} µs per graph, {NODE_GAP_US} µs between dependent operations (README, \"The step profile\")"
         );
-        out
     }
 
     /// The bounds as JSON (for the bench's `--json`).
@@ -631,26 +651,33 @@ mod tests {
 
     #[test]
     fn the_critical_path_is_the_longest_chain_and_a_fork_runs_in_parallel() {
-        // 0 → {1 (3 µs), 2 (1 µs)} → 3: the path is 0, 1, 3.
+        // 0 (10 µs) → {1 (30 µs), 2 (10 µs)} → 3 (10 µs): the path is 0, 1, 3.
         let p = Profile {
             ops: vec![
-                op(0, US, vec![]),
-                op(1, 3 * US, vec![0]),
-                op(2, US, vec![0]),
-                op(0, US, vec![1, 2]),
+                op(0, 10 * US, vec![]),
+                op(1, 30 * US, vec![0]),
+                op(2, 10 * US, vec![0]),
+                op(0, 10 * US, vec![1, 2]),
             ],
         };
         let (len, path) = p.critical_path(&H200_SXM);
         assert_eq!(path, vec![0, 1, 3]);
-        assert!((len - (5.0 + 3.0 * NODE_GAP_US)).abs() < 1e-9, "{len}");
+        assert!((len - (50.0 + 3.0 * NODE_GAP_US)).abs() < 1e-9, "{len}");
         let b = p.bound(&H200_SXM, true);
-        // Traffic: 6 µs in all, more than the path's 5 µs of roofline, less than the path
-        // with its gaps.
-        assert!((b.memory_us - 6.0).abs() < 1e-9);
+        // Traffic: 60 µs in all, more than the path (51.5 µs with its gaps) and the graph's
+        // launch: the memory binds.
+        assert!((b.memory_us - 60.0).abs() < 1e-9);
+        assert!((b.critical_us - len).abs() < 1e-9);
+        assert_eq!(b.issue_us, GRAPH_LAUNCH_US);
         assert_eq!(b.binding(), "memory");
-        assert!(b.us() >= b.critical_us && b.us() >= b.memory_us);
+        assert_eq!(b.us(), b.memory_us);
         // Eagerly the host issues four launches.
         assert_eq!(p.bound(&H200_SXM, false).issue_us, 4.0 * EAGER_ISSUE_US);
+        // Without the fork's traffic the chain binds.
+        let chain = Profile {
+            ops: p.ops[..2].to_vec(),
+        };
+        assert_eq!(chain.bound(&H200_SXM, true).binding(), "critical path");
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn valid_conv(dir: ConvDirection) -> ConvCall {
 }
 
 #[test]
-fn validation_rejects_what_cudnn_would() {
+fn convolution_validation_rejects_what_cudnn_would() {
     let conv = |f: &dyn Fn(&mut ConvCall)| {
         let mut c = valid_conv(ConvDirection::Forward);
         f(&mut c);
@@ -128,7 +128,10 @@ fn validation_rejects_what_cudnn_would() {
         c.problem.y.dtype = DType::F16;
     })
     .expect("f16 with Fma math");
+}
 
+#[test]
+fn pooling_and_add_tensor_validation_rejects_what_cudnn_would() {
     let pc = pool_case(
         PoolMode::MaxDeterministic,
         3,
