@@ -41,7 +41,6 @@ pub mod data;
 pub mod layout;
 pub mod model;
 pub mod report;
-pub mod sched;
 pub mod schedule;
 pub mod stepper;
 pub mod train;

@@ -33,12 +33,7 @@ pub fn write_synthetic(dir: &Path, train: usize, test: usize, seed: u64) -> Resu
     write_synthetic_file(&dir.join(TEST_FILE), 0..test, Split::Test, seed)
 }
 
-fn write_synthetic_file(
-    path: &Path,
-    records: Range<usize>,
-    split: Split,
-    seed: u64,
-) -> Result<()> {
+fn write_synthetic_file(path: &Path, records: Range<usize>, split: Split, seed: u64) -> Result<()> {
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut out = BufWriter::new(file);
     let mut record = [0u8; RECORD];

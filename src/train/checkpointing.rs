@@ -1,0 +1,163 @@
+//! Checkpoints: the model (PyTorch-loadable) and beside it the training state (momentum
+//! buffers, step counters, seed, running sums), written atomically; and resuming from them.
+
+use super::*;
+
+/// Where a run stands: what a checkpoint needs besides the model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Progress {
+    /// Epoch being trained (0-based).
+    pub epoch: u64,
+    /// Steps of that epoch already done.
+    pub step_in_epoch: u64,
+    /// Optimizer steps done in the whole run.
+    pub global_step: u64,
+    pub best_acc: f64,
+    /// Running sums of the epoch so far (summed loss, correct and seen images), so an epoch
+    /// interrupted and resumed still reports its whole training loss and accuracy.
+    pub epoch_loss_sum: f64,
+    pub epoch_correct: u64,
+    pub epoch_seen: u64,
+}
+
+/// Paths of a checkpoint: the model (PyTorch-loadable) and its training state beside it.
+pub fn state_path(model: &Path) -> PathBuf {
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".safetensors").unwrap_or(&name);
+    model.with_file_name(format!("{stem}.state.safetensors"))
+}
+
+/// Writes `<name>.safetensors` (the model's state_dict, loadable by PyTorch with strict=True)
+/// and `<name>.state.safetensors` (momentum buffers, step counters, seed, batch size).
+pub(super) fn save_checkpoint<B: Backend<f32>>(
+    net: &mut Net<f32, B>,
+    dir: &Path,
+    name: &str,
+    p: &Progress,
+    cfg: &TrainConfig,
+) -> Result<PathBuf> {
+    let model_path = dir.join(format!("{name}.safetensors"));
+    let meta = HashMap::from([
+        ("model".to_string(), net.spec.name.clone()),
+        ("format".to_string(), "pytorch state_dict".to_string()),
+        ("global_step".to_string(), p.global_step.to_string()),
+        ("epoch".to_string(), p.epoch.to_string()),
+    ]);
+    let mut state: Vec<(String, OwnedTensor)> = net
+        .momentum()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                format!("optimizer.momentum.{n}"),
+                OwnedTensor::f32(vec![v.len()], v),
+            )
+        })
+        .collect();
+    let scalar = |v: u64| OwnedTensor::i64(vec![], [v as i64]);
+    state.push(("train.epoch".into(), scalar(p.epoch)));
+    state.push(("train.step_in_epoch".into(), scalar(p.step_in_epoch)));
+    state.push(("train.global_step".into(), scalar(p.global_step)));
+    state.push(("train.sgd_steps".into(), scalar(net.sgd_steps)));
+    // All randomness derives from the seed and the position, so the seed is the RNG state.
+    state.push(("train.rng_seed".into(), scalar(cfg.seed)));
+    state.push(("train.batch_size".into(), scalar(cfg.batch_size as u64)));
+    state.push((
+        "train.best_acc".into(),
+        OwnedTensor::f64(vec![], [p.best_acc]),
+    ));
+    state.push((
+        "train.epoch_loss_sum".into(),
+        OwnedTensor::f64(vec![], [p.epoch_loss_sum]),
+    ));
+    state.push(("train.epoch_correct".into(), scalar(p.epoch_correct)));
+    // Mixed precision: the dynamic loss scale, so a resumed run does not restart at 2^16 and
+    // skip steps finding its way back.
+    if let Some((scale, _)) = net.backend().loss_scale()? {
+        state.push(("train.loss_scale".into(), OwnedTensor::f64(vec![], [scale])));
+    }
+    state.push(("train.epoch_seen".into(), scalar(p.epoch_seen)));
+    // The state goes first: if the model write fails, the step counters of the pair disagree
+    // and a resume refuses the pair instead of mixing two steps.
+    save(&state_path(&model_path), &state, meta.clone())?;
+    save(&model_path, &model_tensors(net), meta)?;
+    Ok(model_path)
+}
+
+pub(super) fn scalar(file: &TensorFile, name: &str) -> Result<f64> {
+    let (v, _) = file.read_f64(name)?;
+    v.first()
+        .copied()
+        .with_context(|| format!("{}: {name} is empty", file.path().display()))
+}
+
+/// Loads a checkpoint pair written by [`save_checkpoint`] and returns where the run stood.
+pub(super) fn resume_from<B: Backend<f32>>(
+    net: &mut Net<f32, B>,
+    path: &Path,
+    cfg: &TrainConfig,
+) -> Result<Progress> {
+    let model = TensorFile::open(path)?;
+    let sp = state_path(path);
+    if !sp.exists() {
+        bail!(
+            "{} has no training state beside it (expected {}); to start a new run from these weights use --initial-checkpoint",
+            path.display(),
+            sp.display()
+        );
+    }
+    let state = TensorFile::open(&sp)?;
+    let p = Progress {
+        epoch: scalar(&state, "train.epoch")? as u64,
+        step_in_epoch: scalar(&state, "train.step_in_epoch")? as u64,
+        global_step: scalar(&state, "train.global_step")? as u64,
+        best_acc: scalar(&state, "train.best_acc")?,
+        epoch_loss_sum: scalar(&state, "train.epoch_loss_sum")?,
+        epoch_correct: scalar(&state, "train.epoch_correct")? as u64,
+        epoch_seen: scalar(&state, "train.epoch_seen")? as u64,
+    };
+    let model_step = model
+        .metadata()?
+        .get("global_step")
+        .cloned()
+        .unwrap_or_default();
+    if model_step != p.global_step.to_string() {
+        bail!(
+            "{} (step {model_step}) and {} (step {}) are from different steps; the last save was interrupted — resume from another checkpoint",
+            path.display(),
+            sp.display(),
+            p.global_step
+        );
+    }
+    let batch = scalar(&state, "train.batch_size")? as usize;
+    if batch != cfg.batch_size {
+        bail!(
+            "{} was trained with --batch-size {batch}; resume with the same batch size",
+            path.display()
+        );
+    }
+    let seed = scalar(&state, "train.rng_seed")? as u64;
+    if seed != cfg.seed {
+        bail!(
+            "{} was trained with --seed {seed}; resume with the same seed",
+            path.display()
+        );
+    }
+    load_model(net, &model, "")?;
+    net.set_momentum(|name, _| Ok(state.read::<f32>(&format!("optimizer.momentum.{name}"))?.0))?;
+    net.sgd_steps = scalar(&state, "train.sgd_steps")? as u64;
+    // Present when the run was in mixed precision; a run resumed in fp32 has no use for it.
+    if state.tensors()?.names().contains(&"train.loss_scale") {
+        let scale = scalar(&state, "train.loss_scale")?;
+        if !(scale.is_finite() && scale > 0.0) {
+            bail!(
+                "{}: train.loss_scale is {scale}, not a positive number",
+                sp.display()
+            );
+        }
+        net.backend_mut().restore_loss_scale(scale)?;
+    }
+    Ok(p)
+}

@@ -1,0 +1,413 @@
+//! The training loop: epochs of shuffled, augmented batches, SGD with a learning-rate schedule,
+//! evaluation on the test set after every epoch, metrics, and checkpoints that resume exactly.
+//!
+//! Every random choice is a pure function of the seed and a position (the epoch's shuffle of
+//! `(seed, epoch)`, an image's crop and flip of `(seed, epoch, position)`), so the state to
+//! resume is just the weights, running statistics, momentum buffers and the step counter: on
+//! the CPU a resumed run is bitwise the same as one that never stopped.
+
+use crate::backend::cpu::Cpu;
+use crate::backend::{Backend, Elem, Sgd};
+use crate::checkpoint::{load_model, model_tensors, save, OwnedTensor, TensorFile};
+use crate::data::{self, Augment, Cifar10, Split};
+use crate::model::net::Net;
+use crate::model::ModelSpec;
+use crate::schedule::BranchSchedule;
+use crate::stepper::{EagerStepper, HostFeed, Stepper};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tracing::{info, warn};
+
+mod checkpointing;
+mod eval;
+pub mod lr;
+mod progress;
+mod run;
+
+use checkpointing::{resume_from, save_checkpoint};
+pub use checkpointing::{state_path, Progress};
+pub use eval::{evaluate, EvalResult};
+use lr::{LrSchedule, Sched};
+use progress::{append, timestamp, EpochRow, Reporter, Running, CSV_HEADER};
+use run::train_loop;
+
+/// Set by Ctrl-C: the loop finishes the current step, saves a checkpoint and stops.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// `incept train` flags, named as in timm's train.py.
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
+pub struct TrainConfig {
+    /// Folder holding data_batch_1..5.bin and test_batch.bin (CIFAR-10 binary version).
+    #[arg(long, default_value = "data/cifar-10-batches-bin")]
+    pub data_dir: PathBuf,
+    /// Download CIFAR-10 into --data-dir first (done automatically when that folder is empty).
+    #[arg(long)]
+    pub download: bool,
+    /// Epochs to train (with --resume: the total, counting the epochs already done).
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Images per training step.
+    #[arg(short = 'b', long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay (added to every gradient, as torch.optim.SGD does).
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Nesterov momentum (the default).
+    #[arg(long, overrides_with = "no_nesterov")]
+    #[serde(skip)]
+    pub nesterov: bool,
+    /// Plain (heavy-ball) momentum instead of Nesterov.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value = "onecycle")]
+    pub sched: Sched,
+    /// Warm-up epochs (one-cycle: the rising part; default 30% of the run).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_epochs: f64,
+    /// Step schedule: epochs between decays.
+    #[arg(long, default_value_t = 30.0)]
+    pub decay_epochs: f64,
+    /// Step schedule: factor at each decay.
+    #[arg(long, default_value_t = 0.1)]
+    pub decay_rate: f64,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    pub smoothing: f64,
+    /// Seed of the initial weights, the shuffles and the augmentation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Folder that receives the run folder.
+    #[arg(long, default_value = "runs")]
+    pub output: PathBuf,
+    /// Name of the run folder (default: the date and time).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// Continue the run of this checkpoint (its last.safetensors); the run folder is its folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Start a new run from these weights (a checkpoint of incept or the seed's PyTorch model).
+    #[arg(long)]
+    pub initial_checkpoint: Option<PathBuf>,
+    /// Log a line every this many steps (when not on a terminal).
+    #[arg(long, default_value_t = 50)]
+    pub log_interval: usize,
+    /// `cpu`, `cuda[:N]` in a build with `--features cudnn`, or `emu`: the emulated GPU, which
+    /// runs the CUDA backend on the CPU with a race and memory checker (a slow correctness
+    /// tool; `INCEPT_EMU_SEED` sets its scheduling seed).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(short = 'j', long = "workers", alias = "threads")]
+    pub threads: Option<usize>,
+    /// Turn off the random crop (4-pixel zero padding).
+    #[arg(long)]
+    pub no_crop: bool,
+    /// Turn off the random horizontal flip.
+    #[arg(long)]
+    pub no_flip: bool,
+    /// How the branches of each Inception block run.
+    #[arg(long, value_enum, default_value = "concurrent")]
+    pub branches: BranchSchedule,
+    /// Images per evaluation step.
+    #[arg(long, default_value_t = 500)]
+    pub eval_batch_size: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cuda: CudaArgs,
+    /// CUDA: profile only training steps A to B−1 (counted from 0 over the whole run):
+    /// cuProfilerStart before step A, cuProfilerStop after step B−1, for
+    /// `nsys profile --capture-range=cudaProfilerApi` and `ncu --profile-from-start off`.
+    #[arg(long, value_name = "A..B")]
+    pub profile_steps: Option<String>,
+    /// CUDA: build the training batches on the CPU and copy each one over, instead of keeping
+    /// the training set on the GPU and cropping/flipping there (same images, same bits).
+    #[arg(long)]
+    pub host_batches: bool,
+}
+
+/// The 16-bit type of mixed precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AmpDtype {
+    F16,
+    Bf16,
+}
+
+/// How a CUDA device computes (`train`, `eval`, `bench`). The CPU always computes in fp32 and
+/// is deterministic, so there `--no-amp`, `--deterministic` and `--streams` change nothing.
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
+pub struct CudaArgs {
+    /// Mixed precision on CUDA (the default there): fp16 activations and convolutions, fp32
+    /// master weights, BatchNorm statistics and loss, dynamic loss scaling.
+    #[arg(long, overrides_with = "no_amp")]
+    #[serde(skip)]
+    pub amp: bool,
+    /// fp32 everywhere on CUDA (no TF32): slower, and matches the CPU reference closely.
+    #[arg(long)]
+    pub no_amp: bool,
+    /// The 16-bit type of --amp: f16 (with loss scaling) or bf16 (needs compute capability 8.0+).
+    #[arg(long, value_enum)]
+    pub amp_dtype: Option<AmpDtype>,
+    /// Only deterministic cuDNN algorithms, chosen without timing: the same run gives the same
+    /// bits on the same GPU.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// CUDA streams for the Inception branches: 1 runs everything in order on one stream; N
+    /// runs the four branches of each block concurrently on N streams of their own.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Issue every training step op by op instead of replaying it as a CUDA graph (the graph
+    /// needs the training set on the GPU, so --host-batches turns it off too).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
+}
+
+impl Default for CudaArgs {
+    fn default() -> Self {
+        CudaArgs {
+            amp: false,
+            no_amp: false,
+            amp_dtype: None,
+            deterministic: false,
+            streams: 4,
+            no_cuda_graph: false,
+        }
+    }
+}
+
+impl CudaArgs {
+    /// Refuses mixed-precision flags where they cannot apply.
+    pub fn validate(&self, device: &str) -> Result<()> {
+        if device == "cpu" {
+            if self.amp {
+                bail!("--amp applies to --device cuda; the CPU trains in fp32 (drop --amp)");
+            }
+            if self.amp_dtype.is_some() {
+                bail!("--amp-dtype applies to --device cuda; the CPU trains in fp32 (drop --amp-dtype)");
+            }
+        }
+        if !(1..=16).contains(&self.streams) {
+            bail!("--streams must be between 1 and 16, got {}", self.streams);
+        }
+        if self.no_amp && self.amp_dtype.is_some() {
+            bail!("--amp-dtype chooses the type of mixed precision, which --no-amp turns off; drop one of them");
+        }
+        Ok(())
+    }
+
+    /// What a CUDA device runs: mixed precision unless --no-amp.
+    pub fn gpu_options(&self) -> crate::backend::cuda::GpuOptions {
+        use crate::backend::cuda::{DType, GpuOptions};
+        GpuOptions {
+            activations: match (self.no_amp, self.amp_dtype) {
+                (true, _) => DType::F32,
+                (false, Some(AmpDtype::Bf16)) => DType::Bf16,
+                (false, _) => DType::F16,
+            },
+            deterministic: self.deterministic,
+            streams: self.streams,
+            skip_wait: None,
+        }
+    }
+
+    /// `fp32`, `amp-f16` or `amp-bf16` on CUDA; `fp32` on the CPU.
+    pub fn describe(&self, device: &str) -> &'static str {
+        match (device == "cpu" || self.no_amp, self.amp_dtype) {
+            (true, _) => "fp32",
+            (false, Some(AmpDtype::Bf16)) => "amp-bf16",
+            (false, _) => "amp-f16",
+        }
+    }
+}
+
+/// Opens the CUDA device `device` (`cuda`, `cuda:N`, or `emu` for the emulated GPU) as
+/// `precision` says.
+pub fn open_gpu(device: &str, precision: &CudaArgs) -> Result<crate::backend::cuda::Gpu> {
+    use crate::backend::cuda::{emu, Gpu};
+    if device == "emu" {
+        return Gpu::emulated(emu::EmuOptions::from_env()?, precision.gpu_options());
+    }
+    #[cfg(feature = "cudnn")]
+    {
+        let ordinal = crate::backend::cuda::parse_device(device)?;
+        Gpu::with_options(ordinal, precision.gpu_options())
+    }
+    #[cfg(not(feature = "cudnn"))]
+    bail!("--device {device}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu (or emu, the emulated GPU)")
+}
+
+impl TrainConfig {
+    pub fn nesterov(&self) -> bool {
+        !self.no_nesterov
+    }
+
+    fn augment(&self) -> Augment {
+        Augment {
+            crop: !self.no_crop,
+            flip: !self.no_flip,
+        }
+    }
+
+    /// Checks the flags before anything is read or written.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size < 2 {
+            bail!("--batch-size must be at least 2: BatchNorm needs two values per channel in training");
+        }
+        if self.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            bail!("--momentum must be in [0, 1), got {}", self.momentum);
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            bail!("--weight-decay must be >= 0, got {}", self.weight_decay);
+        }
+        if !(0.0..1.0).contains(&self.smoothing) {
+            bail!("--smoothing must be in [0, 1), got {}", self.smoothing);
+        }
+        if self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs as f64 {
+            bail!(
+                "--warmup-epochs must be between 0 and --epochs ({})",
+                self.epochs
+            );
+        }
+        if self.eval_batch_size == 0 {
+            bail!("--eval-batch-size must be at least 1");
+        }
+        if self.log_interval == 0 {
+            bail!("--log-interval must be at least 1");
+        }
+        if self.resume.is_some() && self.initial_checkpoint.is_some() {
+            bail!("--resume and --initial-checkpoint exclude each other: resume continues a run, the other starts a new one");
+        }
+        check_device(&self.device)?;
+        if let Some(r) = &self.profile_steps {
+            if self.device == "cpu" {
+                bail!("--profile-steps applies to --device cuda (on the CPU, use `incept bench --profile`)");
+            }
+            parse_steps(r)?;
+        }
+        if self.host_batches && self.device == "cpu" {
+            bail!("--host-batches applies to --device cuda; the CPU always builds batches on the host (drop --host-batches)");
+        }
+        self.cuda.validate(&self.device)
+    }
+}
+
+/// Parses `--profile-steps A..B` into the steps `A..B` (B > A).
+pub fn parse_steps(s: &str) -> Result<std::ops::Range<u64>> {
+    let bad = || {
+        anyhow::anyhow!("--profile-steps {s}: expected A..B with whole numbers A < B, e.g. 20..30")
+    };
+    let (a, b) = s.split_once("..").ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a >= b {
+        return Err(bad());
+    }
+    Ok(a..b)
+}
+
+/// Accepts `cpu` and `emu`, and `cuda[:N]` only where that device can be opened: checked
+/// before any data is downloaded or read, so a missing driver, GPU or library is the first
+/// thing said.
+pub fn check_device(device: &str) -> Result<()> {
+    match device {
+        "cpu" | "emu" => Ok(()),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            #[cfg(feature = "cudnn")]
+            {
+                let ordinal = crate::backend::cuda::parse_device(d)?;
+                crate::backend::cuda::probe(ordinal).with_context(|| format!("--device {d}"))
+            }
+            #[cfg(not(feature = "cudnn"))]
+            bail!("--device {d}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu")
+        }
+        d => bail!("--device {d}: unknown device; use cpu, cuda[:N] or emu"),
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    /// Stopped by Ctrl-C after saving a checkpoint.
+    Interrupted,
+}
+
+/// Runs `incept train`. Returns the run folder and how the run ended.
+pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
+    cfg.validate()?;
+    if cfg.download || data::is_empty_location(&cfg.data_dir) {
+        if !cfg.download {
+            info!("{} is empty: downloading CIFAR-10", cfg.data_dir.display());
+        }
+        if cfg.download && !data::is_empty_location(&cfg.data_dir) {
+            info!(
+                "{} already holds CIFAR-10 files; not downloading",
+                cfg.data_dir.display()
+            );
+        } else {
+            data::download(&cfg.data_dir, &data::Source::official())?;
+        }
+    }
+    let train_set = Cifar10::open(&cfg.data_dir, Split::Train)?;
+    let test_set = Cifar10::open(&cfg.data_dir, Split::Test)?;
+
+    let spec = ModelSpec::inception_net_small();
+    if cfg.device != "cpu" {
+        let gpu = open_gpu(&cfg.device, &cfg.cuda)?;
+        info!(
+            device = %gpu.describe(),
+            precision = cfg.cuda.describe(&cfg.device),
+            deterministic = cfg.cuda.deterministic,
+            "CUDA"
+        );
+        use crate::stepper::{DeviceFeed, GraphStepper};
+        let feed = if cfg.host_batches {
+            None
+        } else {
+            Some(DeviceFeed::new(&gpu, &train_set, cfg.augment(), cfg.seed)?)
+        };
+        let mut net: Net<f32, crate::backend::cuda::Gpu> = Net::new(spec, gpu, cfg.seed)?;
+        // The branches are issued in order from one thread; with several streams they run
+        // concurrently on the device.
+        net.schedule = BranchSchedule::Sequential;
+        return match feed {
+            Some(feed) if !cfg.cuda.no_cuda_graph => {
+                let mut stepper = GraphStepper::new(feed);
+                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+            }
+            Some(feed) => {
+                let mut stepper = EagerStepper::new(feed);
+                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+            }
+            None => {
+                let mut stepper =
+                    EagerStepper::new(HostFeed::new(&train_set, cfg.augment(), cfg.seed));
+                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+            }
+        };
+    }
+    let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, cfg.seed)?;
+    net.schedule = cfg.branches;
+    let mut stepper = EagerStepper::new(HostFeed::new(&train_set, cfg.augment(), cfg.seed));
+    train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+}
