@@ -9,6 +9,7 @@
 //! of a GPU; its step profile (`backend::cuda::emu::profile`) models one.
 
 use crate::backend::cpu::Cpu;
+use crate::backend::select::{CudaArgs, DeviceFlag};
 use crate::backend::{Backend, Sgd};
 use crate::model::net::Net;
 use crate::model::ModelSpec;
@@ -101,11 +102,7 @@ pub fn bench_cpu(opts: &BenchOpts) -> Result<BenchResult> {
 /// Times the seed model on a CUDA device as `cuda` asks (precision, streams, graph or not).
 /// The training steps run on a synthetic set of `2·batch` images resident on the GPU, as
 /// `incept train` runs them; the eval steps on a random batch from the host.
-pub fn bench_cuda(
-    opts: &BenchOpts,
-    device: &str,
-    cuda: &crate::train::CudaArgs,
-) -> Result<BenchResult> {
+pub fn bench_cuda(opts: &BenchOpts, device: &DeviceFlag, cuda: &CudaArgs) -> Result<BenchResult> {
     use crate::backend::cuda::Gpu;
     use crate::data::{Augment, Cifar10, Split};
     use crate::stepper::{DeviceFeed, EagerStepper, GraphStepper, Stepper};
@@ -115,7 +112,7 @@ pub fn bench_cuda(
     let set = Cifar10::open(&dir, Split::Train);
     let _ = std::fs::remove_dir_all(&dir);
     let set = set?;
-    let gpu = crate::train::open_gpu(device, cuda)?;
+    let gpu = device.open_gpu(cuda)?;
     let feed = DeviceFeed::new(&gpu, &set, Augment::TRAIN, 0)?;
     let mut net: Net<f32, Gpu> = Net::new(ModelSpec::inception_net_small(), gpu, 0)?;
     net.schedule = BranchSchedule::Sequential;
@@ -220,8 +217,8 @@ impl MatrixRow {
 /// is measured, so a run killed by a time limit keeps the rows it finished.
 pub fn bench_cuda_matrix(
     opts: &BenchOpts,
-    device: &str,
-    base: &crate::train::CudaArgs,
+    device: &DeviceFlag,
+    base: &CudaArgs,
     batches: &[usize],
     on_row: &mut dyn FnMut(&MatrixRow),
 ) -> Vec<MatrixRow> {
@@ -230,7 +227,7 @@ pub fn bench_cuda_matrix(
         for no_amp in [true, false] {
             for no_cuda_graph in [true, false] {
                 for streams in [1, 4] {
-                    let cuda = crate::train::CudaArgs {
+                    let cuda = CudaArgs {
                         no_amp,
                         amp_dtype: None,
                         streams,

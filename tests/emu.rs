@@ -410,7 +410,7 @@ fn step_counters_put_back_restore_every_batch_norm_count() {
 /// The step profile of `incept bench --device emu` (batch 8, fp32) with `streams` and graph on
 /// or off.
 fn profiled_step(streams: usize, graph: bool) -> incept::backend::cuda::emu::profile::Profile {
-    let cuda = incept::train::CudaArgs {
+    let cuda = incept::backend::select::CudaArgs {
         no_amp: true,
         streams,
         no_cuda_graph: !graph,
@@ -422,7 +422,8 @@ fn profiled_step(streams: usize, graph: bool) -> incept::backend::cuda::emu::pro
         steps: 1,
         schedule: incept::schedule::BranchSchedule::Concurrent,
     };
-    let r = incept::bench::bench_cuda(&opts, "emu", &cuda).expect("bench on the emulated GPU");
+    let r = incept::bench::bench_cuda(&opts, &incept::backend::select::DeviceFlag::Emu, &cuda)
+        .expect("bench on the emulated GPU");
     r.profile
         .expect("the emulated device records a step profile")
 }

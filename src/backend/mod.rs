@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod geometry;
+pub mod select;
 
 use std::fmt::Debug;
 

@@ -6,14 +6,16 @@
 //! resume is just the weights, running statistics, momentum buffers and the step counter: on
 //! the CPU a resumed run is bitwise the same as one that never stopped.
 
-use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Gpu;
+pub use crate::backend::select::{AmpDtype, CudaArgs};
+use crate::backend::select::{AnyBackend, DeviceFlag};
 use crate::backend::{Backend, Elem, Sgd};
 use crate::checkpoint::{load_model, model_tensors, save, OwnedTensor, TensorFile};
 use crate::data::{self, Augment, Cifar10, Split};
 use crate::model::net::Net;
 use crate::model::ModelSpec;
 use crate::schedule::BranchSchedule;
-use crate::stepper::{EagerStepper, HostFeed, Stepper};
+use crate::stepper::{DeviceFeed, EagerStepper, GraphStepper, HostFeed, Stepper};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -107,7 +109,7 @@ pub struct TrainConfig {
     /// runs the CUDA backend on the CPU with a race and memory checker (a slow correctness
     /// tool; `INCEPT_EMU_SEED` sets its scheduling seed).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceFlag,
     /// CPU threads (default: all cores).
     #[arg(short = 'j', long = "workers", alias = "threads")]
     pub threads: Option<usize>,
@@ -135,117 +137,6 @@ pub struct TrainConfig {
     /// the training set on the GPU and cropping/flipping there (same images, same bits).
     #[arg(long)]
     pub host_batches: bool,
-}
-
-/// The 16-bit type of mixed precision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AmpDtype {
-    F16,
-    Bf16,
-}
-
-/// How a CUDA device computes (`train`, `eval`, `bench`). The CPU always computes in fp32 and
-/// is deterministic, so there `--no-amp`, `--deterministic` and `--streams` change nothing.
-#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
-pub struct CudaArgs {
-    /// Mixed precision on CUDA (the default there): fp16 activations and convolutions, fp32
-    /// master weights, BatchNorm statistics and loss, dynamic loss scaling.
-    #[arg(long, overrides_with = "no_amp")]
-    #[serde(skip)]
-    pub amp: bool,
-    /// fp32 everywhere on CUDA (no TF32): slower, and matches the CPU reference closely.
-    #[arg(long)]
-    pub no_amp: bool,
-    /// The 16-bit type of --amp: f16 (with loss scaling) or bf16 (needs compute capability 8.0+).
-    #[arg(long, value_enum)]
-    pub amp_dtype: Option<AmpDtype>,
-    /// Only deterministic cuDNN algorithms, chosen without timing: the same run gives the same
-    /// bits on the same GPU.
-    #[arg(long)]
-    pub deterministic: bool,
-    /// CUDA streams for the Inception branches: 1 runs everything in order on one stream; N
-    /// runs the four branches of each block concurrently on N streams of their own.
-    #[arg(long, default_value_t = 4)]
-    pub streams: usize,
-    /// Issue every training step op by op instead of replaying it as a CUDA graph (the graph
-    /// needs the training set on the GPU, so --host-batches turns it off too).
-    #[arg(long)]
-    pub no_cuda_graph: bool,
-}
-
-impl Default for CudaArgs {
-    fn default() -> Self {
-        CudaArgs {
-            amp: false,
-            no_amp: false,
-            amp_dtype: None,
-            deterministic: false,
-            streams: 4,
-            no_cuda_graph: false,
-        }
-    }
-}
-
-impl CudaArgs {
-    /// Refuses mixed-precision flags where they cannot apply.
-    pub fn validate(&self, device: &str) -> Result<()> {
-        if device == "cpu" {
-            if self.amp {
-                bail!("--amp applies to --device cuda; the CPU trains in fp32 (drop --amp)");
-            }
-            if self.amp_dtype.is_some() {
-                bail!("--amp-dtype applies to --device cuda; the CPU trains in fp32 (drop --amp-dtype)");
-            }
-        }
-        if !(1..=16).contains(&self.streams) {
-            bail!("--streams must be between 1 and 16, got {}", self.streams);
-        }
-        if self.no_amp && self.amp_dtype.is_some() {
-            bail!("--amp-dtype chooses the type of mixed precision, which --no-amp turns off; drop one of them");
-        }
-        Ok(())
-    }
-
-    /// What a CUDA device runs: mixed precision unless --no-amp.
-    pub fn gpu_options(&self) -> crate::backend::cuda::GpuOptions {
-        use crate::backend::cuda::{DType, GpuOptions};
-        GpuOptions {
-            activations: match (self.no_amp, self.amp_dtype) {
-                (true, _) => DType::F32,
-                (false, Some(AmpDtype::Bf16)) => DType::Bf16,
-                (false, _) => DType::F16,
-            },
-            deterministic: self.deterministic,
-            streams: self.streams,
-            skip_wait: None,
-        }
-    }
-
-    /// `fp32`, `amp-f16` or `amp-bf16` on CUDA; `fp32` on the CPU.
-    pub fn describe(&self, device: &str) -> &'static str {
-        match (device == "cpu" || self.no_amp, self.amp_dtype) {
-            (true, _) => "fp32",
-            (false, Some(AmpDtype::Bf16)) => "amp-bf16",
-            (false, _) => "amp-f16",
-        }
-    }
-}
-
-/// Opens the CUDA device `device` (`cuda`, `cuda:N`, or `emu` for the emulated GPU) as
-/// `precision` says.
-pub fn open_gpu(device: &str, precision: &CudaArgs) -> Result<crate::backend::cuda::Gpu> {
-    use crate::backend::cuda::{emu, Gpu};
-    if device == "emu" {
-        return Gpu::emulated(emu::EmuOptions::from_env()?, precision.gpu_options());
-    }
-    #[cfg(feature = "cudnn")]
-    {
-        let ordinal = crate::backend::cuda::parse_device(device)?;
-        Gpu::with_options(ordinal, precision.gpu_options())
-    }
-    #[cfg(not(feature = "cudnn"))]
-    bail!("--device {device}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu (or emu, the emulated GPU)")
 }
 
 impl TrainConfig {
@@ -295,14 +186,14 @@ impl TrainConfig {
         if self.resume.is_some() && self.initial_checkpoint.is_some() {
             bail!("--resume and --initial-checkpoint exclude each other: resume continues a run, the other starts a new one");
         }
-        check_device(&self.device)?;
+        self.device.check()?;
         if let Some(r) = &self.profile_steps {
-            if self.device == "cpu" {
+            if self.device.is_cpu() {
                 bail!("--profile-steps applies to --device cuda (on the CPU, use `incept bench --profile`)");
             }
             parse_steps(r)?;
         }
-        if self.host_batches && self.device == "cpu" {
+        if self.host_batches && self.device.is_cpu() {
             bail!("--host-batches applies to --device cuda; the CPU always builds batches on the host (drop --host-batches)");
         }
         self.cuda.validate(&self.device)
@@ -323,25 +214,6 @@ pub fn parse_steps(s: &str) -> Result<std::ops::Range<u64>> {
         return Err(bad());
     }
     Ok(a..b)
-}
-
-/// Accepts `cpu` and `emu`, and `cuda[:N]` only where that device can be opened: checked
-/// before any data is downloaded or read, so a missing driver, GPU or library is the first
-/// thing said.
-pub fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" | "emu" => Ok(()),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            #[cfg(feature = "cudnn")]
-            {
-                let ordinal = crate::backend::cuda::parse_device(d)?;
-                crate::backend::cuda::probe(ordinal).with_context(|| format!("--device {d}"))
-            }
-            #[cfg(not(feature = "cudnn"))]
-            bail!("--device {d}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu")
-        }
-        d => bail!("--device {d}: unknown device; use cpu, cuda[:N] or emu"),
-    }
 }
 
 /// How a run ended.
@@ -372,42 +244,50 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
     let test_set = Cifar10::open(&cfg.data_dir, Split::Test)?;
 
     let spec = ModelSpec::inception_net_small();
-    if cfg.device != "cpu" {
-        let gpu = open_gpu(&cfg.device, &cfg.cuda)?;
-        info!(
-            device = %gpu.describe(),
-            precision = cfg.cuda.describe(&cfg.device),
-            deterministic = cfg.cuda.deterministic,
-            "CUDA"
-        );
-        use crate::stepper::{DeviceFeed, GraphStepper};
-        let feed = if cfg.host_batches {
-            None
-        } else {
-            Some(DeviceFeed::new(&gpu, &train_set, cfg.augment(), cfg.seed)?)
-        };
-        let mut net: Net<f32, crate::backend::cuda::Gpu> = Net::new(spec, gpu, cfg.seed)?;
-        // The branches are issued in order from one thread; with several streams they run
-        // concurrently on the device.
-        net.schedule = BranchSchedule::Sequential;
-        return match feed {
-            Some(feed) if !cfg.cuda.no_cuda_graph => {
-                let mut stepper = GraphStepper::new(feed);
-                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
-            }
-            Some(feed) => {
-                let mut stepper = EagerStepper::new(feed);
-                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
-            }
-            None => {
-                let mut stepper =
-                    EagerStepper::new(HostFeed::new(&train_set, cfg.augment(), cfg.seed));
-                train_loop(cfg, net, &mut stepper, &train_set, &test_set)
-            }
-        };
+    match cfg.device.open(&cfg.cuda)? {
+        AnyBackend::Cpu(cpu) => {
+            let mut net = Net::new(spec, cpu, cfg.seed)?;
+            net.schedule = cfg.branches;
+            let feed = HostFeed::new(&train_set, cfg.augment(), cfg.seed);
+            train_loop(
+                cfg,
+                net,
+                &mut EagerStepper::new(feed),
+                &train_set,
+                &test_set,
+            )
+        }
+        AnyBackend::Gpu(gpu) => {
+            train_on_gpu(cfg, Net::new(spec, *gpu, cfg.seed)?, &train_set, &test_set)
+        }
     }
-    let mut net: Net<f32, Cpu> = Net::new(spec, Cpu, cfg.seed)?;
-    net.schedule = cfg.branches;
-    let mut stepper = EagerStepper::new(HostFeed::new(&train_set, cfg.augment(), cfg.seed));
-    train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+}
+
+/// The training loop on the CUDA backend: batches rendered on the GPU from the resident
+/// training set and each step replayed as a CUDA graph, unless the flags say otherwise.
+fn train_on_gpu(
+    cfg: &TrainConfig,
+    mut net: Net<f32, Gpu>,
+    train_set: &Cifar10,
+    test_set: &Cifar10,
+) -> Result<(PathBuf, Outcome)> {
+    info!(
+        device = %net.backend().describe(),
+        precision = cfg.cuda.describe(&cfg.device),
+        deterministic = cfg.cuda.deterministic,
+        "CUDA"
+    );
+    // The branches are issued in order from one thread; with several streams they run
+    // concurrently on the device.
+    net.schedule = BranchSchedule::Sequential;
+    if cfg.host_batches {
+        let feed = HostFeed::new(train_set, cfg.augment(), cfg.seed);
+        return train_loop(cfg, net, &mut EagerStepper::new(feed), train_set, test_set);
+    }
+    let feed = DeviceFeed::new(net.backend(), train_set, cfg.augment(), cfg.seed)?;
+    if cfg.cuda.no_cuda_graph {
+        train_loop(cfg, net, &mut EagerStepper::new(feed), train_set, test_set)
+    } else {
+        train_loop(cfg, net, &mut GraphStepper::new(feed), train_set, test_set)
+    }
 }

@@ -248,17 +248,6 @@ pub struct Gpu {
     error: Mutex<Option<String>>,
 }
 
-/// Parses `cuda` / `cuda:N` into a device ordinal.
-pub fn parse_device(device: &str) -> Result<usize> {
-    match device {
-        "cuda" => Ok(0),
-        d => d
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("--device {d}: expected cpu, emu, cuda or cuda:N")),
-    }
-}
-
 impl Gpu {
     /// Opens CUDA device `ordinal` for the fp32 path.
     #[cfg(feature = "cudnn")]
