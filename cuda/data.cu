@@ -20,8 +20,8 @@ constexpr int CIFAR_PIXELS = 3 * CIFAR_PLANE;  // values per image
 constexpr int CIFAR_RECORD = 1 + CIFAR_PIXELS;
 
 template <typename T>
-__device__ __forceinline__ void augment_batch_impl(T* __restrict__ out, int* __restrict__ labels_out,
-                                                   const unsigned char* __restrict__ records, int n_records,
+__device__ __forceinline__ void augment_batch_impl(T* __restrict__ out, const unsigned char* __restrict__ records,
+                                                   int n_records,
                                                    const int* __restrict__ indices, const int* __restrict__ dy,
                                                    const int* __restrict__ dx, const int* __restrict__ flip,
                                                    const float* __restrict__ mean, const float* __restrict__ stdev,
@@ -32,8 +32,6 @@ __device__ __forceinline__ void augment_batch_impl(T* __restrict__ out, int* __r
         const unsigned char* rec = records + (size_t)(valid ? index : 0) * CIFAR_RECORD;
         const int oy_shift = dy[b], ox_shift = dx[b];
         const bool mirrored = flip[b] != 0;
-        if (labels_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
-            labels_out[b] = valid ? (int)rec[0] : -1;
         T* img = out + (size_t)b * CIFAR_PIXELS;
         // One output value per thread: consecutive threads write consecutive NHWC values.
         for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < CIFAR_PIXELS; e += gridDim.x * blockDim.x) {
@@ -53,17 +51,16 @@ __device__ __forceinline__ void augment_batch_impl(T* __restrict__ out, int* __r
 
 }  // namespace incept
 
-// augment_batch_{f32,f16,bf16}(T* out, int* labels_out, const unsigned char* records,
-//     int n_records, const int* indices, const int* dy, const int* dx, const int* flip,
-//     const float* mean, const float* stdev, int batch)
-//   out [batch, 32, 32, 3] NHWC; labels_out [batch] (may be null) gets each record's label;
-//   records [n_records, 3073]; indices, dy, dx, flip [batch] (offsets in −4..=4, flip 0 or 1);
-//   mean, stdev [3]. An index outside 0..n_records gives NaN values and label −1.
+// augment_batch_{f32,f16,bf16}(T* out, const unsigned char* records, int n_records,
+//     const int* indices, const int* dy, const int* dx, const int* flip, const float* mean,
+//     const float* stdev, int batch)
+//   out [batch, 32, 32, 3] NHWC; records [n_records, 3073]; indices, dy, dx, flip [batch]
+//   (offsets in −4..=4, flip 0 or 1); mean, stdev [3]. An index outside 0..n_records gives
+//   NaN values. The labels stay with the host, which stages them for the loss.
 //   Launch: block 256, grid (12, batch) (3072 values per image; grid-stride on both axes, so
 //   grid.y may be smaller than batch).
 INCEPT_INSTANTIATE_3(augment_batch,
-                     (T* __restrict__ out, int* __restrict__ labels_out, const unsigned char* __restrict__ records,
-                      int n_records, const int* __restrict__ indices, const int* __restrict__ dy,
+                     (T* __restrict__ out, const unsigned char* __restrict__ records, int n_records, const int* __restrict__ indices, const int* __restrict__ dy,
                       const int* __restrict__ dx, const int* __restrict__ flip, const float* __restrict__ mean,
                       const float* __restrict__ stdev, int batch),
-                     (out, labels_out, records, n_records, indices, dy, dx, flip, mean, stdev, batch))
+                     (out, records, n_records, indices, dy, dx, flip, mean, stdev, batch))

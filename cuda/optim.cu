@@ -37,25 +37,24 @@ __device__ __forceinline__ void amp_unscale_impl(float* master, const T* grad, i
 INCEPT_INSTANTIATE_ONE(amp_unscale, f32, float, (float* master, const T* grad, int n, const float* __restrict__ scale, int* __restrict__ found_inf),
                      (master, grad, n, scale, found_inf))
 
-// sgd_step(float* param, const float* grad, float* momentum_buf, int n, float lr,
-//     float momentum, float weight_decay, int nesterov, int first_step, const int* found_inf,
-//     const float* lr_device)
+// sgd_step(float* param, const float* grad, float* momentum_buf, int n, const float* lr,
+//     float momentum, float weight_decay, int nesterov, int first_step, const int* found_inf)
 //   torch.optim.SGD (dampening 0) over n elements:
 //     g = grad + weight_decay·param
 //     momentum 0:  step = g                      (momentum_buf unused, may be null)
 //     else:        buf = first_step ? g : momentum·buf + g;  step = nesterov ? g + momentum·buf : buf
-//     param -= lr·step
-//   Nothing is written when found_inf is not null and *found_inf != 0 (the overflowed step is
-//   skipped on the device). lr = *lr_device when lr_device is not null (a schedule updated in
-//   device memory, e.g. between CUDA graph replays), the `lr` argument otherwise.
+//     param -= *lr·step
+//   The learning rate is read from device memory, so that a schedule reaches op-by-op and
+//   replayed (CUDA graph) steps the same way. Nothing is written when found_inf is not null
+//   and *found_inf != 0 (the overflowed step is skipped on the device).
 //   With a zero-filled momentum buffer first_step may stay 0: momentum·0 + g is exactly g.
 //   Launch: block 256, grid = min(ceil(n/256), 8·SMs) (grid-stride).
 extern "C" __global__ void sgd_step(float* __restrict__ param, const float* __restrict__ grad,
-                                    float* __restrict__ momentum_buf, int n, float lr, float momentum,
-                                    float weight_decay, int nesterov, int first_step,
-                                    const int* __restrict__ found_inf, const float* __restrict__ lr_device) {
+                                    float* __restrict__ momentum_buf, int n, const float* __restrict__ lr,
+                                    float momentum, float weight_decay, int nesterov, int first_step,
+                                    const int* __restrict__ found_inf) {
     if (found_inf != nullptr && *found_inf != 0) return;
-    const float rate = lr_device != nullptr ? *lr_device : lr;
+    const float rate = *lr;
     const int stride = gridDim.x * blockDim.x;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float p = param[i];

@@ -164,7 +164,7 @@ pub use gpu::{DeviceFeed, GraphStepper};
 
 mod gpu {
     use super::*;
-    use crate::backend::cuda::{DeviceRecords, Gpu, GpuBuf, StepGraph};
+    use crate::backend::cuda::{DeviceRecords, Gpu, GpuBuf, StepGraph, StepInputs};
 
     /// The training set resident on the GPU: each step sends only the indices and the crop/flip
     /// draws (the same draws as [`data::make_batch`]), and `cuda/data.cu` renders the batch.
@@ -258,24 +258,37 @@ mod gpu {
             eager_step(&mut self.feed, &mut self.labels, net, step, opt, smoothing)
         }
 
-        /// Records one step; nothing runs until the graph is replayed.
+        /// The crop/flip draws of the images `idx`; their labels go to `self.labels`.
+        fn prepare(&mut self, idx: &[usize], epoch: u64, first_pos: u64) -> Vec<(i32, i32, bool)> {
+            self.feed.labels(idx, &mut self.labels);
+            self.feed.views(idx.len(), epoch, first_pos)
+        }
+
+        /// Records one step, its inputs staged first; nothing runs until the graph is
+        /// replayed.
         fn capture(
             &mut self,
             net: &mut Net<f32, Gpu>,
-            idx: &[usize],
+            (idx, epoch, first_pos): (&[usize], u64, u64),
             opt: &Sgd,
             smoothing: f64,
         ) -> Result<StepGraph> {
             let b = idx.len();
-            // The labels the host checks; the graph's loss reads the data kernel's own.
-            self.feed.labels(idx, &mut self.labels);
-            net.backend().capture_begin(b)?;
+            let views = self.prepare(idx, epoch, first_pos);
+            net.backend().stage_step(&StepInputs {
+                indices: idx,
+                views: &views,
+                labels: &self.labels,
+                lr: opt.lr as f32,
+            })?;
+            net.backend().capture_begin()?;
+            let records = &self.feed.records;
+            let labels = &self.labels;
             let recorded = (|| -> Result<()> {
-                let records = &self.feed.records;
                 net.with_input(|gpu, input| gpu.augment_staged(records, input));
                 net.zero_grad();
                 net.forward_loaded(true)?;
-                net.loss(&self.labels, smoothing)?;
+                net.loss_summed(labels, smoothing)?;
                 net.backward()?;
                 net.sgd_step(opt);
                 // Fault injection for the GPU tests: the whole step is recorded, then refused
@@ -312,7 +325,7 @@ mod gpu {
                     return self.eager(net, (idx, epoch, first_pos), opt, smoothing);
                 }
                 let counters = net.step_counters();
-                match self.capture(net, idx, opt, smoothing) {
+                match self.capture(net, (idx, epoch, first_pos), opt, smoothing) {
                     // The capture advanced the host's step counters once; its replay below is
                     // that step.
                     Ok(graph) => self.graph = Some(graph),
@@ -331,9 +344,15 @@ mod gpu {
             } else {
                 net.count_replayed_step();
             }
-            let views = self.feed.views(b, epoch, first_pos);
+            let views = self.prepare(idx, epoch, first_pos);
+            let step = StepInputs {
+                indices: idx,
+                views: &views,
+                labels: &self.labels,
+                lr: opt.lr as f32,
+            };
             let graph = self.graph.as_ref().expect("captured above");
-            net.backend().replay(graph, idx, &views, opt.lr as f32)?;
+            net.backend().replay(graph, &step)?;
             Ok(None)
         }
 

@@ -1085,7 +1085,6 @@ fn sgd_case(report: &mut Report, opt: Sgd, steps: usize, seed: u64) {
             nesterov: opt.nesterov,
             first_step: first,
             found_inf: Some(0),
-            lr_device: None,
         };
         emu::sgd_step(Launch::linear(64, 256), &mut p, &grad, &mut buf, &args);
     }
@@ -1153,7 +1152,7 @@ fn sgd_step_matches_the_cpu_over_a_flat_buffer() {
 }
 
 #[test]
-fn sgd_step_is_skipped_on_overflow_and_reads_a_device_learning_rate() {
+fn sgd_step_is_skipped_on_overflow() {
     let (p0, grad) = flat_params(1400);
     let buf0 = uniform(1402, p0.len(), -0.01, 0.01);
     let args = SgdArgs {
@@ -1163,7 +1162,6 @@ fn sgd_step_is_skipped_on_overflow_and_reads_a_device_learning_rate() {
         nesterov: true,
         first_step: false,
         found_inf: Some(1),
-        lr_device: None,
     };
     let (mut p, mut buf) = (p0.clone(), buf0.clone());
     emu::sgd_step(Launch::linear(64, 256), &mut p, &grad, &mut buf, &args);
@@ -1176,23 +1174,6 @@ fn sgd_step_is_skipped_on_overflow_and_reads_a_device_learning_rate() {
             .zip(&buf0)
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "momentum changed on an overflowed step"
-    );
-    // A learning rate in device memory overrides the argument.
-    let run = |lr: f32, lr_device: Option<f32>| {
-        let (mut p, mut buf) = (p0.clone(), buf0.clone());
-        let a = SgdArgs {
-            lr,
-            lr_device,
-            found_inf: None,
-            ..args
-        };
-        emu::sgd_step(Launch::linear(64, 256), &mut p, &grad, &mut buf, &a);
-        p
-    };
-    assert_eq!(
-        run(123.0, Some(0.05)),
-        run(0.05, None),
-        "lr_device not used"
     );
 }
 
@@ -1281,16 +1262,9 @@ fn records(n: usize) -> Records {
 /// 1024 threads per block, 3 blocks per image (fewer, larger blocks emulate faster).
 const AUG_LAUNCH_BLOCK: u32 = 1024;
 
-fn augment<T: Act>(
-    rec: &Records,
-    indices: &[i32],
-    dy: &[i32],
-    dx: &[i32],
-    flip: &[i32],
-) -> (Vec<T>, Vec<i32>) {
+fn augment<T: Act>(rec: &Records, indices: &[i32], dy: &[i32], dx: &[i32], flip: &[i32]) -> Vec<T> {
     let b = indices.len();
     let mut out = vec![T::default(); b * 3072];
-    let mut labels = vec![-2; b];
     let a = AugmentArgs {
         indices,
         dy,
@@ -1302,11 +1276,10 @@ fn augment<T: Act>(
     emu::augment_batch(
         Launch::grid2((3072 / AUG_LAUNCH_BLOCK, b as u32), (AUG_LAUNCH_BLOCK, 1)),
         &mut out,
-        &mut labels,
         &rec.bytes,
         &a,
     );
-    (out, labels)
+    out
 }
 
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
@@ -1331,25 +1304,20 @@ fn augment_without_crop_or_flip_is_make_batch_bitwise() {
     let b = idx.len();
     let idx_i32: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
     let zeros = vec![0; b];
-    let (got, labels) = augment::<f32>(&rec, &idx_i32, &zeros, &zeros, &zeros);
+    let got = augment::<f32>(&rec, &idx_i32, &zeros, &zeros, &zeros);
     assert!(
         same_bits(&got, &want),
         "augment_batch_f32 differs from make_batch (no augmentation)"
     );
-    assert_eq!(
-        labels,
-        want_y.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-        "labels"
-    );
     // f16/bf16: make_batch's floats rounded to nearest even.
-    let (h, _) = augment::<f16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
+    let h = augment::<f16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
     assert!(
         h.iter()
             .zip(&want)
             .all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()),
         "f16"
     );
-    let (bf, _) = augment::<bf16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
+    let bf = augment::<bf16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
     assert!(
         bf.iter()
             .zip(&want)
@@ -1386,8 +1354,7 @@ fn augment_with_crop_and_flip_reproduces_make_batch_bitwise() {
     let dy: Vec<i32> = combos.iter().map(|c| c.0).collect();
     let dx: Vec<i32> = combos.iter().map(|c| c.1).collect();
     let flip: Vec<i32> = combos.iter().map(|c| c.2).collect();
-    let (out, labels) = augment::<f32>(&rec, &indices, &dy, &dx, &flip);
-    assert!(labels.iter().all(|&l| l == want_y[0] as i32), "labels");
+    let out = augment::<f32>(&rec, &indices, &dy, &dx, &flip);
     let (mut seen_dy, mut seen_dx, mut seen_flip) = (Vec::new(), Vec::new(), Vec::new());
     for j in 0..batch {
         let image = &want[j * 3072..(j + 1) * 3072];
@@ -1451,7 +1418,7 @@ fn augment_with_host_drawn_views_is_make_batch_bitwise() {
         let dy: Vec<i32> = views.iter().map(|v| v.0).collect();
         let dx: Vec<i32> = views.iter().map(|v| v.1).collect();
         let flip: Vec<i32> = views.iter().map(|v| v.2 as i32).collect();
-        let (got, labels) = augment::<f32>(&rec, &idx_i32, &dy, &dx, &flip);
+        let got = augment::<f32>(&rec, &idx_i32, &dy, &dx, &flip);
         if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
             panic!(
                 "batch {k}: value {i} (image {}): kernel {} make_batch {}; first values {:?} vs {:?}",
@@ -1462,12 +1429,7 @@ fn augment_with_host_drawn_views_is_make_batch_bitwise() {
                 &want[..4]
             );
         }
-        assert_eq!(
-            labels,
-            want_y.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            "batch {k}: labels"
-        );
-        let (h, _) = augment::<f16>(&rec, &idx_i32, &dy, &dx, &flip);
+        let h = augment::<f16>(&rec, &idx_i32, &dy, &dx, &flip);
         assert!(
             h.iter()
                 .zip(&want)
@@ -1486,13 +1448,12 @@ fn augment_with_host_drawn_views_is_make_batch_bitwise() {
 #[test]
 fn augment_rejects_a_bad_index_visibly() {
     let rec = records(5);
-    let (out, labels) = augment::<f32>(&rec, &[1, 7], &[0, 0], &[0, 0], &[0, 0]);
+    let out = augment::<f32>(&rec, &[1, 7], &[0, 0], &[0, 0], &[0, 0]);
     assert!(out[..3072].iter().all(|v| v.is_finite()));
     assert!(
         out[3072..].iter().all(|v| v.is_nan()),
         "record 7 of 5 must give NaN"
     );
-    assert_eq!(labels[1], -1);
 }
 
 // ---- elementwise.cu -----------------------------------------------------------------------------
@@ -1996,7 +1957,7 @@ fn bias_add_adds_the_channel_bias_and_rounds_once() {
     report.finish("bias_add");
 }
 
-// ---- bias_grad (bn_relu.cu) ---------------------------------------------------------------------
+// ---- bias_grad (batch_norm.cu) ---------------------------------------------------------------------
 
 /// Rows per tile, as the GPU backend launches bias_grad.
 const TILE: usize = geometry::BIAS_GRAD_TILE_ROWS;

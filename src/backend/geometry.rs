@@ -1,5 +1,5 @@
 //! Launch geometries of the CUDA backend's grid-wide per-channel reductions
-//! (`cuda/bn_relu.cu`), as pure functions of the shape and the GPU's multiprocessor count. The
+//! (`cuda/batch_norm.cu`), as pure functions of the shape and the GPU's multiprocessor count. The
 //! backend launches exactly these, and the emulated-kernel tests (`tests/kernels.rs`) launch
 //! the same for every SM count they try, so "the geometries the backend can use" is one
 //! function, not two copies of a formula. Built without `--features cudnn` too, for the tests.
@@ -27,7 +27,7 @@ fn block(c: usize) -> (u32, u32) {
 }
 
 /// The BatchNorm reductions (`batch_norm_stats_*`, `batch_norm_relu_backward_reduce_*`) as
-/// bn_relu.cu recommends: about two blocks per SM, each thread keeping at least ~8 rows.
+/// batch_norm.cu recommends: about two blocks per SM, each thread keeping at least ~8 rows.
 pub fn batch_norm(p: usize, c: usize, sms: u32) -> Reduction {
     let (bx, by) = block(c);
     let gx = (c as u32).div_ceil(bx).max(1);

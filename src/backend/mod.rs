@@ -471,6 +471,20 @@ pub trait Backend<T: Elem>: Sync {
         k: usize,
         smoothing: f64,
     ) -> f64;
+    /// [`Backend::cross_entropy_forward`] without reading the loss back: a backend that sums
+    /// the step metrics on the device (the CUDA backend, for replayed steps, which cannot read
+    /// anything back) adds the loss and the correct count to those sums; the default computes
+    /// the loss and drops it.
+    fn cross_entropy_forward_summed(
+        &self,
+        probs: &mut Self::Buf,
+        logits: &Self::Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) {
+        self.cross_entropy_forward(probs, logits, labels, k, smoothing);
+    }
     /// dlogits = (softmax − target) / N, times the loss scale on a mixed-precision backend
     /// (which its [`Backend::sgd_step_all`] divides out again).
     fn cross_entropy_backward(

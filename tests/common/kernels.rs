@@ -990,6 +990,7 @@ pub fn amp_unscale_in_place(l: Launch, grad: &mut [f32], scale: f32, found_inf: 
 /// The hyper-parameters of `sgd_step`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdArgs {
+    /// Copied to device memory, where the kernel reads it.
     pub lr: f32,
     pub momentum: f32,
     pub weight_decay: f32,
@@ -997,8 +998,6 @@ pub struct SgdArgs {
     pub first_step: bool,
     /// The overflow flag the kernel reads (`None`: null pointer, never skips).
     pub found_inf: Option<i32>,
-    /// A learning rate read from device memory instead of `lr` (`None`: null pointer).
-    pub lr_device: Option<f32>,
 }
 
 /// `sgd_step` over flat buffers. `momentum_buf` may be empty when `momentum == 0`.
@@ -1019,13 +1018,12 @@ pub fn sgd_step(l: Launch, param: &mut [f32], grad: &[f32], momentum_buf: &mut [
         grad,
         mom,
         int(n, "n"),
-        a.lr,
+        &a.lr,
         a.momentum,
         a.weight_decay,
         a.nesterov as c_int,
         a.first_step as c_int,
         a.found_inf.as_ref(),
-        a.lr_device.as_ref(),
     )
 }
 
@@ -1072,14 +1070,8 @@ pub struct AugmentArgs<'a> {
     pub std: [f32; 3],
 }
 
-/// `augment_batch_*`: `out` `[batch, 32, 32, 3]`, `labels` `[batch]`.
-pub fn augment_batch<T: Act>(
-    l: Launch,
-    out: &mut [T],
-    labels: &mut [i32],
-    records: &[u8],
-    a: &AugmentArgs,
-) {
+/// `augment_batch_*`: `out` `[batch, 32, 32, 3]`.
+pub fn augment_batch<T: Act>(l: Launch, out: &mut [T], records: &[u8], a: &AugmentArgs) {
     l.check();
     let batch = a.indices.len();
     assert!(
@@ -1088,13 +1080,11 @@ pub fn augment_batch<T: Act>(
     );
     assert_eq!(records.len() % RECORD, 0, "records: whole records");
     check_len(out, batch * 3072, "out");
-    check_len(labels, batch, "labels");
     // The kernel reads records only for indices in 0..n_records (others give NaN).
     run!(
         l,
         kname::<T>("augment_batch"),
         out,
-        labels,
         records,
         int(records.len() / RECORD, "n_records"),
         a.indices,

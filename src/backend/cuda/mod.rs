@@ -39,7 +39,7 @@ mod real;
 pub use device::DType;
 #[cfg(feature = "cudnn")]
 pub use driver::{info, missing_kernels, probe};
-pub use ops::DeviceRecords;
+pub use ops::{DeviceRecords, StepInputs};
 
 use anyhow::{bail, Context, Result};
 use device::{Device, Event, Graph, Stream};
@@ -181,21 +181,32 @@ struct Lane {
     event: Event,
 }
 
-/// The device side of a training step replayed as a CUDA graph: buffers whose addresses the
-/// graph bakes in, refilled before each replay (`params`, `lr`) or by the graph itself.
-struct StepState {
-    batch: usize,
-    /// The batch's record indices, crop offsets dy, dx and flips: 4·batch ints.
-    params: DevMem,
-    /// Labels, written by the data kernel inside the graph and read by the loss.
+/// The device memory a training step reads its host inputs from (batch draws, labels,
+/// learning rate) and writes its metrics to, whether the step runs op by op or is replayed as
+/// a CUDA graph, which bakes these addresses in. It grows and never shrinks, so a graph's
+/// addresses stay valid until a larger batch needs more room (`generation` then changes and
+/// the graph is refused).
+struct StepSlots {
+    /// Images the slots hold.
+    capacity: usize,
+    /// Counts reallocations.
+    generation: u64,
+    /// The batch's record indices, crop offsets dy, dx and flips: four runs of `batch` ints.
+    draws: DevMem,
+    /// Labels (i32).
     labels: DevMem,
+    /// The learning rate (f32).
+    lr: DevMem,
     /// The step's mean loss (f32) and correct count (i32), as the loss kernel writes them.
     loss: DevMem,
     correct: DevMem,
-    /// Σ loss·n and Σ correct since the last read (two f64).
+    /// Σ loss·n and Σ correct (two f64) of the steps whose metrics stay on the device, since
+    /// the last read.
     sums: DevMem,
-    /// The learning rate of the next replay (f32).
-    lr: DevMem,
+    /// What the host last copied into `labels` and `lr`: an input equal to it is not copied
+    /// again, so a step captured right after its inputs were staged copies nothing.
+    staged_labels: Vec<u32>,
+    staged_lr: Option<f32>,
 }
 
 /// A captured training step (see [`Gpu::capture_begin`]).
@@ -203,6 +214,8 @@ pub struct StepGraph {
     dev: Arc<dyn Device>,
     graph: Graph,
     batch: usize,
+    /// The [`StepSlots`] generation it was captured on.
+    generation: u64,
 }
 
 impl StepGraph {
@@ -236,10 +249,8 @@ pub struct Gpu {
     /// Streaming multiprocessors, for launch geometry (read once: the reduction kernels'
     /// grids, hence their bits, must not change from launch to launch).
     sm_count: u32,
-    /// Set between [`Gpu::capture_begin`] and [`Gpu::capture_end`]: ops must not touch the
-    /// host (no copies, no reads), and the loss, labels and learning rate come from `step`.
-    capturing: AtomicBool,
-    step: Mutex<Option<StepState>>,
+    /// Allocated by the first training step.
+    slots: Mutex<Option<StepSlots>>,
     /// Event waits issued by the branch scheduler (for `GpuOptions::skip_wait`).
     waits: AtomicUsize,
     /// The first failure since the last [`Backend::status`] call.
@@ -320,8 +331,7 @@ impl Gpu {
             algos: Mutex::new(HashMap::new()),
             loss_scale,
             sm_count,
-            capturing: AtomicBool::new(false),
-            step: Mutex::new(None),
+            slots: Mutex::new(None),
             waits: AtomicUsize::new(0),
             error: Mutex::new(None),
         })
@@ -343,7 +353,7 @@ impl Gpu {
     }
 
     /// The stream ops go to now.
-    fn cur(&self) -> Stream {
+    fn current_stream(&self) -> Stream {
         self.lane().stream
     }
 
@@ -442,8 +452,6 @@ impl Gpu {
     /// waits for the device and forgets the failures the capture left, so that eager steps
     /// can follow. An error only if the device itself has failed.
     pub fn recover_from_capture(&self) -> Result<()> {
-        self.capturing
-            .store(false, std::sync::atomic::Ordering::Release);
         self.dev.capture_abort(self.stream());
         let _ = self.take_error();
         self.dev

@@ -212,24 +212,42 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     /// Mean cross-entropy of the last forward's logits against `labels` (label smoothing
     /// `smoothing`); keeps what the backward needs.
     pub fn loss(&mut self, labels: &[u32], smoothing: f64) -> Result<f64> {
-        let logits = last_out(&self.nodes, &self.input);
-        let k = self.spec.classes;
-        if labels.len() != logits.shape.n {
-            bail!("{} labels for a batch of {}", labels.len(), logits.shape.n);
-        }
-        if let Some(bad) = labels.iter().find(|&&l| l as usize >= k) {
-            bail!("label {bad} is out of range: the model has {k} classes");
-        }
-        ensure_full(&self.be, &mut self.probs, logits.shape);
-        let loss =
-            self.be
-                .cross_entropy_forward(&mut self.probs.buf, &logits.buf, labels, k, smoothing);
-        self.labels = labels.to_vec();
-        self.smoothing = smoothing;
+        let k = self.prepare_loss(labels, smoothing)?;
+        let logits = &last_out(&self.nodes, &self.input).buf;
+        let loss = self
+            .be
+            .cross_entropy_forward(&mut self.probs.buf, logits, labels, k, smoothing);
         // Reading the loss back is where a device reports what failed in the step so far: that
         // failure, not the NaN that stands in for the loss, is the error.
         self.be.status()?;
         Ok(loss)
+    }
+
+    /// [`Net::loss`] of a step whose metrics stay on the device
+    /// ([`Backend::cross_entropy_forward_summed`]): nothing is read back.
+    pub fn loss_summed(&mut self, labels: &[u32], smoothing: f64) -> Result<()> {
+        let k = self.prepare_loss(labels, smoothing)?;
+        let logits = &last_out(&self.nodes, &self.input).buf;
+        self.be
+            .cross_entropy_forward_summed(&mut self.probs.buf, logits, labels, k, smoothing);
+        Ok(())
+    }
+
+    /// Checks the labels against the logits, sizes the softmax buffer and keeps the labels and
+    /// smoothing for the backward. Returns the number of classes.
+    fn prepare_loss(&mut self, labels: &[u32], smoothing: f64) -> Result<usize> {
+        let shape = last_out(&self.nodes, &self.input).shape;
+        let k = self.spec.classes;
+        if labels.len() != shape.n {
+            bail!("{} labels for a batch of {}", labels.len(), shape.n);
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= k) {
+            bail!("label {bad} is out of range: the model has {k} classes");
+        }
+        ensure_full(&self.be, &mut self.probs, shape);
+        self.labels = labels.to_vec();
+        self.smoothing = smoothing;
+        Ok(k)
     }
 
     /// Sets every parameter gradient to zero.

@@ -1,4 +1,4 @@
-//! BatchNorm, alone and fused with the ReLU that follows it (`cuda/bn_relu.cu`): batch
+//! BatchNorm, alone and fused with the ReLU that follows it (`cuda/batch_norm.cu`): batch
 //! statistics by a grid-wide reduction, the normalisation, and the backward's two passes.
 
 // The ops take the arguments `Backend` declares for them, one for one.
@@ -24,7 +24,7 @@ impl Gpu {
         // failure is recorded and `launch` runs nothing until it is reported.
         if b.0.as_ref().is_none_or(|w| w.bytes() < 8 * r.workspace) {
             // The partial sums are written before they are read: no zeroing.
-            match alloc_mem(&self.dev, self.cur(), 8 * r.workspace) {
+            match alloc_mem(&self.dev, self.current_stream(), 8 * r.workspace) {
                 Ok(w) => b.0 = Some(w),
                 Err(e) => self.record_oom(
                     "the partial sums of a per-channel reduction",
@@ -94,17 +94,17 @@ impl Gpu {
         let r = self.reduction(xs.pixels(), xs.c);
         let (ws, counters) = self.reduction_buffers(&r);
         let args = [
-            P(self.ptr(mean)),
-            P(self.ptr(invstd)),
-            P(self.ptr(running_mean)),
-            P(self.ptr(running_var)),
-            P(ws),
-            P(counters),
-            P(self.ptr(x)),
-            I(p),
-            I(c),
-            F(cfg.eps as f32),
-            F(cfg.momentum as f32),
+            Ptr(self.ptr(mean)),
+            Ptr(self.ptr(invstd)),
+            Ptr(self.ptr(running_mean)),
+            Ptr(self.ptr(running_var)),
+            Ptr(ws),
+            Ptr(counters),
+            Ptr(self.ptr(x)),
+            I32(p),
+            I32(c),
+            F32(cfg.eps as f32),
+            F32(cfg.momentum as f32),
         ];
         self.launch(&typed("batch_norm_stats", x.dtype), config(&r), &args);
     }
@@ -123,17 +123,17 @@ impl Gpu {
     ) {
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
         let args = [
-            P(self.ptr(y)),
-            I(c), // ldy: a plain [P, C] output
-            I(0), // y_off
-            P(self.ptr(x)),
-            P(self.ptr(mean)),
-            P(self.ptr(invstd)),
-            P(self.ptr(gamma)),
-            P(self.ptr(beta)),
-            I(p),
-            I(c),
-            I(relu as i32),
+            Ptr(self.ptr(y)),
+            I32(c), // ldy: a plain [P, C] output
+            I32(0), // y_off
+            Ptr(self.ptr(x)),
+            Ptr(self.ptr(mean)),
+            Ptr(self.ptr(invstd)),
+            Ptr(self.ptr(gamma)),
+            Ptr(self.ptr(beta)),
+            I32(p),
+            I32(c),
+            I32(relu as i32),
         ];
         self.launch(
             &typed("batch_norm_relu_apply", x.dtype),
@@ -150,10 +150,10 @@ impl Gpu {
         cfg: &BatchNormCfg,
     ) {
         let args = [
-            P(self.ptr(invstd)),
-            P(self.ptr(running_var)),
-            I(c as i32),
-            F(cfg.eps as f32),
+            Ptr(self.ptr(invstd)),
+            Ptr(self.ptr(running_var)),
+            I32(c as i32),
+            F32(cfg.eps as f32),
         ];
         let launch = LaunchDims::linear((c as u32).div_ceil(128), 128);
         self.launch("batch_norm_eval_invstd", launch, &args);
@@ -185,24 +185,24 @@ impl Gpu {
         // offset 0: plain [P, C] tensors.
         let (yp, relu) = y.map_or((dyp, 0), |y| (self.ptr(y), 1));
         let args = [
-            P(cp),
-            P(self.ptr(dgamma)),
-            P(self.ptr(dbeta)),
-            P(ws),
-            P(counters),
-            P(dyp),
-            I(c),
-            I(0),
-            P(yp),
-            I(c),
-            I(0),
-            P(xp),
-            P(mp),
-            P(self.ptr(invstd)),
-            P(self.ptr(gamma)),
-            I(p),
-            I(c),
-            I(relu),
+            Ptr(cp),
+            Ptr(self.ptr(dgamma)),
+            Ptr(self.ptr(dbeta)),
+            Ptr(ws),
+            Ptr(counters),
+            Ptr(dyp),
+            I32(c),
+            I32(0),
+            Ptr(yp),
+            I32(c),
+            I32(0),
+            Ptr(xp),
+            Ptr(mp),
+            Ptr(self.ptr(invstd)),
+            Ptr(self.ptr(gamma)),
+            I32(p),
+            I32(c),
+            I32(relu),
         ];
         self.launch(
             &typed("batch_norm_relu_backward_reduce", x.dtype),
@@ -210,19 +210,19 @@ impl Gpu {
             &args,
         );
         let args = [
-            P(self.ptr(dx)),
-            P(dyp),
-            I(c),
-            I(0),
-            P(yp),
-            I(c),
-            I(0),
-            P(xp),
-            P(mp),
-            P(cp),
-            I(p),
-            I(c),
-            I(relu),
+            Ptr(self.ptr(dx)),
+            Ptr(dyp),
+            I32(c),
+            I32(0),
+            Ptr(yp),
+            I32(c),
+            I32(0),
+            Ptr(xp),
+            Ptr(mp),
+            Ptr(cp),
+            I32(p),
+            I32(c),
+            I32(relu),
         ];
         self.launch(
             &typed("batch_norm_relu_backward_apply", x.dtype),

@@ -12,12 +12,12 @@ impl Gpu {
         let mut off = 0i32;
         for (part, &c) in parts.iter().zip(channels) {
             let args = [
-                P(yp),
-                I(ld),
-                I(off),
-                P(self.ptr(part)),
-                I(pixels),
-                I(c as i32),
+                Ptr(yp),
+                I32(ld),
+                I32(off),
+                Ptr(self.ptr(part)),
+                I32(pixels),
+                I32(c as i32),
             ];
             self.launch(&name, self.strided(pixels as usize * c), &args);
             off += c as i32;
@@ -32,12 +32,12 @@ impl Gpu {
         let mut off = 0i32;
         for (part, &c) in dparts.iter_mut().zip(channels) {
             let args = [
-                P(self.ptr(part)),
-                P(dyp),
-                I(ld),
-                I(off),
-                I(pixels),
-                I(c as i32),
+                Ptr(self.ptr(part)),
+                Ptr(dyp),
+                I32(ld),
+                I32(off),
+                I32(pixels),
+                I32(c as i32),
             ];
             self.launch(&name, self.strided(pixels as usize * c), &args);
             off += c as i32;
@@ -65,7 +65,7 @@ pub(super) fn fork_backward(gpu: &Gpu, dx: &mut Buf, parts: &[&Buf]) {
             }
         }
         first = false;
-        let args = [P(dxp), P(p[0]), P(p[1]), P(p[2]), P(p[3]), I(n)];
+        let args = [Ptr(dxp), Ptr(p[0]), Ptr(p[1]), Ptr(p[2]), Ptr(p[3]), I32(n)];
         gpu.launch(&name, elementwise(dx.len), &args);
     }
 }

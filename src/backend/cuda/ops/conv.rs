@@ -10,14 +10,14 @@ impl Gpu {
     /// The 16-bit working copy in `dt` of `conv`'s fp32 OIHW weight `w`, in OHWI (cuDNN's KRSC,
     /// see `dnn::filter_format`), remade if `w` changed since; 0 when a failure is recorded (its
     /// allocation or an earlier one), so the caller's work is skipped.
-    pub(super) fn low(&self, w: &Buf, conv: &Conv2d, dt: DType) -> u64 {
+    pub(super) fn working_copy(&self, w: &Buf, conv: &Conv2d, dt: DType) -> u64 {
         if self.failed() {
             return 0;
         }
         let mut shadow = w.shadow.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = w.len.max(1) * dt.size();
         if shadow.as_ref().is_none_or(|s| s.bytes() != bytes) {
-            match alloc_mem(&self.dev, self.cur(), bytes) {
+            match alloc_mem(&self.dev, self.current_stream(), bytes) {
                 Ok(s) => *shadow = Some(s),
                 Err(e) => {
                     let what = format!("the {} copy of a weight of {} values", dt.suffix(), w.len);
@@ -33,11 +33,11 @@ impl Gpu {
         let sp = s.ptr();
         if !w.shadow_fresh.load(Ordering::Acquire) {
             let args = [
-                P(sp),
-                P(self.ptr(w)),
-                I(conv.cout as i32),
-                I(conv.cin as i32),
-                I((conv.k * conv.k) as i32),
+                Ptr(sp),
+                Ptr(self.ptr(w)),
+                I32(conv.cout as i32),
+                I32(conv.cin as i32),
+                I32((conv.k * conv.k) as i32),
             ];
             // Fresh only once the conversion is queued: a skipped one is redone next time.
             let name = typed("weight_oihw_to_ohwi", dt);
@@ -59,7 +59,7 @@ impl Gpu {
             return Ok((0, 0));
         }
         if ws.as_ref().is_none_or(|w| w.bytes() < bytes) {
-            match alloc_mem(&self.dev, self.cur(), bytes) {
+            match alloc_mem(&self.dev, self.current_stream(), bytes) {
                 Ok(b) => *ws = Some(b),
                 Err(e) => {
                     self.record_oom("a cuDNN workspace", bytes, e);
@@ -79,7 +79,7 @@ impl Gpu {
         }
         let a = dnn::algos(
             &*self.dev,
-            self.cur(),
+            self.current_stream(),
             xs,
             conv,
             dt,
@@ -133,7 +133,7 @@ impl Gpu {
                 alpha: 1.0,
                 beta,
             };
-            self.dev.dnn(self.cur(), &DnnCall::Conv(call))
+            self.dev.dnn(self.current_stream(), &DnnCall::Conv(call))
         };
         if let Err(e) = run() {
             self.record(what, e);
@@ -174,7 +174,7 @@ impl Gpu {
             alpha: 1.0,
             beta,
         };
-        if let Err(e) = self.dev.gemm(self.cur(), &g) {
+        if let Err(e) = self.dev.gemm(self.current_stream(), &g) {
             self.record(&format!("{what} (cuBLAS)"), e);
         }
     }
@@ -190,7 +190,7 @@ impl Gpu {
             x.len,
             DType::F32,
         );
-        let args = [P(self.ptr(&copy)), P(self.ptr(x)), I(x.len as i32)];
+        let args = [Ptr(self.ptr(&copy)), Ptr(self.ptr(x)), I32(x.len as i32)];
         self.launch(&typed("convert_to_f32", x.dtype), elementwise(x.len), &args);
         (self.ptr(&copy), Some(copy))
     }
@@ -203,13 +203,13 @@ impl Gpu {
         let r = geometry::bias_grad(ys.pixels(), ys.c, self.sm_count());
         let (ws, counters) = self.reduction_buffers(&r);
         let args = [
-            P(self.ptr(db)),
-            P(ws),
-            P(counters),
-            P(self.ptr(dy)),
-            I(ys.pixels() as i32),
-            I(ys.c as i32),
-            I(geometry::BIAS_GRAD_TILE_ROWS as i32),
+            Ptr(self.ptr(db)),
+            Ptr(ws),
+            Ptr(counters),
+            Ptr(self.ptr(dy)),
+            I32(ys.pixels() as i32),
+            I32(ys.c as i32),
+            I32(geometry::BIAS_GRAD_TILE_ROWS as i32),
         ];
         self.launch(&typed("bias_grad", dy.dtype), config(&r), &args);
     }
@@ -229,7 +229,7 @@ pub(super) fn conv2d_forward(
     let wp = if dt == DType::F32 {
         gpu.ptr(w)
     } else {
-        gpu.low(w, conv, dt)
+        gpu.working_copy(w, conv, dt)
     };
     let (xp, yp, bp) = (gpu.ptr(x), gpu.ptr(y), gpu.ptr(b));
     gpu.conv(
@@ -253,7 +253,7 @@ pub(super) fn conv2d_forward(
         gpu.dnn_call("conv2d_forward bias", DnnCall::AddTensor(add));
     } else {
         // cuDNN's bias add wants the bias in the data type; ours stays fp32.
-        let args = [P(yp), P(bp), I(ys.pixels() as i32), I(ys.c as i32)];
+        let args = [Ptr(yp), Ptr(bp), I32(ys.pixels() as i32), I32(ys.c as i32)];
         gpu.launch(&typed("bias_add", dt), gpu.strided(ys.len()), &args);
     }
 }
@@ -318,7 +318,7 @@ pub(super) fn conv2d_backward(
         0.0,
     );
     if let Some(dxp) = dx_ptr {
-        let data = (dxp, gpu.low(w, conv, dt), dyp);
+        let data = (dxp, gpu.working_copy(w, conv, dt), dyp);
         gpu.conv(
             "conv2d_backward data",
             ConvDirection::BackwardData,
@@ -332,11 +332,11 @@ pub(super) fn conv2d_backward(
     // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
     // gradient keeps the master weight's OIHW.
     let args = [
-        P(gpu.ptr(dw)),
-        P(dw_lowp),
-        I(conv.cout as i32),
-        I(conv.cin as i32),
-        I((conv.k * conv.k) as i32),
+        Ptr(gpu.ptr(dw)),
+        Ptr(dw_lowp),
+        I32(conv.cout as i32),
+        I32(conv.cin as i32),
+        I32((conv.k * conv.k) as i32),
     ];
     let name = typed("add_ohwi_to_oihw", dt);
     gpu.launch(&name, elementwise(dw.len), &args);
@@ -436,7 +436,7 @@ pub(super) fn linear_backward(
             fin,
         );
         if let Some(dx32) = &dx32 {
-            let args = [P(gpu.ptr(dx)), P(gpu.ptr(dx32)), I(dx.len as i32)];
+            let args = [Ptr(gpu.ptr(dx)), Ptr(gpu.ptr(dx32)), I32(dx.len as i32)];
             gpu.launch(
                 &typed("convert_from_f32", dx.dtype),
                 elementwise(dx.len),

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Values per CIFAR image (32×32×3).
+const IMAGE: usize = 3072;
+
 /// A CIFAR-10 split resident in device memory (the uint8 records, as in the files), with the
 /// normalisation constants: what `augment_batch` builds training batches from.
 pub struct DeviceRecords {
@@ -34,7 +37,7 @@ impl Gpu {
                 total >> 20
             )
         };
-        let bytes = match alloc_mem(&self.dev, self.cur(), total) {
+        let bytes = match alloc_mem(&self.dev, self.current_stream(), total) {
             Ok(b) => b,
             Err(e) => {
                 let what = format!("the training set ({} records)", total / RECORD);
@@ -45,7 +48,7 @@ impl Gpu {
         let mut at = 0;
         for chunk in set.record_chunks() {
             self.dev
-                .htod(self.cur(), bytes.ptr() + at as u64, chunk)
+                .htod(self.current_stream(), bytes.ptr() + at as u64, chunk)
                 .map_err(err)?;
             at += chunk.len();
         }
@@ -64,80 +67,54 @@ impl Gpu {
 
     /// Renders the training batch of records `indices`, image `j` cropped by `views[j].0/1`
     /// (dy, dx in −4..=4) and mirrored when `views[j].2`, normalised, into an activation
-    /// buffer (NHWC, the activation type): `make_batch` on the device (`cuda/data.cu`).
+    /// buffer (NHWC, the activation type): `make_batch` on the device (`cuda/data.cu`). The
+    /// draws go through the step slots, as in a replayed step.
     pub fn augment_batch(
         &self,
         records: &DeviceRecords,
         indices: &[usize],
         views: &[(i32, i32, bool)],
     ) -> Buf {
-        let b = indices.len();
-        let out = self.act_zeros(b * 3072);
-        if b == 0 || views.len() != b {
-            self.record(
-                "augment_batch",
-                format!("{b} images but {} crop/flip draws", views.len()),
-            );
-            return out;
-        }
-        // One small copy per step: indices, dy, dx, flip.
-        let mut params = Vec::with_capacity(4 * b);
-        params.extend(indices.iter().map(|&i| i as i32));
-        params.extend(views.iter().map(|v| v.0));
-        params.extend(views.iter().map(|v| v.1));
-        params.extend(views.iter().map(|v| v.2 as i32));
+        let mut out = self.act_zeros(indices.len() * IMAGE);
         if self.failed() {
             return out;
         }
-        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let params = match self.uploaded(&bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                self.record("copying the batch indices to the GPU", e);
-                return out;
-            }
-        };
-        // labels_out null: the host knows the labels. `params` is freed after the kernel, in
-        // stream order.
-        self.launch_augment(&out, 0, records, params.ptr(), b);
+        match self.stage_draws(indices, views) {
+            Ok(_) => self.augment_staged(records, &mut out),
+            Err(e) => self.record("augment_batch", e),
+        }
         out
     }
 
-    /// Inside a capture: the data kernel renders the batch staged by [`Gpu::replay`] (record
-    /// indices and crop/flip draws in the step's device buffers) into `out`, and its labels
-    /// into the step's label buffer.
+    /// The data kernel renders the batch whose draws are in the step slots (staged by
+    /// [`Gpu::stage_step`] or [`Gpu::augment_batch`]) into `out`, of `out.len / 3072` images.
     pub fn augment_staged(&self, records: &DeviceRecords, out: &mut Buf) {
-        let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = step.as_ref() else {
-            return self.record("augment_batch", "no captured step");
-        };
-        self.launch_augment(out, st.labels.ptr(), records, st.params.ptr(), st.batch);
+        let b = out.len / IMAGE;
+        if b == 0 {
+            return self.record("augment_batch", "an empty batch");
+        }
+        match self.with_slots(b, |s| Ok(s.draws.ptr())) {
+            Ok(draws) => self.launch_augment(out, records, draws, b),
+            Err(e) => self.record("augment_batch", e),
+        }
     }
 
-    /// `augment_batch_*` over `b` images into `out`: `params` is the device address of the
-    /// 4·b ints (indices, dy, dx, flip), `labels` of the label output (0 for none).
-    pub(super) fn launch_augment(
-        &self,
-        out: &Buf,
-        labels: u64,
-        records: &DeviceRecords,
-        params: u64,
-        b: usize,
-    ) {
+    /// `augment_batch_*` over `b` images into `out`: `draws` is the device address of the
+    /// 4·b ints (indices, dy, dx, flip).
+    fn launch_augment(&self, out: &Buf, records: &DeviceRecords, draws: u64, b: usize) {
         let (rp, np) = (records.bytes.ptr(), records.norm.ptr());
-        let at = |k: usize| params + (k * b * 4) as u64;
+        let at = |k: usize| draws + (k * b * 4) as u64;
         let args = [
-            P(self.ptr(out)),
-            P(labels),
-            P(rp),
-            I(records.records as i32),
-            P(at(0)),
-            P(at(1)),
-            P(at(2)),
-            P(at(3)),
-            P(np),
-            P(np + 12), // STD follows MEAN
-            I(b as i32),
+            Ptr(self.ptr(out)),
+            Ptr(rp),
+            I32(records.records as i32),
+            Ptr(at(0)),
+            Ptr(at(1)),
+            Ptr(at(2)),
+            Ptr(at(3)),
+            Ptr(np),
+            Ptr(np + 12), // STD follows MEAN
+            I32(b as i32),
         ];
         let launch = LaunchDims {
             grid: [12, (b as u32).min(65535), 1],

@@ -3,25 +3,63 @@
 use super::*;
 
 impl Gpu {
-    /// Σ loss·n and Σ correct of the captured steps run since the last call (waits for them).
+    /// Σ loss·n and Σ correct of the steps whose metrics stayed on the device since the last
+    /// call ([`Backend::cross_entropy_forward_summed`]); reading them waits for those steps.
+    ///
+    /// [`Backend::cross_entropy_forward_summed`]: crate::backend::Backend::cross_entropy_forward_summed
     pub fn take_step_sums(&self) -> anyhow::Result<(f64, u64)> {
-        let mut step = self.step.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = step.as_mut() else {
+        if self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
             return Ok((0.0, 0));
-        };
+        }
         self.take_error()?;
         let s = self.stream();
-        let err = |e| anyhow::anyhow!("reading the training metrics: {e:#}");
         let mut bytes = [0u8; 16];
-        self.dev.dtoh(s, &mut bytes, st.sums.ptr()).map_err(err)?;
-        self.dev.memset(s, st.sums.ptr(), 0, 16).map_err(err)?;
+        self.with_slots(0, |st| {
+            self.dev.dtoh(s, &mut bytes, st.sums.ptr())?;
+            self.dev.memset(s, st.sums.ptr(), 0, 16)
+        })
+        .map_err(|e| anyhow::anyhow!("reading the training metrics: {e:#}"))?;
         let loss = f64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
         let correct = f64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
         Ok((loss, correct.max(0.0) as u64))
     }
 
-    /// Runs the fused softmax cross-entropy: `probs` receives (softmax − target)/N, the
-    /// gradient the backward hands on. Returns the mean loss (reading it back synchronises).
+    /// The fused softmax cross-entropy over the rows of `labels`: the labels are staged into
+    /// the step slots, `probs` receives (softmax − target)/N (the gradient the backward hands
+    /// on), the mean loss and the correct count go to their slots, whose addresses are
+    /// returned (`None` after a failure, which is recorded).
+    fn cross_entropy_into_slots(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) -> Option<(u64, u64)> {
+        if self.failed() {
+            return None;
+        }
+        let n = labels.len();
+        let staged = self
+            .stage_labels(labels)
+            .and_then(|labels| self.with_slots(n, |s| Ok((labels, s.loss.ptr(), s.correct.ptr()))));
+        let (labels, loss, correct) = match staged {
+            Ok(p) => p,
+            Err(e) => {
+                self.record("copying labels to the GPU", e);
+                return None;
+            }
+        };
+        self.launch_cross_entropy(probs, logits, labels, (loss, correct), (n, k), smoothing);
+        Some((loss, correct))
+    }
+
+    /// The loss of an op-by-op step, read back (which waits for the step so far).
     pub(super) fn cross_entropy(
         &self,
         probs: &mut Buf,
@@ -30,40 +68,47 @@ impl Gpu {
         k: usize,
         smoothing: f64,
     ) -> f64 {
-        let n = labels.len();
-        if self.failed() {
+        let Some((loss, _)) = self.cross_entropy_into_slots(probs, logits, labels, k, smoothing)
+        else {
             return f64::NAN;
-        }
-        if self.capturing() {
-            self.cross_entropy_captured(probs, logits, n, k, smoothing);
-            return f64::NAN;
-        }
-        let labels_i: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-        let bytes: Vec<u8> = labels_i.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let labels_d = match self.uploaded(&bytes) {
-            Ok(b) => b,
-            Err(e) => {
-                self.record("copying labels to the GPU", e);
-                return f64::NAN;
-            }
         };
-        let loss = self.f32_zeros("the loss", 1);
-        let correct = match self.zeroed(4) {
-            Ok(b) => b,
+        // On the main stream, which has joined every branch stream by now.
+        let mut bytes = [0u8; 4];
+        match self.dev.dtoh(self.stream(), &mut bytes, loss) {
+            Ok(()) => f32::from_le_bytes(bytes) as f64,
             Err(e) => {
-                self.record_oom("the accuracy counter", 4, e);
-                return f64::NAN;
+                self.record("copying the loss from the GPU", e);
+                f64::NAN
             }
+        }
+    }
+
+    /// The loss of a step whose metrics stay on the device: added to the step sums, nothing
+    /// read back (a replayed step cannot read).
+    pub(super) fn cross_entropy_summed(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) {
+        let Some((loss, correct)) =
+            self.cross_entropy_into_slots(probs, logits, labels, k, smoothing)
+        else {
+            return;
         };
-        let out = (self.ptr(&loss), correct.ptr());
-        let labels_p = labels_d.ptr();
-        self.launch_cross_entropy(probs, logits, labels_p, out, (n, k), smoothing);
-        self.download(&loss).first().map_or(f64::NAN, |&l| l as f64)
+        let sums = match self.with_slots(0, |s| Ok(s.sums.ptr())) {
+            Ok(p) => p,
+            Err(e) => return self.record("accumulate_step_metrics", e),
+        };
+        let args = [Ptr(sums), Ptr(loss), Ptr(correct), I32(labels.len() as i32)];
+        self.launch("accumulate_step_metrics", ONE_THREAD, &args);
     }
 
     /// `cross_entropy_forward_backward` over `n` rows of `k` logits: `labels` and `(loss,
     /// correct)` are device addresses; dlogits (into `probs`) carry the loss scale, if any.
-    pub(super) fn launch_cross_entropy(
+    fn launch_cross_entropy(
         &self,
         probs: &mut Buf,
         logits: &Buf,
@@ -74,43 +119,19 @@ impl Gpu {
     ) {
         let scale = self.loss_scale.as_ref().map_or(0, |ls| ls.scale.ptr());
         let args = [
-            P(self.ptr(probs)),
-            P(loss),
-            P(correct),
-            P(self.ptr(logits)),
-            P(labels),
-            I(n as i32),
-            I(k as i32),
-            F(smoothing as f32),
-            P(scale), // null on the fp32 path, which does not scale
+            Ptr(self.ptr(probs)),
+            Ptr(loss),
+            Ptr(correct),
+            Ptr(self.ptr(logits)),
+            Ptr(labels),
+            I32(n as i32),
+            I32(k as i32),
+            F32(smoothing as f32),
+            Ptr(scale), // null on the fp32 path, which does not scale
         ];
         let threads = ((32 * n as u32).min(1024)).div_ceil(32) * 32;
         let launch = LaunchDims::linear(1, threads.max(32));
         self.launch("cross_entropy_forward_backward", launch, &args);
-    }
-
-    /// The loss inside a captured step: labels from the data kernel's output, the loss and the
-    /// correct count into the step's device slots and added to its sums; nothing read back.
-    pub(super) fn cross_entropy_captured(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        n: usize,
-        k: usize,
-        smoothing: f64,
-    ) {
-        let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = step.as_ref().filter(|st| st.batch == n) else {
-            return self.record(
-                "cross_entropy_forward",
-                format!("a captured step of {n} images without its device state"),
-            );
-        };
-        let (labels, loss) = (st.labels.ptr(), st.loss.ptr());
-        let (correct, sums) = (st.correct.ptr(), st.sums.ptr());
-        self.launch_cross_entropy(probs, logits, labels, (loss, correct), (n, k), smoothing);
-        let args = [P(sums), P(loss), P(correct), I(n as i32)];
-        self.launch("accumulate_step_metrics", ONE_THREAD, &args);
     }
 }
 
@@ -130,6 +151,21 @@ pub(super) fn cross_entropy_forward(
     gpu.cross_entropy(probs, logits, labels, k, smoothing)
 }
 
+pub(super) fn cross_entropy_forward_summed(
+    gpu: &Gpu,
+    probs: &mut Buf,
+    logits: &Buf,
+    labels: &[u32],
+    k: usize,
+    smoothing: f64,
+) {
+    if gpu.expect_f32("cross_entropy_forward logits", logits)
+        && gpu.expect_f32("cross_entropy_forward softmax", probs)
+    {
+        gpu.cross_entropy_summed(probs, logits, labels, k, smoothing)
+    }
+}
+
 pub(super) fn cross_entropy_backward(
     gpu: &Gpu,
     dlogits: &mut Buf,
@@ -144,10 +180,12 @@ pub(super) fn cross_entropy_backward(
         return;
     }
     let bytes = probs.len * probs.dtype.size();
-    if let Err(e) = gpu
-        .dev
-        .dtod(gpu.cur(), gpu.ptr(dlogits), gpu.ptr(probs), bytes)
-    {
+    if let Err(e) = gpu.dev.dtod(
+        gpu.current_stream(),
+        gpu.ptr(dlogits),
+        gpu.ptr(probs),
+        bytes,
+    ) {
         gpu.record("cross_entropy_backward copy", e);
     }
 }

@@ -11,7 +11,7 @@ use super::device::{
     PoolBackward, PoolForward, Transpose,
 };
 use super::{
-    alloc_mem, dnn, DType, DevMem, Gpu, GpuBuf, StepGraph, StepState, LOSS_SCALE_BACKOFF,
+    alloc_mem, dnn, DType, DevMem, Gpu, GpuBuf, StepGraph, StepSlots, LOSS_SCALE_BACKOFF,
     LOSS_SCALE_GROWTH, LOSS_SCALE_INTERVAL,
 };
 use crate::backend::geometry::{self, Reduction};
@@ -30,10 +30,11 @@ mod pool;
 mod step;
 
 pub use data::DeviceRecords;
+pub use step::StepInputs;
 
 type Buf = GpuBuf;
 
-use KernelArg::{Ptr as P, F32 as F, I32 as I};
+use KernelArg::{Ptr, F32, I32};
 
 /// Threads per block of the element-wise kernels.
 const BLOCK: u32 = 256;
@@ -188,16 +189,17 @@ impl Gpu {
 
     /// `bytes` of zeroed device memory, stream-ordered on the current stream.
     fn zeroed(&self, bytes: usize) -> anyhow::Result<DevMem> {
-        let m = alloc_mem(&self.dev, self.cur(), bytes)?;
-        self.dev.memset(self.cur(), m.ptr(), 0, m.bytes())?;
+        let m = alloc_mem(&self.dev, self.current_stream(), bytes)?;
+        self.dev
+            .memset(self.current_stream(), m.ptr(), 0, m.bytes())?;
         Ok(m)
     }
 
     /// `data` copied into fresh device memory on the current stream.
     fn uploaded(&self, data: &[u8]) -> anyhow::Result<DevMem> {
-        let m = alloc_mem(&self.dev, self.cur(), data.len())?;
+        let m = alloc_mem(&self.dev, self.current_stream(), data.len())?;
         if !data.is_empty() {
-            self.dev.htod(self.cur(), m.ptr(), data)?;
+            self.dev.htod(self.current_stream(), m.ptr(), data)?;
         }
         Ok(m)
     }
@@ -216,7 +218,7 @@ impl Gpu {
         if self.failed() {
             return self.without_memory(len, dtype);
         }
-        match alloc_mem(&self.dev, self.cur(), bytes) {
+        match alloc_mem(&self.dev, self.current_stream(), bytes) {
             Ok(mem) => self.wrap(mem, len, dtype),
             Err(e) => {
                 self.record_oom(what, bytes, e);
@@ -268,7 +270,7 @@ impl Gpu {
         // Each caller passes the kernel's exact parameter list (pointers to live buffers of
         // the sizes the kernel reads, then scalars), as documented in cuda/; the device checks
         // it against the kernel's signature.
-        match self.dev.launch(self.cur(), name, dims, args) {
+        match self.dev.launch(self.current_stream(), name, dims, args) {
             Ok(()) => true,
             Err(e) => {
                 self.record(&format!("launching {name}"), e);
@@ -282,7 +284,7 @@ impl Gpu {
         if self.failed() {
             return;
         }
-        if let Err(e) = self.dev.dnn(self.cur(), &call) {
+        if let Err(e) = self.dev.dnn(self.current_stream(), &call) {
             self.record(what, e);
         }
     }
@@ -349,10 +351,12 @@ impl Backend<f32> for Gpu {
         if !self.usable(&[buf]) {
             return;
         }
-        if let Err(e) = self
-            .dev
-            .memset(self.cur(), self.ptr(buf), 0, buf.len * buf.dtype.size())
-        {
+        if let Err(e) = self.dev.memset(
+            self.current_stream(),
+            self.ptr(buf),
+            0,
+            buf.len * buf.dtype.size(),
+        ) {
             self.record("memset", e);
         }
     }
@@ -667,6 +671,17 @@ impl Backend<f32> for Gpu {
         smoothing: f64,
     ) -> f64 {
         loss::cross_entropy_forward(self, probs, logits, labels, k, smoothing)
+    }
+
+    fn cross_entropy_forward_summed(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) {
+        loss::cross_entropy_forward_summed(self, probs, logits, labels, k, smoothing)
     }
 
     fn cross_entropy_backward(

@@ -4,17 +4,8 @@
 use super::*;
 
 impl Gpu {
-    /// The learning rate's device slot inside a captured step (0 otherwise: the lr argument).
-    pub(super) fn lr_device(&self) -> u64 {
-        if !self.capturing() {
-            return 0;
-        }
-        let step = self.step.lock().unwrap_or_else(|p| p.into_inner());
-        step.as_ref().map_or(0, |st| st.lr.ptr())
-    }
-
-    /// torch.optim.SGD over one parameter; with `found_inf` (a device flag, 0 for none) the
-    /// kernel does nothing when the flag is set.
+    /// torch.optim.SGD over one parameter at the learning rate of the step slots; with
+    /// `found_inf` (a device flag, 0 for none) the kernel does nothing when the flag is set.
     pub(super) fn sgd(
         &self,
         param: &mut Buf,
@@ -24,18 +15,21 @@ impl Gpu {
         opt: &Sgd,
         found_inf: u64,
     ) {
+        let lr = match self.stage_lr(opt.lr as f32) {
+            Ok(p) => p,
+            Err(e) => return self.record("copying the learning rate to the GPU", e),
+        };
         let args = [
-            P(self.ptr(param)),
-            P(self.ptr(grad)),
-            P(self.ptr(momentum_buf)),
-            I(param.len as i32),
-            F(opt.lr as f32),
-            F(opt.momentum as f32),
-            F(opt.weight_decay as f32),
-            I(opt.nesterov as i32),
-            I(first_step as i32),
-            P(found_inf),
-            P(self.lr_device()), // in a captured step, the lr set before each replay
+            Ptr(self.ptr(param)),
+            Ptr(self.ptr(grad)),
+            Ptr(self.ptr(momentum_buf)),
+            I32(param.len as i32),
+            Ptr(lr),
+            F32(opt.momentum as f32),
+            F32(opt.weight_decay as f32),
+            I32(opt.nesterov as i32),
+            I32(first_step as i32),
+            Ptr(found_inf),
         ];
         self.launch("sgd_step", self.strided(param.len), &args);
     }
@@ -59,7 +53,13 @@ pub(super) fn sgd_step_all(
             // overflow anywhere skips the whole step (on the device, without a sync).
             for p in params.iter_mut() {
                 let g = gpu.ptr(p.grad);
-                let args = [P(g), P(g), I(p.grad.len as i32), P(scale), P(found_inf)];
+                let args = [
+                    Ptr(g),
+                    Ptr(g),
+                    I32(p.grad.len as i32),
+                    Ptr(scale),
+                    Ptr(found_inf),
+                ];
                 gpu.launch("amp_unscale_f32", gpu.strided(p.grad.len), &args);
             }
             for p in params.iter_mut() {
@@ -67,13 +67,13 @@ pub(super) fn sgd_step_all(
             }
             let (growth, skipped) = (ls.growth.ptr(), ls.skipped.ptr());
             let args = [
-                P(scale),
-                P(growth),
-                P(found_inf),
-                P(skipped),
-                F(LOSS_SCALE_GROWTH),
-                F(LOSS_SCALE_BACKOFF),
-                I(LOSS_SCALE_INTERVAL),
+                Ptr(scale),
+                Ptr(growth),
+                Ptr(found_inf),
+                Ptr(skipped),
+                F32(LOSS_SCALE_GROWTH),
+                F32(LOSS_SCALE_BACKOFF),
+                I32(LOSS_SCALE_INTERVAL),
             ];
             gpu.launch("update_loss_scale", ONE_THREAD, &args);
         }

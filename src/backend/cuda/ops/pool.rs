@@ -60,12 +60,12 @@ pub(super) fn avg_pool2d_backward(gpu: &Gpu, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
     // A kernel of ours rather than cudnnPoolingBackward, which wants the forward's x and y
     // (that average pooling never reads) and does not allow dx or dy in their place.
     let args = [
-        P(gpu.ptr(dx)),
-        P(gpu.ptr(dy)),
-        I(xs.n as i32),
-        I(xs.h as i32),
-        I(xs.w as i32),
-        I(xs.c as i32),
+        Ptr(gpu.ptr(dx)),
+        Ptr(gpu.ptr(dy)),
+        I32(xs.n as i32),
+        I32(xs.h as i32),
+        I32(xs.w as i32),
+        I32(xs.c as i32),
     ];
     gpu.launch(
         &typed("avg_pool2d_backward", dy.dtype),
