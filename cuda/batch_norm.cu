@@ -5,8 +5,8 @@
 // - eval normalises with the running statistics;
 // - the ReLU backward masks with the output: dy' = (y <= 0) ? 0 : dy.
 //
-// Per-channel reductions (batch statistics, Σdy', Σdy'·x̂; the bias gradient Σdy shares the
-// machinery with fixed tiles in place of chunks) are grid-wide and deterministic:
+// Per-channel reductions (batch statistics, Σdy', Σdy'·x̂; reduce.cuh, which conv.cu's bias
+// gradient shares with fixed tiles in place of chunks) are grid-wide and deterministic:
 // block (bx, by) of the grid owns channels [bx·blockDim.x, +blockDim.x) and the row chunk
 // `by` of gridDim.y equal chunks; each thread accumulates its rows (stride blockDim.y) in float,
 // the block combines its threads in double in a fixed order and writes its partial to a
@@ -15,43 +15,16 @@
 // data and the launch geometry.
 //
 // Shared requirements of the reduction kernels (batch_norm_stats,
-// batch_norm_relu_backward_reduce; bias_grad differs in its row split and workspace, see there):
+// batch_norm_relu_backward_reduce; conv.cu's bias_grad differs in its row split and workspace):
 //   block = (BX, BY) with BX ≤ 32 and BY ≤ 32 (recommended (32, 16); (16, 32) when C = 16),
 //   grid = (ceil(C / BX), G), G ≥ 1 row chunks. Recommended: about two blocks per SM while
 //   each thread keeps at least ~8 rows, G = max(1, min(ceil(2·SMs / gridDim.x), P / (8·BY))).
 //   workspace: 2·G·C doubles, counters: gridDim.x ints, zero before the first launch (the
 //   kernel leaves them zero again). Launches that may run concurrently (different streams)
 //   need their own workspace and counters. P·C < 2^31, P ≥ 2 for training statistics.
-#include "common.cuh"
+#include "reduce.cuh"
 
 namespace incept {
-
-constexpr int BN_MAX_BX = 32;
-constexpr int BN_MAX_BY = 32;
-
-// Rows [r0, r1) of chunk `b` of `G` over P rows (trailing chunks may be empty).
-__device__ __forceinline__ void bn_chunk(int P, int G, int b, int& r0, int& r1) {
-    const int per = (P + G - 1) / G;
-    r0 = min(P, b * per);
-    r1 = min(P, r0 + per);
-}
-
-// After every thread has written its block's partial to global memory: true in exactly one
-// block per channel group (blockIdx.x), the last to arrive, which then sees every partial.
-// Resets the group's counter for the next launch.
-__device__ __forceinline__ bool bn_last_block(int* counters) {
-    __shared__ int last;
-    __threadfence();  // this thread's partial is visible device-wide before the count
-    __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) {
-        const int done = atomicAdd(&counters[blockIdx.x], 1);
-        last = done == (int)gridDim.y - 1;
-        if (last) counters[blockIdx.x] = 0;
-    }
-    __syncthreads();
-    if (last) __threadfence();  // order the reads of the partials after the count
-    return last != 0;
-}
 
 // ---- batch_norm_stats ----------------------------------------------------------------------------
 
@@ -61,15 +34,15 @@ __device__ __forceinline__ void batch_norm_stats_impl(float* __restrict__ mean, 
                                                       float* __restrict__ running_var, double* workspace,
                                                       int* counters, const T* __restrict__ x, int P, int C,
                                                       float eps, float momentum) {
-    __shared__ float red_a[BN_MAX_BY][BN_MAX_BX + 1];
-    __shared__ float red_b[BN_MAX_BY][BN_MAX_BX + 1];
-    __shared__ float shift[BN_MAX_BX];
+    __shared__ float red_a[REDUCE_MAX_BY][REDUCE_MAX_BX + 1];
+    __shared__ float red_b[REDUCE_MAX_BY][REDUCE_MAX_BX + 1];
+    __shared__ float shift[REDUCE_MAX_BX];
     const int tx = threadIdx.x, ty = threadIdx.y, by = blockDim.y;
     const int c = blockIdx.x * blockDim.x + tx;
     const bool active = c < C;
     const int G = gridDim.y, chunk = blockIdx.y;
     int r0, r1;
-    bn_chunk(P, G, chunk, r0, r1);
+    reduce_chunk(P, G, chunk, r0, r1);
     const int n = r1 - r0;
 
     // Pass 1: the chunk's mean, used as the shift of pass 2.
@@ -113,7 +86,7 @@ __device__ __forceinline__ void batch_norm_stats_impl(float* __restrict__ mean, 
         workspace[(size_t)chunk * C + c] = cm;
         workspace[(size_t)(G + chunk) * C + c] = m2;
     }
-    if (!bn_last_block(counters)) return;
+    if (!reduce_last_block(counters)) return;
 
     // Merge the chunks in order (Chan et al.), in double.
     if (ty == 0 && active) {
@@ -121,7 +94,7 @@ __device__ __forceinline__ void batch_norm_stats_impl(float* __restrict__ mean, 
         double cnt = 0.0, mu = 0.0, m2 = 0.0;
         for (int k = 0; k < G; ++k) {
             int a0, a1;
-            bn_chunk(P, G, k, a0, a1);
+            reduce_chunk(P, G, k, a0, a1);
             if (a1 <= a0) continue;
             const double nb = a1 - a0;
             const double mb = ws[(size_t)k * C + c];
@@ -183,14 +156,14 @@ __device__ __forceinline__ void batch_norm_relu_backward_reduce_impl(
     int* counters, const T* dy, int ld_dy, int dy_off, const T* y, int ld_y, int y_off, const T* __restrict__ x,
     const float* __restrict__ mean, const float* __restrict__ invstd, const float* __restrict__ gamma, int P,
     int C, int relu) {
-    __shared__ float red_a[BN_MAX_BY][BN_MAX_BX + 1];
-    __shared__ float red_b[BN_MAX_BY][BN_MAX_BX + 1];
+    __shared__ float red_a[REDUCE_MAX_BY][REDUCE_MAX_BX + 1];
+    __shared__ float red_b[REDUCE_MAX_BY][REDUCE_MAX_BX + 1];
     const int tx = threadIdx.x, ty = threadIdx.y, by = blockDim.y;
     const int c = blockIdx.x * blockDim.x + tx;
     const bool active = c < C;
     const int G = gridDim.y, chunk = blockIdx.y;
     int r0, r1;
-    bn_chunk(P, G, chunk, r0, r1);
+    reduce_chunk(P, G, chunk, r0, r1);
 
     // Σdy' and Σdy'·(x − mean) over this thread's rows.
     float s1 = 0.f, s2 = 0.f;
@@ -214,7 +187,7 @@ __device__ __forceinline__ void batch_norm_relu_backward_reduce_impl(
         workspace[(size_t)chunk * C + c] = t1;
         workspace[(size_t)(G + chunk) * C + c] = t2;
     }
-    if (!bn_last_block(counters)) return;
+    if (!reduce_last_block(counters)) return;
 
     if (ty == 0 && active) {
         const volatile double* ws = workspace;
@@ -254,55 +227,6 @@ __device__ __forceinline__ void batch_norm_relu_backward_apply_impl(T* dx, const
 }
 
 // ---- bias_grad ------------------------------------------------------------------------------------
-
-// db[c] += Σ_p dy[p, c]: the bias gradient of a convolution or of the linear head, on every
-// precision path. Unlike the BN reductions, the summation order does not depend on the grid:
-// the rows are cut into fixed tiles of R rows, each tile is summed the same way whichever block
-// takes it (float per thread over rows ty, ty + BY, …, then the BY thread sums in double in
-// order), and the last block merges the tile sums in an order fixed by the tile index and BY.
-// The result therefore depends only on the data, P, C, R and BY, never on G (which follows the
-// GPU's SM count) or on the order in which blocks run: the same bits on every GPU and every run.
-template <typename T>
-__device__ __forceinline__ void bias_grad_impl(float* __restrict__ db, double* workspace, int* counters,
-                                               const T* __restrict__ dy, int P, int C, int R) {
-    __shared__ double red[BN_MAX_BY][BN_MAX_BX + 1];
-    const int tx = threadIdx.x, ty = threadIdx.y, by = blockDim.y;
-    const int c = blockIdx.x * blockDim.x + tx;
-    const bool active = c < C;
-    const int tiles = (P + R - 1) / R;
-
-    // The loop bounds depend only on blockIdx.y, so every thread of the block meets the barriers.
-    for (int t = blockIdx.y; t < tiles; t += gridDim.y) {
-        const int r1 = min(P, (t + 1) * R);
-        float s = 0.f;
-        if (active)
-            for (int r = t * R + ty; r < r1; r += by) s += to_float(dy[(size_t)r * C + c]);
-        red[ty][tx] = s;
-        __syncthreads();
-        if (ty == 0 && active) {
-            double acc = 0.0;
-            for (int k = 0; k < by; ++k) acc += red[k][tx];
-            workspace[(size_t)t * C + c] = acc;
-        }
-        __syncthreads();  // row 0 has read `red` before the next tile overwrites it
-    }
-    if (!bn_last_block(counters)) return;
-
-    // Thread ty merges tiles ty, ty + BY, … in order, then row 0 adds the BY partials in order:
-    // BY-way parallel, so a long row of tiles is not read by one thread alone.
-    double part = 0.0;
-    if (active) {
-        const volatile double* ws = workspace;
-        for (int t = ty; t < tiles; t += by) part += ws[(size_t)t * C + c];
-    }
-    red[ty][tx] = part;
-    __syncthreads();
-    if (ty == 0 && active) {
-        double total = 0.0;
-        for (int k = 0; k < by; ++k) total += red[k][tx];
-        db[c] = db[c] + (float)total;  // accumulates, as autograd; one float add
-    }
-}
 
 }  // namespace incept
 
@@ -362,21 +286,6 @@ INCEPT_INSTANTIATE_3(batch_norm_relu_backward_apply,
                       const T* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ coef,
                       int P, int C, int relu),
                      (dx, dy, ld_dy, dy_off, y, ld_y, y_off, x, mean, coef, P, C, relu))
-
-// bias_grad_{f32,f16,bf16}(float* db, double* workspace, int* counters, const T* dy, int P, int C,
-//     int R)
-//   dy [P, C] contiguous (a convolution's output gradient, or the logits' gradient of the
-//   linear head). db[c] += Σ_p dy[p·C + c]: tiles of R rows (R ≥ 1), each summed in float per
-//   thread and in double across the block, the ceil(P/R) tile sums merged in double in a fixed
-//   order, then db[c] = db[c] + (float)total. The bits depend on P, C, R and BY only: not on G,
-//   not on the order the blocks run in.
-//   Launch: block (32, 16) ((16, 32) when C ≤ 16), grid (ceil(C/BX), G) for any G ≥ 1 (more
-//   than ceil(P/R) leaves blocks idle); workspace ceil(P/R)·C doubles, counters gridDim.x ints,
-//   zero before the launch and left zero.
-INCEPT_INSTANTIATE_3(bias_grad,
-                     (float* __restrict__ db, double* workspace, int* counters, const T* __restrict__ dy, int P,
-                      int C, int R),
-                     (db, workspace, counters, dy, P, C, R))
 
 // batch_norm_eval_invstd(float* invstd, const float* running_var, int C, float eps)
 //   invstd[c] = 1/√(running_var[c] + eps), computed in double: the eval path's invstd for

@@ -1,13 +1,11 @@
 // Small element-wise kernels of both GPU paths: ReLU forward/backward, the sum of the branch
-// gradients of an Inception block (the backward of feeding one tensor to four branches), the
-// fp32 ⇄ fp16/bf16 conversions of mixed precision (fp32 → 16-bit activations and back, master
-// weights → working copy in the filter layout of the NHWC convolutions, 16-bit weight gradients
-// → fp32 accumulators in PyTorch's layout) and the bias add after a convolution.
+// gradients of an Inception block (the backward of feeding one tensor to four branches), and
+// the fp32 ⇄ fp16/bf16 conversions of mixed precision.
 // Templated on the activation type T (float, __half, __nv_bfloat16); every value is widened to
 // float, the arithmetic is done in float and the result is rounded to T once, at the store, so
 // the _f32 instantiations are the plain float kernels.
 // One thread per element, grid-stride loops; launch with block 256,
-// grid = min(ceil(n/256), 4096) (n = P·C for bias_add). n < 2^31.
+// grid = min(ceil(n/256), 4096). n < 2^31.
 
 #include "common.cuh"
 
@@ -63,50 +61,6 @@ __device__ __forceinline__ void convert_to_f32_impl(float* __restrict__ dst, con
         dst[i] = to_float(src[i]);
 }
 
-// dst[k, r, s, c] = T(src[k, c, r, s]): the fp32 master weight of a convolution, in PyTorch's
-// OIHW, cast to its 16-bit working copy in OHWI (cuDNN's KRSC), the filter layout its NHWC
-// tensor-core kernels read without a transpose of their own. One thread per element of dst
-// (coalesced stores; the loads gather, from a weight of at most a few hundred KB).
-template <typename T>
-__device__ __forceinline__ void weight_oihw_to_ohwi_impl(T* __restrict__ dst, const float* __restrict__ src, int K,
-                                                         int C, int RS) {
-    const int n = K * C * RS;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        const int c = i % C;
-        const int t = i / C;
-        const int rs = t % RS;
-        const int k = t / RS;
-        dst[i] = from_float<T>(src[((size_t)k * C + c) * RS + rs]);
-    }
-}
-
-// grad[k, c, r, s] += g[k, r, s, c] widened to float: a 16-bit weight gradient from cuDNN (OHWI)
-// accumulated into the fp32 OIHW gradient (autograd's +=). inf/NaN propagate, so amp_unscale
-// still sees an overflow. One thread per element of grad, each read-modify-write its own.
-template <typename T>
-__device__ __forceinline__ void add_ohwi_to_oihw_impl(float* __restrict__ grad, const T* __restrict__ g, int K,
-                                                      int C, int RS) {
-    const int n = K * C * RS;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        const int rs = i % RS;
-        const int t = i / RS;
-        const int c = t % C;
-        const int k = t / C;
-        grad[i] += to_float(g[((size_t)k * RS + rs) * C + c]);
-    }
-}
-
-// y[p·C + c] += b[c] in place, in float, rounded to T once: the bias of a convolution whose
-// output came from cuDNN without it.
-template <typename T>
-__device__ __forceinline__ void bias_add_impl(T* __restrict__ y, const float* __restrict__ b, int P, int C) {
-    const int total = P * C;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += blockDim.x * gridDim.x) {
-        const int c = i - (i / C) * C;
-        y[i] = from_float<T>(to_float(y[i]) + b[c]);
-    }
-}
-
 }  // namespace incept
 
 // relu_forward_{f32,f16,bf16}(T* y, const T* x, int n)
@@ -136,21 +90,3 @@ INCEPT_INSTANTIATE_16(convert_from_f32, (T* __restrict__ dst, const float* __res
 // convert_to_f32_{f32,f16,bf16}(float* dst, const T* src, int n)
 //   dst[i] = float(src[i]) (exact). Launch: as relu_forward.
 INCEPT_INSTANTIATE_16(convert_to_f32, (float* __restrict__ dst, const T* __restrict__ src, int n), (dst, src, n))
-
-// weight_oihw_to_ohwi_{f32,f16,bf16}(T* dst, const float* src, int K, int C, int RS)
-//   dst[(k·RS + rs)·C + c] = T(src[(k·C + c)·RS + rs]) (round to nearest even): an OIHW weight
-//   [K, C, R, S] (RS = R·S) to OHWI/KRSC [K, R, S, C]. dst and src distinct, K·C·RS < 2^31.
-//   Launch: block 256, grid = min(ceil(K·C·RS/256), 4096) (grid-stride).
-INCEPT_INSTANTIATE_16(weight_oihw_to_ohwi, (T* __restrict__ dst, const float* __restrict__ src, int K, int C, int RS),
-                     (dst, src, K, C, RS))
-
-// add_ohwi_to_oihw_{f32,f16,bf16}(float* grad, const T* g, int K, int C, int RS)
-//   grad[(k·C + c)·RS + rs] += float(g[(k·RS + rs)·C + c]) (inf/NaN propagate): the reverse
-//   permutation of weight_oihw_to_ohwi, accumulating. Launch: as weight_oihw_to_ohwi.
-INCEPT_INSTANTIATE_16(add_ohwi_to_oihw, (float* __restrict__ grad, const T* __restrict__ g, int K, int C, int RS),
-                     (grad, g, K, C, RS))
-
-// bias_add_{f32,f16,bf16}(T* y, const float* b, int P, int C)
-//   y[p·C + c] = T(float(y[p·C + c]) + b[c]) for p < P, c < C, in place; y [P, C] contiguous,
-//   P·C < 2^31. Launch: block 256, grid = min(ceil(P·C/256), 4096) (grid-stride over P·C).
-INCEPT_INSTANTIATE_16(bias_add, (T* __restrict__ y, const float* __restrict__ b, int P, int C), (y, b, P, C))

@@ -1781,7 +1781,7 @@ fn conversions_round_trip_and_match_the_half_crate() {
     report.finish("convert");
 }
 
-// ---- the 16-bit working copy of the conv weights: weight_oihw_to_ohwi, add_ohwi_to_oihw ----------
+// ---- conv.cu: the 16-bit working copy of the conv weights (weight_oihw_to_ohwi, add_ohwi_to_oihw)
 
 /// The index in OIHW `[k, c, rs]` of element `j` of OHWI `[k, rs, c]`.
 fn oihw_index(j: usize, c: usize, rs: usize) -> usize {
@@ -1957,7 +1957,7 @@ fn bias_add_adds_the_channel_bias_and_rounds_once() {
     report.finish("bias_add");
 }
 
-// ---- bias_grad (batch_norm.cu) ---------------------------------------------------------------------
+// ---- conv.cu: bias_grad --------------------------------------------------------------------------
 
 /// Rows per tile, as the GPU backend launches bias_grad.
 const TILE: usize = geometry::BIAS_GRAD_TILE_ROWS;

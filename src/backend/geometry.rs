@@ -1,5 +1,5 @@
 //! Launch geometries of the CUDA backend's grid-wide per-channel reductions
-//! (`cuda/batch_norm.cu`), as pure functions of the shape and the GPU's multiprocessor count. The
+//! (`cuda/reduce.cuh`), as pure functions of the shape and the GPU's multiprocessor count. The
 //! backend launches exactly these, and the emulated-kernel tests (`tests/kernels.rs`) launch
 //! the same for every SM count they try, so "the geometries the backend can use" is one
 //! function, not two copies of a formula. Built without `--features cudnn` too, for the tests.

@@ -7,7 +7,7 @@
 
 use super::cpu::Cpu;
 use super::cuda::{emu, DType, Gpu, GpuOptions};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -20,8 +20,9 @@ pub enum DeviceFlag {
     Cpu,
     /// `emu`: the CUDA backend on the emulated GPU, in every build.
     Emu,
-    /// `cuda` (device 0) or `cuda:N`, in a build with `--features cudnn`.
-    Cuda(usize),
+    /// `cuda` (device 0: `None`, said back as written) or `cuda:N`, in a build with
+    /// `--features cudnn`.
+    Cuda(Option<usize>),
 }
 
 impl FromStr for DeviceFlag {
@@ -31,9 +32,9 @@ impl FromStr for DeviceFlag {
         match s {
             "cpu" => Ok(DeviceFlag::Cpu),
             "emu" => Ok(DeviceFlag::Emu),
-            "cuda" => Ok(DeviceFlag::Cuda(0)),
+            "cuda" => Ok(DeviceFlag::Cuda(None)),
             d => match d.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(n)) => Ok(DeviceFlag::Cuda(n)),
+                Some(Ok(n)) => Ok(DeviceFlag::Cuda(Some(n))),
                 Some(Err(_)) => bail!("--device {d}: expected cuda:N with N a device number"),
                 None => bail!("--device {d}: unknown device; use cpu, cuda[:N] or emu"),
             },
@@ -46,7 +47,8 @@ impl fmt::Display for DeviceFlag {
         match self {
             DeviceFlag::Cpu => f.write_str("cpu"),
             DeviceFlag::Emu => f.write_str("emu"),
-            DeviceFlag::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceFlag::Cuda(None) => f.write_str("cuda"),
+            DeviceFlag::Cuda(Some(n)) => write!(f, "cuda:{n}"),
         }
     }
 }
@@ -80,7 +82,9 @@ impl DeviceFlag {
     pub fn check(&self) -> Result<()> {
         match self {
             DeviceFlag::Cpu | DeviceFlag::Emu => Ok(()),
-            DeviceFlag::Cuda(ordinal) => check_cuda(*ordinal),
+            DeviceFlag::Cuda(n) => {
+                check_cuda(n.unwrap_or(0)).with_context(|| format!("--device {self}"))
+            }
         }
     }
 
@@ -99,15 +103,14 @@ impl DeviceFlag {
                 "--device cpu: this needs a GPU; use --device cuda (or emu, the emulated GPU)"
             ),
             DeviceFlag::Emu => Gpu::emulated(emu::EmuOptions::from_env()?, cuda.gpu_options()),
-            DeviceFlag::Cuda(ordinal) => open_cuda(*ordinal, cuda.gpu_options()),
+            DeviceFlag::Cuda(n) => open_cuda(n.unwrap_or(0), cuda.gpu_options()),
         }
     }
 }
 
 #[cfg(feature = "cudnn")]
 fn check_cuda(ordinal: usize) -> Result<()> {
-    use anyhow::Context;
-    super::cuda::probe(ordinal).with_context(|| format!("--device cuda:{ordinal}"))
+    super::cuda::probe(ordinal)
 }
 
 #[cfg(feature = "cudnn")]
@@ -116,14 +119,16 @@ fn open_cuda(ordinal: usize, opts: GpuOptions) -> Result<Gpu> {
 }
 
 #[cfg(not(feature = "cudnn"))]
-fn check_cuda(ordinal: usize) -> Result<()> {
-    bail!("--device cuda:{ordinal}: this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu (or emu, the emulated GPU)")
+const NO_CUDA: &str = "this binary was built without CUDA; rebuild with `cargo build --release --features cudnn`, or use --device cpu (or emu, the emulated GPU)";
+
+#[cfg(not(feature = "cudnn"))]
+fn check_cuda(_: usize) -> Result<()> {
+    bail!("{NO_CUDA}")
 }
 
 #[cfg(not(feature = "cudnn"))]
 fn open_cuda(ordinal: usize, _: GpuOptions) -> Result<Gpu> {
-    check_cuda(ordinal)?;
-    bail!("--device cuda:{ordinal}: no CUDA in this build")
+    bail!("--device cuda:{ordinal}: {NO_CUDA}")
 }
 
 /// The 16-bit type of mixed precision.
@@ -229,12 +234,12 @@ mod tests {
         for (s, d) in [
             ("cpu", DeviceFlag::Cpu),
             ("emu", DeviceFlag::Emu),
-            ("cuda:3", DeviceFlag::Cuda(3)),
+            ("cuda", DeviceFlag::Cuda(None)),
+            ("cuda:3", DeviceFlag::Cuda(Some(3))),
         ] {
             assert_eq!(s.parse::<DeviceFlag>().unwrap(), d);
             assert_eq!(d.to_string(), s);
         }
-        assert_eq!("cuda".parse::<DeviceFlag>().unwrap(), DeviceFlag::Cuda(0));
         for (bad, says) in [
             ("tpu", "unknown device"),
             ("cuda:x", "cuda:N"),

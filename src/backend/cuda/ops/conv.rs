@@ -1,5 +1,6 @@
 //! Convolutions and the linear layer: cuDNN convolutions (fp32 weights, or their 16-bit
-//! OHWI working copy in mixed precision) with the bias, and cuBLAS SGEMM.
+//! OHWI working copy in mixed precision) with the bias, and cuBLAS SGEMM; the bias and
+//! weight-layout kernels are `cuda/conv.cu`.
 
 // The ops take the arguments `Backend` declares for them, one for one.
 #![allow(clippy::too_many_arguments)]
