@@ -46,6 +46,24 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
+    /// `batch` images per step at the median `train` and `eval` step times (seconds), on one
+    /// stream, without a graph or a profile.
+    fn timed(device: &str, precision: &str, batch: usize, (train, eval): (f64, f64)) -> Self {
+        BenchResult {
+            device: device.to_string(),
+            precision: precision.to_string(),
+            streams: 0,
+            graph: false,
+            batch,
+            threads: rayon::current_num_threads(),
+            train_ms: train * 1e3,
+            train_img_s: batch as f64 / train,
+            eval_ms: eval * 1e3,
+            eval_img_s: batch as f64 / eval,
+            profile: None,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         let mut v = serde_json::json!({
             "device": self.device,
@@ -167,17 +185,10 @@ pub fn bench_cuda(opts: &BenchOpts, device: &DeviceFlag, cuda: &CudaArgs) -> Res
     }
     let eval = median(times);
     Ok(BenchResult {
-        device: device.to_string(),
-        precision: cuda.describe(device).to_string(),
         streams: cuda.streams,
         graph: !cuda.no_cuda_graph,
-        batch: n,
-        threads: rayon::current_num_threads(),
-        train_ms: train * 1e3,
-        train_img_s: n as f64 / train,
-        eval_ms: eval * 1e3,
-        eval_img_s: n as f64 / eval,
         profile,
+        ..BenchResult::timed(&device.to_string(), cuda.describe(device), n, (train, eval))
     })
 }
 
@@ -295,19 +306,7 @@ fn bench_net<B: Backend<f32>>(
     };
     let train = time(true, net)?;
     let eval = time(false, net)?;
-    Ok(BenchResult {
-        device: device.to_string(),
-        precision: "fp32".to_string(),
-        streams: 0,
-        graph: false,
-        batch: n,
-        threads: rayon::current_num_threads(),
-        train_ms: train * 1e3,
-        train_img_s: n as f64 / train,
-        eval_ms: eval * 1e3,
-        eval_img_s: n as f64 / eval,
-        profile: None,
-    })
+    Ok(BenchResult::timed(device, "fp32", n, (train, eval)))
 }
 
 /// f32 GEMM throughput of this machine through the same GEMM the convolutions use

@@ -127,22 +127,26 @@ pub struct FilterDesc {
 }
 
 impl FilterDesc {
+    /// The same memory seen as a tensor: K, C, R, S index like N, C, H, W in either layout.
+    pub fn as_tensor(&self) -> TensorDesc {
+        TensorDesc {
+            dtype: self.dtype,
+            layout: self.layout,
+            dims: self.dims,
+        }
+    }
     pub fn len(&self) -> usize {
-        self.dims.iter().product()
+        self.as_tensor().len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn bytes(&self) -> usize {
-        self.len() * self.dtype.size()
+        self.as_tensor().bytes()
     }
     /// The element offset of (k, c, r, s).
     pub fn offset(&self, k: usize, c: usize, r: usize, s: usize) -> usize {
-        let [_, cc, rr, ss] = self.dims;
-        match self.layout {
-            Layout::Nchw => ((k * cc + c) * rr + r) * ss + s,
-            Layout::Nhwc => ((k * rr + r) * ss + s) * cc + c,
-        }
+        self.as_tensor().offset(k, c, r, s)
     }
 }
 

@@ -350,11 +350,19 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
 
     /// Every parameter gradient, in `state_dict()` order.
     pub fn grads(&mut self) -> Vec<(String, Vec<T>)> {
+        self.download_params(|p| &p.grad)
+    }
+
+    /// `pick`'s buffer of every parameter, downloaded, in `state_dict()` order.
+    fn download_params(
+        &mut self,
+        pick: impl Fn(&Param<B::Buf>) -> &B::Buf,
+    ) -> Vec<(String, Vec<T>)> {
         let be = &self.be;
         let mut out = Vec::new();
         visit_nodes(&mut self.nodes, &mut |name, slot| {
             if let Slot::Param(p) = slot {
-                out.push((name, be.download(&p.grad)));
+                out.push((name, be.download(pick(p))));
             }
         });
         out
@@ -376,14 +384,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
 
     /// Every SGD momentum buffer, in `state_dict()` order of its parameter.
     pub fn momentum(&mut self) -> Vec<(String, Vec<T>)> {
-        let be = &self.be;
-        let mut out = Vec::new();
-        visit_nodes(&mut self.nodes, &mut |name, slot| {
-            if let Slot::Param(p) = slot {
-                out.push((name, be.download(&p.momentum)));
-            }
-        });
-        out
+        self.download_params(|p| &p.momentum)
     }
 
     /// Replaces every momentum buffer with what `get(name, len)` returns; all or nothing.

@@ -40,9 +40,7 @@ impl EmuDevice {
         if st.capture.is_some() {
             bail!("a CUDA graph capture is already open");
         }
-        if stream.0 as usize >= st.streams.len() {
-            bail!("stream {} does not exist", stream.0);
-        }
+        stream_index(&st, stream)?;
         let mut last = HashMap::new();
         last.insert(stream, None);
         st.capture = Some(Capture {

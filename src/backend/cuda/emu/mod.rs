@@ -313,12 +313,17 @@ impl EmuDevice {
             .unwrap_or_default()
     }
 
+    /// Runs the queued work until `stream`'s queue is empty (and whatever it waits for);
+    /// returns the stream's index.
+    fn drain(&self, st: &mut State, stream: Stream) -> Result<usize> {
+        let s = stream_index(st, stream)?;
+        self.run(st, &|st| st.streams[s].is_empty())?;
+        Ok(s)
+    }
+
     /// Queues `op` on `stream` (or records it into the capture).
     fn enqueue(&self, st: &mut State, stream: Stream, op: Op) -> Result<()> {
-        let s = stream.0 as usize;
-        if s >= st.streams.len() {
-            bail!("stream {} does not exist", stream.0);
-        }
+        let s = stream_index(st, stream)?;
         if let Some(cap) = st.capture.as_mut() {
             if cap.last.contains_key(&stream) {
                 let mut deps: Vec<usize> = cap.last[&stream].into_iter().collect();
@@ -533,10 +538,7 @@ impl Device for EmuDevice {
                 "waiting on an event recorded outside the capture",
             );
         }
-        let s = stream.0 as usize;
-        if s >= st.streams.len() {
-            bail!("stream {} does not exist", stream.0);
-        }
+        let s = stream_index(&st, stream)?;
         st.clocks[s].join(&ev.clock);
         if let Some(id) = ev.op {
             if !st.done.contains(&id) {
@@ -563,11 +565,7 @@ impl Device for EmuDevice {
     fn stream_synchronize(&self, stream: Stream) -> Result<()> {
         let mut st = self.state();
         Self::capture_illegal(&mut st, stream, "a stream synchronization")?;
-        let s = stream.0 as usize;
-        if s >= st.streams.len() {
-            bail!("stream {} does not exist", stream.0);
-        }
-        self.run(&mut st, &|st| st.streams[s].is_empty())?;
+        let s = self.drain(&mut st, stream)?;
         let c = st.clocks[s].clone();
         st.host.join(&c);
         let host = st.host.clone();
@@ -633,11 +631,7 @@ impl Device for EmuDevice {
     fn dtoh(&self, stream: Stream, dst: &mut [u8], src: u64) -> Result<()> {
         let mut st = self.state();
         Self::capture_illegal(&mut st, stream, "a blocking copy to the host")?;
-        let s = stream.0 as usize;
-        if s >= st.streams.len() {
-            bail!("stream {} does not exist", stream.0);
-        }
-        self.run(&mut st, &|st| st.streams[s].is_empty())?;
+        let s = self.drain(&mut st, stream)?;
         // The copy itself is an operation of the stream: it reads what the stream's work
         // (and whatever that waited for) wrote, and nothing else may be writing it.
         let host = st.host.clone();
@@ -750,4 +744,13 @@ impl Device for EmuDevice {
     fn profiler(&self, _on: bool) -> Result<()> {
         self.synchronize()
     }
+}
+
+/// The index of `stream` in the device's stream table, or an error naming it.
+fn stream_index(st: &State, stream: Stream) -> Result<usize> {
+    let s = stream.0 as usize;
+    if s >= st.streams.len() {
+        bail!("stream {} does not exist", stream.0);
+    }
+    Ok(s)
 }
