@@ -215,7 +215,7 @@ mod gpu {
 
     /// The whole step (data kernel, forward, loss, backward, optimizer with its on-device
     /// overflow skip, metrics) captured once per epoch as a CUDA graph and replayed: per step
-    /// the host only copies the batch's indices, crop/flip draws and the learning rate.
+    /// the host only copies the batch's indices, crop/flip draws, labels and the learning rate.
     ///
     /// Each epoch's first step runs op by op (so every shape of that batch size has its
     /// buffers and cuDNN algorithms, which a capture cannot create), the second is captured,
