@@ -6,7 +6,7 @@
 
 use incept::backend::cuda::device::{Device, KernelArg, LaunchDims};
 use incept::backend::cuda::emu::{EmuDevice, EmuOptions};
-use incept::backend::cuda::{DType, Gpu, GpuOptions};
+use incept::backend::cuda::{DType, Gpu, GpuOptions, StepInputs};
 use incept::backend::Sgd;
 use incept::model::net::{HostTensor, Net};
 use incept::model::ModelSpec;
@@ -211,6 +211,40 @@ fn capture_rejects_blocking_copies_and_replays_in_an_allowed_order() {
 }
 
 /// Three training steps of the seed model on the emulated GPU with `opts`, from seed 9.
+/// A captured step bakes in the addresses of its step slots (labels, learning rate, batch
+/// draws): once a larger batch has moved them, the graph must be refused, not replayed on
+/// freed memory.
+#[test]
+fn a_step_graph_is_refused_once_its_step_slots_have_moved() {
+    let gpu = Gpu::emulated(EmuOptions::default(), GpuOptions::default()).unwrap();
+    let inputs = |n: usize| {
+        let idx: Vec<usize> = (0..n).collect();
+        (idx, vec![(0, 0, false); n], vec![1u32; n])
+    };
+    let (idx, views, labels) = inputs(4);
+    let step = StepInputs {
+        indices: &idx,
+        views: &views,
+        labels: &labels,
+        lr: 0.1,
+    };
+    gpu.stage_step(&step).unwrap();
+    gpu.capture_begin().unwrap();
+    let graph = gpu.capture_end(4).unwrap();
+    gpu.replay(&graph, &step)
+        .expect("a replay on the slots it was captured on runs");
+    let (idx8, views8, labels8) = inputs(8);
+    let larger = StepInputs {
+        indices: &idx8,
+        views: &views8,
+        labels: &labels8,
+        lr: 0.1,
+    };
+    gpu.stage_step(&larger).unwrap();
+    let err = gpu.replay(&graph, &step).unwrap_err().to_string();
+    assert!(err.contains("reallocated"), "{err}");
+}
+
 fn steps(opts: GpuOptions, emu: EmuOptions) -> Result<(Vec<f32>, Vec<f32>), String> {
     let gpu = Gpu::emulated(emu, opts).map_err(|e| format!("{e:#}"))?;
     let mut net =
