@@ -113,13 +113,13 @@ fn parameters_come_from_the_function_types() {
     assert_eq!(k.params[9], Param::Float);
     let k = kernel("augment_batch_f32").expect("augment_batch_f32");
     assert_eq!(
-        k.params[2],
+        k.params[1],
         Param::ConstPtr {
             elem: "unsigned char"
         }
     );
     let k = kernel("sgd_step").expect("sgd_step");
-    assert_eq!(k.to_string(), "sgd_step(float*, const float*, float*, int, float, float, float, int, int, const int*, const float*)");
+    assert_eq!(k.to_string(), "sgd_step(float*, const float*, float*, int, const float*, float, float, int, int, const int*)");
 }
 
 #[test]
