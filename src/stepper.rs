@@ -166,8 +166,9 @@ mod gpu {
     use super::*;
     use crate::backend::cuda::{DeviceRecords, Gpu, GpuBuf, StepGraph, StepInputs};
 
-    /// The training set resident on the GPU: each step sends only the indices and the crop/flip
-    /// draws (the same draws as [`data::make_batch`]), and `cuda/data.cu` renders the batch.
+    /// The training set resident on the GPU: each step sends only the indices, the crop/flip
+    /// draws (the same draws as [`data::make_batch`]) and the labels, and `cuda/data.cu`
+    /// renders the batch.
     pub struct DeviceFeed<'a> {
         set: &'a Cifar10,
         records: DeviceRecords,
