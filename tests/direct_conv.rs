@@ -7,7 +7,7 @@ mod common;
 
 use common::{Report, Tol};
 use incept::backend::cpu::{self, direct, winograd, Cpu};
-use incept::backend::{Backend, Conv2d, Nhwc};
+use incept::backend::{Affine, BatchNormOps, Conv2d, ConvOps, Nhwc, RunningStats};
 use incept::model::ModelSpec;
 use rand::{Rng, SeedableRng};
 
@@ -225,7 +225,7 @@ fn backend_dispatches_to_direct() {
             direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
         }
         let mut got = vec![0.0f32; ys.len()];
-        Backend::<f32>::conv2d_forward(&Cpu, &mut got, &c.x, &c.w, &c.b, c.xs, &c.conv);
+        ConvOps::<f32>::conv2d_forward(&Cpu, &mut got, &c.x, &c.w, &c.b, c.xs, &c.conv);
         assert!(
             got == y,
             "{}: backend forward is not the expected kernel",
@@ -240,7 +240,7 @@ fn backend_dispatches_to_direct() {
         }
         let (mut gdw, mut gdb) = (vec![0.0f32; dw.len()], vec![0.0f32; c.conv.cout]);
         let mut gdx = vec![0.0f32; c.xs.len()];
-        Backend::<f32>::conv2d_backward(
+        ConvOps::<f32>::conv2d_backward(
             &Cpu,
             Some(&mut gdx),
             &mut gdw,
@@ -294,18 +294,27 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
         let mean = random(conv.cout, 13);
         let var: Vec<f32> = random(conv.cout, 14).iter().map(|v| v * v + 0.1).collect();
         let mut t = vec![0.0f32; ys.len()];
-        Backend::<f32>::conv2d_forward(&Cpu, &mut t, &c.x, &c.w, &c.b, xs, &conv);
+        ConvOps::<f32>::conv2d_forward(&Cpu, &mut t, &c.x, &c.w, &c.b, xs, &conv);
         let mut want = vec![0.0f32; ys.len()];
-        Backend::<f32>::batch_norm_relu_forward_eval(
-            &Cpu, &mut want, &t, &gamma, &beta, &mean, &var, ys, &cfg,
+        let affine = Affine {
+            gamma: &gamma,
+            beta: &beta,
+        };
+        let running = RunningStats {
+            mean: &mean,
+            var: &var,
+        };
+        BatchNormOps::<f32>::batch_norm_forward_eval(
+            &Cpu, &mut want, &t, affine, running, ys, &cfg, true,
         );
         let mut got = vec![f32::NAN; ys.len()];
-        let fused = Backend::<f32>::conv2d_batch_norm_relu_forward_eval(
+        let fused = ConvOps::<f32>::conv2d_batch_norm_relu_forward_eval(
             &Cpu,
             &mut got,
             &c.x,
             (&c.w, &c.b),
-            (&gamma, &beta, &mean, &var),
+            affine,
+            running,
             xs,
             &conv,
             &cfg,
@@ -341,12 +350,19 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
     let ones = vec![1.0f32; c.conv.cout];
     let zeros = vec![0.0f32; c.conv.cout];
     let mut y = vec![0.0f32; c.conv.out_shape(c.xs).len()];
-    Backend::<f32>::conv2d_batch_norm_relu_forward_eval(
+    ConvOps::<f32>::conv2d_batch_norm_relu_forward_eval(
         &Cpu,
         &mut y,
         &x,
         (&c.w, &c.b),
-        (&ones, &zeros, &zeros, &ones),
+        Affine {
+            gamma: &ones,
+            beta: &zeros,
+        },
+        RunningStats {
+            mean: &zeros,
+            var: &ones,
+        },
         c.xs,
         &c.conv,
         &cfg,

@@ -7,7 +7,7 @@
 use incept::backend::cuda::device::{Device, KernelArg, LaunchDims};
 use incept::backend::cuda::emu::{EmuDevice, EmuOptions};
 use incept::backend::cuda::{DType, Gpu, GpuOptions, StepInputs};
-use incept::backend::Sgd;
+use incept::backend::{Buffers, Sgd};
 use incept::model::net::{HostTensor, Net};
 use incept::model::ModelSpec;
 use rand::{Rng, SeedableRng};
@@ -390,7 +390,6 @@ fn batches_rendered_on_the_device_equal_those_built_on_the_host() {
     let mut host = HostFeed::new(&set, aug, 3);
     let idx: Vec<usize> = (0..40).rev().step_by(3).collect();
     let (mut ld, mut lh) = (Vec::new(), Vec::new());
-    use incept::backend::Backend;
     let d = gpu.download(&device.batch(&gpu, &idx, 2, 7, &mut ld));
     let h = gpu.download(&host.batch(&gpu, &idx, 2, 7, &mut lh));
     assert_eq!(ld, lh);

@@ -16,7 +16,10 @@ mod common;
 
 use incept::backend::cpu::Cpu;
 use incept::backend::cuda::{emu::EmuOptions, DType, Gpu, GpuOptions};
-use incept::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd};
+use incept::backend::ops::*;
+use incept::backend::{
+    Affine, BatchNormCfg, BatchStats, Conv2d, MaxPool2d, Nhwc, RunningStats, Sgd,
+};
 use incept::model::net::{HostTensor, Net};
 use incept::model::{ModelSpec, TensorKind};
 use rand::{Rng, SeedableRng};
@@ -357,24 +360,42 @@ fn bn_case<B: Backend<f32>>(
     );
     let (mut mean, mut invstd, mut y) = (be.zeros(c), be.zeros(c), be.act_zeros(xs.len()));
     let cfg = BatchNormCfg::default();
+    let affine = Affine {
+        gamma: &gamma,
+        beta: &beta,
+    };
     be.batch_norm_forward_train(
         &mut y,
-        &mut mean,
-        &mut invstd,
-        &mut rm,
-        &mut rv,
         &x,
-        &gamma,
-        &beta,
+        affine,
+        RunningStats {
+            mean: &mut rm,
+            var: &mut rv,
+        },
+        BatchStats {
+            mean: &mut mean,
+            invstd: &mut invstd,
+        },
         xs,
         &cfg,
+        false,
     )?;
     let (mut dx, mut dg, mut dbeta) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
-    be.batch_norm_backward(
-        &mut dx, &mut dg, &mut dbeta, &dy, &x, &gamma, &mean, &invstd, xs,
-    );
+    let batch = BatchStats {
+        mean: &mean,
+        invstd: &invstd,
+    };
+    let daffine = Affine {
+        gamma: &mut dg,
+        beta: &mut dbeta,
+    };
+    be.batch_norm_backward(&mut dx, daffine, &dy, None, &x, &gamma, batch, xs);
     let mut ye = be.act_zeros(xs.len());
-    be.batch_norm_forward_eval(&mut ye, &x, &gamma, &beta, &rm, &rv, xs, &cfg);
+    let running = RunningStats {
+        mean: &rm,
+        var: &rv,
+    };
+    be.batch_norm_forward_eval(&mut ye, &x, affine, running, xs, &cfg, false);
     // ReLU on the same host values on both sides (each side's own y differs from the other's
     // by the BatchNorm's rounding, and ReLU is compared exactly).
     let yq = be.upload_act(&p.round(uniform(&mut r, xs.len(), -1.0, 1.0)));
@@ -385,18 +406,37 @@ fn bn_case<B: Backend<f32>>(
     // The fused BatchNorm+ReLU the network runs: forward (train, eval) and backward.
     let (mut fy, mut fm, mut fi) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
     let (mut frm, mut frv) = (be.zeros(c), be.upload(&vec![1.0; c]));
-    be.batch_norm_relu_forward_train(
-        &mut fy, &mut fm, &mut fi, &mut frm, &mut frv, &x, &gamma, &beta, xs, &cfg,
+    be.batch_norm_forward_train(
+        &mut fy,
+        &x,
+        affine,
+        RunningStats {
+            mean: &mut frm,
+            var: &mut frv,
+        },
+        BatchStats {
+            mean: &mut fm,
+            invstd: &mut fi,
+        },
+        xs,
+        &cfg,
+        true,
     )?;
     // The backward's mask is the forward's output: rounded copies on both sides, as above.
     let fyq = be.upload_act(&p.round(be.download(&fy)));
-    let mut fdy = be.upload_act(&dy_host);
+    let fdy = be.upload_act(&dy_host);
     let (mut fdx, mut fdg, mut fdb) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
-    be.batch_norm_relu_backward(
-        &mut fdx, &mut fdg, &mut fdb, &mut fdy, &fyq, &x, &gamma, &fm, &fi, xs,
-    );
+    let batch = BatchStats {
+        mean: &fm,
+        invstd: &fi,
+    };
+    let daffine = Affine {
+        gamma: &mut fdg,
+        beta: &mut fdb,
+    };
+    be.batch_norm_backward(&mut fdx, daffine, &fdy, Some(&fyq), &x, &gamma, batch, xs);
     let mut fe = be.act_zeros(xs.len());
-    be.batch_norm_relu_forward_eval(&mut fe, &x, &gamma, &beta, &rm, &rv, xs, &cfg);
+    be.batch_norm_forward_eval(&mut fe, &x, affine, running, xs, &cfg, true);
     Ok([
         y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g, fy, fdx, fdg, fdb, fe,
     ]

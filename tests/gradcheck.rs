@@ -15,7 +15,10 @@ mod common;
 
 use common::{Report, Tol};
 use incept::backend::cpu::Cpu;
-use incept::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd};
+use incept::backend::ops::*;
+use incept::backend::{
+    Affine, BatchNormCfg, BatchStats, Conv2d, MaxPool2d, Nhwc, RunningStats, Sgd,
+};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -381,15 +384,19 @@ fn bn_train_y(x: &Vec<f64>, gamma: &Vec<f64>, beta: &Vec<f64>, xs: Nhwc) -> Vec<
     let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
     be.batch_norm_forward_train(
         &mut y,
-        &mut mean,
-        &mut invstd,
-        &mut rm,
-        &mut rv,
         x,
-        gamma,
-        beta,
+        Affine { gamma, beta },
+        RunningStats {
+            mean: &mut rm,
+            var: &mut rv,
+        },
+        BatchStats {
+            mean: &mut mean,
+            invstd: &mut invstd,
+        },
         xs,
         &BatchNormCfg::default(),
+        false,
     )
     .unwrap();
     y
@@ -443,15 +450,22 @@ fn batch_norm_backward_matches_finite_differences() {
         let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
         be.batch_norm_forward_train(
             &mut y,
-            &mut mean,
-            &mut invstd,
-            &mut rm,
-            &mut rv,
             &x,
-            &gamma,
-            &beta,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &mut rm,
+                var: &mut rv,
+            },
+            BatchStats {
+                mean: &mut mean,
+                invstd: &mut invstd,
+            },
             xs,
             &BatchNormCfg::default(),
+            false,
         )
         .unwrap();
 
@@ -461,13 +475,18 @@ fn batch_norm_backward_matches_finite_differences() {
         let (mut dgamma, mut dbeta) = (dgamma0.clone(), dbeta0.clone());
         be.batch_norm_backward(
             &mut dx,
-            &mut dgamma,
-            &mut dbeta,
+            Affine {
+                gamma: &mut dgamma,
+                beta: &mut dbeta,
+            },
             &g,
+            None,
             &x,
             &gamma,
-            &mean,
-            &invstd,
+            BatchStats {
+                mean: &mean,
+                invstd: &invstd,
+            },
             xs,
         );
         let (dgamma, dbeta) = (added(&dgamma, &dgamma0), added(&dbeta, &dbeta0));
@@ -527,15 +546,22 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
         let (mut rm, mut rv) = (rm0.clone(), rv0.clone());
         be.batch_norm_forward_train(
             &mut y,
-            &mut mean,
-            &mut invstd,
-            &mut rm,
-            &mut rv,
             &x,
-            &gamma,
-            &beta,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &mut rm,
+                var: &mut rv,
+            },
+            BatchStats {
+                mean: &mut mean,
+                invstd: &mut invstd,
+            },
             xs,
             &cfg,
+            false,
         )
         .unwrap();
 
@@ -583,7 +609,21 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
         // Eval mode normalises with the running statistics, not the batch's.
         let xe = uniform(&mut r, xs.len(), -2.0, 4.0);
         let mut ye = vec![f64::NAN; xs.len()];
-        be.batch_norm_forward_eval(&mut ye, &xe, &gamma, &beta, &rm, &rv, xs, &cfg);
+        be.batch_norm_forward_eval(
+            &mut ye,
+            &xe,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &rm,
+                var: &rv,
+            },
+            xs,
+            &cfg,
+            false,
+        );
         let want_ye: Vec<f64> = (0..xs.len())
             .map(|i| {
                 let ch = i % c;
@@ -604,15 +644,22 @@ fn batch_norm_training_rejects_one_value_per_channel() {
     let (mut rm, mut rv) = (vec![0.0; 3], vec![1.0; 3]);
     let res = be.batch_norm_forward_train(
         &mut y,
-        &mut mean,
-        &mut invstd,
-        &mut rm,
-        &mut rv,
         &vec![1.0, 2.0, 3.0],
-        &vec![1.0; 3],
-        &vec![0.0; 3],
+        Affine {
+            gamma: &vec![1.0; 3],
+            beta: &vec![0.0; 3],
+        },
+        RunningStats {
+            mean: &mut rm,
+            var: &mut rv,
+        },
+        BatchStats {
+            mean: &mut mean,
+            invstd: &mut invstd,
+        },
         xs,
         &BatchNormCfg::default(),
+        false,
     );
     assert!(
         res.is_err(),
@@ -1409,33 +1456,121 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
         let (mut t, mut y1, mut m1, mut i1) = (z(xs.len()), z(xs.len()), z(c), z(c));
         let (mut rm1, mut rv1) = (z(c), rv0.clone());
         be.batch_norm_forward_train(
-            &mut t, &mut m1, &mut i1, &mut rm1, &mut rv1, &x, &gamma, &beta, xs, &cfg,
+            &mut t,
+            &x,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &mut rm1,
+                var: &mut rv1,
+            },
+            BatchStats {
+                mean: &mut m1,
+                invstd: &mut i1,
+            },
+            xs,
+            &cfg,
+            false,
         )
         .unwrap();
         be.relu_forward(&mut y1, &t);
         let mut g = dy0.clone();
         be.relu_backward(&mut g, &y1);
         let (mut dx1, mut dg1, mut db1) = (z(xs.len()), vec![T::one(); c], vec![T::one(); c]);
-        be.batch_norm_backward(&mut dx1, &mut dg1, &mut db1, &g, &x, &gamma, &m1, &i1, xs);
+        be.batch_norm_backward(
+            &mut dx1,
+            Affine {
+                gamma: &mut dg1,
+                beta: &mut db1,
+            },
+            &g,
+            None,
+            &x,
+            &gamma,
+            BatchStats {
+                mean: &m1,
+                invstd: &i1,
+            },
+            xs,
+        );
         let mut te = z(xs.len());
         let mut e1 = z(xs.len());
-        be.batch_norm_forward_eval(&mut te, &x, &gamma, &beta, &rm1, &rv1, xs, &cfg);
+        be.batch_norm_forward_eval(
+            &mut te,
+            &x,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &rm1,
+                var: &rv1,
+            },
+            xs,
+            &cfg,
+            false,
+        );
         be.relu_forward(&mut e1, &te);
 
         // Fused.
         let (mut y2, mut m2, mut i2) = (z(xs.len()), z(c), z(c));
         let (mut rm2, mut rv2) = (z(c), rv0.clone());
-        be.batch_norm_relu_forward_train(
-            &mut y2, &mut m2, &mut i2, &mut rm2, &mut rv2, &x, &gamma, &beta, xs, &cfg,
+        be.batch_norm_forward_train(
+            &mut y2,
+            &x,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &mut rm2,
+                var: &mut rv2,
+            },
+            BatchStats {
+                mean: &mut m2,
+                invstd: &mut i2,
+            },
+            xs,
+            &cfg,
+            true,
         )
         .unwrap();
-        let mut d = dy0.clone();
+        let d = dy0.clone();
         let (mut dx2, mut dg2, mut db2) = (z(xs.len()), vec![T::one(); c], vec![T::one(); c]);
-        be.batch_norm_relu_backward(
-            &mut dx2, &mut dg2, &mut db2, &mut d, &y2, &x, &gamma, &m2, &i2, xs,
+        be.batch_norm_backward(
+            &mut dx2,
+            Affine {
+                gamma: &mut dg2,
+                beta: &mut db2,
+            },
+            &d,
+            Some(&y2),
+            &x,
+            &gamma,
+            BatchStats {
+                mean: &m2,
+                invstd: &i2,
+            },
+            xs,
         );
         let mut e2 = z(xs.len());
-        be.batch_norm_relu_forward_eval(&mut e2, &x, &gamma, &beta, &rm2, &rv2, xs, &cfg);
+        be.batch_norm_forward_eval(
+            &mut e2,
+            &x,
+            Affine {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            RunningStats {
+                mean: &rm2,
+                var: &rv2,
+            },
+            xs,
+            &cfg,
+            true,
+        );
 
         for (name, a, b) in [
             ("y", &y1, &y2),

@@ -14,7 +14,10 @@ use common::kernels::{self as emu, Act, AugmentArgs, Cols, Launch, LossScale, Sg
 use common::{Report, Tol};
 use half::{bf16, f16};
 use incept::backend::cpu::{add_ohwi_to_oihw, weight_oihw_to_ohwi, Cpu};
-use incept::backend::{geometry, Backend, BatchNormCfg, Conv2d, Nhwc, Sgd};
+use incept::backend::ops::*;
+use incept::backend::{
+    geometry, Affine, BatchNormCfg, BatchStats, Conv2d, Nhwc, RunningStats, Sgd,
+};
 use incept::data::{make_batch, write_synthetic, Augment, Cifar10, Split, MEAN, STD, TRAIN_FILES};
 use incept::model::{Layer, ModelSpec};
 use rand::{Rng, SeedableRng};
@@ -189,7 +192,7 @@ fn concat_case<T: Act>(report: &mut Report, name: &str, p: usize, channels: &[us
     // Reference: the CPU join of the (already rounded) parts.
     let mut want = vec![0f32; p * total];
     let refs: Vec<&Vec<f32>> = parts.iter().map(|(_, f)| f).collect();
-    Backend::<f32>::concat_forward(&cpu(), &mut want, &refs, channels);
+    ConcatOps::<f32>::concat_forward(&cpu(), &mut want, &refs, channels);
     let mut y = vec![T::default(); p * total];
     let mut off = 0;
     for ((part, _), &c) in parts.iter().zip(channels) {
@@ -207,7 +210,7 @@ fn concat_case<T: Act>(report: &mut Report, name: &str, p: usize, channels: &[us
     let mut want_parts: Vec<Vec<f32>> = channels.iter().map(|&c| vec![0f32; p * c]).collect();
     {
         let mut dparts: Vec<&mut Vec<f32>> = want_parts.iter_mut().collect();
-        Backend::<f32>::concat_backward(&cpu(), &mut dparts, &want, channels);
+        ConcatOps::<f32>::concat_backward(&cpu(), &mut dparts, &want, channels);
     }
     let mut off = 0;
     for (i, &c) in channels.iter().enumerate() {
@@ -266,18 +269,25 @@ fn stats_case<T: Act>(
     let (mut y64, mut mean64, mut inv64) = (vec![0f64; p * c], vec![0f64; c], vec![0f64; c]);
     let (mut rm64, mut rv64) = (f64s(&rm0), f64s(&rv0));
     let (g64, b64) = (vec![1f64; c], vec![0f64; c]);
-    Backend::<f64>::batch_norm_forward_train(
+    BatchNormOps::<f64>::batch_norm_forward_train(
         &cpu(),
         &mut y64,
-        &mut mean64,
-        &mut inv64,
-        &mut rm64,
-        &mut rv64,
         &x64,
-        &g64,
-        &b64,
+        Affine {
+            gamma: &g64,
+            beta: &b64,
+        },
+        RunningStats {
+            mean: &mut rm64,
+            var: &mut rv64,
+        },
+        BatchStats {
+            mean: &mut mean64,
+            invstd: &mut inv64,
+        },
         xs,
         &cfg,
+        false,
     )
     .unwrap();
     let (mut mean, mut invstd, mut rm, mut rv) =
@@ -444,22 +454,29 @@ fn bn_layer(seed: u64, p: usize, c: usize) -> BnLayer {
 fn cpu_bn_relu_train(l: &BnLayer, x: &[f32], p: usize, c: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (mut y, mut mean, mut inv) = (vec![0f32; p * c], vec![0f32; c], vec![0f32; c]);
     let (mut rm, mut rv) = (l.rm.clone(), l.rv.clone());
-    Backend::<f32>::batch_norm_forward_train(
+    BatchNormOps::<f32>::batch_norm_forward_train(
         &cpu(),
         &mut y,
-        &mut mean,
-        &mut inv,
-        &mut rm,
-        &mut rv,
         &x.to_vec(),
-        &l.gamma,
-        &l.beta,
+        Affine {
+            gamma: &l.gamma,
+            beta: &l.beta,
+        },
+        RunningStats {
+            mean: &mut rm,
+            var: &mut rv,
+        },
+        BatchStats {
+            mean: &mut mean,
+            invstd: &mut inv,
+        },
         Nhwc::new(1, p, 1, c),
         &BatchNormCfg::default(),
+        false,
     )
     .unwrap();
     let mut out = vec![0f32; p * c];
-    Backend::<f32>::relu_forward(&cpu(), &mut out, &y);
+    ElementwiseOps::<f32>::relu_forward(&cpu(), &mut out, &y);
     (out, mean, inv)
 }
 
@@ -533,19 +550,24 @@ fn apply_eval_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize, 
     let (x, xr) = quantize::<T>(&l.x);
     let cfg = BatchNormCfg::default();
     let mut y = vec![0f32; p * c];
-    Backend::<f32>::batch_norm_forward_eval(
+    BatchNormOps::<f32>::batch_norm_forward_eval(
         &cpu(),
         &mut y,
         &xr,
-        &l.gamma,
-        &l.beta,
-        &l.rm,
-        &l.rv,
+        Affine {
+            gamma: &l.gamma,
+            beta: &l.beta,
+        },
+        RunningStats {
+            mean: &l.rm,
+            var: &l.rv,
+        },
         Nhwc::new(1, p, 1, c),
         &cfg,
+        false,
     );
     let mut want = vec![0f32; p * c];
-    Backend::<f32>::relu_forward(&cpu(), &mut want, &y);
+    ElementwiseOps::<f32>::relu_forward(&cpu(), &mut want, &y);
     let mut inv = vec![0f32; c];
     emu::batch_norm_eval_invstd(Launch::linear(1, 128), &mut inv, &l.rv, cfg.eps as f32);
     let inv_want: Vec<f64> =
@@ -638,7 +660,7 @@ fn apply_into_join_case<T: Act>(
     }
     let mut want = vec![0f32; p * total];
     let refs: Vec<&Vec<f32>> = branch_outputs.iter().collect();
-    Backend::<f32>::concat_forward(&cpu(), &mut want, &refs, channels);
+    ConcatOps::<f32>::concat_forward(&cpu(), &mut want, &refs, channels);
     report.check(
         &format!("{name} {} joined y", T::NAME),
         &act_f64s(&joined[..p * total]),
@@ -681,21 +703,26 @@ fn backward_case<T: Act>(
     let (dy, dyr) = quantize::<T>(&uniform(seed + 9, p * c, -1.0, 1.0));
     // Reference: relu_backward (mask with the output the kernel sees), then BN backward.
     let mut masked = dyr.clone();
-    Backend::<f32>::relu_backward(&cpu(), &mut masked, &yr);
+    ElementwiseOps::<f32>::relu_backward(&cpu(), &mut masked, &yr);
     let dgamma0 = uniform(seed + 11, c, -0.1, 0.1);
     let dbeta0 = uniform(seed + 12, c, -0.1, 0.1);
     let (mut dx_want, mut dg_want, mut db_want) =
         (vec![0f32; p * c], dgamma0.clone(), dbeta0.clone());
-    Backend::<f32>::batch_norm_backward(
+    BatchNormOps::<f32>::batch_norm_backward(
         &cpu(),
         &mut dx_want,
-        &mut dg_want,
-        &mut db_want,
+        Affine {
+            gamma: &mut dg_want,
+            beta: &mut db_want,
+        },
         &masked,
+        None,
         &xr,
         &l.gamma,
-        &mean,
-        &inv,
+        BatchStats {
+            mean: &mean,
+            invstd: &inv,
+        },
         Nhwc::new(1, p, 1, c),
     );
     // Kernel inputs: y and dy, inside wider tensors when `joined`.
@@ -878,9 +905,9 @@ fn cross_entropy_case(
     let name = format!("N={n} K={k} smoothing={smoothing} scale={scale:?}");
     let mut probs = vec![0f32; n * k];
     let loss_want =
-        Backend::<f32>::cross_entropy_forward(&cpu(), &mut probs, &logits, &labels, k, smoothing);
+        LossOps::<f32>::cross_entropy_forward(&cpu(), &mut probs, &logits, &labels, k, smoothing);
     let mut d_want = vec![0f32; n * k];
-    Backend::<f32>::cross_entropy_backward(&cpu(), &mut d_want, &probs, &labels, k, smoothing);
+    LossOps::<f32>::cross_entropy_backward(&cpu(), &mut d_want, &probs, &labels, k, smoothing);
     let s = scale.unwrap_or(1.0) as f64;
     let d_want: Vec<f64> = d_want.iter().map(|&v| v as f64 * s).collect();
     let correct_want = (0..n)
@@ -1077,7 +1104,7 @@ fn sgd_case(report: &mut Report, opt: Sgd, steps: usize, seed: u64) {
     for step in 0..steps {
         let (_, grad) = flat_params(seed + 10 + step as u64);
         let first = step == 0;
-        Backend::<f32>::sgd_step(&cpu(), &mut p_ref, &grad, &mut buf_ref, first, &opt);
+        OptimOps::<f32>::sgd_step(&cpu(), &mut p_ref, &grad, &mut buf_ref, first, &opt);
         let args = SgdArgs {
             lr: opt.lr as f32,
             momentum: opt.momentum as f32,
@@ -1556,7 +1583,7 @@ fn relu_case<T: Act>(report: &mut Report, name: &str, n: usize, l: Launch, seed:
     let mut y = vec![T::from_f32(7.0); n];
     emu::relu_forward(l, &mut y, &x);
     let mut want = vec![0f32; n];
-    Backend::<f32>::relu_forward(&cpu(), &mut want, &xr);
+    ElementwiseOps::<f32>::relu_forward(&cpu(), &mut want, &xr);
     // max(x, 0) of a T value is that value or 0: no rounding anywhere.
     check_bits(
         report,
@@ -1571,7 +1598,7 @@ fn relu_case<T: Act>(report: &mut Report, name: &str, n: usize, l: Launch, seed:
     let mut got = dy.clone();
     emu::relu_backward(l, &mut got, &y);
     let mut want = dyr.clone();
-    Backend::<f32>::relu_backward(&cpu(), &mut want, &yr);
+    ElementwiseOps::<f32>::relu_backward(&cpu(), &mut want, &yr);
     check_bits(
         report,
         &format!("{name} {t} relu_backward"),
@@ -1615,7 +1642,7 @@ fn fork_case<T: Act>(report: &mut Report, name: &str, n: usize, l: Launch, seed:
         // Reference: the CPU's f32 sum in branch order of the very same values, rounded once.
         let mut want = vec![0f32; n];
         let owned: Vec<Vec<f32>> = parts[..k].iter().map(|(_, r)| r.clone()).collect();
-        Backend::<f32>::fork_backward(&cpu(), &mut want, &owned.iter().collect::<Vec<_>>());
+        ConcatOps::<f32>::fork_backward(&cpu(), &mut want, &owned.iter().collect::<Vec<_>>());
         check_bits(
             report,
             &format!("{name} {t} fork_backward of {k}"),
@@ -1630,7 +1657,7 @@ fn fork_case<T: Act>(report: &mut Report, name: &str, n: usize, l: Launch, seed:
     emu::fork_backward_into(l, &mut got, &rest);
     let mut want = vec![0f32; n];
     let owned: Vec<Vec<f32>> = parts.iter().map(|(_, r)| r.clone()).collect();
-    Backend::<f32>::fork_backward(&cpu(), &mut want, &owned.iter().collect::<Vec<_>>());
+    ConcatOps::<f32>::fork_backward(&cpu(), &mut want, &owned.iter().collect::<Vec<_>>());
     check_bits(
         report,
         &format!("{name} {t} fork_backward in place"),

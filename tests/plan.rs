@@ -8,7 +8,10 @@
 //! whatever branch schedule the network was given.
 
 use incept::backend::cpu::Cpu;
-use incept::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd};
+use incept::backend::ops::*;
+use incept::backend::{
+    Affine, BatchNormCfg, BatchStats, Conv2d, MaxPool2d, Nhwc, RunningStats, Sgd,
+};
 use incept::model::net::Net;
 use incept::model::{Layer, ModelSpec};
 use incept::schedule::BranchSchedule;
@@ -38,11 +41,10 @@ impl Recorder {
 
 type Buf = Vec<f64>;
 
-impl Backend<f64> for Recorder {
+impl Buffers<f64> for Recorder {
     type Buf = Buf;
-
     fn zeros(&self, len: usize) -> Buf {
-        Backend::<f64>::zeros(&Cpu, len)
+        Buffers::<f64>::zeros(&Cpu, len)
     }
     fn upload(&self, data: &[f64]) -> Buf {
         Cpu.upload(data)
@@ -53,6 +55,9 @@ impl Backend<f64> for Recorder {
     fn fill_zero(&self, buf: &mut Buf) {
         Cpu.fill_zero(buf)
     }
+}
+
+impl Backend<f64> for Recorder {
     /// Like the CUDA backend: the branch calls route the ops that follow, so they must come
     /// from one thread, in order.
     fn issues_from_one_thread(&self) -> bool {
@@ -67,6 +72,9 @@ impl Backend<f64> for Recorder {
     fn branches_end(&self, n: usize) {
         self.push(Ev::End(n));
     }
+}
+
+impl ConvOps<f64> for Recorder {
     fn conv2d_forward(&self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, xs: Nhwc, conv: &Conv2d) {
         self.op("conv2d_forward");
         Cpu.conv2d_forward(y, x, w, b, xs, conv)
@@ -84,106 +92,6 @@ impl Backend<f64> for Recorder {
     ) {
         self.op("conv2d_backward");
         Cpu.conv2d_backward(dx, dw, db, dy, x, w, xs, conv)
-    }
-    fn batch_norm_forward_train(
-        &self,
-        y: &mut Buf,
-        mean: &mut Buf,
-        invstd: &mut Buf,
-        running_mean: &mut Buf,
-        running_var: &mut Buf,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-    ) -> anyhow::Result<()> {
-        self.op("batch_norm_forward_train");
-        Cpu.batch_norm_forward_train(
-            y,
-            mean,
-            invstd,
-            running_mean,
-            running_var,
-            x,
-            gamma,
-            beta,
-            xs,
-            cfg,
-        )
-    }
-    fn batch_norm_forward_eval(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        running_mean: &Buf,
-        running_var: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-    ) {
-        self.op("batch_norm_forward_eval");
-        Cpu.batch_norm_forward_eval(y, x, gamma, beta, running_mean, running_var, xs, cfg)
-    }
-    fn batch_norm_backward(
-        &self,
-        dx: &mut Buf,
-        dgamma: &mut Buf,
-        dbeta: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        gamma: &Buf,
-        mean: &Buf,
-        invstd: &Buf,
-        xs: Nhwc,
-    ) {
-        self.op("batch_norm_backward");
-        Cpu.batch_norm_backward(dx, dgamma, dbeta, dy, x, gamma, mean, invstd, xs)
-    }
-    fn relu_forward(&self, y: &mut Buf, x: &Buf) {
-        self.op("relu_forward");
-        Cpu.relu_forward(y, x)
-    }
-    fn relu_backward(&self, dy: &mut Buf, y: &Buf) {
-        self.op("relu_backward");
-        Cpu.relu_backward(dy, y)
-    }
-    fn max_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc, pool: &MaxPool2d) {
-        self.op("max_pool2d_forward");
-        Cpu.max_pool2d_forward(y, x, xs, pool)
-    }
-    fn max_pool2d_backward(
-        &self,
-        dx: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        y: &Buf,
-        xs: Nhwc,
-        pool: &MaxPool2d,
-    ) {
-        self.op("max_pool2d_backward");
-        Cpu.max_pool2d_backward(dx, dy, x, y, xs, pool)
-    }
-    fn fork_backward(&self, dx: &mut Buf, parts: &[&Buf]) {
-        self.op("fork_backward");
-        Cpu.fork_backward(dx, parts)
-    }
-    fn concat_forward(&self, y: &mut Buf, parts: &[&Buf], channels: &[usize]) {
-        self.op("concat_forward");
-        Cpu.concat_forward(y, parts, channels)
-    }
-    fn concat_backward(&self, dparts: &mut [&mut Buf], dy: &Buf, channels: &[usize]) {
-        self.op("concat_backward");
-        Cpu.concat_backward(dparts, dy, channels)
-    }
-    fn avg_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc) {
-        self.op("avg_pool2d_forward");
-        Cpu.avg_pool2d_forward(y, x, xs)
-    }
-    fn avg_pool2d_backward(&self, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
-        self.op("avg_pool2d_backward");
-        Cpu.avg_pool2d_backward(dx, dy, xs)
     }
     fn linear_forward(
         &self,
@@ -213,6 +121,106 @@ impl Backend<f64> for Recorder {
         self.op("linear_backward");
         Cpu.linear_backward(dx, dw, db, dy, x, w, n, fin, fout)
     }
+}
+
+impl BatchNormOps<f64> for Recorder {
+    fn batch_norm_forward_train(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        affine: Affine<&Buf>,
+        running: RunningStats<&mut Buf>,
+        batch: BatchStats<&mut Buf>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) -> anyhow::Result<()> {
+        self.op("batch_norm_forward_train");
+        Cpu.batch_norm_forward_train(y, x, affine, running, batch, xs, cfg, relu)
+    }
+    fn batch_norm_forward_eval(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        affine: Affine<&Buf>,
+        running: RunningStats<&Buf>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) {
+        self.op("batch_norm_forward_eval");
+        Cpu.batch_norm_forward_eval(y, x, affine, running, xs, cfg, relu)
+    }
+    fn batch_norm_backward(
+        &self,
+        dx: &mut Buf,
+        daffine: Affine<&mut Buf>,
+        dy: &Buf,
+        relu_out: Option<&Buf>,
+        x: &Buf,
+        gamma: &Buf,
+        batch: BatchStats<&Buf>,
+        xs: Nhwc,
+    ) {
+        self.op("batch_norm_backward");
+        Cpu.batch_norm_backward(dx, daffine, dy, relu_out, x, gamma, batch, xs)
+    }
+}
+
+impl ElementwiseOps<f64> for Recorder {
+    fn relu_forward(&self, y: &mut Buf, x: &Buf) {
+        self.op("relu_forward");
+        Cpu.relu_forward(y, x)
+    }
+    fn relu_backward(&self, dy: &mut Buf, y: &Buf) {
+        self.op("relu_backward");
+        Cpu.relu_backward(dy, y)
+    }
+}
+
+impl PoolOps<f64> for Recorder {
+    fn max_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc, pool: &MaxPool2d) {
+        self.op("max_pool2d_forward");
+        Cpu.max_pool2d_forward(y, x, xs, pool)
+    }
+    fn max_pool2d_backward(
+        &self,
+        dx: &mut Buf,
+        dy: &Buf,
+        x: &Buf,
+        y: &Buf,
+        xs: Nhwc,
+        pool: &MaxPool2d,
+    ) {
+        self.op("max_pool2d_backward");
+        Cpu.max_pool2d_backward(dx, dy, x, y, xs, pool)
+    }
+    fn avg_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc) {
+        self.op("avg_pool2d_forward");
+        Cpu.avg_pool2d_forward(y, x, xs)
+    }
+    fn avg_pool2d_backward(&self, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
+        self.op("avg_pool2d_backward");
+        Cpu.avg_pool2d_backward(dx, dy, xs)
+    }
+}
+
+impl ConcatOps<f64> for Recorder {
+    fn fork_backward(&self, dx: &mut Buf, parts: &[&Buf]) {
+        self.op("fork_backward");
+        Cpu.fork_backward(dx, parts)
+    }
+    fn concat_forward(&self, y: &mut Buf, parts: &[&Buf], channels: &[usize]) {
+        self.op("concat_forward");
+        Cpu.concat_forward(y, parts, channels)
+    }
+    fn concat_backward(&self, dparts: &mut [&mut Buf], dy: &Buf, channels: &[usize]) {
+        self.op("concat_backward");
+        Cpu.concat_backward(dparts, dy, channels)
+    }
+}
+
+impl LossOps<f64> for Recorder {
     fn cross_entropy_forward(
         &self,
         probs: &mut Buf,
@@ -235,6 +243,9 @@ impl Backend<f64> for Recorder {
         self.op("cross_entropy_backward");
         Cpu.cross_entropy_backward(dlogits, probs, labels, k, smoothing)
     }
+}
+
+impl OptimOps<f64> for Recorder {
     fn sgd_step(
         &self,
         param: &mut Buf,
@@ -248,11 +259,19 @@ impl Backend<f64> for Recorder {
     }
 }
 
-/// Layers per branch of each Inception block, in network order.
+/// Ops per branch of each Inception block, in network order: one per layer, except that a
+/// ReLU right after a BatchNorm runs inside the BatchNorm's op.
 fn blocks(layers: &[Layer], out: &mut Vec<Vec<usize>>) {
+    let ops = |layers: &[Layer]| {
+        let fused = layers
+            .windows(2)
+            .filter(|w| matches!(w, [Layer::BatchNorm { .. }, Layer::Relu { .. }]))
+            .count();
+        layers.len() - fused
+    };
     for l in layers {
         if let Layer::Inception { branches, .. } = l {
-            out.push(branches.iter().map(|b| b.layers.len()).collect());
+            out.push(branches.iter().map(|b| ops(&b.layers)).collect());
         }
     }
 }
@@ -280,7 +299,7 @@ fn check_region(log: &[Ev], at: usize, ops: &[usize], what: &str) -> usize {
         assert_eq!(
             i - start,
             count,
-            "{what}: branch {b} issued {:?}, expected {count} ops (its layers)",
+            "{what}: branch {b} issued {:?}, expected {count} ops (its layers, a ReLU fused into its BatchNorm)",
             &log[start..i]
         );
     }

@@ -284,154 +284,164 @@ pub fn conv2d_backward_data_reference<T: Elem>(
     col2im(dx, &dcols, xs, conv);
 }
 
-pub(super) fn conv2d_forward<T: Elem>(
-    y: &mut [T],
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    xs: Nhwc,
-    conv: &Conv2d,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
-        (T::f32s_mut(y), T::f32s(x), T::f32s(w), T::f32s(b))
-    {
-        match conv_kernels(conv)[0] {
-            ConvKernel::Winograd => {
-                return winograd::conv_forward(yf, xf, wf, Some(bf), xs, conv, false)
-            }
-            ConvKernel::Direct => return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv),
-            _ => {}
-        }
-    }
-    conv2d_forward_reference(y, x, w, b, xs, conv);
-}
-
-pub(super) fn conv2d_batch_norm_relu_forward_eval<T: Elem>(
-    y: &mut [T],
-    x: &[T],
-    (w, b): (&Vec<T>, &Vec<T>),
-    (gamma, beta, running_mean, running_var): (&Vec<T>, &Vec<T>, &Vec<T>, &Vec<T>),
-    xs: Nhwc,
-    conv: &Conv2d,
-    cfg: &BatchNormCfg,
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    let kernel = conv_kernels(conv)[0];
-    #[cfg(target_arch = "x86_64")]
-    if kernel != ConvKernel::Reference {
-        if let (Some(yf), Some(xf), Some(wf)) = (T::f32s_mut(y), T::f32s(x), T::f32s(w)) {
-            // BatchNorm with running statistics is affine per channel: relu(s·(conv + b − μ)
-            // + β) with s = γ/√(σ² + eps) is a convolution with weight s·w and bias
-            // s·(b − μ) + β, then ReLU.
-            let per_out = conv.weight_len() / conv.cout;
-            let mut wf2 = wf.to_vec();
-            let mut bias = vec![0.0f32; conv.cout];
-            for co in 0..conv.cout {
-                let s = gamma[co].as_f64() / (running_var[co].as_f64() + cfg.eps).sqrt();
-                for v in &mut wf2[co * per_out..(co + 1) * per_out] {
-                    *v = (*v as f64 * s) as f32;
-                }
-                bias[co] =
-                    ((b[co].as_f64() - running_mean[co].as_f64()) * s + beta[co].as_f64()) as f32;
-            }
-            if kernel == ConvKernel::Winograd {
-                winograd::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
-            } else {
-                direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
-            }
-            return true;
-        }
-    }
-    let _ = (y, x, w, b, gamma, beta, running_mean, running_var, xs, cfg);
-    false
-}
-
-pub(super) fn conv2d_backward<T: Elem>(
-    dx: Option<&mut Vec<T>>,
-    dw: &mut [T],
-    db: &mut [T],
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    xs: Nhwc,
-    conv: &Conv2d,
-) {
-    let ys = conv.out_shape(xs);
-    let (p, co) = (ys.pixels(), conv.cout);
-    assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
-    // db[co] += Σ_p dy[p, co]
-    let [sums] = channel_sums::<T, 1>(p, co, |r, acc| {
-        for (a, &v) in acc.iter_mut().zip(&dy[r * co..(r + 1) * co]) {
-            *a += v;
-        }
-    });
-    for (d, s) in db.iter_mut().zip(&sums) {
-        *d += T::cast(*s);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let [_, dw_kernel @ (ConvKernel::Direct | ConvKernel::Winograd), dx_kernel] =
-        conv_kernels(conv)
-    {
-        if let (Some(dwf), Some(dyf), Some(xf), Some(wf)) =
-            (T::f32s_mut(dw), T::f32s(dy), T::f32s(x), T::f32s(w))
+impl<T: Elem> ConvOps<T> for Cpu {
+    fn conv2d_forward(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        xs: Nhwc,
+        conv: &Conv2d,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
+            (T::f32s_mut(y), T::f32s(x), T::f32s(w), T::f32s(b))
         {
-            if dw_kernel == ConvKernel::Winograd {
-                winograd::conv_backward_weight(dwf, dyf, xf, xs, conv);
-            } else {
-                direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
-            }
-            if let Some(dxf) = dx.and_then(|d| T::f32s_mut(d)) {
-                match dx_kernel {
-                    ConvKernel::Winograd => winograd::conv_backward_data(dxf, dyf, wf, xs, conv),
-                    ConvKernel::Direct => direct::conv_backward_data(dxf, dyf, wf, xs, conv),
-                    _ => direct::conv_backward_data_scatter(dxf, dyf, wf, xs, conv),
+            match conv_kernels(conv)[0] {
+                ConvKernel::Winograd => {
+                    return winograd::conv_forward(yf, xf, wf, Some(bf), xs, conv, false)
                 }
+                ConvKernel::Direct => return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv),
+                _ => {}
             }
-            return;
+        }
+        conv2d_forward_reference(y, x, w, b, xs, conv);
+    }
+
+    fn conv2d_batch_norm_relu_forward_eval(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        (w, b): (&Vec<T>, &Vec<T>),
+        Affine { gamma, beta }: Affine<&Vec<T>>,
+        running: RunningStats<&Vec<T>>,
+        xs: Nhwc,
+        conv: &Conv2d,
+        cfg: &BatchNormCfg,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let kernel = conv_kernels(conv)[0];
+        #[cfg(target_arch = "x86_64")]
+        if kernel != ConvKernel::Reference {
+            if let (Some(yf), Some(xf), Some(wf)) = (T::f32s_mut(y), T::f32s(x), T::f32s(w)) {
+                // BatchNorm with running statistics is affine per channel: relu(s·(conv + b − μ)
+                // + β) with s = γ/√(σ² + eps) is a convolution with weight s·w and bias
+                // s·(b − μ) + β, then ReLU.
+                let per_out = conv.weight_len() / conv.cout;
+                let mut wf2 = wf.to_vec();
+                let mut bias = vec![0.0f32; conv.cout];
+                for co in 0..conv.cout {
+                    let s = gamma[co].as_f64() / (running.var[co].as_f64() + cfg.eps).sqrt();
+                    for v in &mut wf2[co * per_out..(co + 1) * per_out] {
+                        *v = (*v as f64 * s) as f32;
+                    }
+                    bias[co] = ((b[co].as_f64() - running.mean[co].as_f64()) * s
+                        + beta[co].as_f64()) as f32;
+                }
+                if kernel == ConvKernel::Winograd {
+                    winograd::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                } else {
+                    direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                }
+                return true;
+            }
+        }
+        let _ = (y, x, w, b, gamma, beta, running, xs, cfg);
+        false
+    }
+
+    fn conv2d_backward(
+        &self,
+        dx: Option<&mut Vec<T>>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        xs: Nhwc,
+        conv: &Conv2d,
+    ) {
+        let ys = conv.out_shape(xs);
+        let (p, co) = (ys.pixels(), conv.cout);
+        assert_eq!(dy.len(), ys.len(), "conv2d_backward: dy length");
+        // db[co] += Σ_p dy[p, co]
+        let [sums] = channel_sums::<T, 1>(p, co, |r, acc| {
+            for (a, &v) in acc.iter_mut().zip(&dy[r * co..(r + 1) * co]) {
+                *a += v;
+            }
+        });
+        for (d, s) in db.iter_mut().zip(&sums) {
+            *d += T::cast(*s);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let [_, dw_kernel @ (ConvKernel::Direct | ConvKernel::Winograd), dx_kernel] =
+            conv_kernels(conv)
+        {
+            if let (Some(dwf), Some(dyf), Some(xf), Some(wf)) =
+                (T::f32s_mut(dw), T::f32s(dy), T::f32s(x), T::f32s(w))
+            {
+                if dw_kernel == ConvKernel::Winograd {
+                    winograd::conv_backward_weight(dwf, dyf, xf, xs, conv);
+                } else {
+                    direct::conv_backward_weight(dwf, dyf, xf, xs, conv);
+                }
+                if let Some(dxf) = dx.and_then(|d| T::f32s_mut(d)) {
+                    match dx_kernel {
+                        ConvKernel::Winograd => {
+                            winograd::conv_backward_data(dxf, dyf, wf, xs, conv)
+                        }
+                        ConvKernel::Direct => direct::conv_backward_data(dxf, dyf, wf, xs, conv),
+                        _ => direct::conv_backward_data_scatter(dxf, dyf, wf, xs, conv),
+                    }
+                }
+                return;
+            }
+        }
+        conv2d_backward_weight_reference(dw, dy, x, xs, conv);
+        if let Some(dx) = dx {
+            conv2d_backward_data_reference(dx, dy, w, xs, conv);
         }
     }
-    conv2d_backward_weight_reference(dw, dy, x, xs, conv);
-    if let Some(dx) = dx {
-        conv2d_backward_data_reference(dx, dy, w, xs, conv);
-    }
-}
 
-pub(super) fn linear_forward<T: Elem>(
-    y: &mut [T],
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    n: usize,
-    fin: usize,
-    fout: usize,
-) {
-    for row in y.chunks_mut(fout) {
-        row.copy_from_slice(b);
+    fn linear_forward(
+        &self,
+        y: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    ) {
+        for row in y.chunks_mut(fout) {
+            row.copy_from_slice(b);
+        }
+        // y[i, o] += Σ_j x[i, j] · w[o, j]
+        matmul(y, fout, (x, fin, 1), (w, 1, fin), n, fout, fin, true);
     }
-    // y[i, o] += Σ_j x[i, j] · w[o, j]
-    matmul(y, fout, (x, fin, 1), (w, 1, fin), n, fout, fin, true);
-}
 
-pub(super) fn linear_backward<T: Elem>(
-    dx: Option<&mut Vec<T>>,
-    dw: &mut [T],
-    db: &mut [T],
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    n: usize,
-    fin: usize,
-    fout: usize,
-) {
-    for o in 0..fout {
-        let s: f64 = (0..n).map(|i| dy[i * fout + o].as_f64()).sum();
-        db[o] += T::cast(s);
-    }
-    // dw[o, j] += Σ_i dy[i, o] · x[i, j]
-    matmul(dw, fin, (dy, 1, fout), (x, fin, 1), fout, fin, n, true);
-    if let Some(dx) = dx {
-        // dx[i, j] = Σ_o dy[i, o] · w[o, j]
-        matmul(dx, fin, (dy, fout, 1), (w, fin, 1), n, fin, fout, false);
+    fn linear_backward(
+        &self,
+        dx: Option<&mut Vec<T>>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dy: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    ) {
+        for o in 0..fout {
+            let s: f64 = (0..n).map(|i| dy[i * fout + o].as_f64()).sum();
+            db[o] += T::cast(s);
+        }
+        // dw[o, j] += Σ_i dy[i, o] · x[i, j]
+        matmul(dw, fin, (dy, 1, fout), (x, fin, 1), fout, fin, n, true);
+        if let Some(dx) = dx {
+            // dx[i, j] = Σ_o dy[i, o] · w[o, j]
+            matmul(dx, fin, (dy, fout, 1), (w, fin, 1), n, fin, fout, false);
+        }
     }
 }

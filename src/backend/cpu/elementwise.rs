@@ -23,20 +23,22 @@ pub(super) fn relu_grad<T: Elem>(g: T, y: T) -> T {
     }
 }
 
-pub(super) fn relu_forward<T: Elem>(y: &mut [T], x: &[T]) {
-    y.par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(y, x)| *y = relu(*x));
-}
+impl<T: Elem> ElementwiseOps<T> for Cpu {
+    fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
+        y.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(y, x)| *y = relu(*x));
+    }
 
-pub(super) fn relu_backward<T: Elem>(dy: &mut [T], y: &[T]) {
-    // A select on every element rather than a conditional store: about half the outputs
-    // are zero in no predictable pattern, and the select vectorises.
-    dy.par_chunks_mut(4096)
-        .zip(y.par_chunks(4096))
-        .for_each(|(g, y)| {
-            for (g, y) in g.iter_mut().zip(y) {
-                *g = relu_grad(*g, *y);
-            }
-        });
+    fn relu_backward(&self, dy: &mut Vec<T>, y: &Vec<T>) {
+        // A select on every element rather than a conditional store: about half the outputs
+        // are zero in no predictable pattern, and the select vectorises.
+        dy.par_chunks_mut(4096)
+            .zip(y.par_chunks(4096))
+            .for_each(|(g, y)| {
+                for (g, y) in g.iter_mut().zip(y) {
+                    *g = relu_grad(*g, *y);
+                }
+            });
+    }
 }

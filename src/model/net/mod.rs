@@ -9,7 +9,10 @@
 //! the forward and backward of each kind of node, `timing` the per-layer profile.
 
 use super::{Layer, ModelSpec, TensorInfo, TensorKind};
-use crate::backend::{Backend, BatchNormCfg, Conv2d, Elem, MaxPool2d, Nhwc, Sgd, SgdParam};
+use crate::backend::{
+    Affine, Backend, BatchNormCfg, BatchStats, Conv2d, Elem, MaxPool2d, Nhwc, RunningStats, Sgd,
+    SgdParam,
+};
 use crate::schedule::{run_branches, BranchSchedule};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};

@@ -82,43 +82,39 @@ impl<Buf: Send + Sync> Node<Buf> {
                 relu,
             } => {
                 ensure(be, &mut self.out, xs);
+                let affine = Affine {
+                    gamma: &w.value,
+                    beta: &b.value,
+                };
                 if ctx.train {
-                    let f = if *relu {
-                        B::batch_norm_relu_forward_train
-                    } else {
-                        B::batch_norm_forward_train
-                    };
-                    f(
-                        be,
+                    be.batch_norm_forward_train(
                         &mut self.out.buf,
-                        mean,
-                        invstd,
-                        running_mean,
-                        running_var,
                         &x.buf,
-                        &w.value,
-                        &b.value,
+                        affine,
+                        RunningStats {
+                            mean: running_mean,
+                            var: running_var,
+                        },
+                        BatchStats { mean, invstd },
                         xs,
                         &ctx.bn,
+                        *relu,
                     )
                     .with_context(|| format!("layer {}", self.name))?;
                     *num_batches_tracked += 1;
                 } else {
-                    let f = if *relu {
-                        B::batch_norm_relu_forward_eval
-                    } else {
-                        B::batch_norm_forward_eval
+                    let running = RunningStats {
+                        mean: &*running_mean,
+                        var: &*running_var,
                     };
-                    f(
-                        be,
+                    be.batch_norm_forward_eval(
                         &mut self.out.buf,
                         &x.buf,
-                        &w.value,
-                        &b.value,
-                        running_mean,
-                        running_var,
+                        affine,
+                        running,
                         xs,
                         &ctx.bn,
+                        *relu,
                     );
                 }
             }
@@ -203,37 +199,21 @@ impl<Buf: Send + Sync> Node<Buf> {
                 b,
                 mean,
                 invstd,
-                relu: true,
+                relu,
                 ..
-            } => {
-                let mut dx = be.act_zeros(xs.len());
-                be.batch_norm_relu_backward(
-                    &mut dx,
-                    &mut w.grad,
-                    &mut b.grad,
-                    &mut dy,
-                    &self.out.buf,
-                    &x.buf,
-                    &w.value,
-                    mean,
-                    invstd,
-                    xs,
-                );
-                Some(dx)
-            }
-            Op::BatchNorm {
-                w, b, mean, invstd, ..
             } => {
                 let mut dx = be.act_zeros(xs.len());
                 be.batch_norm_backward(
                     &mut dx,
-                    &mut w.grad,
-                    &mut b.grad,
+                    Affine {
+                        gamma: &mut w.grad,
+                        beta: &mut b.grad,
+                    },
                     &dy,
+                    relu.then_some(&self.out.buf),
                     &x.buf,
                     &w.value,
-                    mean,
-                    invstd,
+                    BatchStats { mean, invstd },
                     xs,
                 );
                 Some(dx)
@@ -419,7 +399,14 @@ fn fused_conv_bn_relu_eval<T: Elem, B: Backend<T>>(
         &mut bn_node.out.buf,
         &x.buf,
         (&w.value, &b.value),
-        (&gamma.value, &beta.value, running_mean, running_var),
+        Affine {
+            gamma: &gamma.value,
+            beta: &beta.value,
+        },
+        RunningStats {
+            mean: running_mean,
+            var: running_var,
+        },
         x.shape,
         conv,
         &ctx.bn,

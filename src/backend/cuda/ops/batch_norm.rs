@@ -1,7 +1,7 @@
 //! BatchNorm, alone and fused with the ReLU that follows it (`cuda/batch_norm.cu`): batch
 //! statistics by a grid-wide reduction, the normalisation, and the backward's two passes.
 
-// The ops take the arguments `Backend` declares for them, one for one.
+// The ops take the arguments `BatchNormOps` declares for them, one for one.
 #![allow(clippy::too_many_arguments)]
 
 use super::*;
@@ -45,38 +45,6 @@ impl Gpu {
             b.0.as_ref().map_or(0, DevMem::ptr),
             b.1.as_ref().map_or(0, DevMem::ptr),
         )
-    }
-
-    /// Training-mode BatchNorm, then ReLU when `relu`: the statistics kernel, then the apply.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn bn_train(
-        &self,
-        y: &mut Buf,
-        (mean, invstd, running_mean, running_var): (&mut Buf, &mut Buf, &mut Buf, &mut Buf),
-        (x, gamma, beta): (&Buf, &Buf, &Buf),
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
-    ) -> anyhow::Result<()> {
-        crate::backend::check_batch_norm_train(xs)?;
-        self.bn_stats(mean, invstd, running_mean, running_var, x, xs, cfg);
-        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, relu);
-        Ok(())
-    }
-
-    /// Eval-mode BatchNorm (running statistics), then ReLU when `relu`.
-    pub(super) fn bn_eval(
-        &self,
-        y: &mut Buf,
-        (x, gamma, beta): (&Buf, &Buf, &Buf),
-        (running_mean, running_var): (&Buf, &Buf),
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
-    ) {
-        let mut invstd = self.f32_zeros("the eval-mode 1/σ of a BatchNorm", xs.c);
-        self.bn_eval_invstd(&mut invstd, running_var, xs.c, cfg);
-        self.bn_apply(y, x, running_mean, &invstd, gamma, beta, xs, relu);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -158,22 +126,54 @@ impl Gpu {
         let launch = LaunchDims::linear((c as u32).div_ceil(128), 128);
         self.launch("batch_norm_eval_invstd", launch, &args);
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    /// BatchNorm's backward, of BatchNorm+ReLU when `y` (the ReLU's output) is given: the
-    /// kernels mask dy by `y > 0` as they read it.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_backward(
+impl BatchNormOps<f32> for Gpu {
+    /// The statistics kernel, then the apply (with the ReLU when `relu`).
+    fn batch_norm_forward_train(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        Affine { gamma, beta }: Affine<&Buf>,
+        running: RunningStats<&mut Buf>,
+        batch: BatchStats<&mut Buf>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) -> anyhow::Result<()> {
+        crate::backend::check_batch_norm_train(xs)?;
+        let BatchStats { mean, invstd } = batch;
+        self.bn_stats(mean, invstd, running.mean, running.var, x, xs, cfg);
+        self.bn_apply(y, x, mean, invstd, gamma, beta, xs, relu);
+        Ok(())
+    }
+
+    /// 1/σ from the running variance, then the apply.
+    fn batch_norm_forward_eval(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        Affine { gamma, beta }: Affine<&Buf>,
+        running: RunningStats<&Buf>,
+        xs: Nhwc,
+        cfg: &BatchNormCfg,
+        relu: bool,
+    ) {
+        let mut invstd = self.f32_zeros("the eval-mode 1/σ of a BatchNorm", xs.c);
+        self.bn_eval_invstd(&mut invstd, running.var, xs.c, cfg);
+        self.bn_apply(y, x, running.mean, &invstd, gamma, beta, xs, relu);
+    }
+
+    /// The kernels mask dy by `relu_out > 0` as they read it.
+    fn batch_norm_backward(
         &self,
         dx: &mut Buf,
-        dgamma: &mut Buf,
-        dbeta: &mut Buf,
+        daffine: Affine<&mut Buf>,
         dy: &Buf,
-        y: Option<&Buf>,
+        relu_out: Option<&Buf>,
         x: &Buf,
         gamma: &Buf,
-        mean: &Buf,
-        invstd: &Buf,
+        BatchStats { mean, invstd }: BatchStats<&Buf>,
         xs: Nhwc,
     ) {
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
@@ -183,11 +183,11 @@ impl Gpu {
         let (dyp, xp, mp, cp) = (self.ptr(dy), self.ptr(x), self.ptr(mean), self.ptr(&coef));
         // Without the ReLU (relu = 0) y is never read: dy stands in for it. ld = C and
         // offset 0: plain [P, C] tensors.
-        let (yp, relu) = y.map_or((dyp, 0), |y| (self.ptr(y), 1));
+        let (yp, relu) = relu_out.map_or((dyp, 0), |y| (self.ptr(y), 1));
         let args = [
             Ptr(cp),
-            Ptr(self.ptr(dgamma)),
-            Ptr(self.ptr(dbeta)),
+            Ptr(self.ptr(daffine.gamma)),
+            Ptr(self.ptr(daffine.beta)),
             Ptr(ws),
             Ptr(counters),
             Ptr(dyp),
@@ -230,111 +230,4 @@ impl Gpu {
             &args,
         );
     }
-}
-
-pub(super) fn batch_norm_forward_train(
-    gpu: &Gpu,
-    y: &mut Buf,
-    mean: &mut Buf,
-    invstd: &mut Buf,
-    running_mean: &mut Buf,
-    running_var: &mut Buf,
-    x: &Buf,
-    gamma: &Buf,
-    beta: &Buf,
-    xs: Nhwc,
-    cfg: &BatchNormCfg,
-) -> anyhow::Result<()> {
-    let stats = (mean, invstd, running_mean, running_var);
-    gpu.bn_train(y, stats, (x, gamma, beta), xs, cfg, false)
-}
-
-pub(super) fn batch_norm_forward_eval(
-    gpu: &Gpu,
-    y: &mut Buf,
-    x: &Buf,
-    gamma: &Buf,
-    beta: &Buf,
-    running_mean: &Buf,
-    running_var: &Buf,
-    xs: Nhwc,
-    cfg: &BatchNormCfg,
-) {
-    gpu.bn_eval(
-        y,
-        (x, gamma, beta),
-        (running_mean, running_var),
-        xs,
-        cfg,
-        false,
-    );
-}
-
-pub(super) fn batch_norm_backward(
-    gpu: &Gpu,
-    dx: &mut Buf,
-    dgamma: &mut Buf,
-    dbeta: &mut Buf,
-    dy: &Buf,
-    x: &Buf,
-    gamma: &Buf,
-    mean: &Buf,
-    invstd: &Buf,
-    xs: Nhwc,
-) {
-    gpu.bn_backward(dx, dgamma, dbeta, dy, None, x, gamma, mean, invstd, xs);
-}
-
-pub(super) fn batch_norm_relu_forward_train(
-    gpu: &Gpu,
-    y: &mut Buf,
-    mean: &mut Buf,
-    invstd: &mut Buf,
-    running_mean: &mut Buf,
-    running_var: &mut Buf,
-    x: &Buf,
-    gamma: &Buf,
-    beta: &Buf,
-    xs: Nhwc,
-    cfg: &BatchNormCfg,
-) -> anyhow::Result<()> {
-    let stats = (mean, invstd, running_mean, running_var);
-    gpu.bn_train(y, stats, (x, gamma, beta), xs, cfg, true)
-}
-
-pub(super) fn batch_norm_relu_forward_eval(
-    gpu: &Gpu,
-    y: &mut Buf,
-    x: &Buf,
-    gamma: &Buf,
-    beta: &Buf,
-    running_mean: &Buf,
-    running_var: &Buf,
-    xs: Nhwc,
-    cfg: &BatchNormCfg,
-) {
-    gpu.bn_eval(
-        y,
-        (x, gamma, beta),
-        (running_mean, running_var),
-        xs,
-        cfg,
-        true,
-    );
-}
-
-pub(super) fn batch_norm_relu_backward(
-    gpu: &Gpu,
-    dx: &mut Buf,
-    dgamma: &mut Buf,
-    dbeta: &mut Buf,
-    dy: &mut Buf,
-    y: &Buf,
-    x: &Buf,
-    gamma: &Buf,
-    mean: &Buf,
-    invstd: &Buf,
-    xs: Nhwc,
-) {
-    gpu.bn_backward(dx, dgamma, dbeta, dy, Some(y), x, gamma, mean, invstd, xs);
 }

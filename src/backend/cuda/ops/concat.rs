@@ -45,35 +45,37 @@ impl Gpu {
     }
 }
 
-pub(super) fn fork_backward(gpu: &Gpu, dx: &mut Buf, parts: &[&Buf]) {
-    // The kernel sums up to four parts in order; more are folded in four at a time.
-    let n = dx.len as i32;
-    let name = typed("fork_backward", dx.dtype);
-    let dxp = gpu.ptr(dx);
-    let mut first = true;
-    for chunk in parts.chunks(4) {
-        let mut p = [0u64; 4];
-        for (slot, part) in p.iter_mut().zip(chunk) {
-            *slot = gpu.ptr(part);
-        }
-        if !first {
-            // dx = dx + next parts: dx itself is the first summand.
-            p.rotate_right(1);
-            p[0] = dxp;
-            if chunk.len() == 4 {
-                gpu.record("fork_backward", "more than 7 branches");
+impl ConcatOps<f32> for Gpu {
+    fn fork_backward(&self, dx: &mut Buf, parts: &[&Buf]) {
+        // The kernel sums up to four parts in order; more are folded in four at a time.
+        let n = dx.len as i32;
+        let name = typed("fork_backward", dx.dtype);
+        let dxp = self.ptr(dx);
+        let mut first = true;
+        for chunk in parts.chunks(4) {
+            let mut p = [0u64; 4];
+            for (slot, part) in p.iter_mut().zip(chunk) {
+                *slot = self.ptr(part);
             }
+            if !first {
+                // dx = dx + next parts: dx itself is the first summand.
+                p.rotate_right(1);
+                p[0] = dxp;
+                if chunk.len() == 4 {
+                    self.record("fork_backward", "more than 7 branches");
+                }
+            }
+            first = false;
+            let args = [Ptr(dxp), Ptr(p[0]), Ptr(p[1]), Ptr(p[2]), Ptr(p[3]), I32(n)];
+            self.launch(&name, elementwise(dx.len), &args);
         }
-        first = false;
-        let args = [Ptr(dxp), Ptr(p[0]), Ptr(p[1]), Ptr(p[2]), Ptr(p[3]), I32(n)];
-        gpu.launch(&name, elementwise(dx.len), &args);
     }
-}
 
-pub(super) fn concat_forward(gpu: &Gpu, y: &mut Buf, parts: &[&Buf], channels: &[usize]) {
-    gpu.concat(y, parts, channels);
-}
+    fn concat_forward(&self, y: &mut Buf, parts: &[&Buf], channels: &[usize]) {
+        self.concat(y, parts, channels);
+    }
 
-pub(super) fn concat_backward(gpu: &Gpu, dparts: &mut [&mut Buf], dy: &Buf, channels: &[usize]) {
-    gpu.split(dparts, dy, channels);
+    fn concat_backward(&self, dparts: &mut [&mut Buf], dy: &Buf, channels: &[usize]) {
+        self.split(dparts, dy, channels);
+    }
 }

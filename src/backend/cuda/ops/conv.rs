@@ -216,80 +216,104 @@ impl Gpu {
     }
 }
 
-pub(super) fn conv2d_forward(
-    gpu: &Gpu,
-    y: &mut Buf,
-    x: &Buf,
-    w: &Buf,
-    b: &Buf,
-    xs: Nhwc,
-    conv: &Conv2d,
-) {
-    let dt = x.dtype;
-    let ys = conv.out_shape(xs);
-    let wp = if dt == DType::F32 {
-        gpu.ptr(w)
-    } else {
-        gpu.working_copy(w, conv, dt)
-    };
-    let (xp, yp, bp) = (gpu.ptr(x), gpu.ptr(y), gpu.ptr(b));
-    gpu.conv(
-        "conv2d_forward",
-        ConvDirection::Forward,
-        (xp, wp, yp),
-        xs,
-        conv,
-        dt,
-        0.0,
-    );
-    if dt == DType::F32 {
-        let add = AddTensor {
-            a: dnn::channels(ys.c),
-            a_ptr: bp,
-            c: dnn::nhwc(ys, dt),
-            c_ptr: yp,
-            alpha: 1.0,
-            beta: 1.0,
+impl ConvOps<f32> for Gpu {
+    fn conv2d_forward(&self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, xs: Nhwc, conv: &Conv2d) {
+        let dt = x.dtype;
+        let ys = conv.out_shape(xs);
+        let wp = if dt == DType::F32 {
+            self.ptr(w)
+        } else {
+            self.working_copy(w, conv, dt)
         };
-        gpu.dnn_call("conv2d_forward bias", DnnCall::AddTensor(add));
-    } else {
-        // cuDNN's bias add wants the bias in the data type; ours stays fp32.
-        let args = [Ptr(yp), Ptr(bp), I32(ys.pixels() as i32), I32(ys.c as i32)];
-        gpu.launch(&typed("bias_add", dt), gpu.strided(ys.len()), &args);
+        let (xp, yp, bp) = (self.ptr(x), self.ptr(y), self.ptr(b));
+        self.conv(
+            "conv2d_forward",
+            ConvDirection::Forward,
+            (xp, wp, yp),
+            xs,
+            conv,
+            dt,
+            0.0,
+        );
+        if dt == DType::F32 {
+            let add = AddTensor {
+                a: dnn::channels(ys.c),
+                a_ptr: bp,
+                c: dnn::nhwc(ys, dt),
+                c_ptr: yp,
+                alpha: 1.0,
+                beta: 1.0,
+            };
+            self.dnn_call("conv2d_forward bias", DnnCall::AddTensor(add));
+        } else {
+            // cuDNN's bias add wants the bias in the data type; ours stays fp32.
+            let args = [Ptr(yp), Ptr(bp), I32(ys.pixels() as i32), I32(ys.c as i32)];
+            self.launch(&typed("bias_add", dt), self.strided(ys.len()), &args);
+        }
     }
-}
 
-pub(super) fn conv2d_backward(
-    gpu: &Gpu,
-    dx: Option<&mut Buf>,
-    dw: &mut Buf,
-    db: &mut Buf,
-    dy: &Buf,
-    x: &Buf,
-    w: &Buf,
-    xs: Nhwc,
-    conv: &Conv2d,
-) {
-    let dt = dy.dtype;
-    let ys = conv.out_shape(xs);
-    let dx_ptr = dx.map(|d| gpu.ptr(d));
-    let (xp, dyp) = (gpu.ptr(x), gpu.ptr(dy));
-    gpu.bias_grad(db, dy, ys);
-    if dt == DType::F32 {
-        // The fp32 weight gradient accumulates in place (beta = 1).
-        let filter = (xp, gpu.ptr(dw), dyp);
-        gpu.conv(
+    fn conv2d_backward(
+        &self,
+        dx: Option<&mut Buf>,
+        dw: &mut Buf,
+        db: &mut Buf,
+        dy: &Buf,
+        x: &Buf,
+        w: &Buf,
+        xs: Nhwc,
+        conv: &Conv2d,
+    ) {
+        let dt = dy.dtype;
+        let ys = conv.out_shape(xs);
+        let dx_ptr = dx.map(|d| self.ptr(d));
+        let (xp, dyp) = (self.ptr(x), self.ptr(dy));
+        self.bias_grad(db, dy, ys);
+        if dt == DType::F32 {
+            // The fp32 weight gradient accumulates in place (beta = 1).
+            let filter = (xp, self.ptr(dw), dyp);
+            self.conv(
+                "conv2d_backward filter",
+                ConvDirection::BackwardFilter,
+                filter,
+                xs,
+                conv,
+                dt,
+                1.0,
+            );
+            if let Some(dxp) = dx_ptr {
+                let data = (dxp, self.ptr(w), dyp);
+                self.conv(
+                    "conv2d_backward data",
+                    ConvDirection::BackwardData,
+                    data,
+                    xs,
+                    conv,
+                    dt,
+                    0.0,
+                );
+            }
+            return;
+        }
+        // Mixed precision: the weight gradient comes out of cuDNN in the data type (and the
+        // filter layout) of the working copy and is added to the fp32 one (the bias gradient
+        // above is reduced straight into fp32). cuDNN overwrites it (beta = 0), so it needs no
+        // zeroing.
+        let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
+        let dw_low = self.uninit(&what, conv.weight_len(), dt);
+        let dw_lowp = self.ptr(&dw_low);
+        let filter = (xp, dw_lowp, dyp);
+        self.conv(
             "conv2d_backward filter",
             ConvDirection::BackwardFilter,
             filter,
             xs,
             conv,
             dt,
-            1.0,
+            0.0,
         );
         if let Some(dxp) = dx_ptr {
-            let data = (dxp, gpu.ptr(w), dyp);
-            gpu.conv(
+            let data = (dxp, self.working_copy(w, conv, dt), dyp);
+            self.conv(
                 "conv2d_backward data",
                 ConvDirection::BackwardData,
                 data,
@@ -299,151 +323,122 @@ pub(super) fn conv2d_backward(
                 0.0,
             );
         }
-        return;
+        // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
+        // gradient keeps the master weight's OIHW.
+        let args = [
+            Ptr(self.ptr(dw)),
+            Ptr(dw_lowp),
+            I32(conv.cout as i32),
+            I32(conv.cin as i32),
+            I32((conv.k * conv.k) as i32),
+        ];
+        let name = typed("add_ohwi_to_oihw", dt);
+        self.launch(&name, elementwise(dw.len), &args);
     }
-    // Mixed precision: the weight gradient comes out of cuDNN in the data type (and the
-    // filter layout) of the working copy and is added to the fp32 one (the bias gradient
-    // above is reduced straight into fp32). cuDNN overwrites it (beta = 0), so it needs no
-    // zeroing.
-    let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
-    let dw_low = gpu.uninit(&what, conv.weight_len(), dt);
-    let dw_lowp = gpu.ptr(&dw_low);
-    let filter = (xp, dw_lowp, dyp);
-    gpu.conv(
-        "conv2d_backward filter",
-        ConvDirection::BackwardFilter,
-        filter,
-        xs,
-        conv,
-        dt,
-        0.0,
-    );
-    if let Some(dxp) = dx_ptr {
-        let data = (dxp, gpu.working_copy(w, conv, dt), dyp);
-        gpu.conv(
-            "conv2d_backward data",
-            ConvDirection::BackwardData,
-            data,
-            xs,
-            conv,
-            dt,
-            0.0,
-        );
-    }
-    // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
-    // gradient keeps the master weight's OIHW.
-    let args = [
-        Ptr(gpu.ptr(dw)),
-        Ptr(dw_lowp),
-        I32(conv.cout as i32),
-        I32(conv.cin as i32),
-        I32((conv.k * conv.k) as i32),
-    ];
-    let name = typed("add_ohwi_to_oihw", dt);
-    gpu.launch(&name, elementwise(dw.len), &args);
-}
 
-pub(super) fn linear_forward(
-    gpu: &Gpu,
-    y: &mut Buf,
-    x: &Buf,
-    w: &Buf,
-    b: &Buf,
-    n: usize,
-    fin: usize,
-    fout: usize,
-) {
-    // The head is tiny ([N, 256]·[256, 10]) and produces the logits, so it runs in fp32 on
-    // every path: a 16-bit input is widened first.
-    if !gpu.expect_f32("linear_forward output", y) || !gpu.expect_main("linear_forward") {
-        return;
-    }
-    let (xp, _x32) = gpu.as_f32(x);
-    // Row-major y[n, out] = x[n, in]·wᵀ is column-major yᵀ[out, n] = w(in×out)ᵀ · xᵀ(in×n).
-    gpu.sgemm(
-        "linear_forward",
-        (Transpose::T, Transpose::N),
-        (fout, n, fin),
-        gpu.ptr(w),
-        fin,
-        xp,
-        fin,
-        0.0,
-        gpu.ptr(y),
-        fout,
-    );
-    let add = AddTensor {
-        a: dnn::channels(fout),
-        a_ptr: gpu.ptr(b),
-        c: dnn::nhwc(Nhwc::new(n, 1, 1, fout), DType::F32),
-        c_ptr: gpu.ptr(y),
-        alpha: 1.0,
-        beta: 1.0,
-    };
-    gpu.dnn_call("linear_forward bias", DnnCall::AddTensor(add));
-}
-
-pub(super) fn linear_backward(
-    gpu: &Gpu,
-    dx: Option<&mut Buf>,
-    dw: &mut Buf,
-    db: &mut Buf,
-    dy: &Buf,
-    x: &Buf,
-    w: &Buf,
-    n: usize,
-    fin: usize,
-    fout: usize,
-) {
-    if !gpu.expect_f32("linear_backward gradient", dy) || !gpu.expect_main("linear_backward") {
-        return;
-    }
-    let (xp, _x32) = gpu.as_f32(x);
-    // dw[out, in] += dyᵀ·x  ⇔  column-major dwᵀ(in×out) += xᵀ(in×n) · dy(n×out).
-    gpu.sgemm(
-        "linear_backward dw",
-        (Transpose::N, Transpose::T),
-        (fin, fout, n),
-        xp,
-        fin,
-        gpu.ptr(dy),
-        fout,
-        1.0,
-        gpu.ptr(dw),
-        fin,
-    );
-    if let Some(dx) = dx {
-        // dx[n, in] = dy·w  ⇔  column-major dxᵀ(in×n) = wᵀ(in×out) · dyᵀ(out×n), in fp32,
-        // then narrowed to the activation type.
-        let dx32 = (dx.dtype != DType::F32).then(|| {
-            let what = buffer_label(
-                "the fp32 input gradient of the linear head",
-                dx.len,
-                DType::F32,
-            );
-            gpu.alloc(&what, dx.len, DType::F32)
-        });
-        let target = dx32.as_ref().map_or(gpu.ptr(dx), |b| gpu.ptr(b));
-        gpu.sgemm(
-            "linear_backward dx",
-            (Transpose::N, Transpose::N),
-            (fin, n, fout),
-            gpu.ptr(w),
-            fin,
-            gpu.ptr(dy),
-            fout,
-            0.0,
-            target,
-            fin,
-        );
-        if let Some(dx32) = &dx32 {
-            let args = [Ptr(gpu.ptr(dx)), Ptr(gpu.ptr(dx32)), I32(dx.len as i32)];
-            gpu.launch(
-                &typed("convert_from_f32", dx.dtype),
-                elementwise(dx.len),
-                &args,
-            );
+    fn linear_forward(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        w: &Buf,
+        b: &Buf,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    ) {
+        // The head is tiny ([N, 256]·[256, 10]) and produces the logits, so it runs in fp32 on
+        // every path: a 16-bit input is widened first.
+        if !self.expect_f32("linear_forward output", y) || !self.expect_main("linear_forward") {
+            return;
         }
+        let (xp, _x32) = self.as_f32(x);
+        // Row-major y[n, out] = x[n, in]·wᵀ is column-major yᵀ[out, n] = w(in×out)ᵀ · xᵀ(in×n).
+        self.sgemm(
+            "linear_forward",
+            (Transpose::T, Transpose::N),
+            (fout, n, fin),
+            self.ptr(w),
+            fin,
+            xp,
+            fin,
+            0.0,
+            self.ptr(y),
+            fout,
+        );
+        let add = AddTensor {
+            a: dnn::channels(fout),
+            a_ptr: self.ptr(b),
+            c: dnn::nhwc(Nhwc::new(n, 1, 1, fout), DType::F32),
+            c_ptr: self.ptr(y),
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        self.dnn_call("linear_forward bias", DnnCall::AddTensor(add));
     }
-    gpu.bias_grad(db, dy, Nhwc::new(n, 1, 1, fout));
+
+    fn linear_backward(
+        &self,
+        dx: Option<&mut Buf>,
+        dw: &mut Buf,
+        db: &mut Buf,
+        dy: &Buf,
+        x: &Buf,
+        w: &Buf,
+        n: usize,
+        fin: usize,
+        fout: usize,
+    ) {
+        if !self.expect_f32("linear_backward gradient", dy) || !self.expect_main("linear_backward")
+        {
+            return;
+        }
+        let (xp, _x32) = self.as_f32(x);
+        // dw[out, in] += dyᵀ·x  ⇔  column-major dwᵀ(in×out) += xᵀ(in×n) · dy(n×out).
+        self.sgemm(
+            "linear_backward dw",
+            (Transpose::N, Transpose::T),
+            (fin, fout, n),
+            xp,
+            fin,
+            self.ptr(dy),
+            fout,
+            1.0,
+            self.ptr(dw),
+            fin,
+        );
+        if let Some(dx) = dx {
+            // dx[n, in] = dy·w  ⇔  column-major dxᵀ(in×n) = wᵀ(in×out) · dyᵀ(out×n), in fp32,
+            // then narrowed to the activation type.
+            let dx32 = (dx.dtype != DType::F32).then(|| {
+                let what = buffer_label(
+                    "the fp32 input gradient of the linear head",
+                    dx.len,
+                    DType::F32,
+                );
+                self.alloc(&what, dx.len, DType::F32)
+            });
+            let target = dx32.as_ref().map_or(self.ptr(dx), |b| self.ptr(b));
+            self.sgemm(
+                "linear_backward dx",
+                (Transpose::N, Transpose::N),
+                (fin, n, fout),
+                self.ptr(w),
+                fin,
+                self.ptr(dy),
+                fout,
+                0.0,
+                target,
+                fin,
+            );
+            if let Some(dx32) = &dx32 {
+                let args = [Ptr(self.ptr(dx)), Ptr(self.ptr(dx32)), I32(dx.len as i32)];
+                self.launch(
+                    &typed("convert_from_f32", dx.dtype),
+                    elementwise(dx.len),
+                    &args,
+                );
+            }
+        }
+        self.bias_grad(db, dy, Nhwc::new(n, 1, 1, fout));
+    }
 }

@@ -2,12 +2,14 @@
 
 use super::*;
 
-pub(super) fn relu_forward(gpu: &Gpu, y: &mut Buf, x: &Buf) {
-    let args = [Ptr(gpu.ptr(y)), Ptr(gpu.ptr(x)), I32(x.len as i32)];
-    gpu.launch(&typed("relu_forward", x.dtype), elementwise(x.len), &args);
-}
+impl ElementwiseOps<f32> for Gpu {
+    fn relu_forward(&self, y: &mut Buf, x: &Buf) {
+        let args = [Ptr(self.ptr(y)), Ptr(self.ptr(x)), I32(x.len as i32)];
+        self.launch(&typed("relu_forward", x.dtype), elementwise(x.len), &args);
+    }
 
-pub(super) fn relu_backward(gpu: &Gpu, dy: &mut Buf, y: &Buf) {
-    let args = [Ptr(gpu.ptr(dy)), Ptr(gpu.ptr(y)), I32(y.len as i32)];
-    gpu.launch(&typed("relu_backward", y.dtype), elementwise(y.len), &args);
+    fn relu_backward(&self, dy: &mut Buf, y: &Buf) {
+        let args = [Ptr(self.ptr(dy)), Ptr(self.ptr(y)), I32(y.len as i32)];
+        self.launch(&typed("relu_backward", y.dtype), elementwise(y.len), &args);
+    }
 }

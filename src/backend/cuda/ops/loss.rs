@@ -135,57 +135,59 @@ impl Gpu {
     }
 }
 
-pub(super) fn cross_entropy_forward(
-    gpu: &Gpu,
-    probs: &mut Buf,
-    logits: &Buf,
-    labels: &[u32],
-    k: usize,
-    smoothing: f64,
-) -> f64 {
-    if !gpu.expect_f32("cross_entropy_forward logits", logits)
-        || !gpu.expect_f32("cross_entropy_forward softmax", probs)
-    {
-        return f64::NAN;
+impl LossOps<f32> for Gpu {
+    fn cross_entropy_forward(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
+    ) -> f64 {
+        if !self.expect_f32("cross_entropy_forward logits", logits)
+            || !self.expect_f32("cross_entropy_forward softmax", probs)
+        {
+            return f64::NAN;
+        }
+        self.cross_entropy(probs, logits, labels, k, smoothing)
     }
-    gpu.cross_entropy(probs, logits, labels, k, smoothing)
-}
 
-pub(super) fn cross_entropy_forward_summed(
-    gpu: &Gpu,
-    probs: &mut Buf,
-    logits: &Buf,
-    labels: &[u32],
-    k: usize,
-    smoothing: f64,
-) {
-    if gpu.expect_f32("cross_entropy_forward logits", logits)
-        && gpu.expect_f32("cross_entropy_forward softmax", probs)
-    {
-        gpu.cross_entropy_summed(probs, logits, labels, k, smoothing)
-    }
-}
-
-pub(super) fn cross_entropy_backward(
-    gpu: &Gpu,
-    dlogits: &mut Buf,
-    probs: &Buf,
-    _labels: &[u32],
-    _k: usize,
-    _smoothing: f64,
-) {
-    // The forward kernel already wrote (softmax − target)/N (× the loss scale in mixed
-    // precision) into `probs`.
-    if !gpu.usable(&[probs, dlogits]) {
-        return;
-    }
-    let bytes = probs.len * probs.dtype.size();
-    if let Err(e) = gpu.dev.dtod(
-        gpu.current_stream(),
-        gpu.ptr(dlogits),
-        gpu.ptr(probs),
-        bytes,
+    fn cross_entropy_forward_summed(
+        &self,
+        probs: &mut Buf,
+        logits: &Buf,
+        labels: &[u32],
+        k: usize,
+        smoothing: f64,
     ) {
-        gpu.record("cross_entropy_backward copy", e);
+        if self.expect_f32("cross_entropy_forward logits", logits)
+            && self.expect_f32("cross_entropy_forward softmax", probs)
+        {
+            self.cross_entropy_summed(probs, logits, labels, k, smoothing)
+        }
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Buf,
+        probs: &Buf,
+        _labels: &[u32],
+        _k: usize,
+        _smoothing: f64,
+    ) {
+        // The forward kernel already wrote (softmax − target)/N (× the loss scale in mixed
+        // precision) into `probs`.
+        if !self.usable(&[probs, dlogits]) {
+            return;
+        }
+        let bytes = probs.len * probs.dtype.size();
+        if let Err(e) = self.dev.dtod(
+            self.current_stream(),
+            self.ptr(dlogits),
+            self.ptr(probs),
+            bytes,
+        ) {
+            self.record("cross_entropy_backward copy", e);
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! `Backend<f32>` for [`Gpu`]: each op is a cuDNN or cuBLAS call or a kernel of `cuda/`, in
 //! the element type of its activations (fp32, or fp16/bf16 in mixed precision).
 //!
-//! This file holds what every op shares (device memory, launches, failure handling) and the
-//! trait's implementation, which is the index: each op is a call into the file of its family
-//! (`conv`, `batch_norm`, `pool`, `concat`, `elementwise`, `loss`, `optim`), named as the op.
-//! `data` builds training batches on the device and `step` captures and replays a step.
+//! This file holds what every op shares (device memory, launches, failure handling), the
+//! buffers and the branch streams. Each op family's trait is implemented in the file of its
+//! name (`conv`, `batch_norm`, `pool`, `concat`, `elementwise`, `loss`, `optim`), beside the
+//! kernels of `cuda/` with the same name. `data` builds training batches on the device and
+//! `step` captures and replays a step.
 
 use super::device::{
     AddTensor, ConvCall, ConvDirection, DnnCall, Gemm, KernelArg, LaunchDims, MathType,
@@ -15,7 +16,10 @@ use super::{
     LOSS_SCALE_GROWTH, LOSS_SCALE_INTERVAL,
 };
 use crate::backend::geometry::{self, Reduction};
-use crate::backend::{Backend, BatchNormCfg, Conv2d, MaxPool2d, Nhwc, Sgd, SgdParam};
+use crate::backend::{
+    Affine, Backend, BatchNormCfg, BatchNormOps, BatchStats, Buffers, ConcatOps, Conv2d, ConvOps,
+    ElementwiseOps, LossOps, MaxPool2d, Nhwc, OptimOps, PoolOps, RunningStats, Sgd, SgdParam,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -310,7 +314,7 @@ impl Gpu {
     }
 }
 
-impl Backend<f32> for Gpu {
+impl Buffers<f32> for Gpu {
     type Buf = Buf;
 
     fn zeros(&self, len: usize) -> Buf {
@@ -367,7 +371,9 @@ impl Backend<f32> for Gpu {
         self.settle();
         self.take_error()
     }
+}
 
+impl Backend<f32> for Gpu {
     fn issues_from_one_thread(&self) -> bool {
         // `branch` sets the stream of the ops that follow: one issuing thread, in order.
         true
@@ -433,281 +439,6 @@ impl Backend<f32> for Gpu {
 
     fn loss_scale(&self) -> anyhow::Result<Option<(f64, u64)>> {
         Ok(self.read_loss_scale()?.map(|(s, k)| (s as f64, k)))
-    }
-
-    fn conv2d_forward(&self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, xs: Nhwc, conv: &Conv2d) {
-        conv::conv2d_forward(self, y, x, w, b, xs, conv)
-    }
-
-    fn conv2d_backward(
-        &self,
-        dx: Option<&mut Buf>,
-        dw: &mut Buf,
-        db: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        xs: Nhwc,
-        conv: &Conv2d,
-    ) {
-        conv::conv2d_backward(self, dx, dw, db, dy, x, w, xs, conv)
-    }
-
-    fn batch_norm_forward_train(
-        &self,
-        y: &mut Buf,
-        mean: &mut Buf,
-        invstd: &mut Buf,
-        running_mean: &mut Buf,
-        running_var: &mut Buf,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-    ) -> anyhow::Result<()> {
-        batch_norm::batch_norm_forward_train(
-            self,
-            y,
-            mean,
-            invstd,
-            running_mean,
-            running_var,
-            x,
-            gamma,
-            beta,
-            xs,
-            cfg,
-        )
-    }
-
-    fn batch_norm_forward_eval(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        running_mean: &Buf,
-        running_var: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-    ) {
-        batch_norm::batch_norm_forward_eval(
-            self,
-            y,
-            x,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            xs,
-            cfg,
-        )
-    }
-
-    fn batch_norm_backward(
-        &self,
-        dx: &mut Buf,
-        dgamma: &mut Buf,
-        dbeta: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        gamma: &Buf,
-        mean: &Buf,
-        invstd: &Buf,
-        xs: Nhwc,
-    ) {
-        batch_norm::batch_norm_backward(self, dx, dgamma, dbeta, dy, x, gamma, mean, invstd, xs)
-    }
-
-    fn batch_norm_relu_forward_train(
-        &self,
-        y: &mut Buf,
-        mean: &mut Buf,
-        invstd: &mut Buf,
-        running_mean: &mut Buf,
-        running_var: &mut Buf,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-    ) -> anyhow::Result<()> {
-        batch_norm::batch_norm_relu_forward_train(
-            self,
-            y,
-            mean,
-            invstd,
-            running_mean,
-            running_var,
-            x,
-            gamma,
-            beta,
-            xs,
-            cfg,
-        )
-    }
-
-    fn batch_norm_relu_forward_eval(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        running_mean: &Buf,
-        running_var: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-    ) {
-        batch_norm::batch_norm_relu_forward_eval(
-            self,
-            y,
-            x,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            xs,
-            cfg,
-        )
-    }
-
-    fn batch_norm_relu_backward(
-        &self,
-        dx: &mut Buf,
-        dgamma: &mut Buf,
-        dbeta: &mut Buf,
-        dy: &mut Buf,
-        y: &Buf,
-        x: &Buf,
-        gamma: &Buf,
-        mean: &Buf,
-        invstd: &Buf,
-        xs: Nhwc,
-    ) {
-        batch_norm::batch_norm_relu_backward(
-            self, dx, dgamma, dbeta, dy, y, x, gamma, mean, invstd, xs,
-        )
-    }
-
-    fn relu_forward(&self, y: &mut Buf, x: &Buf) {
-        elementwise::relu_forward(self, y, x)
-    }
-
-    fn relu_backward(&self, dy: &mut Buf, y: &Buf) {
-        elementwise::relu_backward(self, dy, y)
-    }
-
-    fn max_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc, pool: &MaxPool2d) {
-        pool::max_pool2d_forward(self, y, x, xs, pool)
-    }
-
-    fn max_pool2d_backward(
-        &self,
-        dx: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        y: &Buf,
-        xs: Nhwc,
-        pool: &MaxPool2d,
-    ) {
-        pool::max_pool2d_backward(self, dx, dy, x, y, xs, pool)
-    }
-
-    fn fork_backward(&self, dx: &mut Buf, parts: &[&Buf]) {
-        concat::fork_backward(self, dx, parts)
-    }
-
-    fn concat_forward(&self, y: &mut Buf, parts: &[&Buf], channels: &[usize]) {
-        concat::concat_forward(self, y, parts, channels)
-    }
-
-    fn concat_backward(&self, dparts: &mut [&mut Buf], dy: &Buf, channels: &[usize]) {
-        concat::concat_backward(self, dparts, dy, channels)
-    }
-
-    fn avg_pool2d_forward(&self, y: &mut Buf, x: &Buf, xs: Nhwc) {
-        pool::avg_pool2d_forward(self, y, x, xs)
-    }
-
-    fn avg_pool2d_backward(&self, dx: &mut Buf, dy: &Buf, xs: Nhwc) {
-        pool::avg_pool2d_backward(self, dx, dy, xs)
-    }
-
-    fn linear_forward(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        w: &Buf,
-        b: &Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
-    ) {
-        conv::linear_forward(self, y, x, w, b, n, fin, fout)
-    }
-
-    fn linear_backward(
-        &self,
-        dx: Option<&mut Buf>,
-        dw: &mut Buf,
-        db: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
-    ) {
-        conv::linear_backward(self, dx, dw, db, dy, x, w, n, fin, fout)
-    }
-
-    fn cross_entropy_forward(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
-    ) -> f64 {
-        loss::cross_entropy_forward(self, probs, logits, labels, k, smoothing)
-    }
-
-    fn cross_entropy_forward_summed(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
-    ) {
-        loss::cross_entropy_forward_summed(self, probs, logits, labels, k, smoothing)
-    }
-
-    fn cross_entropy_backward(
-        &self,
-        dlogits: &mut Buf,
-        probs: &Buf,
-        _labels: &[u32],
-        _k: usize,
-        _smoothing: f64,
-    ) {
-        loss::cross_entropy_backward(self, dlogits, probs, _labels, _k, _smoothing)
-    }
-
-    fn sgd_step_all(&self, params: &mut [SgdParam<'_, Buf>], first_step: bool, opt: &Sgd) {
-        optim::sgd_step_all(self, params, first_step, opt)
-    }
-
-    fn sgd_step(
-        &self,
-        param: &mut Buf,
-        grad: &Buf,
-        momentum_buf: &mut Buf,
-        first_step: bool,
-        opt: &Sgd,
-    ) {
-        optim::sgd_step(self, param, grad, momentum_buf, first_step, opt)
     }
 }
 

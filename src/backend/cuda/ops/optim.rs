@@ -35,62 +35,59 @@ impl Gpu {
     }
 }
 
-pub(super) fn sgd_step_all(
-    gpu: &Gpu,
-    params: &mut [SgdParam<'_, Buf>],
-    first_step: bool,
-    opt: &Sgd,
-) {
-    match &gpu.loss_scale {
-        None => {
-            for p in params.iter_mut() {
-                gpu.sgd(p.value, p.grad, p.momentum, first_step, opt, 0);
+impl OptimOps<f32> for Gpu {
+    fn sgd_step_all(&self, params: &mut [SgdParam<'_, Buf>], first_step: bool, opt: &Sgd) {
+        match &self.loss_scale {
+            None => {
+                for p in params.iter_mut() {
+                    self.sgd(p.value, p.grad, p.momentum, first_step, opt, 0);
+                }
             }
-        }
-        Some(ls) => {
-            let (scale, found_inf) = (ls.scale.ptr(), ls.found_inf.ptr());
-            // Every gradient is unscaled and checked before any parameter moves, so an
-            // overflow anywhere skips the whole step (on the device, without a sync).
-            for p in params.iter_mut() {
-                let g = gpu.ptr(p.grad);
+            Some(ls) => {
+                let (scale, found_inf) = (ls.scale.ptr(), ls.found_inf.ptr());
+                // Every gradient is unscaled and checked before any parameter moves, so an
+                // overflow anywhere skips the whole step (on the device, without a sync).
+                for p in params.iter_mut() {
+                    let g = self.ptr(p.grad);
+                    let args = [
+                        Ptr(g),
+                        Ptr(g),
+                        I32(p.grad.len as i32),
+                        Ptr(scale),
+                        Ptr(found_inf),
+                    ];
+                    self.launch("amp_unscale_f32", self.strided(p.grad.len), &args);
+                }
+                for p in params.iter_mut() {
+                    self.sgd(p.value, p.grad, p.momentum, first_step, opt, found_inf);
+                }
+                let (growth, skipped) = (ls.growth.ptr(), ls.skipped.ptr());
                 let args = [
-                    Ptr(g),
-                    Ptr(g),
-                    I32(p.grad.len as i32),
                     Ptr(scale),
+                    Ptr(growth),
                     Ptr(found_inf),
+                    Ptr(skipped),
+                    F32(LOSS_SCALE_GROWTH),
+                    F32(LOSS_SCALE_BACKOFF),
+                    I32(LOSS_SCALE_INTERVAL),
                 ];
-                gpu.launch("amp_unscale_f32", gpu.strided(p.grad.len), &args);
+                self.launch("update_loss_scale", ONE_THREAD, &args);
             }
-            for p in params.iter_mut() {
-                gpu.sgd(p.value, p.grad, p.momentum, first_step, opt, found_inf);
-            }
-            let (growth, skipped) = (ls.growth.ptr(), ls.skipped.ptr());
-            let args = [
-                Ptr(scale),
-                Ptr(growth),
-                Ptr(found_inf),
-                Ptr(skipped),
-                F32(LOSS_SCALE_GROWTH),
-                F32(LOSS_SCALE_BACKOFF),
-                I32(LOSS_SCALE_INTERVAL),
-            ];
-            gpu.launch("update_loss_scale", ONE_THREAD, &args);
+        }
+        for p in params.iter() {
+            p.value.shadow_fresh.store(false, Ordering::Release);
         }
     }
-    for p in params.iter() {
-        p.value.shadow_fresh.store(false, Ordering::Release);
-    }
-}
 
-pub(super) fn sgd_step(
-    gpu: &Gpu,
-    param: &mut Buf,
-    grad: &Buf,
-    momentum_buf: &mut Buf,
-    first_step: bool,
-    opt: &Sgd,
-) {
-    gpu.sgd(param, grad, momentum_buf, first_step, opt, 0);
-    param.shadow_fresh.store(false, Ordering::Release);
+    fn sgd_step(
+        &self,
+        param: &mut Buf,
+        grad: &Buf,
+        momentum_buf: &mut Buf,
+        first_step: bool,
+        opt: &Sgd,
+    ) {
+        self.sgd(param, grad, momentum_buf, first_step, opt, 0);
+        param.shadow_fresh.store(false, Ordering::Release);
+    }
 }
