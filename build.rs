@@ -71,33 +71,20 @@ fn main() {
 fn build_nvtx() {
     println!("cargo:rustc-check-cfg=cfg(incept_nvtx)");
     println!("cargo:rerun-if-changed=cuda/nvtx.c");
-    let mut dirs: Vec<PathBuf> = locate::toolkit_roots()
-        .into_iter()
-        .map(|(_, root)| root.join("include"))
-        .collect();
+    let mut dirs: Vec<PathBuf> =
+        locate::toolkit_roots().into_iter().map(|(_, root)| root.join("include")).collect();
     for site in locate::site_packages(&mut Vec::new()) {
-        for sub in [
-            "nvidia/nvtx/include",
-            "nvidia/cu13/include",
-            "nvidia/cuda_runtime/include",
-        ] {
+        for sub in ["nvidia/nvtx/include", "nvidia/cu13/include", "nvidia/cuda_runtime/include"] {
             dirs.push(site.join(sub));
         }
     }
-    let Some(dir) = dirs
-        .into_iter()
-        .find(|d| d.join("nvtx3/nvToolsExt.h").is_file())
-    else {
+    let Some(dir) = dirs.into_iter().find(|d| d.join("nvtx3/nvToolsExt.h").is_file()) else {
         println!(
             "cargo:warning=incept: NVTX 3 headers (nvtx3/nvToolsExt.h) not found under $CUDA_HOME/include or the nvidia-nvtx wheel: building without profiler ranges"
         );
         return;
     };
-    cc::Build::new()
-        .file("cuda/nvtx.c")
-        .include(&dir)
-        .warnings(false)
-        .compile("incept_nvtx");
+    cc::Build::new().file("cuda/nvtx.c").include(&dir).warnings(false).compile("incept_nvtx");
     // NVTX 3 loads the profiler's injection library with dlopen.
     println!("cargo:rustc-link-lib=dl");
     println!("cargo:rustc-cfg=incept_nvtx");
@@ -131,9 +118,7 @@ fn build_kernels() -> Result<(), String> {
     let compiler = if sources.is_empty() {
         None
     } else {
-        Some(Compiler::find(
-            &env::var("INCEPT_PTX_COMPILER").unwrap_or_default(),
-        )?)
+        Some(Compiler::find(&env::var("INCEPT_PTX_COMPILER").unwrap_or_default())?)
     };
     let compiled = match &compiler {
         Some(c) => ptx_build::compile_all(c, &sources, &cuda_dir, &out_dir, &arch)?,
@@ -151,9 +136,7 @@ fn build_kernels() -> Result<(), String> {
     isas.sort();
     isas.dedup();
     let isa = isas.join(",");
-    let compiler_name = compiler
-        .as_ref()
-        .map_or("none".to_string(), Compiler::describe);
+    let compiler_name = compiler.as_ref().map_or("none".to_string(), Compiler::describe);
     let archs = env::var("INCEPT_CUBIN_ARCHS").unwrap_or_else(|_| "sm_80 sm_90".into());
     let cubins = ptx_build::assemble_cubins(&out_dir, &compiled, &archs)?;
     let rs = ptx_build::kernels_rs(&compiled, &isa, &arch, &compiler_name, &cubins);

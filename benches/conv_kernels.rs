@@ -39,18 +39,10 @@ fn main() {
         .convolutions(128)
         .expect("the seed model's shapes fit");
     for (name, xs, conv) in convolutions {
-        let Conv2d {
-            cin,
-            cout,
-            k,
-            stride,
-            ..
-        } = conv;
+        let Conv2d { cin, cout, k, stride, .. } = conv;
         let ys = conv.out_shape(xs);
         let fill = |len: usize, m: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * m) % 1000) as f32 / 500.0 - 1.0)
-                .collect()
+            (0..len).map(|i| ((i * m) % 1000) as f32 / 500.0 - 1.0).collect()
         };
         let (x, w, b, dy) = (
             fill(xs.len(), 7919),
@@ -58,20 +50,14 @@ fn main() {
             fill(cout, 13),
             fill(ys.len(), 31),
         );
-        let (mut y, mut dw, mut dx) = (
-            vec![0.0f32; ys.len()],
-            vec![0.0f32; w.len()],
-            vec![0.0f32; xs.len()],
-        );
+        let (mut y, mut dw, mut dx) =
+            (vec![0.0f32; ys.len()], vec![0.0f32; w.len()], vec![0.0f32; xs.len()]);
         let flop = 2.0 * (ys.pixels() * cout * k * k * cin) as f64;
         let row = |kernel: &str, f: f64, g: f64, d: Option<f64>| {
             let total = f + g + d.unwrap_or(0.0);
             let work = flop * if d.is_some() { 3.0 } else { 2.0 };
             let d = d.map_or("-".to_string(), |d| format!("{d:.2}"));
-            println!(
-                "{name:<26} {kernel:<9} {f:>9.2} {g:>9.2} {d:>9} {:>7.0}",
-                work / total / 1e6
-            );
+            println!("{name:<26} {kernel:<9} {f:>9.2} {g:>9.2} {d:>9} {:>7.0}", work / total / 1e6);
         };
         let f = median_ms(&mut || cpu::conv2d_forward_reference(&mut y, &x, &w, &b, xs, &conv));
         let g =

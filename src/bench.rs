@@ -85,23 +85,14 @@ impl BenchResult {
 }
 
 /// The optimizer of the timed training steps (the default recipe's, at a small lr).
-const BENCH_SGD: Sgd = Sgd {
-    lr: 0.01,
-    momentum: 0.9,
-    weight_decay: 5e-4,
-    nesterov: true,
-};
+const BENCH_SGD: Sgd = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
 
 /// A fixed random NHWC batch of `n` images and labels for `spec`.
 fn random_batch(spec: &ModelSpec, n: usize) -> (Vec<f32>, Vec<u32>) {
     let (c, h, w) = spec.input;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let x = (0..n * c * h * w)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let labels = (0..n)
-        .map(|_| rng.random_range(0..spec.classes as u32))
-        .collect();
+    let x = (0..n * c * h * w).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let labels = (0..n).map(|_| rng.random_range(0..spec.classes as u32)).collect();
     (x, labels)
 }
 
@@ -227,10 +218,7 @@ impl MatrixRow {
 /// configuration should not hide the figures of the rest. `on_row` sees each row as soon as it
 /// is measured, so a run killed by a time limit keeps the rows it finished.
 pub fn bench_cuda_matrix(
-    opts: &BenchOpts,
-    device: &DeviceFlag,
-    base: &CudaArgs,
-    batches: &[usize],
+    opts: &BenchOpts, device: &DeviceFlag, base: &CudaArgs, batches: &[usize],
     on_row: &mut dyn FnMut(&MatrixRow),
 ) -> Vec<MatrixRow> {
     let mut out = Vec::new();
@@ -245,10 +233,7 @@ pub fn bench_cuda_matrix(
                         no_cuda_graph,
                         ..base.clone()
                     };
-                    let o = BenchOpts {
-                        batch,
-                        ..opts.clone()
-                    };
+                    let o = BenchOpts { batch, ..opts.clone() };
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         bench_cuda(&o, device, &cuda)
                     }));
@@ -282,9 +267,7 @@ pub fn bench_cuda_matrix(
 /// Median step times of `net`. Each timed step ends by reading the loss or the logits back,
 /// so queued device work is included.
 fn bench_net<B: Backend<f32>>(
-    net: &mut Net<f32, B>,
-    opts: &BenchOpts,
-    device: &str,
+    net: &mut Net<f32, B>, opts: &BenchOpts, device: &str,
 ) -> Result<BenchResult> {
     let n = opts.batch;
     let (x, labels) = random_batch(&net.spec, n);
@@ -393,11 +376,7 @@ pub fn profile_cpu(opts: &BenchOpts) -> Result<String> {
         };
         // The backward of a layer with an input gradient does two products (dx and dw); the
         // first layer computes no dx.
-        let bwd_flop = if l.name == "block1.0" {
-            l.forward_flop
-        } else {
-            2.0 * l.forward_flop
-        };
+        let bwd_flop = if l.name == "block1.0" { l.forward_flop } else { 2.0 * l.forward_flop };
         let _ = writeln!(
             out,
             "{:<34} {:<15} {f:>8.2} {b:>8.2} {e:>8.2} {:>8} {:>8}  {}",

@@ -26,10 +26,7 @@ impl TensorFile {
         // another process while mapped is outside what this program defends against.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        let tf = TensorFile {
-            path: path.to_path_buf(),
-            map,
-        };
+        let tf = TensorFile { path: path.to_path_buf(), map };
         tf.tensors()?;
         Ok(tf)
     }
@@ -78,24 +75,22 @@ fn view_to_f64(view: &TensorView) -> Result<Vec<f64>> {
     let d = view.data();
     let chunks = |size: usize| d.chunks_exact(size);
     Ok(match view.dtype() {
-        Dtype::F32 => chunks(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .collect(),
-        Dtype::F64 => chunks(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")))
-            .collect(),
-        Dtype::F16 => chunks(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::BF16 => chunks(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
+        Dtype::F32 => {
+            chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect()
+        }
+        Dtype::F64 => {
+            chunks(8).map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk"))).collect()
+        }
+        Dtype::F16 => chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
+        Dtype::BF16 => {
+            chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect()
+        }
         Dtype::I64 => chunks(8)
             .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f64)
             .collect(),
-        Dtype::I32 => chunks(4)
-            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-            .collect(),
+        Dtype::I32 => {
+            chunks(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect()
+        }
         other => bail!("unsupported dtype {other:?}"),
     })
 }
@@ -103,9 +98,7 @@ fn view_to_f64(view: &TensorView) -> Result<Vec<f64>> {
 /// Loads every tensor of the model from `file`, each named `{prefix}{state_dict name}`.
 /// Nothing is changed unless every tensor is present with the right shape.
 pub fn load_model<T: Elem, B: Backend<T>>(
-    net: &mut Net<T, B>,
-    file: &TensorFile,
-    prefix: &str,
+    net: &mut Net<T, B>, file: &TensorFile, prefix: &str,
 ) -> Result<()> {
     let st = file.tensors()?;
     let path = file.path().display().to_string();
@@ -185,18 +178,11 @@ pub fn model_tensors<T: Elem, B: Backend<T>>(net: &mut Net<T, B>) -> Vec<(String
 /// Writes tensors to `path` atomically: a temporary file in the same folder, fsync, rename.
 /// A crash or a full disk leaves either the old file or the new one, never a partial file.
 pub fn save(
-    path: &Path,
-    tensors: &[(String, OwnedTensor)],
-    metadata: HashMap<String, String>,
+    path: &Path, tensors: &[(String, OwnedTensor)], metadata: HashMap<String, String>,
 ) -> Result<()> {
     let views: Vec<(&str, TensorView)> = tensors
         .iter()
-        .map(|(name, t)| {
-            Ok((
-                name.as_str(),
-                TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?,
-            ))
-        })
+        .map(|(name, t)| Ok((name.as_str(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .context("building the checkpoint")?;
     let bytes =
@@ -206,14 +192,9 @@ pub fn save(
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let file_name =
+        path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&bytes)?;

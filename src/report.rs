@@ -22,29 +22,18 @@ pub fn read_summary(path: &Path) -> Result<Vec<Row>> {
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
     let col = |name: &str| {
         header.iter().position(|h| *h == name).with_context(|| {
-            format!(
-                "{}: no column {name}; is this an incept summary.csv?",
-                path.display()
-            )
+            format!("{}: no column {name}; is this an incept summary.csv?", path.display())
         })
     };
-    let cols = [
-        col("epoch")?,
-        col("train_loss")?,
-        col("train_acc")?,
-        col("test_loss")?,
-        col("test_acc")?,
-    ];
+    let cols =
+        [col("epoch")?, col("train_loss")?, col("train_acc")?, col("test_loss")?, col("test_acc")?];
     let mut rows = Vec::new();
     for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split(',').collect();
         let get = |c: usize| -> Result<f64> {
-            fields
-                .get(c)
-                .and_then(|f| f.trim().parse().ok())
-                .with_context(|| {
-                    format!("{} line {}: malformed row {line:?}", path.display(), i + 2)
-                })
+            fields.get(c).and_then(|f| f.trim().parse().ok()).with_context(|| {
+                format!("{} line {}: malformed row {line:?}", path.display(), i + 2)
+            })
         };
         rows.push(Row {
             epoch: get(cols[0])?,
@@ -63,9 +52,7 @@ pub fn read_summary(path: &Path) -> Result<Vec<Row>> {
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -76,10 +63,7 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 fn panel(
-    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
-    title: &str,
-    y: &str,
-    series: &[Series],
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>, title: &str, y: &str, series: &[Series],
 ) -> Result<()> {
     let (x0, x1) = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.0)));
     let (y0, y1) = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.1)));
@@ -99,10 +83,7 @@ fn panel(
     for (name, color, points) in series {
         let color = *color;
         chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(2),
-            ))
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("plot: {e}"))?
             .label(*name)
             .legend(move |(x, y)| {
@@ -125,18 +106,14 @@ pub fn report(run: &Path) -> Result<PathBuf> {
     let out = run.join("curves.svg");
     {
         let root = SVGBackend::new(&out, (1100, 420)).into_drawing_area();
-        root.fill(&WHITE)
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         let (left, right) = root.split_horizontally(550);
         let pts = |f: fn(&Row) -> f64| rows.iter().map(|r| (r.epoch, f(r))).collect::<Vec<_>>();
         panel(
             &left,
             "loss",
             "cross-entropy",
-            &[
-                ("train", BLUE, pts(|r| r.train_loss)),
-                ("test", RED, pts(|r| r.test_loss)),
-            ],
+            &[("train", BLUE, pts(|r| r.train_loss)), ("test", RED, pts(|r| r.test_loss))],
         )?;
         panel(
             &right,
@@ -147,8 +124,7 @@ pub fn report(run: &Path) -> Result<PathBuf> {
                 ("test", RED, pts(|r| r.test_acc * 100.0)),
             ],
         )?;
-        root.present()
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        root.present().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     }
     Ok(out)
 }

@@ -36,15 +36,11 @@ where
     F: Fn(usize, &mut I) -> R + Sync + Send,
 {
     match mode {
-        BranchSchedule::Sequential => branches
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| f(i, b))
-            .collect(),
-        BranchSchedule::Concurrent => branches
-            .par_iter_mut()
-            .enumerate()
-            .map(|(i, b)| f(i, b))
-            .collect(),
+        BranchSchedule::Sequential => {
+            branches.iter_mut().enumerate().map(|(i, b)| f(i, b)).collect()
+        }
+        BranchSchedule::Concurrent => {
+            branches.par_iter_mut().enumerate().map(|(i, b)| f(i, b)).collect()
+        }
     }
 }

@@ -12,12 +12,7 @@ pub trait Feed<B: Backend<f32>> {
     /// The images `idx` (positions `first_pos..` of epoch `epoch`'s order), augmented, as an
     /// input on the backend; their labels go to `labels`.
     fn batch(
-        &mut self,
-        be: &B,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        labels: &mut Vec<u32>,
+        &mut self, be: &B, idx: &[usize], epoch: u64, first_pos: u64, labels: &mut Vec<u32>,
     ) -> B::Buf;
 }
 
@@ -31,34 +26,15 @@ pub struct HostFeed<'a> {
 
 impl<'a> HostFeed<'a> {
     pub fn new(set: &'a Cifar10, aug: Augment, seed: u64) -> Self {
-        HostFeed {
-            set,
-            aug,
-            seed,
-            x: Vec::new(),
-        }
+        HostFeed { set, aug, seed, x: Vec::new() }
     }
 }
 
 impl<B: Backend<f32>> Feed<B> for HostFeed<'_> {
     fn batch(
-        &mut self,
-        be: &B,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        labels: &mut Vec<u32>,
+        &mut self, be: &B, idx: &[usize], epoch: u64, first_pos: u64, labels: &mut Vec<u32>,
     ) -> B::Buf {
-        data::make_batch(
-            self.set,
-            idx,
-            self.aug,
-            self.seed,
-            epoch,
-            first_pos,
-            &mut self.x,
-            labels,
-        );
+        data::make_batch(self.set, idx, self.aug, self.seed, epoch, first_pos, &mut self.x, labels);
         be.upload_act(&self.x)
     }
 }
@@ -83,12 +59,7 @@ pub trait Stepper<B: Backend<f32>> {
     /// A loss that is not finite is returned before the backward, and no weight moves.
     #[allow(clippy::too_many_arguments)]
     fn step(
-        &mut self,
-        net: &mut Net<f32, B>,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        opt: &Sgd,
+        &mut self, net: &mut Net<f32, B>, idx: &[usize], epoch: u64, first_pos: u64, opt: &Sgd,
         smoothing: f64,
     ) -> Result<Option<(f64, u64)>>;
     /// Σ loss·n and Σ correct of the steps that returned `None` since the last call.
@@ -111,21 +82,14 @@ pub struct EagerStepper<F> {
 
 impl<F> EagerStepper<F> {
     pub fn new(feed: F) -> Self {
-        EagerStepper {
-            feed,
-            labels: Vec::new(),
-        }
+        EagerStepper { feed, labels: Vec::new() }
     }
 }
 
 /// One eager step: build the batch, forward, loss, backward, SGD.
 fn eager_step<B: Backend<f32>, F: Feed<B>>(
-    feed: &mut F,
-    labels: &mut Vec<u32>,
-    net: &mut Net<f32, B>,
-    (idx, epoch, first_pos): (&[usize], u64, u64),
-    opt: &Sgd,
-    smoothing: f64,
+    feed: &mut F, labels: &mut Vec<u32>, net: &mut Net<f32, B>,
+    (idx, epoch, first_pos): (&[usize], u64, u64), opt: &Sgd, smoothing: f64,
 ) -> Result<Option<(f64, u64)>> {
     let input = feed.batch(net.backend(), idx, epoch, first_pos, labels);
     net.zero_grad();
@@ -141,22 +105,10 @@ fn eager_step<B: Backend<f32>, F: Feed<B>>(
 
 impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for EagerStepper<F> {
     fn step(
-        &mut self,
-        net: &mut Net<f32, B>,
-        idx: &[usize],
-        epoch: u64,
-        first_pos: u64,
-        opt: &Sgd,
+        &mut self, net: &mut Net<f32, B>, idx: &[usize], epoch: u64, first_pos: u64, opt: &Sgd,
         smoothing: f64,
     ) -> Result<Option<(f64, u64)>> {
-        eager_step(
-            &mut self.feed,
-            &mut self.labels,
-            net,
-            (idx, epoch, first_pos),
-            opt,
-            smoothing,
-        )
+        eager_step(&mut self.feed, &mut self.labels, net, (idx, epoch, first_pos), opt, smoothing)
     }
 }
 
@@ -179,12 +131,7 @@ mod gpu {
     impl<'a> DeviceFeed<'a> {
         /// Copies `set` to the GPU of `gpu`.
         pub fn new(gpu: &Gpu, set: &'a Cifar10, aug: Augment, seed: u64) -> Result<Self> {
-            Ok(DeviceFeed {
-                set,
-                records: gpu.upload_records(set)?,
-                aug,
-                seed,
-            })
+            Ok(DeviceFeed { set, records: gpu.upload_records(set)?, aug, seed })
         }
 
         fn labels(&self, idx: &[usize], labels: &mut Vec<u32>) {
@@ -201,12 +148,7 @@ mod gpu {
 
     impl Feed<Gpu> for DeviceFeed<'_> {
         fn batch(
-            &mut self,
-            be: &Gpu,
-            idx: &[usize],
-            epoch: u64,
-            first_pos: u64,
-            labels: &mut Vec<u32>,
+            &mut self, be: &Gpu, idx: &[usize], epoch: u64, first_pos: u64, labels: &mut Vec<u32>,
         ) -> GpuBuf {
             self.labels(idx, labels);
             let views = self.views(idx.len(), epoch, first_pos);
@@ -240,20 +182,11 @@ mod gpu {
 
     impl<'a> GraphStepper<'a> {
         pub fn new(feed: DeviceFeed<'a>) -> Self {
-            GraphStepper {
-                feed,
-                labels: Vec::new(),
-                graph: None,
-                warm: None,
-                eager_only: false,
-            }
+            GraphStepper { feed, labels: Vec::new(), graph: None, warm: None, eager_only: false }
         }
 
         fn eager(
-            &mut self,
-            net: &mut Net<f32, Gpu>,
-            step: (&[usize], u64, u64),
-            opt: &Sgd,
+            &mut self, net: &mut Net<f32, Gpu>, step: (&[usize], u64, u64), opt: &Sgd,
             smoothing: f64,
         ) -> Result<Option<(f64, u64)>> {
             eager_step(&mut self.feed, &mut self.labels, net, step, opt, smoothing)
@@ -268,11 +201,8 @@ mod gpu {
         /// Records one step, its inputs staged first; nothing runs until the graph is
         /// replayed.
         fn capture(
-            &mut self,
-            net: &mut Net<f32, Gpu>,
-            (idx, epoch, first_pos): (&[usize], u64, u64),
-            opt: &Sgd,
-            smoothing: f64,
+            &mut self, net: &mut Net<f32, Gpu>, (idx, epoch, first_pos): (&[usize], u64, u64),
+            opt: &Sgd, smoothing: f64,
         ) -> Result<StepGraph> {
             let b = idx.len();
             let views = self.prepare(idx, epoch, first_pos);
@@ -308,13 +238,8 @@ mod gpu {
 
     impl Stepper<Gpu> for GraphStepper<'_> {
         fn step(
-            &mut self,
-            net: &mut Net<f32, Gpu>,
-            idx: &[usize],
-            epoch: u64,
-            first_pos: u64,
-            opt: &Sgd,
-            smoothing: f64,
+            &mut self, net: &mut Net<f32, Gpu>, idx: &[usize], epoch: u64, first_pos: u64,
+            opt: &Sgd, smoothing: f64,
         ) -> Result<Option<(f64, u64)>> {
             let b = idx.len();
             if self.graph.as_ref().is_some_and(|g| g.batch() != b) {
@@ -346,12 +271,8 @@ mod gpu {
                 net.count_replayed_step();
             }
             let views = self.prepare(idx, epoch, first_pos);
-            let step = StepInputs {
-                indices: idx,
-                views: &views,
-                labels: &self.labels,
-                lr: opt.lr as f32,
-            };
+            let step =
+                StepInputs { indices: idx, views: &views, labels: &self.labels, lr: opt.lr as f32 };
             let graph = self.graph.as_ref().expect("captured above");
             net.backend().replay(graph, &step)?;
             Ok(None)

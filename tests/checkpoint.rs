@@ -20,9 +20,7 @@ fn net(seed: u64) -> Net<f32, Cpu> {
 }
 
 fn batch() -> Vec<f32> {
-    (0..4 * 32 * 32 * 3)
-        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-        .collect()
+    (0..4 * 32 * 32 * 3).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect()
 }
 
 #[test]
@@ -37,10 +35,7 @@ fn save_then_load_is_exact() {
     assert_ne!(a.state(), b.state(), "two seeds give two models");
     load_model(&mut b, &TensorFile::open(&path).unwrap(), "").unwrap();
     assert_eq!(a.state(), b.state());
-    let (la, lb) = (
-        a.forward(&batch(), 4, false).unwrap(),
-        b.forward(&batch(), 4, false).unwrap(),
-    );
+    let (la, lb) = (a.forward(&batch(), 4, false).unwrap(), b.forward(&batch(), 4, false).unwrap());
     assert_eq!(la, lb);
     // Names, dtypes and shapes are PyTorch's.
     let file = TensorFile::open(&path).unwrap();
@@ -49,16 +44,10 @@ fn save_then_load_is_exact() {
     assert_eq!(w.shape(), &[64, 128, 3, 3]);
     let c = st.tensor("block1.1.num_batches_tracked").unwrap();
     assert_eq!((c.dtype(), c.shape()), (safetensors::Dtype::I64, &[][..]));
-    assert_eq!(
-        file.read_f64("block1.1.num_batches_tracked").unwrap().0,
-        vec![1.0]
-    );
+    assert_eq!(file.read_f64("block1.1.num_batches_tracked").unwrap().0, vec![1.0]);
     assert_eq!(st.len(), ModelSpec::inception_net_small().tensors().len());
     // No temporary file is left behind.
-    let left: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
 
@@ -74,30 +63,17 @@ fn parameter_count_matches_pytorch() {
     let spec = ModelSpec::inception_net_small();
     let mut pytorch: Vec<(String, Vec<usize>)> = st
         .iter()
-        .filter_map(|(n, v)| {
-            n.strip_prefix("param/")
-                .map(|n| (n.to_string(), v.shape().to_vec()))
-        })
+        .filter_map(|(n, v)| n.strip_prefix("param/").map(|n| (n.to_string(), v.shape().to_vec())))
         .collect();
     pytorch.sort();
-    let mut ours: Vec<(String, Vec<usize>)> = spec
-        .tensors()
-        .into_iter()
-        .map(|t| (t.name, t.shape))
-        .collect();
+    let mut ours: Vec<(String, Vec<usize>)> =
+        spec.tensors().into_iter().map(|t| (t.name, t.shape)).collect();
     ours.sort();
     assert_eq!(ours, pytorch, "names and shapes of the state_dict");
-    let trained: usize = spec
-        .tensors()
-        .iter()
-        .filter(|t| t.kind == TensorKind::Param)
-        .map(|t| t.numel())
-        .sum();
+    let trained: usize =
+        spec.tensors().iter().filter(|t| t.kind == TensorKind::Param).map(|t| t.numel()).sum();
     assert_eq!(trained, spec.param_count());
-    assert!(
-        (570_000..580_000).contains(&trained),
-        "{trained} parameters"
-    );
+    assert!((570_000..580_000).contains(&trained), "{trained} parameters");
 }
 
 #[test]
@@ -120,24 +96,13 @@ fn checkpoint_of_another_model_is_refused_and_changes_nothing() {
         msg.contains("fc.weight") && msg.contains("[100, 384]") && msg.contains("another model"),
         "{msg}"
     );
-    assert_eq!(
-        b.state(),
-        before,
-        "a refused load leaves the model untouched"
-    );
+    assert_eq!(b.state(), before, "a refused load leaves the model untouched");
 
     // A file without the model's tensors at all.
     let path2 = dir.join("empty.safetensors");
-    save(
-        &path2,
-        &[("foo".into(), OwnedTensor::f32(vec![1], [1.0]))],
-        HashMap::new(),
-    )
-    .unwrap();
-    let msg = format!(
-        "{:#}",
-        load_model(&mut b, &TensorFile::open(&path2).unwrap(), "").unwrap_err()
-    );
+    save(&path2, &[("foo".into(), OwnedTensor::f32(vec![1], [1.0]))], HashMap::new()).unwrap();
+    let msg =
+        format!("{:#}", load_model(&mut b, &TensorFile::open(&path2).unwrap(), "").unwrap_err());
     assert!(msg.contains("no tensor block1.0.weight"), "{msg}");
 }
 
@@ -149,25 +114,12 @@ fn damaged_files_and_bad_paths_are_clear_errors() {
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let msg = format!(
-        "{:#}",
-        TensorFile::open(&cut)
-            .err()
-            .expect("truncated file accepted")
-    );
-    assert!(
-        msg.contains("cut.safetensors") && msg.contains("truncated"),
-        "{msg}"
-    );
+    let msg = format!("{:#}", TensorFile::open(&cut).err().expect("truncated file accepted"));
+    assert!(msg.contains("cut.safetensors") && msg.contains("truncated"), "{msg}");
     let garbage = dir.join("garbage.safetensors");
     std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
     assert!(TensorFile::open(&garbage).is_err());
-    let msg = format!(
-        "{:#}",
-        TensorFile::open(&dir.join("missing.safetensors"))
-            .err()
-            .unwrap()
-    );
+    let msg = format!("{:#}", TensorFile::open(&dir.join("missing.safetensors")).err().unwrap());
     assert!(msg.contains("missing.safetensors"), "{msg}");
 
     // NaN weights are refused.
@@ -175,14 +127,9 @@ fn damaged_files_and_bad_paths_are_clear_errors() {
     tensors[0].1 = OwnedTensor::f32(tensors[0].1.shape.clone(), vec![f32::NAN; 64 * 3 * 7 * 7]);
     let nan = dir.join("nan.safetensors");
     save(&nan, &tensors, HashMap::new()).unwrap();
-    let msg = format!(
-        "{:#}",
-        load_model(&mut net(2), &TensorFile::open(&nan).unwrap(), "").unwrap_err()
-    );
-    assert!(
-        msg.contains("block1.0.weight") && msg.contains("NaN"),
-        "{msg}"
-    );
+    let msg =
+        format!("{:#}", load_model(&mut net(2), &TensorFile::open(&nan).unwrap(), "").unwrap_err());
+    assert!(msg.contains("block1.0.weight") && msg.contains("NaN"), "{msg}");
 
     // An unwritable destination fails cleanly and leaves the old file intact.
     let msg = format!(

@@ -17,11 +17,7 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn ok(args: &[&str]) -> String {
@@ -91,10 +87,8 @@ fn train_args<'a>(out: &'a str, exp: &'a str, epochs: &'a str) -> Vec<&'a str> {
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let f = TensorFile::open(path).unwrap();
     let st = f.tensors().unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.data().to_vec()))
-        .collect();
+    let mut v: Vec<(String, Vec<u8>)> =
+        st.iter().map(|(n, t)| (n.to_string(), t.data().to_vec())).collect();
     v.sort();
     v
 }
@@ -105,12 +99,7 @@ fn assert_same_weights(a: &Path, b: &Path) {
         assert_eq!(ta.len(), tb.len());
         for ((na, va), (nb, vb)) in ta.iter().zip(&tb) {
             assert_eq!(na, nb);
-            assert!(
-                va == vb,
-                "{file}: {na} differs between {} and {}",
-                a.display(),
-                b.display()
-            );
+            assert!(va == vb, "{file}: {na} differs between {} and {}", a.display(), b.display());
         }
     }
 }
@@ -172,10 +161,7 @@ fn train_eval_report_and_exact_resume() {
         ev.contains(&format!("accuracy {:.2}%", test_acc * 100.0)),
         "eval says:\n{ev}\nsummary says {test_acc}"
     );
-    assert!(
-        ev.contains("confusion matrix") && ev.contains("airplane"),
-        "{ev}"
-    );
+    assert!(ev.contains("confusion matrix") && ev.contains("airplane"), "{ev}");
 
     // report draws the curves.
     let rep = ok(&["report", straight.to_str().unwrap()]);
@@ -208,11 +194,7 @@ fn train_eval_report_and_exact_resume() {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if !signalled && line.contains("step=3 ") {
                 let pid = child.id().to_string();
-                assert!(Command::new("kill")
-                    .args(["-INT", &pid])
-                    .status()
-                    .unwrap()
-                    .success());
+                assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
                 signalled = true;
             }
             lines.push(line);
@@ -220,12 +202,7 @@ fn train_eval_report_and_exact_resume() {
         (child.wait().unwrap(), lines)
     });
     let (status, lines) = reader.join().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(130),
-        "exit status after Ctrl-C:\n{}",
-        lines.join("\n")
-    );
+    assert_eq!(status.code(), Some(130), "exit status after Ctrl-C:\n{}", lines.join("\n"));
     let interrupted = out.join("interrupted");
     let ckpt = interrupted.join("last.safetensors");
     assert!(ckpt.is_file());
@@ -294,10 +271,7 @@ fn bad_input_is_a_clear_error() {
     let d = dataset().to_str().unwrap();
     let tmp = scratch("bad");
     let out = tmp.to_str().unwrap();
-    fails(
-        &["train", "--data-dir", d, "--output", out, "-b", "1"],
-        &["--batch-size"],
-    );
+    fails(&["train", "--data-dir", d, "--output", out, "-b", "1"], &["--batch-size"]);
     // A CUDA device that cannot be used is refused before the data is read: the data folder
     // here holds a broken file, and the message must be about the device. The CPU-only build
     // names the missing feature; the CUDA build what is missing (no driver, no GPU, or, on a
@@ -307,20 +281,9 @@ fn bad_input_is_a_clear_error() {
     std::fs::write(broken.join("data_batch_1.bin"), b"not CIFAR").unwrap();
     for device in ["cuda", "cuda:99"] {
         let flag = format!("--device {device}");
-        let needles: &[&str] = if cfg!(feature = "cudnn") {
-            &[&flag]
-        } else {
-            &[&flag, "cudnn"]
-        };
-        let args = [
-            "train",
-            "--data-dir",
-            broken.to_str().unwrap(),
-            "--output",
-            out,
-            "--device",
-            device,
-        ];
+        let needles: &[&str] = if cfg!(feature = "cudnn") { &[&flag] } else { &[&flag, "cudnn"] };
+        let args =
+            ["train", "--data-dir", broken.to_str().unwrap(), "--output", out, "--device", device];
         if cfg!(feature = "cudnn") && device == "cuda" && gpu_present() {
             continue;
         }
@@ -350,14 +313,8 @@ fn bad_input_is_a_clear_error() {
             "incept {args:?} read its inputs before checking the device:\n{t}"
         );
     }
-    fails(
-        &["train", "--data-dir", d, "--output", out, "--device", "tpu"],
-        &["--device tpu"],
-    );
-    fails(
-        &["train", "--data-dir", d, "--output", out, "--lr=-1"],
-        &["--lr"],
-    );
+    fails(&["train", "--data-dir", d, "--output", out, "--device", "tpu"], &["--device tpu"]);
+    fails(&["train", "--data-dir", d, "--output", out, "--lr=-1"], &["--lr"]);
     fails(&["train", "--epochs", "x"], &["--epochs"]);
     // CUDA-only flags on the CPU, and malformed CUDA flags, are refused before anything runs.
     for (flag, needle) in [
@@ -389,23 +346,11 @@ fn bad_input_is_a_clear_error() {
             "-b",
             "64",
         ],
-        &[
-            "the loss became",
-            "at epoch 1 step",
-            "no checkpoint was saved yet",
-        ],
+        &["the loss became", "at epoch 1 step", "no checkpoint was saved yet"],
     );
     assert!(!tmp.join("nan/last.safetensors").exists());
     fails(
-        &[
-            "train",
-            "--data-dir",
-            d,
-            "--output",
-            "/proc/incept-cannot-write",
-            "--epochs",
-            "1",
-        ],
+        &["train", "--data-dir", d, "--output", "/proc/incept-cannot-write", "--epochs", "1"],
         &["/proc/incept-cannot-write"],
     );
 
@@ -418,79 +363,38 @@ fn bad_input_is_a_clear_error() {
     }
     let b3 = broken.join("data_batch_3.bin");
     let len = std::fs::metadata(&b3).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&b3)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&b3).unwrap().set_len(len - 100).unwrap();
     fails(
-        &[
-            "train",
-            "--data-dir",
-            broken.to_str().unwrap(),
-            "--output",
-            out,
-        ],
+        &["train", "--data-dir", broken.to_str().unwrap(), "--output", out],
         &["data_batch_3.bin"],
     );
     std::fs::remove_file(&b3).unwrap();
     fails(
-        &[
-            "train",
-            "--data-dir",
-            broken.to_str().unwrap(),
-            "--output",
-            out,
-        ],
+        &["train", "--data-dir", broken.to_str().unwrap(), "--output", out],
         &["data_batch_3.bin"],
     );
-    fails(
-        &["data", "check", broken.to_str().unwrap()],
-        &["data_batch_3.bin"],
-    );
+    fails(&["data", "check", broken.to_str().unwrap()], &["data_batch_3.bin"]);
 
     // Checkpoints: missing, damaged, of another model, without training state.
     fails(
-        &[
-            "eval",
-            "--checkpoint",
-            "/nonexistent/m.safetensors",
-            "--data-dir",
-            d,
-        ],
+        &["eval", "--checkpoint", "/nonexistent/m.safetensors", "--data-dir", d],
         &["/nonexistent/m.safetensors"],
     );
     let junk = tmp.join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
     fails(
-        &[
-            "eval",
-            "--checkpoint",
-            junk.to_str().unwrap(),
-            "--data-dir",
-            d,
-        ],
+        &["eval", "--checkpoint", junk.to_str().unwrap(), "--data-dir", d],
         &["junk.safetensors"],
     );
     let other = tmp.join("other.safetensors");
     incept::checkpoint::save(
         &other,
-        &[(
-            "fc.weight".into(),
-            incept::checkpoint::OwnedTensor::f32(vec![2, 2], [0.0; 4]),
-        )],
+        &[("fc.weight".into(), incept::checkpoint::OwnedTensor::f32(vec![2, 2], [0.0; 4]))],
         Default::default(),
     )
     .unwrap();
     fails(
-        &[
-            "eval",
-            "--checkpoint",
-            other.to_str().unwrap(),
-            "--data-dir",
-            d,
-        ],
+        &["eval", "--checkpoint", other.to_str().unwrap(), "--data-dir", d],
         &["other.safetensors", "block1.0.weight"],
     );
     let mut net: incept::model::net::Net<f32, incept::backend::cpu::Cpu> =
@@ -503,15 +407,7 @@ fn bad_input_is_a_clear_error() {
     let weights_only = tmp.join("weights.safetensors");
     incept::checkpoint::save_model(&mut net, &weights_only).unwrap();
     fails(
-        &[
-            "train",
-            "--data-dir",
-            d,
-            "--output",
-            out,
-            "--resume",
-            weights_only.to_str().unwrap(),
-        ],
+        &["train", "--data-dir", d, "--output", out, "--resume", weights_only.to_str().unwrap()],
         &["no training state", "--initial-checkpoint"],
     );
     fails(&["report", tmp.to_str().unwrap()], &["summary.csv"]);
@@ -544,13 +440,7 @@ fn pytorch_weights_evaluate_and_start_training() {
     let path = dir.join("pytorch.safetensors");
     incept::checkpoint::save(&path, &tensors, Default::default()).unwrap();
     let d = dataset().to_str().unwrap();
-    let ev = ok(&[
-        "eval",
-        "--checkpoint",
-        path.to_str().unwrap(),
-        "--data-dir",
-        d,
-    ]);
+    let ev = ok(&["eval", "--checkpoint", path.to_str().unwrap(), "--data-dir", d]);
     assert!(ev.contains("test images 400"), "{ev}");
     let out = dir.to_str().unwrap();
     let p = path.to_str().unwrap();
@@ -594,9 +484,7 @@ fn info_names_every_library_or_where_it_looked() {
         cudnn.contains("libcudnn.so.9 would not load"),
         "the broken libcudnn.so.9 is not named: {cudnn:?}"
     );
-    for lib in [
-        "driver", "cuBLASLt", "cuBLAS", "cuDNN", "NVRTC", "NCCL", "NVTX",
-    ] {
+    for lib in ["driver", "cuBLASLt", "cuBLAS", "cuDNN", "NVRTC", "NCCL", "NVTX"] {
         let line = t
             .lines()
             .find(|l| l.starts_with(&format!("{lib}: ")))
@@ -625,9 +513,8 @@ fn info_finds_cuda13_wheels_in_a_venv_that_is_not_activated() {
     };
     let bin = Path::new(&python).parent().expect("python in a bin folder");
     let home = scratch("info-home");
-    let o = bare_env(&home, &format!("{}:/usr/bin:/bin", bin.display()))
-        .output()
-        .expect("run incept");
+    let o =
+        bare_env(&home, &format!("{}:/usr/bin:/bin", bin.display())).output().expect("run incept");
     let t = text(&o);
     assert!(!t.contains("panicked"), "incept info panicked:\n{t}");
     assert!(
@@ -655,20 +542,15 @@ fn info_finds_cuda13_wheels_in_a_venv_that_is_not_activated() {
 #[cfg(feature = "cudnn")]
 fn bare_env(home: &Path, path: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_incept"));
-    c.arg("info")
-        .env_clear()
-        .env("PATH", path)
-        .env("HOME", home)
-        .stdin(Stdio::null());
+    c.arg("info").env_clear().env("PATH", path).env("HOME", home).stdin(Stdio::null());
     c
 }
 
 /// `bench --device emu` models the GPU it cannot time: one step's operations and the bounds.
 #[test]
 fn bench_on_the_emulated_gpu_prints_a_step_profile() {
-    let out = ok(&[
-        "bench", "--device", "emu", "-b", "8", "--steps", "1", "--warmup", "0", "--no-amp",
-    ]);
+    let out =
+        ok(&["bench", "--device", "emu", "-b", "8", "--steps", "1", "--warmup", "0", "--no-amp"]);
     for needle in [
         "step profile (emulated device; a model of a GPU, not a measurement)",
         "cudnnConvolutionForward 3×3/2 64→128 @7×7 f32",

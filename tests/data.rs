@@ -40,14 +40,8 @@ fn synthetic_round_trip() {
         assert_eq!(size % RECORD, 0, "{name}");
     }
     // 103 = 5·20 + 3: the first three files get one record more.
-    assert_eq!(
-        fs::metadata(dir.join(TRAIN_FILES[0])).unwrap().len() as usize,
-        21 * RECORD
-    );
-    assert_eq!(
-        fs::metadata(dir.join(TRAIN_FILES[4])).unwrap().len() as usize,
-        20 * RECORD
-    );
+    assert_eq!(fs::metadata(dir.join(TRAIN_FILES[0])).unwrap().len() as usize, 21 * RECORD);
+    assert_eq!(fs::metadata(dir.join(TRAIN_FILES[4])).unwrap().len() as usize, 20 * RECORD);
 
     let train = Cifar10::open(&dir, Split::Train).unwrap();
     let test = Cifar10::open(&dir, Split::Test).unwrap();
@@ -86,16 +80,10 @@ fn synthetic_round_trip() {
     assert!(report.contains("train: 103 records"), "{report}");
     assert!(report.contains("test: 40 records"), "{report}");
     assert!(report.contains("data_batch_1.bin 21"), "{report}");
-    assert!(
-        report.contains(&format!("{:<10} {:>6}", "truck", 4)),
-        "{report}"
-    );
+    assert!(report.contains(&format!("{:<10} {:>6}", "truck", 4)), "{report}");
     assert!(report.contains("synthetic or partial"), "{report}");
 
-    assert!(
-        write_synthetic(&dir, 4, 10, 0).is_err(),
-        "fewer records than files"
-    );
+    assert!(write_synthetic(&dir, 4, 10, 0).is_err(), "fewer records than files");
     assert!(write_synthetic(&dir, 10, 0, 0).is_err(), "no test records");
 }
 
@@ -119,10 +107,7 @@ fn synthetic_classes_are_learnable_but_not_trivial() {
     let correct = (0..test.len())
         .filter(|&i| {
             let distance = |mean: &[f64; PIXELS]| -> f64 {
-                mean.iter()
-                    .zip(test.image(i))
-                    .map(|(m, &p)| (m - f64::from(p)).powi(2))
-                    .sum()
+                mean.iter().zip(test.image(i)).map(|(m, &p)| (m - f64::from(p)).powi(2)).sum()
             };
             let best = (0..10)
                 .min_by(|&a, &b| distance(&means[a]).total_cmp(&distance(&means[b])))
@@ -163,10 +148,7 @@ fn batch_without_augmentation_is_exact_nhwc() {
     }
     // One pixel by hand: record 41, row 5, column 9, green.
     let byte = ds.image(41)[1024 + 5 * 32 + 9];
-    assert_eq!(
-        x[((2 * 32 + 5) * 32 + 9) * 3 + 1],
-        (byte as f32 / 255.0 - 0.4822) / 0.2435
-    );
+    assert_eq!(x[((2 * 32 + 5) * 32 + 9) * 3 + 1], (byte as f32 / 255.0 - 0.4822) / 0.2435);
     // A shorter batch shrinks the buffers.
     make_batch(&ds, &[5], Augment::NONE, 1, 2, 3, &mut x, &mut y);
     assert_eq!((x.len(), y.len()), (PIXELS, 1));
@@ -186,10 +168,7 @@ fn batches_are_deterministic_across_threads_and_batch_cuts() {
     let reference = batch(&ds, &indices, Augment::TRAIN, 4, 64);
     assert_eq!(reference, batch(&ds, &indices, Augment::TRAIN, 4, 64));
     for threads in [1, 4] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let x = pool.install(|| batch(&ds, &indices, Augment::TRAIN, 4, 64));
         assert!(x == reference, "{threads} threads");
     }
@@ -214,10 +193,7 @@ fn crop_and_flip_change_images_as_torchvision_would() {
     assert!(changed > 48, "only {changed} of 64 images changed");
 
     // Flip only: each image is the original or its exact mirror, and both happen.
-    let flip = Augment {
-        crop: false,
-        flip: true,
-    };
+    let flip = Augment { crop: false, flip: true };
     let flipped = images(&batch(&ds, &indices, flip, 0, 0));
     let mirror = |image: &[f32]| -> Vec<f32> {
         let mut out = vec![0.0; PIXELS];
@@ -242,16 +218,12 @@ fn crop_and_flip_change_images_as_torchvision_would() {
 
     // Crop only: each image is the original shifted by at most 4 pixels, with the padding
     // normalised as black (byte 0).
-    let crop = Augment {
-        crop: true,
-        flip: false,
-    };
+    let crop = Augment { crop: true, flip: false };
     let cropped = images(&batch(&ds, &indices, crop, 0, 0));
     let mut padded = 0;
     for (k, (got, orig)) in cropped.iter().zip(&plain).enumerate() {
-        let shift = (-4..=4isize)
-            .flat_map(|dy| (-4..=4isize).map(move |dx| (dy, dx)))
-            .find(|&(dy, dx)| {
+        let shift =
+            (-4..=4isize).flat_map(|dy| (-4..=4isize).map(move |dx| (dy, dx))).find(|&(dy, dx)| {
                 (0..SIDE).all(|row| {
                     (0..SIDE).all(|col| {
                         let (sy, sx) = (row as isize + dy, col as isize + dx);
@@ -295,10 +267,7 @@ fn bad_files_are_refused_by_name() {
 
     let absent = tmp.path().join("nowhere");
     let e = error_of(Cifar10::open(&absent, Split::Train));
-    assert!(
-        e.contains("data_batch_1.bin") && e.contains("does not exist"),
-        "{e}"
-    );
+    assert!(e.contains("data_batch_1.bin") && e.contains("does not exist"), "{e}");
     assert!(e.contains("incept train --download"), "{e}");
     assert!(e.contains("cifar-10-binary.tar.gz"), "{e}");
     assert!(is_empty_location(&absent));
@@ -307,10 +276,7 @@ fn bad_files_are_refused_by_name() {
     assert!(!is_empty_location(&dir));
     fs::remove_file(dir.join("data_batch_4.bin")).unwrap();
     let e = error_of(Cifar10::open(&dir, Split::Train));
-    assert!(
-        e.contains("data_batch_4.bin") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("data_batch_4.bin") && e.contains("not found"), "{e}");
     assert!(e.contains("incept train --download"), "{e}");
     let e = error_of(check(&dir));
     assert!(e.contains("data_batch_4.bin"), "{e}");
@@ -319,10 +285,7 @@ fn bad_files_are_refused_by_name() {
 
     // Truncated: one byte short.
     let (_keep, dir) = synthetic(50, 10);
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("data_batch_2.bin"))
-        .unwrap();
+    let file = fs::OpenOptions::new().write(true).open(dir.join("data_batch_2.bin")).unwrap();
     file.set_len(10 * RECORD as u64 - 1).unwrap();
     drop(file);
     let e = error_of(Cifar10::open(&dir, Split::Train));
@@ -336,10 +299,7 @@ fn bad_files_are_refused_by_name() {
     bytes[3 * RECORD] = 12;
     fs::write(&path, bytes).unwrap();
     let e = error_of(Cifar10::open(&dir, Split::Test));
-    assert!(
-        e.contains(TEST_FILE) && e.contains("record 3") && e.contains("label 12"),
-        "{e}"
-    );
+    assert!(e.contains(TEST_FILE) && e.contains("record 3") && e.contains("label 12"), "{e}");
 
     // Empty file.
     let (_keep, dir) = synthetic(50, 10);
@@ -356,10 +316,7 @@ fn bad_files_are_refused_by_name() {
 fn serve(body: Vec<u8>, requests: usize) -> (String, JoinHandle<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
-    let url = format!(
-        "http://{}/cifar-10-binary.tar.gz",
-        listener.local_addr().unwrap()
-    );
+    let url = format!("http://{}/cifar-10-binary.tar.gz", listener.local_addr().unwrap());
     let handle = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut served = 0;
@@ -373,9 +330,7 @@ fn serve(body: Vec<u8>, requests: usize) -> (String, JoinHandle<usize>) {
                 Err(e) => panic!("accept: {e}"),
             };
             stream.set_nonblocking(false).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut request = Vec::new();
             let mut buf = [0u8; 1024];
             while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -391,9 +346,7 @@ fn serve(body: Vec<u8>, requests: usize) -> (String, JoinHandle<usize>) {
                 body.len()
             );
             // The client may hang up early (it refuses a wrong Content-Length).
-            let _ = stream
-                .write_all(head.as_bytes())
-                .and_then(|()| stream.write_all(&body));
+            let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&body));
             served += 1;
         }
         served
@@ -440,19 +393,12 @@ fn archive() -> Vec<u8> {
     header.set_entry_type(tar::EntryType::Symlink);
     header.set_size(0);
     header.set_mode(0o777);
-    tar.append_link(
-        &mut header,
-        "cifar-10-batches-bin/batches.meta.txt",
-        "../evil.txt",
-    )
-    .unwrap();
+    tar.append_link(&mut header, "cifar-10-batches-bin/batches.meta.txt", "../evil.txt").unwrap();
 
     for name in TRAIN_FILES.iter().chain([&TEST_FILE]) {
         let bytes = fs::read(dir.join(name)).unwrap();
         let mut header = regular(bytes.len());
-        header
-            .set_path(format!("cifar-10-batches-bin/{name}"))
-            .unwrap();
+        header.set_path(format!("cifar-10-batches-bin/{name}")).unwrap();
         header.set_cksum();
         tar.append(&header, bytes.as_slice()).unwrap();
     }
@@ -521,27 +467,9 @@ fn download_with_a_bad_checksum_or_size_leaves_nothing() {
     let body = archive();
     let good = source_for("", &body);
     let bad = [
-        (
-            "MD5",
-            Source {
-                md5: "0".repeat(32),
-                ..good.clone()
-            },
-        ),
-        (
-            "SHA-256",
-            Source {
-                sha256: "0".repeat(64),
-                ..good.clone()
-            },
-        ),
-        (
-            "bytes",
-            Source {
-                size: good.size + 1,
-                ..good.clone()
-            },
-        ),
+        ("MD5", Source { md5: "0".repeat(32), ..good.clone() }),
+        ("SHA-256", Source { sha256: "0".repeat(64), ..good.clone() }),
+        ("bytes", Source { size: good.size + 1, ..good.clone() }),
     ];
     let (url, server) = serve(body.clone(), bad.len());
     let tmp = tempfile::tempdir().unwrap();
@@ -550,18 +478,11 @@ fn download_with_a_bad_checksum_or_size_leaves_nothing() {
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join(TEST_FILE), b"old").unwrap();
     for (what, source) in bad {
-        let source = Source {
-            url: url.clone(),
-            ..source
-        };
+        let source = Source { url: url.clone(), ..source };
         let e = error_of(data::download(&dir, &source));
         assert!(e.contains(what) && e.contains(&url), "{e}");
         assert!(e.contains("offline"), "{e}");
-        assert_eq!(
-            tree(tmp.path()),
-            ["cifar", "cifar/test_batch.bin"],
-            "{what}"
-        );
+        assert_eq!(tree(tmp.path()), ["cifar", "cifar/test_batch.bin"], "{what}");
         assert_eq!(fs::read(dir.join(TEST_FILE)).unwrap(), b"old");
     }
     assert_eq!(server.join().unwrap(), 3);
@@ -569,11 +490,7 @@ fn download_with_a_bad_checksum_or_size_leaves_nothing() {
     // Into a folder that does not exist yet: it still does not exist afterwards.
     let (url, server) = serve(body.clone(), 1);
     let fresh = tmp.path().join("fresh");
-    let source = Source {
-        url,
-        sha256: "f".repeat(64),
-        ..good
-    };
+    let source = Source { url, sha256: "f".repeat(64), ..good };
     let e = error_of(data::download(&fresh, &source));
     assert!(e.contains("SHA-256 checksum mismatch"), "{e}");
     assert!(!fresh.exists());
@@ -583,39 +500,23 @@ fn download_with_a_bad_checksum_or_size_leaves_nothing() {
 #[test]
 fn download_from_an_unreachable_server_names_the_url() {
     // A port that was just free: nothing listens there.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cifar");
-    let source = Source {
-        url: url.clone(),
-        ..Source::official()
-    };
+    let source = Source { url: url.clone(), ..Source::official() };
     let e = error_of(data::download(&dir, &source));
     assert!(e.contains(&url), "{e}");
-    assert!(
-        e.contains("offline") && e.contains(&dir.display().to_string()),
-        "{e}"
-    );
+    assert!(e.contains("offline") && e.contains(&dir.display().to_string()), "{e}");
     assert!(tree(tmp.path()).is_empty(), "{:?}", tree(tmp.path()));
 }
 
 #[test]
 fn official_source() {
     let s = Source::official();
-    assert_eq!(
-        s.url,
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-    );
+    assert_eq!(s.url, "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz");
     assert_eq!(s.size, 170_052_171);
     assert_eq!(s.md5, "c32a1d4ab5d03f1284b67883e8d87530");
-    assert_eq!(
-        s.sha256,
-        "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
-    );
+    assert_eq!(s.sha256, "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd");
     assert_eq!(CLASSES.len(), 10);
 }

@@ -13,21 +13,12 @@ use rand::{Rng, SeedableRng};
 
 /// f32 sums of up to k·k·Cin = 2304 products against an f64 reference: a few ulps of the
 /// largest value, as the rounding of either summation order.
-const TOL: Tol = Tol::scaled(
-    0.0,
-    2e-6,
-    4e-6,
-    "f32 accumulation of up to 2304 products vs f64",
-);
+const TOL: Tol = Tol::scaled(0.0, 2e-6, 4e-6, "f32 accumulation of up to 2304 products vs f64");
 
 /// Winograd F(4×4, 3×3): the transforms scale terms by up to 8×8 and 1/24 before the sums, so
 /// the rounding is a few times a direct sum's (measured 1e-5 – 3e-5 of the largest output).
-const WINOGRAD_TOL: Tol = Tol::scaled(
-    0.0,
-    1e-5,
-    3e-5,
-    "Winograd F(4x4,3x3) in f32 vs f64: transforms amplify rounding",
-);
+const WINOGRAD_TOL: Tol =
+    Tol::scaled(0.0, 1e-5, 3e-5, "Winograd F(4x4,3x3) in f32 vs f64: transforms amplify rounding");
 
 fn skip_reason() -> Option<&'static str> {
     (!direct::available()).then_some(
@@ -113,12 +104,7 @@ fn direct_matches_reference_at_model_shapes() {
             if winograd::supports(&conv) {
                 let mut dw = start.clone();
                 winograd::conv_backward_weight(&mut dw, &c.dy, &c.x, xs, &conv);
-                report.check(
-                    &format!("{tag} dw (winograd)"),
-                    &wide(&dw),
-                    &want,
-                    WINOGRAD_TOL,
-                );
+                report.check(&format!("{tag} dw (winograd)"), &wide(&dw), &want, WINOGRAD_TOL);
             }
 
             let mut want = vec![0.0f64; xs.len()];
@@ -135,12 +121,7 @@ fn direct_matches_reference_at_model_shapes() {
             if winograd::supports(&winograd::backward_data_conv(&conv)) {
                 let mut dx = vec![f32::NAN; xs.len()];
                 winograd::conv_backward_data(&mut dx, &c.dy, &c.w, xs, &conv);
-                report.check(
-                    &format!("{tag} dx (winograd)"),
-                    &wide(&dx),
-                    &want,
-                    WINOGRAD_TOL,
-                );
+                report.check(&format!("{tag} dx (winograd)"), &wide(&dx), &want, WINOGRAD_TOL);
             }
             if winograd::supports(&conv) {
                 let mut y = vec![f32::NAN; ys.len()];
@@ -154,12 +135,7 @@ fn direct_matches_reference_at_model_shapes() {
                     xs,
                     &conv,
                 );
-                report.check(
-                    &format!("{tag} y (winograd)"),
-                    &wide(&y),
-                    &want,
-                    WINOGRAD_TOL,
-                );
+                report.check(&format!("{tag} y (winograd)"), &wide(&y), &want, WINOGRAD_TOL);
             }
         }
     }
@@ -174,10 +150,8 @@ fn direct_is_independent_of_thread_count() {
         return;
     }
     let run = |threads: usize, c: &Case| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("thread pool");
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
         pool.install(|| {
             let ys = c.conv.out_shape(c.xs);
             let mut y = vec![0.0f32; ys.len()];
@@ -196,11 +170,7 @@ fn direct_is_independent_of_thread_count() {
         })
     };
     for c in cases(5) {
-        assert!(
-            run(1, &c) == run(2, &c),
-            "{}: 1 vs 2 threads differ",
-            c.name
-        );
+        assert!(run(1, &c) == run(2, &c), "{}: 1 vs 2 threads differ", c.name);
     }
 }
 
@@ -226,11 +196,7 @@ fn backend_dispatches_to_direct() {
         }
         let mut got = vec![0.0f32; ys.len()];
         ConvOps::<f32>::conv2d_forward(&Cpu, &mut got, &c.x, &c.w, &c.b, c.xs, &c.conv);
-        assert!(
-            got == y,
-            "{}: backend forward is not the expected kernel",
-            c.name
-        );
+        assert!(got == y, "{}: backend forward is not the expected kernel", c.name);
 
         let mut dw = vec![0.0f32; c.conv.weight_len()];
         if winograd::supports(&c.conv) {
@@ -251,19 +217,11 @@ fn backend_dispatches_to_direct() {
             c.xs,
             &c.conv,
         );
-        assert!(
-            gdw == dw,
-            "{}: backend dw is not the expected kernel",
-            c.name
-        );
+        assert!(gdw == dw, "{}: backend dw is not the expected kernel", c.name);
         if winograd::supports(&winograd::backward_data_conv(&c.conv)) {
             let mut dx = vec![0.0f32; c.xs.len()];
             winograd::conv_backward_data(&mut dx, &c.dy, &c.w, c.xs, &c.conv);
-            assert!(
-                gdx == dx,
-                "{}: backend dx is not the Winograd kernel",
-                c.name
-            );
+            assert!(gdx == dx, "{}: backend dx is not the Winograd kernel", c.name);
         }
     }
 }
@@ -281,10 +239,7 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
         eprintln!("skipped: INCEPT_CPU_CONV=reference is set");
         return;
     }
-    let cfg = BatchNormCfg {
-        eps: 1e-5,
-        momentum: 0.1,
-    };
+    let cfg = BatchNormCfg { eps: 1e-5, momentum: 0.1 };
     let mut report = Report::default();
     for c in cases(4) {
         let (conv, xs) = (c.conv, c.xs);
@@ -296,14 +251,8 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
         let mut t = vec![0.0f32; ys.len()];
         ConvOps::<f32>::conv2d_forward(&Cpu, &mut t, &c.x, &c.w, &c.b, xs, &conv);
         let mut want = vec![0.0f32; ys.len()];
-        let affine = Affine {
-            gamma: &gamma,
-            beta: &beta,
-        };
-        let running = RunningStats {
-            mean: &mean,
-            var: &var,
-        };
+        let affine = Affine { gamma: &gamma, beta: &beta };
+        let running = RunningStats { mean: &mean, var: &var };
         BatchNormOps::<f32>::batch_norm_forward_eval(
             &Cpu, &mut want, &t, affine, running, ys, &cfg, true,
         );
@@ -328,12 +277,7 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
             if winograd::supports(&conv) {
                 WINOGRAD_TOL
             } else {
-                Tol::scaled(
-                    0.0,
-                    1e-5,
-                    1e-5,
-                    "BatchNorm folded into the weights rounds differently",
-                )
+                Tol::scaled(0.0, 1e-5, 1e-5, "BatchNorm folded into the weights rounds differently")
             },
         );
     }
@@ -341,10 +285,8 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
 
     // A NaN in the input poisons the pixels whose windows read it, as in PyTorch.
     let cases = cases(1);
-    let c = cases
-        .iter()
-        .find(|c| c.name == "block3.0.branch4_conv.0")
-        .expect("block3's branch4 conv");
+    let c =
+        cases.iter().find(|c| c.name == "block3.0.branch4_conv.0").expect("block3's branch4 conv");
     let mut x = c.x.clone();
     x[0] = f32::NAN;
     let ones = vec![1.0f32; c.conv.cout];
@@ -355,14 +297,8 @@ fn fused_conv_batch_norm_relu_eval_matches_separate_ops() {
         &mut y,
         &x,
         (&c.w, &c.b),
-        Affine {
-            gamma: &ones,
-            beta: &zeros,
-        },
-        RunningStats {
-            mean: &zeros,
-            var: &ones,
-        },
+        Affine { gamma: &ones, beta: &zeros },
+        RunningStats { mean: &zeros, var: &ones },
         c.xs,
         &c.conv,
         &cfg,

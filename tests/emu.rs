@@ -21,9 +21,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn floats(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 fn relu(dev: &EmuDevice, s: incept::backend::cuda::device::Stream, y: u64, x: u64, n: i32) {
@@ -57,18 +55,10 @@ fn a_launch_that_does_not_match_the_kernel_signature_is_refused() {
     let p = dev.alloc(s, 16).unwrap();
     let dims = LaunchDims::linear(1, 32);
     let err = dev
-        .launch(
-            s,
-            "relu_forward_f32",
-            dims,
-            &[KernelArg::Ptr(p), KernelArg::Ptr(p)],
-        )
+        .launch(s, "relu_forward_f32", dims, &[KernelArg::Ptr(p), KernelArg::Ptr(p)])
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("relu_forward_f32") && err.contains("3 parameters"),
-        "{err}"
-    );
+    assert!(err.contains("relu_forward_f32") && err.contains("3 parameters"), "{err}");
     let err = dev
         .launch(
             s,
@@ -79,14 +69,8 @@ fn a_launch_that_does_not_match_the_kernel_signature_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("parameter 1"), "{err}");
-    let err = dev
-        .launch(s, "relu_forward_f64", dims, &[])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("relu_forward_f64") && err.contains("not in cuda"),
-        "{err}"
-    );
+    let err = dev.launch(s, "relu_forward_f64", dims, &[]).unwrap_err().to_string();
+    assert!(err.contains("relu_forward_f64") && err.contains("not in cuda"), "{err}");
 }
 
 #[test]
@@ -95,8 +79,7 @@ fn a_kernel_writing_one_element_past_its_buffer_is_caught() {
     let s = dev.stream_create().unwrap();
     let x = dev.alloc(s, 20).unwrap();
     let y = dev.alloc(s, 16).unwrap();
-    dev.htod(s, x, &f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0]))
-        .unwrap();
+    dev.htod(s, x, &f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0])).unwrap();
     // y holds 4 floats; the kernel is told 5.
     relu(&dev, s, y, x, 5);
     let err = format!("{:#}", dev.synchronize().unwrap_err());
@@ -200,11 +183,7 @@ fn capture_rejects_blocking_copies_and_replays_in_an_allowed_order() {
     relu(&dev, s, y, x, 4);
     let g = dev.capture_end(s).unwrap();
     dev.dtoh(s, &mut out, y).unwrap();
-    assert_eq!(
-        floats(&out),
-        vec![0.0; 4],
-        "captured work must not run at capture"
-    );
+    assert_eq!(floats(&out), vec![0.0; 4], "captured work must not run at capture");
     dev.graph_launch(g, s).unwrap();
     dev.dtoh(s, &mut out, y).unwrap();
     assert_eq!(floats(&out), vec![0.0, 1.0, 0.0, 2.0]);
@@ -222,24 +201,13 @@ fn a_step_graph_is_refused_once_its_step_slots_have_moved() {
         (idx, vec![(0, 0, false); n], vec![1u32; n])
     };
     let (idx, views, labels) = inputs(4);
-    let step = StepInputs {
-        indices: &idx,
-        views: &views,
-        labels: &labels,
-        lr: 0.1,
-    };
+    let step = StepInputs { indices: &idx, views: &views, labels: &labels, lr: 0.1 };
     gpu.stage_step(&step).unwrap();
     gpu.capture_begin().unwrap();
     let graph = gpu.capture_end(4).unwrap();
-    gpu.replay(&graph, &step)
-        .expect("a replay on the slots it was captured on runs");
+    gpu.replay(&graph, &step).expect("a replay on the slots it was captured on runs");
     let (idx8, views8, labels8) = inputs(8);
-    let larger = StepInputs {
-        indices: &idx8,
-        views: &views8,
-        labels: &labels8,
-        lr: 0.1,
-    };
+    let larger = StepInputs { indices: &idx8, views: &views8, labels: &labels8, lr: 0.1 };
     gpu.stage_step(&larger).unwrap();
     let err = gpu.replay(&graph, &step).unwrap_err().to_string();
     assert!(err.contains("reallocated"), "{err}");
@@ -252,21 +220,12 @@ fn steps(opts: GpuOptions, emu: EmuOptions) -> Result<(Vec<f32>, Vec<f32>), Stri
     net.schedule = incept::schedule::BranchSchedule::Sequential;
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(400);
     let n = 8;
-    let x: Vec<f32> = (0..n * 32 * 32 * 3)
-        .map(|_| r.random_range(-2.0..2.0))
-        .collect();
+    let x: Vec<f32> = (0..n * 32 * 32 * 3).map(|_| r.random_range(-2.0..2.0)).collect();
     let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..10)).collect();
-    let opt = Sgd {
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-    };
+    let opt = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
     let mut losses = Vec::new();
     for _ in 0..3 {
-        let (loss, _) = net
-            .train_step(&x, &labels, &opt, 0.0)
-            .map_err(|e| format!("{e:#}"))?;
+        let (loss, _) = net.train_step(&x, &labels, &opt, 0.0).map_err(|e| format!("{e:#}"))?;
         losses.push(loss as f32);
     }
     let state = net
@@ -282,19 +241,12 @@ fn steps(opts: GpuOptions, emu: EmuOptions) -> Result<(Vec<f32>, Vec<f32>), Stri
 
 #[test]
 fn a_missing_event_wait_in_the_branch_scheduler_is_reported_as_a_race() {
-    let base = GpuOptions {
-        activations: DType::F32,
-        deterministic: true,
-        streams: 4,
-        skip_wait: None,
-    };
+    let base =
+        GpuOptions { activations: DType::F32, deterministic: true, streams: 4, skip_wait: None };
     steps(base, EmuOptions::default()).expect("the scheduler as written has no race");
     // Leave out one of the first block's fork waits: a branch stream no longer waits for the
     // block's input to be written.
-    let broken = GpuOptions {
-        skip_wait: Some(1),
-        ..base
-    };
+    let broken = GpuOptions { skip_wait: Some(1), ..base };
     // Whatever order the device picks, the missing wait is caught: as a read of memory the
     // unordered write has not reached yet, or as a race once the write has run first.
     for seed in [1, 2, 3] {
@@ -306,14 +258,7 @@ fn a_missing_event_wait_in_the_branch_scheduler_is_reported_as_a_race() {
         );
     }
     // In issue order the main stream's write runs first: a race naming both streams.
-    let err = steps(
-        broken,
-        EmuOptions {
-            seed: 0,
-            check: true,
-        },
-    )
-    .expect_err("caught");
+    let err = steps(broken, EmuOptions { seed: 0, check: true }).expect_err("caught");
     println!("{err}");
     assert!(
         err.contains("race") && err.contains("stream 0") && err.contains("with no event"),
@@ -329,49 +274,14 @@ fn results_do_not_depend_on_the_scheduling_seed_or_the_stream_count() {
         streams,
         skip_wait: None,
     };
-    let a = steps(
-        opts(4),
-        EmuOptions {
-            seed: 1,
-            check: true,
-        },
-    )
-    .unwrap();
-    let b = steps(
-        opts(4),
-        EmuOptions {
-            seed: 2,
-            check: true,
-        },
-    )
-    .unwrap();
-    let c = steps(
-        opts(1),
-        EmuOptions {
-            seed: 0,
-            check: true,
-        },
-    )
-    .unwrap();
+    let a = steps(opts(4), EmuOptions { seed: 1, check: true }).unwrap();
+    let b = steps(opts(4), EmuOptions { seed: 2, check: true }).unwrap();
+    let c = steps(opts(1), EmuOptions { seed: 0, check: true }).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(
-        bits(&a.0),
-        bits(&b.0),
-        "losses differ between seeds 1 and 2"
-    );
-    assert!(
-        bits(&a.1) == bits(&b.1),
-        "state differs between seeds 1 and 2"
-    );
-    assert_eq!(
-        bits(&a.0),
-        bits(&c.0),
-        "losses differ between 4 streams and 1"
-    );
-    assert!(
-        bits(&a.1) == bits(&c.1),
-        "state differs between 4 streams and 1"
-    );
+    assert_eq!(bits(&a.0), bits(&b.0), "losses differ between seeds 1 and 2");
+    assert!(bits(&a.1) == bits(&b.1), "state differs between seeds 1 and 2");
+    assert_eq!(bits(&a.0), bits(&c.0), "losses differ between 4 streams and 1");
+    assert!(bits(&a.1) == bits(&c.1), "state differs between 4 streams and 1");
 }
 
 #[test]
@@ -381,10 +291,7 @@ fn batches_rendered_on_the_device_equal_those_built_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
     write_synthetic(dir.path(), 40, 10, 5).unwrap();
     let set = Cifar10::open(dir.path(), Split::Train).unwrap();
-    let aug = Augment {
-        crop: true,
-        flip: true,
-    };
+    let aug = Augment { crop: true, flip: true };
     let gpu = Gpu::emulated(EmuOptions::default(), GpuOptions::default()).unwrap();
     let mut device = DeviceFeed::new(&gpu, &set, aug, 3).unwrap();
     let mut host = HostFeed::new(&set, aug, 3);
@@ -393,10 +300,7 @@ fn batches_rendered_on_the_device_equal_those_built_on_the_host() {
     let d = gpu.download(&device.batch(&gpu, &idx, 2, 7, &mut ld));
     let h = gpu.download(&host.batch(&gpu, &idx, 2, 7, &mut lh));
     assert_eq!(ld, lh);
-    let first = d
-        .iter()
-        .zip(&h)
-        .position(|(a, b)| a.to_bits() != b.to_bits());
+    let first = d.iter().zip(&h).position(|(a, b)| a.to_bits() != b.to_bits());
     assert!(
         first.is_none(),
         "first difference at {first:?}: device {:?} host {:?}",
@@ -421,12 +325,7 @@ fn step_counters_put_back_restore_every_batch_norm_count() {
             .collect()
     };
     let x = vec![0.5f32; 2 * 32 * 32 * 3];
-    let opt = Sgd {
-        lr: 0.01,
-        momentum: 0.9,
-        weight_decay: 0.0,
-        nesterov: false,
-    };
+    let opt = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 0.0, nesterov: false };
     net.train_step(&x, &[1, 2], &opt, 0.0).unwrap();
     let saved = net.step_counters();
     let before = counts(&mut net);
@@ -434,10 +333,7 @@ fn step_counters_put_back_restore_every_batch_norm_count() {
     assert_ne!(counts(&mut net), before);
     net.set_step_counters(&saved);
     assert_eq!(counts(&mut net), before);
-    assert!(
-        before.len() > 2 && before.iter().all(|&c| c == 1),
-        "{before:?}"
-    );
+    assert!(before.len() > 2 && before.iter().all(|&c| c == 1), "{before:?}");
 }
 
 /// The step profile of `incept bench --device emu` (batch 8, fp32) with `streams` and graph on
@@ -457,8 +353,7 @@ fn profiled_step(streams: usize, graph: bool) -> incept::backend::cuda::emu::pro
     };
     let r = incept::bench::bench_cuda(&opts, &incept::backend::select::DeviceFlag::Emu, &cuda)
         .expect("bench on the emulated GPU");
-    r.profile
-        .expect("the emulated device records a step profile")
+    r.profile.expect("the emulated device records a step profile")
 }
 
 #[test]
@@ -477,10 +372,7 @@ fn the_step_profile_counts_what_the_model_computes_and_follows_the_streams() {
     }
     for (streams, graph) in [(4, true), (1, false)] {
         let p = profiled_step(streams, graph);
-        let convs: Vec<_> = p
-            .work()
-            .filter(|o| o.name.starts_with("cudnnConvolution"))
-            .collect();
+        let convs: Vec<_> = p.work().filter(|o| o.name.starts_with("cudnnConvolution")).collect();
         let got: f64 = convs.iter().map(|o| o.work.flops).sum();
         assert!(
             (got - flops).abs() <= 1e-9 * flops,
@@ -491,41 +383,24 @@ fn the_step_profile_counts_what_the_model_computes_and_follows_the_streams() {
             .filter(|o| o.name.starts_with("cudnnConvolutionForward"))
             .map(|o| o.work.written)
             .sum();
-        assert_eq!(
-            written, outputs,
-            "streams {streams}: forward outputs' bytes"
-        );
+        assert_eq!(written, outputs, "streams {streams}: forward outputs' bytes");
         // SGD rewrites every parameter and its momentum: the kernels' counted writes (bytes
         // that changed) are all of them but the few whose update rounds away.
-        let sgd: u64 = p
-            .work()
-            .filter(|o| o.name == "sgd_step")
-            .map(|o| o.work.written)
-            .sum();
+        let sgd: u64 = p.work().filter(|o| o.name == "sgd_step").map(|o| o.work.written).sum();
         let all = 2 * 4 * spec.param_count() as u64;
         assert!(
             sgd <= all && sgd as f64 >= 0.99 * all as f64,
             "sgd_step wrote {sgd} bytes of {all}"
         );
-        assert_eq!(
-            p.ops.iter().any(|o| o.in_graph),
-            graph,
-            "graph nodes recorded as such"
-        );
+        assert_eq!(p.ops.iter().any(|o| o.in_graph), graph, "graph nodes recorded as such");
         let (critical, path) = p.critical_path(&H200_SXM);
-        let serial: f64 = p
-            .work()
-            .map(|o| H200_SXM.op_us(&o.work) + NODE_GAP_US)
-            .sum();
+        let serial: f64 = p.work().map(|o| H200_SXM.op_us(&o.work) + NODE_GAP_US).sum();
         let on_path: std::collections::BTreeSet<u32> =
             path.iter().map(|&i| p.ops[i].stream).collect();
         if streams == 1 {
             // One stream: the step is a chain, and its critical path is all of it.
             assert!(p.work().all(|o| o.stream == 0 || o.kind == OpKind::Marker));
-            assert!(
-                (critical - serial).abs() <= 1e-9 * serial,
-                "{critical} vs {serial}"
-            );
+            assert!((critical - serial).abs() <= 1e-9 * serial, "{critical} vs {serial}");
         } else {
             // The branches overlap: the path is shorter than the sum, and runs through the
             // branch streams as well as the main one.

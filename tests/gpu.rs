@@ -36,14 +36,12 @@ enum Target {
 static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
 
 fn target() -> Target {
-    *TARGET.get_or_init(
-        || match std::env::var("INCEPT_GPU_TEST_DEVICE").as_deref() {
-            Ok("emu") => Target::Emu,
-            Ok("cuda") => Target::Cuda,
-            _ if cfg!(feature = "cudnn") => Target::Cuda,
-            _ => Target::Emu,
-        },
-    )
+    *TARGET.get_or_init(|| match std::env::var("INCEPT_GPU_TEST_DEVICE").as_deref() {
+        Ok("emu") => Target::Emu,
+        Ok("cuda") => Target::Cuda,
+        _ if cfg!(feature = "cudnn") => Target::Cuda,
+        _ => Target::Emu,
+    })
 }
 
 /// The `--device` of the binary for the target.
@@ -79,21 +77,13 @@ fn uniform(r: &mut impl Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 /// `|got − want| ≤ atol + rtol·|want|` everywhere, else the first values and the worst element.
 fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> Outcome {
     if got.len() != want.len() {
-        return Err(format!(
-            "{what}: {} values, expected {}",
-            got.len(),
-            want.len()
-        ));
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
     }
     let mut worst = (0usize, 0f32);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         // Equal values pass even at a zero tolerance (an exact comparison), where the ratio
         // would be 0/0.
-        let r = if g == w {
-            0.0
-        } else {
-            (g - w).abs() / (atol + rtol * w.abs())
-        };
+        let r = if g == w { 0.0 } else { (g - w).abs() / (atol + rtol * w.abs()) };
         if r.is_nan() || r > worst.1 {
             worst = (i, if r.is_nan() { f32::INFINITY } else { r });
         }
@@ -132,18 +122,9 @@ struct Prec {
     tol: f32,
 }
 
-const FP32: Prec = Prec {
-    name: "fp32",
-    dtype: DType::F32,
-    q: |v| v,
-    tol: 0.0,
-};
-const F16: Prec = Prec {
-    name: "amp-f16",
-    dtype: DType::F16,
-    q: |v| half::f16::from_f32(v).to_f32(),
-    tol: 5e-3,
-};
+const FP32: Prec = Prec { name: "fp32", dtype: DType::F32, q: |v| v, tol: 0.0 };
+const F16: Prec =
+    Prec { name: "amp-f16", dtype: DType::F16, q: |v| half::f16::from_f32(v).to_f32(), tol: 5e-3 };
 const BF16: Prec = Prec {
     name: "amp-bf16",
     dtype: DType::Bf16,
@@ -153,10 +134,7 @@ const BF16: Prec = Prec {
 
 impl Prec {
     fn gpu(&self) -> Result<Gpu, String> {
-        open(GpuOptions {
-            activations: self.dtype,
-            ..GpuOptions::default()
-        })
+        open(GpuOptions { activations: self.dtype, ..GpuOptions::default() })
     }
     fn round(&self, v: Vec<f32>) -> Vec<f32> {
         v.into_iter().map(self.q).collect()
@@ -167,24 +145,14 @@ impl Prec {
             return close(what, got, want, atol, rtol);
         }
         let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        close(
-            &format!("{what} [{}]", self.name),
-            got,
-            want,
-            self.tol * max.max(1e-6),
-            self.tol,
-        )
+        close(&format!("{what} [{}]", self.name), got, want, self.tol * max.max(1e-6), self.tol)
     }
 }
 
 /// Relative L2 distance `|got − want| / |want|`, at most `max`.
 fn close_l2(what: &str, got: &[f32], want: &[f32], max: f64) -> Outcome {
     if got.len() != want.len() {
-        return Err(format!(
-            "{what}: {} values, expected {}",
-            got.len(),
-            want.len()
-        ));
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
     }
     let (mut d, mut w) = (0f64, 0f64);
     for (g, v) in got.iter().zip(want) {
@@ -204,11 +172,7 @@ fn close_l2(what: &str, got: &[f32], want: &[f32], max: f64) -> Outcome {
 }
 
 fn conv_case<B: Backend<f32>>(
-    be: &B,
-    xs: Nhwc,
-    conv: &Conv2d,
-    seed: u64,
-    p: &Prec,
+    be: &B, xs: Nhwc, conv: &Conv2d, seed: u64, p: &Prec,
 ) -> Vec<Vec<f32>> {
     let mut r = rng(seed);
     let ys = conv.out_shape(xs);
@@ -219,11 +183,8 @@ fn conv_case<B: Backend<f32>>(
     let dy = be.upload_act(&p.round(uniform(&mut r, ys.len(), -1.0, 1.0)));
     let mut y = be.act_zeros(ys.len());
     be.conv2d_forward(&mut y, &x, &w, &b, xs, conv);
-    let (mut dx, mut dw, mut db) = (
-        be.act_zeros(xs.len()),
-        be.zeros(conv.weight_len()),
-        be.zeros(conv.cout),
-    );
+    let (mut dx, mut dw, mut db) =
+        (be.act_zeros(xs.len()), be.zeros(conv.weight_len()), be.zeros(conv.cout));
     be.conv2d_backward(Some(&mut dx), &mut dw, &mut db, &dy, &x, &w, xs, conv);
     [y, dx, dw, db].iter().map(|t| be.download(t)).collect()
 }
@@ -233,119 +194,29 @@ fn test_conv(p: &Prec) -> Outcome {
     let gpu = &p.gpu()?;
     let n = 16;
     let cases = [
-        (
-            Nhwc::new(n, 32, 32, 3),
-            Conv2d {
-                cin: 3,
-                cout: 64,
-                k: 7,
-                stride: 2,
-                pad: 1,
-            },
-        ),
-        (
-            Nhwc::new(n, 14, 14, 64),
-            Conv2d {
-                cin: 64,
-                cout: 128,
-                k: 3,
-                stride: 2,
-                pad: 1,
-            },
-        ),
-        (
-            Nhwc::new(n, 7, 7, 128),
-            Conv2d {
-                cin: 128,
-                cout: 64,
-                k: 1,
-                stride: 1,
-                pad: 0,
-            },
-        ),
-        (
-            Nhwc::new(n, 7, 7, 16),
-            Conv2d {
-                cin: 16,
-                cout: 64,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
-        ),
-        (
-            Nhwc::new(n, 7, 7, 16),
-            Conv2d {
-                cin: 16,
-                cout: 64,
-                k: 5,
-                stride: 1,
-                pad: 2,
-            },
-        ),
-        (
-            Nhwc::new(n, 7, 7, 128),
-            Conv2d {
-                cin: 128,
-                cout: 64,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
-        ),
-        (
-            Nhwc::new(n, 4, 4, 256),
-            Conv2d {
-                cin: 256,
-                cout: 96,
-                k: 1,
-                stride: 1,
-                pad: 0,
-            },
-        ),
-        (
-            Nhwc::new(n, 4, 4, 32),
-            Conv2d {
-                cin: 32,
-                cout: 96,
-                k: 5,
-                stride: 1,
-                pad: 2,
-            },
-        ),
-        (
-            Nhwc::new(n, 4, 4, 256),
-            Conv2d {
-                cin: 256,
-                cout: 96,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
-        ),
+        (Nhwc::new(n, 32, 32, 3), Conv2d { cin: 3, cout: 64, k: 7, stride: 2, pad: 1 }),
+        (Nhwc::new(n, 14, 14, 64), Conv2d { cin: 64, cout: 128, k: 3, stride: 2, pad: 1 }),
+        (Nhwc::new(n, 7, 7, 128), Conv2d { cin: 128, cout: 64, k: 1, stride: 1, pad: 0 }),
+        (Nhwc::new(n, 7, 7, 16), Conv2d { cin: 16, cout: 64, k: 3, stride: 1, pad: 1 }),
+        (Nhwc::new(n, 7, 7, 16), Conv2d { cin: 16, cout: 64, k: 5, stride: 1, pad: 2 }),
+        (Nhwc::new(n, 7, 7, 128), Conv2d { cin: 128, cout: 64, k: 3, stride: 1, pad: 1 }),
+        (Nhwc::new(n, 4, 4, 256), Conv2d { cin: 256, cout: 96, k: 1, stride: 1, pad: 0 }),
+        (Nhwc::new(n, 4, 4, 32), Conv2d { cin: 32, cout: 96, k: 5, stride: 1, pad: 2 }),
+        (Nhwc::new(n, 4, 4, 256), Conv2d { cin: 256, cout: 96, k: 3, stride: 1, pad: 1 }),
     ];
     for (i, (xs, conv)) in cases.iter().enumerate() {
         let g = conv_case(gpu, *xs, conv, i as u64, p);
         gpu.status().map_err(|e| format!("{e:#}"))?;
         let c = conv_case(&Cpu, *xs, conv, i as u64, p);
         for (name, (gv, cv)) in ["y", "dx", "dw", "db"].iter().zip(g.iter().zip(&c)) {
-            p.close(
-                &format!("conv {conv:?} on {xs:?}: {name}"),
-                gv,
-                cv,
-                ATOL,
-                RTOL,
-            )?;
+            p.close(&format!("conv {conv:?} on {xs:?}: {name}"), gv, cv, ATOL, RTOL)?;
         }
     }
     Ok(())
 }
 
 fn bn_case<B: Backend<f32>>(
-    be: &B,
-    xs: Nhwc,
-    seed: u64,
-    p: &Prec,
+    be: &B, xs: Nhwc, seed: u64, p: &Prec,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let mut r = rng(seed);
     let c = xs.c;
@@ -354,47 +225,27 @@ fn bn_case<B: Backend<f32>>(
     let beta = be.upload(&uniform(&mut r, c, -0.5, 0.5));
     let dy_host = p.round(uniform(&mut r, xs.len(), -1.0, 1.0));
     let dy = be.upload_act(&dy_host);
-    let (mut rm, mut rv) = (
-        be.upload(&uniform(&mut r, c, -0.1, 0.1)),
-        be.upload(&uniform(&mut r, c, 0.9, 1.1)),
-    );
+    let (mut rm, mut rv) =
+        (be.upload(&uniform(&mut r, c, -0.1, 0.1)), be.upload(&uniform(&mut r, c, 0.9, 1.1)));
     let (mut mean, mut invstd, mut y) = (be.zeros(c), be.zeros(c), be.act_zeros(xs.len()));
     let cfg = BatchNormCfg::default();
-    let affine = Affine {
-        gamma: &gamma,
-        beta: &beta,
-    };
+    let affine = Affine { gamma: &gamma, beta: &beta };
     be.batch_norm_forward_train(
         &mut y,
         &x,
         affine,
-        RunningStats {
-            mean: &mut rm,
-            var: &mut rv,
-        },
-        BatchStats {
-            mean: &mut mean,
-            invstd: &mut invstd,
-        },
+        RunningStats { mean: &mut rm, var: &mut rv },
+        BatchStats { mean: &mut mean, invstd: &mut invstd },
         xs,
         &cfg,
         false,
     )?;
     let (mut dx, mut dg, mut dbeta) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
-    let batch = BatchStats {
-        mean: &mean,
-        invstd: &invstd,
-    };
-    let daffine = Affine {
-        gamma: &mut dg,
-        beta: &mut dbeta,
-    };
+    let batch = BatchStats { mean: &mean, invstd: &invstd };
+    let daffine = Affine { gamma: &mut dg, beta: &mut dbeta };
     be.batch_norm_backward(&mut dx, daffine, &dy, None, &x, &gamma, batch, xs);
     let mut ye = be.act_zeros(xs.len());
-    let running = RunningStats {
-        mean: &rm,
-        var: &rv,
-    };
+    let running = RunningStats { mean: &rm, var: &rv };
     be.batch_norm_forward_eval(&mut ye, &x, affine, running, xs, &cfg, false);
     // ReLU on the same host values on both sides (each side's own y differs from the other's
     // by the BatchNorm's rounding, and ReLU is compared exactly).
@@ -410,14 +261,8 @@ fn bn_case<B: Backend<f32>>(
         &mut fy,
         &x,
         affine,
-        RunningStats {
-            mean: &mut frm,
-            var: &mut frv,
-        },
-        BatchStats {
-            mean: &mut fm,
-            invstd: &mut fi,
-        },
+        RunningStats { mean: &mut frm, var: &mut frv },
+        BatchStats { mean: &mut fm, invstd: &mut fi },
         xs,
         &cfg,
         true,
@@ -426,23 +271,15 @@ fn bn_case<B: Backend<f32>>(
     let fyq = be.upload_act(&p.round(be.download(&fy)));
     let fdy = be.upload_act(&dy_host);
     let (mut fdx, mut fdg, mut fdb) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
-    let batch = BatchStats {
-        mean: &fm,
-        invstd: &fi,
-    };
-    let daffine = Affine {
-        gamma: &mut fdg,
-        beta: &mut fdb,
-    };
+    let batch = BatchStats { mean: &fm, invstd: &fi };
+    let daffine = Affine { gamma: &mut fdg, beta: &mut fdb };
     be.batch_norm_backward(&mut fdx, daffine, &fdy, Some(&fyq), &x, &gamma, batch, xs);
     let mut fe = be.act_zeros(xs.len());
     be.batch_norm_forward_eval(&mut fe, &x, affine, running, xs, &cfg, true);
-    Ok([
-        y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g, fy, fdx, fdg, fdb, fe,
-    ]
-    .iter()
-    .map(|t| be.download(t))
-    .collect())
+    Ok([y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g, fy, fdx, fdg, fdb, fe]
+        .iter()
+        .map(|t| be.download(t))
+        .collect())
 }
 
 /// BatchNorm (train, running statistics, eval, backward) and ReLU at every BN shape.
@@ -494,11 +331,7 @@ fn test_batch_norm_relu(p: &Prec) -> Outcome {
 }
 
 fn pool_case<B: Backend<f32>>(
-    be: &B,
-    xs: Nhwc,
-    pool: &MaxPool2d,
-    seed: u64,
-    p: &Prec,
+    be: &B, xs: Nhwc, pool: &MaxPool2d, seed: u64, p: &Prec,
 ) -> Vec<Vec<f32>> {
     let mut r = rng(seed);
     // Values distinct within each image plane of a channel (a random permutation of
@@ -535,16 +368,8 @@ fn pool_case<B: Backend<f32>>(
 /// Max pooling (k3 s1 p1 in the branches, k3 s2 p1 after the blocks) and the 2×2 average.
 fn test_pooling(p: &Prec) -> Outcome {
     let gpu = &p.gpu()?;
-    let k3s1 = MaxPool2d {
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
-    let k3s2 = MaxPool2d {
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let k3s1 = MaxPool2d { k: 3, stride: 1, pad: 1 };
+    let k3s2 = MaxPool2d { k: 3, stride: 2, pad: 1 };
     for (i, (xs, pool)) in [
         (Nhwc::new(8, 7, 7, 128), k3s1),
         (Nhwc::new(8, 4, 4, 256), k3s1),
@@ -557,18 +382,10 @@ fn test_pooling(p: &Prec) -> Outcome {
         let g = pool_case(gpu, *xs, pool, 200 + i as u64, p);
         gpu.status().map_err(|e| format!("{e:#}"))?;
         let c = pool_case(&Cpu, *xs, pool, 200 + i as u64, p);
-        for (name, (gv, cv)) in ["max y", "max dx", "avg y", "avg dx"]
-            .iter()
-            .zip(g.iter().zip(&c))
+        for (name, (gv, cv)) in ["max y", "max dx", "avg y", "avg dx"].iter().zip(g.iter().zip(&c))
         {
             // Max pooling selects (exact in any type); the average rounds once in 16 bits.
-            p.close(
-                &format!("pooling {pool:?} on {xs:?}: {name}"),
-                gv,
-                cv,
-                1e-6,
-                1e-6,
-            )?;
+            p.close(&format!("pooling {pool:?} on {xs:?}: {name}"), gv, cv, 1e-6, 1e-6)?;
         }
     }
     Ok(())
@@ -604,19 +421,12 @@ fn head_case<B: Backend<f32>>(be: &B, seed: u64, p: &Prec) -> Vec<Vec<f32>> {
     let mut p = be.upload(&uniform(&mut r, 1000, -1.0, 1.0));
     let g = be.upload(&uniform(&mut r, 1000, -1.0, 1.0));
     let mut m = be.zeros(1000);
-    let opt = Sgd {
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-    };
+    let opt = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
     for step in 0..3 {
         be.sgd_step(&mut p, &g, &mut m, step == 0, &opt);
     }
-    let mut out: Vec<Vec<f32>> = [y, dl, dx, dw, db, joined, sum, p, m]
-        .iter()
-        .map(|t| be.download(t))
-        .collect();
+    let mut out: Vec<Vec<f32>> =
+        [y, dl, dx, dw, db, joined, sum, p, m].iter().map(|t| be.download(t)).collect();
     out.push(vec![loss as f32]);
     out.extend(back.iter().map(|t| be.download(t)));
     out
@@ -629,10 +439,7 @@ fn test_head_concat_sgd(p: &Prec) -> Outcome {
     gpu.status().map_err(|e| format!("{e:#}"))?;
     // In mixed precision the loss gradient comes out multiplied by the loss scale (a power of
     // two, so dividing it out is exact), and so does everything computed from it.
-    let scale = gpu
-        .read_loss_scale()
-        .map_err(|e| format!("{e:#}"))?
-        .map_or(1.0, |(s, _)| s);
+    let scale = gpu.read_loss_scale().map_err(|e| format!("{e:#}"))?.map_or(1.0, |(s, _)| s);
     for t in &mut g[1..=4] {
         t.iter_mut().for_each(|v| *v /= scale);
     }
@@ -666,19 +473,13 @@ fn test_head_concat_sgd(p: &Prec) -> Outcome {
 }
 
 fn train_steps<B: Backend<f32>>(
-    net: &mut Net<f32, B>,
-    steps: usize,
+    net: &mut Net<f32, B>, steps: usize,
 ) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
     let mut r = rng(400);
     let n = 16;
     let x = uniform(&mut r, n * 32 * 32 * 3, -2.0, 2.0);
     let labels: Vec<u32> = (0..n).map(|_| r.random_range(0..10)).collect();
-    let opt = Sgd {
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-    };
+    let opt = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
     let mut losses = Vec::new();
     for _ in 0..steps {
         losses.push(net.train_step(&x, &labels, &opt, 0.0)?.0 as f32);
@@ -708,18 +509,10 @@ fn params<B: Backend<f32>>(net: &mut Net<f32, B>) -> Vec<f32> {
 
 /// A network on a GPU in precision `p`, with loss scale `scale` in mixed precision.
 fn gpu_net(
-    p: &Prec,
-    seed: u64,
-    scale: f32,
-    deterministic: bool,
-    streams: usize,
+    p: &Prec, seed: u64, scale: f32, deterministic: bool, streams: usize,
 ) -> Result<Net<f32, Gpu>, String> {
-    let mut gpu = open(GpuOptions {
-        activations: p.dtype,
-        deterministic,
-        streams,
-        skip_wait: None,
-    })?;
+    let mut gpu =
+        open(GpuOptions { activations: p.dtype, deterministic, streams, skip_wait: None })?;
     if p.dtype != DType::F32 {
         gpu.set_loss_scale(scale).map_err(|e| format!("{e:#}"))?;
     }
@@ -749,32 +542,16 @@ fn training_steps(p: &Prec, streams: usize) -> Outcome {
     if p.dtype == DType::F32 {
         close("losses of 3 steps", &gl, &cl, 1e-4, 1e-3)?;
         // After 3 steps rounding differences have grown through the network: a looser bound.
-        return close(
-            "weights, running statistics, counters after 3 steps",
-            &gs,
-            &cs,
-            1e-3,
-            1e-2,
-        );
+        return close("weights, running statistics, counters after 3 steps", &gs, &cs, 1e-3, 1e-2);
     }
-    if let Some((_, skipped)) = g
-        .backend()
-        .read_loss_scale()
-        .map_err(|e| format!("{e:#}"))?
-    {
+    if let Some((_, skipped)) = g.backend().read_loss_scale().map_err(|e| format!("{e:#}"))? {
         if skipped != 0 {
             return Err(format!("{skipped} of 3 steps skipped at loss scale 1024"));
         }
     }
     // 16-bit activations through 14 layers: the loss moves by about the type's precision
     // times the depth; the state after 3 steps is compared as a whole.
-    close(
-        &format!("losses of 3 steps [{}]", p.name),
-        &gl,
-        &cl,
-        0.0,
-        4.0 * p.tol,
-    )?;
+    close(&format!("losses of 3 steps [{}]", p.name), &gl, &cl, 0.0, 4.0 * p.tol)?;
     // The state after 3 steps: every BatchNorm β and conv bias gradient is a sum over the
     // batch's pixels of 16-bit dy with heavy cancellation, so one step already moves those
     // parameters 5-9% away from the fp32 CPU's (measured on the emulated GPU, whose
@@ -782,10 +559,7 @@ fn training_steps(p: &Prec, streams: usize) -> Outcome {
     // (f16) / 4.7e-3 (bf16) after one step and 2.3e-2 / 4.3e-2 after three, momentum carrying
     // the differences on. 8 units of the type's tolerance bounds both with room.
     close_l2(
-        &format!(
-            "weights, running statistics, counters after 3 steps [{}]",
-            p.name
-        ),
+        &format!("weights, running statistics, counters after 3 steps [{}]", p.name),
         &gs,
         &cs,
         8.0 * p.tol as f64,
@@ -799,11 +573,7 @@ fn test_loss_scale_overflow(p: &Prec) -> Outcome {
     // range, where no scale is sure to, so its overflow is injected: one NaN in the input
     // batch makes every gradient NaN, which the unscale kernel must flag just the same.
     let scale = 1e30f32;
-    let scale = if p.dtype == DType::Bf16 {
-        1024.0
-    } else {
-        scale
-    };
+    let scale = if p.dtype == DType::Bf16 { 1024.0 } else { scale };
     let mut g = gpu_net(p, 9, scale, false, 4)?;
     // Materialise the parameters once, then take one step.
     let before = params(&mut g);
@@ -812,29 +582,17 @@ fn test_loss_scale_overflow(p: &Prec) -> Outcome {
         let mut x = uniform(&mut r, 16 * 32 * 32 * 3, -2.0, 2.0);
         x[0] = f32::NAN;
         let labels: Vec<u32> = (0..16).map(|_| r.random_range(0..10)).collect();
-        let opt = Sgd {
-            lr: 0.05,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            nesterov: true,
-        };
-        g.train_step(&x, &labels, &opt, 0.0)
-            .map_err(|e| format!("{e:#}"))?;
+        let opt = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
+        g.train_step(&x, &labels, &opt, 0.0).map_err(|e| format!("{e:#}"))?;
     } else {
         train_steps(&mut g, 1).map_err(|e| format!("{e:#}"))?;
     }
     let after = params(&mut g);
     if before != after {
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-        return Err(format!(
-            "{moved} parameters changed in a step whose gradients overflowed"
-        ));
+        return Err(format!("{moved} parameters changed in a step whose gradients overflowed"));
     }
-    match g
-        .backend()
-        .read_loss_scale()
-        .map_err(|e| format!("{e:#}"))?
-    {
+    match g.backend().read_loss_scale().map_err(|e| format!("{e:#}"))? {
         Some((s, 1)) if s == scale * 0.5 => {}
         other => {
             return Err(format!(
@@ -844,9 +602,7 @@ fn test_loss_scale_overflow(p: &Prec) -> Outcome {
         }
     }
     // The next steps at a sane scale move the parameters again.
-    g.backend_mut()
-        .set_loss_scale(1024.0)
-        .map_err(|e| format!("{e:#}"))?;
+    g.backend_mut().set_loss_scale(1024.0).map_err(|e| format!("{e:#}"))?;
     train_steps(&mut g, 1).map_err(|e| format!("{e:#}"))?;
     if params(&mut g) == after {
         return Err("the parameters did not move at loss scale 1024".into());
@@ -868,11 +624,7 @@ fn test_deterministic(p: &Prec) -> Outcome {
         ));
     }
     if sa != sb {
-        let n = sa
-            .iter()
-            .zip(&sb)
-            .filter(|(x, y)| x.to_bits() != y.to_bits())
-            .count();
+        let n = sa.iter().zip(&sb).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
         return Err(format!(
             "{n} state values differ between deterministic runs on 1 and 4 streams"
         ));
@@ -922,10 +674,7 @@ fn test_train_binary(p: &Prec) -> Outcome {
         if acc > 0.5 {
             Ok(())
         } else {
-            Err(format!(
-                "test accuracy {acc} after 2 epochs [{}]; the CPU gets > 0.5",
-                p.name
-            ))
+            Err(format!("test accuracy {acc} after 2 epochs [{}]; the CPU gets > 0.5", p.name))
         }
     });
     let _ = std::fs::remove_dir_all(&dir);
@@ -945,12 +694,8 @@ fn test_device_batches_match_host(p: &Prec) -> Outcome {
             &["--epochs", "1", "--deterministic", "--no-cuda-graph"],
             "device",
         )?;
-        let host = train_binary(
-            &dir,
-            p,
-            &["--epochs", "1", "--deterministic", "--host-batches"],
-            "host",
-        )?;
+        let host =
+            train_binary(&dir, p, &["--epochs", "1", "--deterministic", "--host-batches"], "host")?;
         let read = |d: &std::path::Path| {
             std::fs::read(d.join("last.safetensors")).map_err(|e| format!("{}: {e}", d.display()))
         };
@@ -996,17 +741,11 @@ fn test_graph_matches_eager(p: &Prec) -> Outcome {
         // epoch, lr, train_loss, train_acc, test_loss, test_acc (not the timings).
         let columns = |d: &std::path::Path| -> Result<Vec<String>, String> {
             let text = String::from_utf8_lossy(&read(d, "summary.csv")?).to_string();
-            Ok(text
-                .lines()
-                .map(|l| l.split(',').take(6).collect::<Vec<_>>().join(","))
-                .collect())
+            Ok(text.lines().map(|l| l.split(',').take(6).collect::<Vec<_>>().join(",")).collect())
         };
         let (g, e) = (columns(&graph)?, columns(&eager)?);
         if g != e {
-            return Err(format!(
-                "[{}] summary differs:\n  graph {g:?}\n  eager {e:?}",
-                p.name
-            ));
+            return Err(format!("[{}] summary differs:\n  graph {g:?}\n  eager {e:?}", p.name));
         }
         // A capture that fails is no failure of training: it warns once and goes on op by op,
         // to the same checkpoint.
@@ -1057,20 +796,13 @@ fn test_resume_keeps_loss_scale(p: &Prec) -> Outcome {
 }
 
 fn scratch(what: &str, p: &Prec) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "incept-gpu-{what}-{}-{}",
-        std::process::id(),
-        p.name
-    ))
+    std::env::temp_dir().join(format!("incept-gpu-{what}-{}-{}", std::process::id(), p.name))
 }
 
 /// Trains through the binary on a synthetic set in `dir` (written on first use) with the
 /// recipe of tests/cli.rs plus `extra`; returns the run folder.
 fn train_binary(
-    dir: &std::path::Path,
-    p: &Prec,
-    extra: &[&str],
-    experiment: &str,
+    dir: &std::path::Path, p: &Prec, extra: &[&str], experiment: &str,
 ) -> Result<std::path::PathBuf, String> {
     // The emulated GPU runs about 50 images a second: a smaller set there.
     let images = match target() {
@@ -1082,18 +814,12 @@ fn train_binary(
 
 /// [`train_binary`] on a synthetic set of `train` images.
 fn train_binary_on(
-    dir: &std::path::Path,
-    train: &str,
-    p: &Prec,
-    extra: &[&str],
-    experiment: &str,
+    dir: &std::path::Path, train: &str, p: &Prec, extra: &[&str], experiment: &str,
 ) -> Result<std::path::PathBuf, String> {
     let exe = incept_bin();
     let run = |args: &[&str]| -> Outcome {
-        let out = std::process::Command::new(&exe)
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let out =
+            std::process::Command::new(&exe).args(args).output().map_err(|e| e.to_string())?;
         // The last command's messages, for tests that look for a warning.
         let _ = std::fs::write(dir.join("last-stderr.txt"), &out.stderr);
         if !out.status.success() {
@@ -1109,9 +835,7 @@ fn train_binary_on(
     let data = dir.join("data");
     let d = data.to_str().ok_or("temp path is not UTF-8")?;
     if !data.join("test_batch.bin").exists() {
-        run(&[
-            "data", "synth", "--out", d, "--train", train, "--test", "400", "--seed", "5",
-        ])?;
+        run(&["data", "synth", "--out", d, "--train", train, "--test", "400", "--seed", "5"])?;
     }
     let out = dir.join("runs");
     let o = out.to_str().ok_or("temp path is not UTF-8")?;
@@ -1179,9 +903,7 @@ fn test_emu_matches_cpu_accuracy() -> Outcome {
         let (e, c) = (acc(&emu)?, acc(&cpu)?);
         println!("  test accuracy: emulated GPU {e:.4}, CPU {c:.4}");
         if (e - c).abs() > 0.02 {
-            return Err(format!(
-                "test accuracy {e} on the emulated GPU, {c} on the CPU"
-            ));
+            return Err(format!("test accuracy {e} on the emulated GPU, {c} on the CPU"));
         }
         Ok(())
     })();
@@ -1202,11 +924,7 @@ fn test_coverage() -> Outcome {
         if let (Some(kind), Some(name), Some(Ok(n))) =
             (it.next(), it.next(), it.next().map(str::parse::<u64>))
         {
-            let map = if kind == "kernel" {
-                &mut ran.kernels
-            } else {
-                &mut ran.library
-            };
+            let map = if kind == "kernel" { &mut ran.kernels } else { &mut ran.library };
             *map.entry(name.to_string()).or_default() += n;
         }
     }
@@ -1297,10 +1015,7 @@ impl Tally {
             }
             Err(why) => {
                 self.skipped += 1;
-                println!(
-                    "test {name} ... skipped: {}",
-                    why.lines().next().unwrap_or(&why)
-                );
+                println!("test {name} ... skipped: {}", why.lines().next().unwrap_or(&why));
             }
         }
         use std::io::Write;
@@ -1359,47 +1074,29 @@ fn main() {
     for p in [FP32, F16, BF16] {
         let tag = p.name.replace('-', "_");
         run(format!("conv2d_gpu_matches_cpu_{tag}"), &|| test_conv(&p));
-        run(format!("batch_norm_relu_gpu_matches_cpu_{tag}"), &|| {
-            test_batch_norm_relu(&p)
-        });
-        run(format!("pooling_gpu_matches_cpu_{tag}"), &|| {
-            test_pooling(&p)
-        });
-        run(format!("head_concat_sgd_gpu_matches_cpu_{tag}"), &|| {
-            test_head_concat_sgd(&p)
-        });
+        run(format!("batch_norm_relu_gpu_matches_cpu_{tag}"), &|| test_batch_norm_relu(&p));
+        run(format!("pooling_gpu_matches_cpu_{tag}"), &|| test_pooling(&p));
+        run(format!("head_concat_sgd_gpu_matches_cpu_{tag}"), &|| test_head_concat_sgd(&p));
     }
     run("golden_fixture_gpu_fp32".into(), &test_golden_fp32);
     for p in [FP32, F16, BF16] {
         let tag = p.name.replace('-', "_");
-        run(format!("training_steps_gpu_match_cpu_{tag}"), &|| {
-            test_training_steps(&p)
-        });
-        run(
-            format!("deterministic_runs_are_bitwise_equal_{tag}"),
-            &|| test_deterministic(&p),
-        );
+        run(format!("training_steps_gpu_match_cpu_{tag}"), &|| test_training_steps(&p));
+        run(format!("deterministic_runs_are_bitwise_equal_{tag}"), &|| test_deterministic(&p));
     }
     for p in [F16, BF16] {
         let tag = p.name.replace('-', "_");
-        run(format!("loss_scale_overflow_skips_step_{tag}"), &|| {
-            test_loss_scale_overflow(&p)
-        });
-        run(format!("resume_keeps_the_loss_scale_{tag}"), &|| {
-            test_resume_keeps_loss_scale(&p)
-        });
+        run(format!("loss_scale_overflow_skips_step_{tag}"), &|| test_loss_scale_overflow(&p));
+        run(format!("resume_keeps_the_loss_scale_{tag}"), &|| test_resume_keeps_loss_scale(&p));
     }
     for p in [FP32, F16, BF16] {
         let tag = p.name.replace('-', "_");
         if target() == Target::Cuda {
-            run(format!("train_binary_learns_{tag}"), &|| {
-                test_train_binary(&p)
-            });
+            run(format!("train_binary_learns_{tag}"), &|| test_train_binary(&p));
         }
-        run(
-            format!("cuda_graph_replays_match_eager_steps_{tag}"),
-            &|| test_graph_matches_eager(&p),
-        );
+        run(format!("cuda_graph_replays_match_eager_steps_{tag}"), &|| {
+            test_graph_matches_eager(&p)
+        });
         run(format!("device_batches_match_host_batches_{tag}"), &|| {
             test_device_batches_match_host(&p)
         });
@@ -1424,10 +1121,7 @@ fn main() {
             Ok(if missing.is_empty() {
                 Ok(())
             } else {
-                Err(format!(
-                    "kernels missing from the PTX: {}",
-                    missing.join(", ")
-                ))
+                Err(format!("kernels missing from the PTX: {}", missing.join(", ")))
             }),
             0.0,
         );
@@ -1437,10 +1131,7 @@ fn main() {
         };
         tally.report("no_driver_error_is_clear", no_driver, 0.0);
     }
-    println!(
-        "\n{} passed, {} failed, {} skipped",
-        tally.passed, tally.failed, tally.skipped
-    );
+    println!("\n{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.skipped);
     if tally.failed > 0 {
         std::process::exit(1);
     }

@@ -40,11 +40,7 @@ const FWD_TOL: Tol = Tol::new(
     "same formula in f64, different summation order (GEMM blocking): ~1e-15 per term",
 );
 /// Copies, scatters of one value, sums in a prescribed order: nothing is rounded differently.
-const EXACT: Tol = Tol::new(
-    0.0,
-    0.0,
-    "a copy or a sum in a fixed order: must be bitwise equal",
-);
+const EXACT: Tol = Tol::new(0.0, 0.0, "a copy or a sum in a fixed order: must be bitwise equal");
 
 /// Tensors larger than this are checked on a random subset of this many elements.
 const MAX_FD: usize = 4096;
@@ -89,10 +85,7 @@ fn indices(r: &mut ChaCha8Rng, len: usize) -> Vec<usize> {
 
 /// `∂(Σ g·f(θ))/∂θ_i` by central differences at the given indices.
 fn finite_diff(
-    theta: &[f64],
-    idx: &[usize],
-    g: &[f64],
-    mut f: impl FnMut(&Vec<f64>) -> Vec<f64>,
+    theta: &[f64], idx: &[usize], g: &[f64], mut f: impl FnMut(&Vec<f64>) -> Vec<f64>,
 ) -> Vec<f64> {
     let mut t = theta.to_vec();
     idx.iter()
@@ -105,11 +98,7 @@ fn finite_diff(
             let ym = f(&t);
             t[i] = orig;
             assert_eq!(yp.len(), g.len(), "finite_diff: output length");
-            let d: f64 = g
-                .iter()
-                .zip(yp.iter().zip(&ym))
-                .map(|(g, (p, m))| g * (p - m))
-                .sum();
+            let d: f64 = g.iter().zip(yp.iter().zip(&ym)).map(|(g, (p, m))| g * (p - m)).sum();
             // The step actually taken, after rounding θ ± h.
             d / (up - down)
         })
@@ -119,12 +108,7 @@ fn finite_diff(
 /// Checks an analytic gradient `got` (of θ) against finite differences of `Σ g·f(θ)`.
 /// Fails as well when the reference is identically zero, which would make the check vacuous.
 fn check_fd(
-    rep: &mut Report,
-    r: &mut ChaCha8Rng,
-    name: &str,
-    got: &[f64],
-    theta: &[f64],
-    g: &[f64],
+    rep: &mut Report, r: &mut ChaCha8Rng, name: &str, got: &[f64], theta: &[f64], g: &[f64],
     f: impl FnMut(&Vec<f64>) -> Vec<f64>,
 ) {
     assert_eq!(got.len(), theta.len(), "{name}: gradient length");
@@ -323,15 +307,9 @@ fn conv2d_backward_matches_finite_differences() {
             be.conv2d_backward(Some(&mut dx), &mut dw, &mut db, &g, &x, &w, xs, &conv);
             let (dw, db) = (added(&dw, &dw0), added(&db, &db0));
 
-            check_fd(&mut rep, &mut r, &format!("{tag} dx"), &dx, &x, &g, |t| {
-                fwd(t, &w, &b)
-            });
-            check_fd(&mut rep, &mut r, &format!("{tag} dw"), &dw, &w, &g, |t| {
-                fwd(&x, t, &b)
-            });
-            check_fd(&mut rep, &mut r, &format!("{tag} db"), &db, &b, &g, |t| {
-                fwd(&x, &w, t)
-            });
+            check_fd(&mut rep, &mut r, &format!("{tag} dx"), &dx, &x, &g, |t| fwd(t, &w, &b));
+            check_fd(&mut rep, &mut r, &format!("{tag} dw"), &dw, &w, &g, |t| fwd(&x, t, &b));
+            check_fd(&mut rep, &mut r, &format!("{tag} db"), &db, &b, &g, |t| fwd(&x, &w, t));
 
             // Input positions outside every window get exactly zero.
             let mut zeros = 0;
@@ -355,18 +333,8 @@ fn conv2d_backward_matches_finite_differences() {
             // Without dx the parameter gradients are the same.
             let (mut dw2, mut db2) = (dw0.clone(), db0.clone());
             be.conv2d_backward(None, &mut dw2, &mut db2, &g, &x, &w, xs, &conv);
-            rep.check(
-                &format!("{tag} dw without dx"),
-                &added(&dw2, &dw0),
-                &dw,
-                EXACT,
-            );
-            rep.check(
-                &format!("{tag} db without dx"),
-                &added(&db2, &db0),
-                &db,
-                EXACT,
-            );
+            rep.check(&format!("{tag} dw without dx"), &added(&dw2, &dw0), &dw, EXACT);
+            rep.check(&format!("{tag} db without dx"), &added(&db2, &db0), &db, EXACT);
         }
     }
     rep.finish("conv2d backward vs finite differences");
@@ -386,14 +354,8 @@ fn bn_train_y(x: &Vec<f64>, gamma: &Vec<f64>, beta: &Vec<f64>, xs: Nhwc) -> Vec<
         &mut y,
         x,
         Affine { gamma, beta },
-        RunningStats {
-            mean: &mut rm,
-            var: &mut rv,
-        },
-        BatchStats {
-            mean: &mut mean,
-            invstd: &mut invstd,
-        },
+        RunningStats { mean: &mut rm, var: &mut rv },
+        BatchStats { mean: &mut mean, invstd: &mut invstd },
         xs,
         &BatchNormCfg::default(),
         false,
@@ -405,16 +367,10 @@ fn bn_train_y(x: &Vec<f64>, gamma: &Vec<f64>, beta: &Vec<f64>, xs: Nhwc) -> Vec<
 /// Per-channel batch mean and biased variance, two-pass.
 fn channel_stats(x: &[f64], xs: Nhwc) -> (Vec<f64>, Vec<f64>) {
     let (m, c) = (xs.pixels(), xs.c);
-    let mean: Vec<f64> = (0..c)
-        .map(|ch| (0..m).map(|p| x[p * c + ch]).sum::<f64>() / m as f64)
-        .collect();
+    let mean: Vec<f64> =
+        (0..c).map(|ch| (0..m).map(|p| x[p * c + ch]).sum::<f64>() / m as f64).collect();
     let var: Vec<f64> = (0..c)
-        .map(|ch| {
-            (0..m)
-                .map(|p| (x[p * c + ch] - mean[ch]).powi(2))
-                .sum::<f64>()
-                / m as f64
-        })
+        .map(|ch| (0..m).map(|p| (x[p * c + ch] - mean[ch]).powi(2)).sum::<f64>() / m as f64)
         .collect();
     (mean, var)
 }
@@ -426,11 +382,7 @@ fn batch_norm_backward_matches_finite_differences() {
     let mut rep = Report::default();
     // Batch 1 with H·W > 1 (PyTorch accepts it: more than one value per channel), batch 3 2×2,
     // and a rectangular batch 2.
-    for xs in [
-        Nhwc::new(1, 3, 5, 4),
-        Nhwc::new(3, 2, 2, 3),
-        Nhwc::new(2, 3, 2, 5),
-    ] {
+    for xs in [Nhwc::new(1, 3, 5, 4), Nhwc::new(3, 2, 2, 3), Nhwc::new(2, 3, 2, 5)] {
         let c = xs.c;
         let tag = format!("batch_norm x{xs:?}");
         // Offset and spread per channel, so mean and variance both matter.
@@ -451,18 +403,9 @@ fn batch_norm_backward_matches_finite_differences() {
         be.batch_norm_forward_train(
             &mut y,
             &x,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &mut rm,
-                var: &mut rv,
-            },
-            BatchStats {
-                mean: &mut mean,
-                invstd: &mut invstd,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &mut rm, var: &mut rv },
+            BatchStats { mean: &mut mean, invstd: &mut invstd },
             xs,
             &BatchNormCfg::default(),
             false,
@@ -475,18 +418,12 @@ fn batch_norm_backward_matches_finite_differences() {
         let (mut dgamma, mut dbeta) = (dgamma0.clone(), dbeta0.clone());
         be.batch_norm_backward(
             &mut dx,
-            Affine {
-                gamma: &mut dgamma,
-                beta: &mut dbeta,
-            },
+            Affine { gamma: &mut dgamma, beta: &mut dbeta },
             &g,
             None,
             &x,
             &gamma,
-            BatchStats {
-                mean: &mean,
-                invstd: &invstd,
-            },
+            BatchStats { mean: &mean, invstd: &invstd },
             xs,
         );
         let (dgamma, dbeta) = (added(&dgamma, &dgamma0), added(&dbeta, &dbeta0));
@@ -494,24 +431,12 @@ fn batch_norm_backward_matches_finite_differences() {
         check_fd(&mut rep, &mut r, &format!("{tag} dx"), &dx, &x, &g, |t| {
             bn_train_y(t, &gamma, &beta, xs)
         });
-        check_fd(
-            &mut rep,
-            &mut r,
-            &format!("{tag} dgamma"),
-            &dgamma,
-            &gamma,
-            &g,
-            |t| bn_train_y(&x, t, &beta, xs),
-        );
-        check_fd(
-            &mut rep,
-            &mut r,
-            &format!("{tag} dbeta"),
-            &dbeta,
-            &beta,
-            &g,
-            |t| bn_train_y(&x, &gamma, t, xs),
-        );
+        check_fd(&mut rep, &mut r, &format!("{tag} dgamma"), &dgamma, &gamma, &g, |t| {
+            bn_train_y(&x, t, &beta, xs)
+        });
+        check_fd(&mut rep, &mut r, &format!("{tag} dbeta"), &dbeta, &beta, &g, |t| {
+            bn_train_y(&x, &gamma, t, xs)
+        });
     }
     rep.finish("batch_norm backward vs finite differences");
 }
@@ -525,13 +450,7 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
         (Nhwc::new(2, 3, 3, 4), BatchNormCfg::default()),
         (Nhwc::new(1, 2, 3, 3), BatchNormCfg::default()),
         // Other hyper-parameters, so neither is taken for granted.
-        (
-            Nhwc::new(3, 2, 2, 2),
-            BatchNormCfg {
-                eps: 1e-3,
-                momentum: 0.25,
-            },
-        ),
+        (Nhwc::new(3, 2, 2, 2), BatchNormCfg { eps: 1e-3, momentum: 0.25 }),
     ] {
         let (c, m) = (xs.c, xs.pixels() as f64);
         let tag = format!("batch_norm x{xs:?} {cfg:?}");
@@ -547,18 +466,9 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
         be.batch_norm_forward_train(
             &mut y,
             &x,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &mut rm,
-                var: &mut rv,
-            },
-            BatchStats {
-                mean: &mut mean,
-                invstd: &mut invstd,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &mut rm, var: &mut rv },
+            BatchStats { mean: &mut mean, invstd: &mut invstd },
             xs,
             &cfg,
             false,
@@ -569,9 +479,8 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
         // variance; running = (1 − momentum)·running + momentum·batch.
         let (bm, bv) = channel_stats(&x, xs);
         let want_invstd: Vec<f64> = bv.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
-        let want_rm: Vec<f64> = (0..c)
-            .map(|ch| (1.0 - cfg.momentum) * rm0[ch] + cfg.momentum * bm[ch])
-            .collect();
+        let want_rm: Vec<f64> =
+            (0..c).map(|ch| (1.0 - cfg.momentum) * rm0[ch] + cfg.momentum * bm[ch]).collect();
         let want_rv: Vec<f64> = (0..c)
             .map(|ch| (1.0 - cfg.momentum) * rv0[ch] + cfg.momentum * bv[ch] * m / (m - 1.0))
             .collect();
@@ -582,25 +491,14 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
             })
             .collect();
         rep.check(&format!("{tag} saved mean"), &mean, &bm, FWD_TOL);
-        rep.check(
-            &format!("{tag} saved invstd"),
-            &invstd,
-            &want_invstd,
-            FWD_TOL,
-        );
+        rep.check(&format!("{tag} saved invstd"), &invstd, &want_invstd, FWD_TOL);
         rep.check(&format!("{tag} running_mean"), &rm, &want_rm, FWD_TOL);
-        rep.check(
-            &format!("{tag} running_var (unbiased)"),
-            &rv,
-            &want_rv,
-            FWD_TOL,
-        );
+        rep.check(&format!("{tag} running_var (unbiased)"), &rv, &want_rv, FWD_TOL);
         rep.check(&format!("{tag} train y"), &y, &want_y, FWD_TOL);
         // The unbiased and biased updates differ by far more than the tolerance, so the check
         // above tells them apart.
-        let biased_rv: Vec<f64> = (0..c)
-            .map(|ch| (1.0 - cfg.momentum) * rv0[ch] + cfg.momentum * bv[ch])
-            .collect();
+        let biased_rv: Vec<f64> =
+            (0..c).map(|ch| (1.0 - cfg.momentum) * rv0[ch] + cfg.momentum * bv[ch]).collect();
         assert!(
             common::compare("biased", &rv, &biased_rv, FWD_TOL).is_err(),
             "{tag}: running_var matches the biased update too; the case cannot tell them apart"
@@ -612,14 +510,8 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
         be.batch_norm_forward_eval(
             &mut ye,
             &xe,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &rm,
-                var: &rv,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &rm, var: &rv },
             xs,
             &cfg,
             false,
@@ -645,36 +537,16 @@ fn batch_norm_training_rejects_one_value_per_channel() {
     let res = be.batch_norm_forward_train(
         &mut y,
         &vec![1.0, 2.0, 3.0],
-        Affine {
-            gamma: &vec![1.0; 3],
-            beta: &vec![0.0; 3],
-        },
-        RunningStats {
-            mean: &mut rm,
-            var: &mut rv,
-        },
-        BatchStats {
-            mean: &mut mean,
-            invstd: &mut invstd,
-        },
+        Affine { gamma: &vec![1.0; 3], beta: &vec![0.0; 3] },
+        RunningStats { mean: &mut rm, var: &mut rv },
+        BatchStats { mean: &mut mean, invstd: &mut invstd },
         xs,
         &BatchNormCfg::default(),
         false,
     );
-    assert!(
-        res.is_err(),
-        "a 1x1x1 batch must be refused in training mode"
-    );
-    assert_eq!(
-        rm,
-        vec![0.0; 3],
-        "a refused batch must leave running_mean alone"
-    );
-    assert_eq!(
-        rv,
-        vec![1.0; 3],
-        "a refused batch must leave running_var alone"
-    );
+    assert!(res.is_err(), "a 1x1x1 batch must be refused in training mode");
+    assert_eq!(rm, vec![0.0; 3], "a refused batch must leave running_mean alone");
+    assert_eq!(rv, vec![1.0; 3], "a refused batch must leave running_var alone");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,10 +612,7 @@ fn max_pool_naive(x: &[f64], xs: Nhwc, pool: &MaxPool2d) -> (Vec<f64>, Vec<u32>)
 }
 
 fn max_pool_run(
-    x: &Vec<f64>,
-    dy: &Vec<f64>,
-    xs: Nhwc,
-    pool: &MaxPool2d,
+    x: &Vec<f64>, dy: &Vec<f64>, xs: Nhwc, pool: &MaxPool2d,
 ) -> (Vec<f64>, Vec<u32>, Vec<f64>) {
     let be = cpu();
     let mut y = vec![f64::NAN; pool.out_shape(xs).len()];
@@ -759,16 +628,8 @@ fn max_pool2d_backward_matches_finite_differences() {
     let be = cpu();
     let mut r = rng(0x9A_A1);
     let mut rep = Report::default();
-    let k3s1 = MaxPool2d {
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
-    let k3s2 = MaxPool2d {
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let k3s1 = MaxPool2d { k: 3, stride: 1, pad: 1 };
+    let k3s2 = MaxPool2d { k: 3, stride: 2, pad: 1 };
     for (xs, pool) in [
         (Nhwc::new(2, 7, 9, 3), k3s1),
         (Nhwc::new(2, 7, 9, 3), k3s2),
@@ -776,10 +637,7 @@ fn max_pool2d_backward_matches_finite_differences() {
         (Nhwc::new(1, 5, 5, 4), k3s1),
     ] {
         let ys = pool.out_shape(xs);
-        let tag = format!(
-            "max_pool2d k{} s{} p{} x{xs:?}",
-            pool.k, pool.stride, pool.pad
-        );
+        let tag = format!("max_pool2d k{} s{} p{} x{xs:?}", pool.k, pool.stride, pool.pad);
         // Distinct values at least 5e-3 apart (a shuffled grid plus a small jitter), so a step
         // of 1e-6 never changes which element wins.
         let mut perm: Vec<usize> = (0..xs.len()).collect();
@@ -790,10 +648,7 @@ fn max_pool2d_backward_matches_finite_differences() {
             .collect();
         let mut sorted = x.clone();
         sorted.sort_by(f64::total_cmp);
-        assert!(
-            sorted.windows(2).all(|w| w[1] - w[0] > 1e-3),
-            "{tag}: values too close"
-        );
+        assert!(sorted.windows(2).all(|w| w[1] - w[0] > 1e-3), "{tag}: values too close");
         let g = uniform(&mut r, ys.len(), -1.0, 1.0);
 
         let (y, argmax, dx) = max_pool_run(&x, &g, xs, &pool);
@@ -819,24 +674,11 @@ fn max_pool2d_ties_go_to_first_maximum_in_scan_order() {
     //    Outputs (oy, ox) with k3 s1 p1 on 3×3: the first valid element is
     //    (max(oy−1, 0), max(ox−1, 0)).
     let xs = Nhwc::new(1, 3, 3, 1);
-    let pool = MaxPool2d {
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    let pool = MaxPool2d { k: 3, stride: 1, pad: 1 };
     let dy: Vec<f64> = (0..9).map(|i| (1u32 << i) as f64).collect(); // 1, 2, 4, …, 256
     let (y, argmax, dx) = max_pool_run(&vec![-1.0; 9], &dy, xs, &pool);
-    rep.check(
-        "all-equal 3x3 y (padding is -inf, not 0)",
-        &y,
-        &[-1.0; 9],
-        EXACT,
-    );
-    assert_eq!(
-        argmax,
-        vec![0, 0, 1, 0, 0, 1, 3, 3, 4],
-        "all-equal 3x3: argmax"
-    );
+    rep.check("all-equal 3x3 y (padding is -inf, not 0)", &y, &[-1.0; 9], EXACT);
+    assert_eq!(argmax, vec![0, 0, 1, 0, 0, 1, 3, 3, 4], "all-equal 3x3: argmax");
     // (0,0) ← outputs (0,0),(0,1),(1,0),(1,1) = 1+2+8+16; (0,1) ← (0,2),(1,2) = 4+32;
     // (1,0) ← (2,0),(2,1) = 64+128; (1,1) ← (2,2) = 256.
     let want = [27.0, 36.0, 0.0, 192.0, 256.0, 0.0, 0.0, 0.0, 0.0];
@@ -846,11 +688,7 @@ fn max_pool2d_ties_go_to_first_maximum_in_scan_order() {
     //    two windows, and (channel 1) equal maxima in several windows that all lose to the
     //    first one of the shared element.
     let xs = Nhwc::new(1, 4, 4, 2);
-    let pool = MaxPool2d {
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let pool = MaxPool2d { k: 3, stride: 2, pad: 1 };
     #[rustfmt::skip]
     let ch0 = [
         0.0, 5.0, 1.0, 5.0,
@@ -865,18 +703,11 @@ fn max_pool2d_ties_go_to_first_maximum_in_scan_order() {
         1.0, 1.0, 1.0, 1.0,
         1.0, 9.0, 1.0, 9.0,
     ];
-    let x: Vec<f64> = (0..32)
-        .map(|i| if i % 2 == 0 { ch0[i / 2] } else { ch1[i / 2] })
-        .collect();
+    let x: Vec<f64> = (0..32).map(|i| if i % 2 == 0 { ch0[i / 2] } else { ch1[i / 2] }).collect();
     // Outputs (0,0),(0,1),(1,0),(1,1) per channel: ch0 1,2,4,8; ch1 16,32,64,128.
     let dy = vec![1.0, 16.0, 2.0, 32.0, 4.0, 64.0, 8.0, 128.0];
     let (y, _, dx) = max_pool_run(&x, &dy, xs, &pool);
-    rep.check(
-        "4x4x2 y",
-        &y,
-        &[5.0, 9.0, 5.0, 9.0, 5.0, 9.0, 5.0, 9.0],
-        EXACT,
-    );
+    rep.check("4x4x2 y", &y, &[5.0, 9.0, 5.0, 9.0, 5.0, 9.0, 5.0, 9.0], EXACT);
     let at = |iy: usize, ix: usize, ch: usize| (iy * 4 + ix) * 2 + ch;
     let mut want = vec![0.0; 32];
     // ch0: windows (0,0) rows 0-1 cols 0-1 and (0,1) rows 0-1 cols 1-3 both pick (0,1);
@@ -900,21 +731,10 @@ fn max_pool2d_ties_go_to_first_maximum_in_scan_order() {
     // 3) Windows of −∞ only: PyTorch keeps the first element of the window as the argmax, so
     //    the gradient still lands on a real input (never lost, never out of bounds).
     let xs = Nhwc::new(1, 2, 2, 1);
-    let pool = MaxPool2d {
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
-    let (y, argmax, dx) = max_pool_run(
-        &vec![f64::NEG_INFINITY; 4],
-        &vec![1.0, 2.0, 4.0, 8.0],
-        xs,
-        &pool,
-    );
-    assert!(
-        y.iter().all(|v| *v == f64::NEG_INFINITY),
-        "all -inf: y {y:?}"
-    );
+    let pool = MaxPool2d { k: 3, stride: 1, pad: 1 };
+    let (y, argmax, dx) =
+        max_pool_run(&vec![f64::NEG_INFINITY; 4], &vec![1.0, 2.0, 4.0, 8.0], xs, &pool);
+    assert!(y.iter().all(|v| *v == f64::NEG_INFINITY), "all -inf: y {y:?}");
     assert_eq!(argmax, vec![0, 0, 0, 0], "all -inf: argmax");
     rep.check("all -inf dx", &dx, &[15.0, 0.0, 0.0, 0.0], EXACT);
 
@@ -922,30 +742,17 @@ fn max_pool2d_ties_go_to_first_maximum_in_scan_order() {
     //    the corner wins every window that holds it; the others fall back to their first
     //    element, checked against the naive loops.
     let xs = Nhwc::new(2, 5, 5, 1);
-    let pool = MaxPool2d {
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let pool = MaxPool2d { k: 3, stride: 2, pad: 1 };
     let mut x = vec![-3.0; xs.len()];
     x[0] = 1.0; // image 0, corner (0,0)
     x[25 + 24] = 1.0; // image 1, corner (4,4)
-    let dy: Vec<f64> = (0..pool.out_shape(xs).len())
-        .map(|i| (i + 1) as f64)
-        .collect();
+    let dy: Vec<f64> = (0..pool.out_shape(xs).len()).map(|i| (i + 1) as f64).collect();
     let (y, argmax, dx) = max_pool_run(&x, &dy, xs, &pool);
     let (want_y, want_arg) = max_pool_naive(&x, xs, &pool);
     rep.check("5x5 corners y", &y, &want_y, EXACT);
     assert_eq!(argmax, want_arg, "5x5 corners: argmax");
-    assert_eq!(
-        argmax[0], 0,
-        "image 0: window (0,0) holds the corner maximum"
-    );
-    assert_eq!(
-        argmax[17],
-        25 + 24,
-        "image 1: window (2,2) holds the corner maximum"
-    );
+    assert_eq!(argmax[0], 0, "image 0: window (0,0) holds the corner maximum");
+    assert_eq!(argmax[17], 25 + 24, "image 1: window (2,2) holds the corner maximum");
     let mut want = vec![0.0; xs.len()];
     for (g, &i) in dy.iter().zip(&want_arg) {
         want[i as usize] += g;
@@ -966,10 +773,8 @@ fn concat_forward_backward_are_copies() {
     let pixels = 2 * 3 * 5;
     let channels = [3usize, 1, 4, 2];
     let total: usize = channels.iter().sum();
-    let parts: Vec<Vec<f64>> = channels
-        .iter()
-        .map(|&c| uniform(&mut r, pixels * c, -1.0, 1.0))
-        .collect();
+    let parts: Vec<Vec<f64>> =
+        channels.iter().map(|&c| uniform(&mut r, pixels * c, -1.0, 1.0)).collect();
     let refs: Vec<&Vec<f64>> = parts.iter().collect();
     let mut y = vec![f64::NAN; pixels * total];
     be.concat_forward(&mut y, &refs, &channels);
@@ -983,10 +788,7 @@ fn concat_forward_backward_are_copies() {
 
     // Backward: each part's gradient is its column slice of dy (pre-filled with NaN: overwritten).
     let dy = uniform(&mut r, pixels * total, -1.0, 1.0);
-    let mut dparts: Vec<Vec<f64>> = channels
-        .iter()
-        .map(|&c| vec![f64::NAN; pixels * c])
-        .collect();
+    let mut dparts: Vec<Vec<f64>> = channels.iter().map(|&c| vec![f64::NAN; pixels * c]).collect();
     {
         let mut drefs: Vec<&mut Vec<f64>> = dparts.iter_mut().collect();
         be.concat_backward(&mut drefs, &dy, &channels);
@@ -996,20 +798,12 @@ fn concat_forward_backward_are_copies() {
         let want: Vec<f64> = (0..pixels)
             .flat_map(|p| dy[p * total + off..p * total + off + c].iter().copied())
             .collect();
-        rep.check(
-            &format!("concat dpart[{j}] (channels {off}..{})", off + c),
-            d,
-            &want,
-            EXACT,
-        );
+        rep.check(&format!("concat dpart[{j}] (channels {off}..{})", off + c), d, &want, EXACT);
         off += c;
     }
 
     // Round trip: splitting the concatenation gives the parts back.
-    let mut back: Vec<Vec<f64>> = channels
-        .iter()
-        .map(|&c| vec![f64::NAN; pixels * c])
-        .collect();
+    let mut back: Vec<Vec<f64>> = channels.iter().map(|&c| vec![f64::NAN; pixels * c]).collect();
     {
         let mut brefs: Vec<&mut Vec<f64>> = back.iter_mut().collect();
         be.concat_backward(&mut brefs, &y, &channels);
@@ -1028,9 +822,8 @@ fn fork_backward_sums_parts_in_order() {
     // Longer than two of the backend's 4096-element chunks, with a ragged tail.
     let len = 2 * 4096 + 37;
     for nparts in [1usize, 2, 4] {
-        let mut parts: Vec<Vec<f64>> = (0..nparts)
-            .map(|_| uniform(&mut r, len, -1.0, 1.0))
-            .collect();
+        let mut parts: Vec<Vec<f64>> =
+            (0..nparts).map(|_| uniform(&mut r, len, -1.0, 1.0)).collect();
         // Where the order matters: 1 + 1e17 rounds to 1e17, so in order (1 + 1e17) − 1e17 = 0,
         // while any other grouping gives 1.
         let probes = [5usize, 4096, len - 1];
@@ -1043,11 +836,7 @@ fn fork_backward_sums_parts_in_order() {
                     p[i] = 0.0;
                 }
             }
-            assert_eq!(
-                1.0 + (1e17 + -1e17),
-                1.0,
-                "the probe must depend on the order"
-            );
+            assert_eq!(1.0 + (1e17 + -1e17), 1.0, "the probe must depend on the order");
         }
         let refs: Vec<&Vec<f64>> = parts.iter().collect();
         let mut dx = vec![f64::NAN; len];
@@ -1063,18 +852,10 @@ fn fork_backward_sums_parts_in_order() {
             .collect();
         if nparts >= 3 {
             for &i in &probes {
-                assert_eq!(
-                    dx[i], 0.0,
-                    "fork of {nparts}: dx[{i}] not summed in branch order"
-                );
+                assert_eq!(dx[i], 0.0, "fork of {nparts}: dx[{i}] not summed in branch order");
             }
         }
-        rep.check(
-            &format!("fork_backward of {nparts} parts"),
-            &dx,
-            &want,
-            EXACT,
-        );
+        rep.check(&format!("fork_backward of {nparts} parts"), &dx, &want, EXACT);
     }
     rep.finish("fork_backward");
 }
@@ -1103,12 +884,8 @@ fn avg_pool2d_backward_matches_finite_differences() {
         };
         let mut want_y = vec![0.0; ys.len()];
         for (o, v) in want_y.iter_mut().enumerate() {
-            let (n, oy, ox, ch) = (
-                o / (ys.h * ys.w * ys.c),
-                (o / (ys.w * ys.c)) % ys.h,
-                (o / ys.c) % ys.w,
-                o % ys.c,
-            );
+            let (n, oy, ox, ch) =
+                (o / (ys.h * ys.w * ys.c), (o / (ys.w * ys.c)) % ys.h, (o / ys.c) % ys.w, o % ys.c);
             let at = |dy: usize, dx: usize| {
                 x[((n * xs.h + 2 * oy + dy) * xs.w + 2 * ox + dx) * xs.c + ch]
             };
@@ -1158,17 +935,10 @@ fn linear_backward_matches_finite_differences() {
         let want_y: Vec<f64> = (0..n * fout)
             .map(|i| {
                 let (row, o) = (i / fout, i % fout);
-                b[o] + (0..fin)
-                    .map(|j| x[row * fin + j] * w[o * fin + j])
-                    .sum::<f64>()
+                b[o] + (0..fin).map(|j| x[row * fin + j] * w[o * fin + j]).sum::<f64>()
             })
             .collect();
-        rep.check(
-            &format!("{tag} y vs naive"),
-            &fwd(&x, &w, &b),
-            &want_y,
-            FWD_TOL,
-        );
+        rep.check(&format!("{tag} y vs naive"), &fwd(&x, &w, &b), &want_y, FWD_TOL);
 
         let mut dx = vec![f64::NAN; x.len()];
         let dw0 = uniform(&mut r, w.len(), -1.0, 1.0);
@@ -1176,30 +946,14 @@ fn linear_backward_matches_finite_differences() {
         let (mut dw, mut db) = (dw0.clone(), db0.clone());
         be.linear_backward(Some(&mut dx), &mut dw, &mut db, &g, &x, &w, n, fin, fout);
         let (dw, db) = (added(&dw, &dw0), added(&db, &db0));
-        check_fd(&mut rep, &mut r, &format!("{tag} dx"), &dx, &x, &g, |t| {
-            fwd(t, &w, &b)
-        });
-        check_fd(&mut rep, &mut r, &format!("{tag} dw"), &dw, &w, &g, |t| {
-            fwd(&x, t, &b)
-        });
-        check_fd(&mut rep, &mut r, &format!("{tag} db"), &db, &b, &g, |t| {
-            fwd(&x, &w, t)
-        });
+        check_fd(&mut rep, &mut r, &format!("{tag} dx"), &dx, &x, &g, |t| fwd(t, &w, &b));
+        check_fd(&mut rep, &mut r, &format!("{tag} dw"), &dw, &w, &g, |t| fwd(&x, t, &b));
+        check_fd(&mut rep, &mut r, &format!("{tag} db"), &db, &b, &g, |t| fwd(&x, &w, t));
 
         let (mut dw2, mut db2) = (dw0.clone(), db0.clone());
         be.linear_backward(None, &mut dw2, &mut db2, &g, &x, &w, n, fin, fout);
-        rep.check(
-            &format!("{tag} dw without dx"),
-            &added(&dw2, &dw0),
-            &dw,
-            EXACT,
-        );
-        rep.check(
-            &format!("{tag} db without dx"),
-            &added(&db2, &db0),
-            &db,
-            EXACT,
-        );
+        rep.check(&format!("{tag} dw without dx"), &added(&dw2, &dw0), &dw, EXACT);
+        rep.check(&format!("{tag} db without dx"), &added(&db2, &db0), &db, EXACT);
     }
     rep.finish("linear backward vs finite differences");
 }
@@ -1226,15 +980,7 @@ fn cross_entropy_backward_matches_finite_differences() {
             let mut dlogits = vec![f64::NAN; n * k];
             be.cross_entropy_backward(&mut dlogits, &probs, &labels, k, smoothing);
             // Here y is the loss itself: the upstream gradient is 1.
-            check_fd(
-                &mut rep,
-                &mut r,
-                &format!("{tag} dlogits"),
-                &dlogits,
-                &logits,
-                &[1.0],
-                loss,
-            );
+            check_fd(&mut rep, &mut r, &format!("{tag} dlogits"), &dlogits, &logits, &[1.0], loss);
         }
     }
     rep.finish("cross_entropy backward vs finite differences");
@@ -1255,56 +1001,25 @@ fn cross_entropy_loss_matches_hand_computation() {
         let want = ((1.0 - smoothing) * (lse1 - 3.0) + smoothing * (lse1 - 2.0) + 3f64.ln()) / 2.0;
         let mut probs = vec![f64::NAN; 6];
         let got = be.cross_entropy_forward(&mut probs, &logits, &labels, 3, smoothing);
-        rep.check(
-            &format!("loss, 2 samples, smoothing {smoothing}"),
-            &[got],
-            &[want],
-            FWD_TOL,
-        );
+        rep.check(&format!("loss, 2 samples, smoothing {smoothing}"), &[got], &[want], FWD_TOL);
         let z = e + e * e + e * e * e;
-        let want_p = [
-            e / z,
-            e * e / z,
-            e * e * e / z,
-            1.0 / 3.0,
-            1.0 / 3.0,
-            1.0 / 3.0,
-        ];
-        rep.check(
-            &format!("softmax, smoothing {smoothing}"),
-            &probs,
-            &want_p,
-            FWD_TOL,
-        );
+        let want_p = [e / z, e * e / z, e * e * e / z, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0];
+        rep.check(&format!("softmax, smoothing {smoothing}"), &probs, &want_p, FWD_TOL);
         // The gradient by hand: (p − target)/N, target = (1 − ε)·onehot + ε/K.
         let mut d = vec![f64::NAN; 6];
         be.cross_entropy_backward(&mut d, &probs, &labels, 3, smoothing);
         let want_d: Vec<f64> = (0..6)
             .map(|i| {
-                let onehot = if i % 3 == labels[i / 3] as usize {
-                    1.0
-                } else {
-                    0.0
-                };
+                let onehot = if i % 3 == labels[i / 3] as usize { 1.0 } else { 0.0 };
                 (want_p[i] - ((1.0 - smoothing) * onehot + smoothing / 3.0)) / 2.0
             })
             .collect();
-        rep.check(
-            &format!("dlogits by hand, smoothing {smoothing}"),
-            &d,
-            &want_d,
-            FWD_TOL,
-        );
+        rep.check(&format!("dlogits by hand, smoothing {smoothing}"), &d, &want_d, FWD_TOL);
     }
     // Large logits do not overflow: loss of [1000, 0] with label 1 is 1000 + ln(1 + e^−1000).
     let mut probs = vec![f64::NAN; 2];
     let got = be.cross_entropy_forward(&mut probs, &vec![1000.0, 0.0], &[1], 2, 0.0);
-    rep.check(
-        "loss of logits [1000, 0] label 1",
-        &[got],
-        &[1000.0],
-        FWD_TOL,
-    );
+    rep.check("loss of logits [1000, 0] label 1", &[got], &[1000.0], FWD_TOL);
     rep.check("softmax of [1000, 0]", &probs, &[1.0, 0.0], FWD_TOL);
     rep.finish("cross_entropy by hand");
 }
@@ -1316,25 +1031,14 @@ fn cross_entropy_loss_matches_hand_computation() {
 /// d = g + wd·p; with momentum, buf = d on the first step, else μ·buf + d, and
 /// d = d + μ·buf (Nesterov) or buf; p −= lr·d.
 fn torch_sgd(p: &mut [f64], g: &[f64], buf: &mut Option<Vec<f64>>, opt: &Sgd) {
-    let d: Vec<f64> = g
-        .iter()
-        .zip(p.iter())
-        .map(|(g, p)| g + opt.weight_decay * p)
-        .collect();
+    let d: Vec<f64> = g.iter().zip(p.iter()).map(|(g, p)| g + opt.weight_decay * p).collect();
     let d = if opt.momentum != 0.0 {
         let b: Vec<f64> = match buf.take() {
             None => d.clone(),
-            Some(b) => b
-                .iter()
-                .zip(&d)
-                .map(|(b, d)| opt.momentum * b + d)
-                .collect(),
+            Some(b) => b.iter().zip(&d).map(|(b, d)| opt.momentum * b + d).collect(),
         };
         let step = if opt.nesterov {
-            d.iter()
-                .zip(&b)
-                .map(|(d, b)| d + opt.momentum * b)
-                .collect()
+            d.iter().zip(&b).map(|(d, b)| d + opt.momentum * b).collect()
         } else {
             b.clone()
         };
@@ -1359,36 +1063,11 @@ fn sgd_step_matches_torch_optim_sgd() {
         "the same f64 formula; only the association of the operations may differ",
     );
     let configs = [
-        Sgd {
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 5e-2,
-            nesterov: false,
-        },
-        Sgd {
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 5e-2,
-            nesterov: true,
-        },
-        Sgd {
-            lr: 0.05,
-            momentum: 0.5,
-            weight_decay: 0.0,
-            nesterov: true,
-        },
-        Sgd {
-            lr: 0.1,
-            momentum: 0.0,
-            weight_decay: 5e-2,
-            nesterov: false,
-        },
-        Sgd {
-            lr: 0.1,
-            momentum: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-        },
+        Sgd { lr: 0.1, momentum: 0.9, weight_decay: 5e-2, nesterov: false },
+        Sgd { lr: 0.1, momentum: 0.9, weight_decay: 5e-2, nesterov: true },
+        Sgd { lr: 0.05, momentum: 0.5, weight_decay: 0.0, nesterov: true },
+        Sgd { lr: 0.1, momentum: 0.0, weight_decay: 5e-2, nesterov: false },
+        Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0, nesterov: false },
     ];
     let len = 37;
     for opt in &configs {
@@ -1405,12 +1084,7 @@ fn sgd_step_matches_torch_optim_sgd() {
             torch_sgd(&mut want_p, &g, &mut want_buf, opt);
             rep.check(&format!("{tag} step {step} param"), &p, &want_p, SGD_TOL);
             if let Some(b) = &want_buf {
-                rep.check(
-                    &format!("{tag} step {step} momentum buffer"),
-                    &buf,
-                    b,
-                    SGD_TOL,
-                );
+                rep.check(&format!("{tag} step {step} momentum buffer"), &buf, b, SGD_TOL);
             }
         }
         assert!(
@@ -1425,10 +1099,7 @@ fn sgd_step_matches_torch_optim_sgd() {
     let (mut ba, mut bb) = (vec![0.0; 4], vec![0.0; 4]);
     be.sgd_step(&mut a, &g, &mut ba, true, &configs[0]);
     be.sgd_step(&mut b, &g, &mut bb, true, &configs[1]);
-    assert!(
-        (a[0] - b[0]).abs() > 1e-3,
-        "nesterov made no difference: {a:?} vs {b:?}"
-    );
+    assert!((a[0] - b[0]).abs() > 1e-3, "nesterov made no difference: {a:?} vs {b:?}");
     rep.finish("sgd_step vs torch.optim.SGD");
 }
 
@@ -1458,18 +1129,9 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
         be.batch_norm_forward_train(
             &mut t,
             &x,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &mut rm1,
-                var: &mut rv1,
-            },
-            BatchStats {
-                mean: &mut m1,
-                invstd: &mut i1,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &mut rm1, var: &mut rv1 },
+            BatchStats { mean: &mut m1, invstd: &mut i1 },
             xs,
             &cfg,
             false,
@@ -1481,18 +1143,12 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
         let (mut dx1, mut dg1, mut db1) = (z(xs.len()), vec![T::one(); c], vec![T::one(); c]);
         be.batch_norm_backward(
             &mut dx1,
-            Affine {
-                gamma: &mut dg1,
-                beta: &mut db1,
-            },
+            Affine { gamma: &mut dg1, beta: &mut db1 },
             &g,
             None,
             &x,
             &gamma,
-            BatchStats {
-                mean: &m1,
-                invstd: &i1,
-            },
+            BatchStats { mean: &m1, invstd: &i1 },
             xs,
         );
         let mut te = z(xs.len());
@@ -1500,14 +1156,8 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
         be.batch_norm_forward_eval(
             &mut te,
             &x,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &rm1,
-                var: &rv1,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &rm1, var: &rv1 },
             xs,
             &cfg,
             false,
@@ -1520,18 +1170,9 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
         be.batch_norm_forward_train(
             &mut y2,
             &x,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &mut rm2,
-                var: &mut rv2,
-            },
-            BatchStats {
-                mean: &mut m2,
-                invstd: &mut i2,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &mut rm2, var: &mut rv2 },
+            BatchStats { mean: &mut m2, invstd: &mut i2 },
             xs,
             &cfg,
             true,
@@ -1541,32 +1182,20 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
         let (mut dx2, mut dg2, mut db2) = (z(xs.len()), vec![T::one(); c], vec![T::one(); c]);
         be.batch_norm_backward(
             &mut dx2,
-            Affine {
-                gamma: &mut dg2,
-                beta: &mut db2,
-            },
+            Affine { gamma: &mut dg2, beta: &mut db2 },
             &d,
             Some(&y2),
             &x,
             &gamma,
-            BatchStats {
-                mean: &m2,
-                invstd: &i2,
-            },
+            BatchStats { mean: &m2, invstd: &i2 },
             xs,
         );
         let mut e2 = z(xs.len());
         be.batch_norm_forward_eval(
             &mut e2,
             &x,
-            Affine {
-                gamma: &gamma,
-                beta: &beta,
-            },
-            RunningStats {
-                mean: &rm2,
-                var: &rv2,
-            },
+            Affine { gamma: &gamma, beta: &beta },
+            RunningStats { mean: &rm2, var: &rv2 },
             xs,
             &cfg,
             true,

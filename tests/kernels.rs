@@ -58,9 +58,7 @@ fn activations(seed: u64, p: usize, c: usize) -> Vec<f32> {
     let mut r = rng(seed);
     let off: Vec<f32> = (0..c).map(|_| normal(&mut r) * 0.5).collect();
     let spread: Vec<f32> = (0..c).map(|_| 0.2 + 2.0 * r.random::<f32>()).collect();
-    (0..p * c)
-        .map(|i| off[i % c] + spread[i % c] * normal(&mut r))
-        .collect()
+    (0..p * c).map(|i| off[i % c] + spread[i % c] * normal(&mut r)).collect()
 }
 
 fn uniform(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -110,10 +108,8 @@ fn emu_half_and_bfloat16_conversions_round_to_nearest_even() {
     for bits in 0..=u16::MAX {
         let h = f16::from_bits(bits);
         let b = bf16::from_bits(bits);
-        let (ef, eb) = (
-            kernel_emu::emu_f16_bits_to_f32(bits),
-            kernel_emu::emu_bf16_bits_to_f32(bits),
-        );
+        let (ef, eb) =
+            (kernel_emu::emu_f16_bits_to_f32(bits), kernel_emu::emu_bf16_bits_to_f32(bits));
         assert!(
             ef.to_bits() == h.to_f32().to_bits() || (ef.is_nan() && h.is_nan()),
             "__half2float({bits:#06x}) = {ef:e}, half says {:e}",
@@ -152,30 +148,14 @@ fn emu_half_and_bfloat16_conversions_round_to_nearest_even() {
         3e38,
     ]);
     for &v in &probes {
-        let (eh, eb) = (
-            kernel_emu::emu_f32_to_f16_bits(v),
-            kernel_emu::emu_f32_to_bf16_bits(v),
-        );
+        let (eh, eb) = (kernel_emu::emu_f32_to_f16_bits(v), kernel_emu::emu_f32_to_bf16_bits(v));
         let (h, b) = (f16::from_f32(v), bf16::from_f32(v));
         if v.is_nan() {
-            assert!(
-                f16::from_bits(eh).is_nan() && bf16::from_bits(eb).is_nan(),
-                "NaN {v:e}"
-            );
+            assert!(f16::from_bits(eh).is_nan() && bf16::from_bits(eb).is_nan(), "NaN {v:e}");
             continue;
         }
-        assert_eq!(
-            eh,
-            h.to_bits(),
-            "__float2half({v:e} = {:#010x})",
-            v.to_bits()
-        );
-        assert_eq!(
-            eb,
-            b.to_bits(),
-            "__float2bfloat16({v:e} = {:#010x})",
-            v.to_bits()
-        );
+        assert_eq!(eh, h.to_bits(), "__float2half({v:e} = {:#010x})", v.to_bits());
+        assert_eq!(eb, b.to_bits(), "__float2bfloat16({v:e} = {:#010x})", v.to_bits());
     }
 }
 
@@ -200,12 +180,7 @@ fn concat_case<T: Act>(report: &mut Report, name: &str, p: usize, channels: &[us
         off += c;
     }
     let exact = Tol::new(0.0, 0.0, "a copy is exact");
-    report.check(
-        &format!("{name} {} forward", T::NAME),
-        &act_f64s(&y),
-        &f64s(&want),
-        exact,
-    );
+    report.check(&format!("{name} {} forward", T::NAME), &act_f64s(&y), &f64s(&want), exact);
     // Backward: split the joined gradient (here: the joined tensor itself) back into parts.
     let mut want_parts: Vec<Vec<f32>> = channels.iter().map(|&c| vec![0f32; p * c]).collect();
     {
@@ -215,11 +190,7 @@ fn concat_case<T: Act>(report: &mut Report, name: &str, p: usize, channels: &[us
     let mut off = 0;
     for (i, &c) in channels.iter().enumerate() {
         let mut dx = vec![T::default(); p * c];
-        let dy = Cols {
-            data: &y[..],
-            ld: total,
-            off,
-        };
+        let dy = Cols { data: &y[..], ld: total, off };
         emu::concat_backward(elementwise(p * c / 4), &mut dx, dy, p, c);
         report.check(
             &format!("{name} {} backward part {i}", T::NAME),
@@ -251,12 +222,7 @@ fn concat_forward_backward_at_the_inception_joins() {
 /// Runs the stats kernel on `x` and the f64 CPU reference on the same values.
 #[allow(clippy::too_many_arguments)]
 fn stats_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    x32: &[f32],
-    p: usize,
-    c: usize,
-    launch: Launch,
+    report: &mut Report, name: &str, x32: &[f32], p: usize, c: usize, launch: Launch,
     tol_scale: f64,
 ) {
     let cfg = BatchNormCfg::default();
@@ -273,18 +239,9 @@ fn stats_case<T: Act>(
         &cpu(),
         &mut y64,
         &x64,
-        Affine {
-            gamma: &g64,
-            beta: &b64,
-        },
-        RunningStats {
-            mean: &mut rm64,
-            var: &mut rv64,
-        },
-        BatchStats {
-            mean: &mut mean64,
-            invstd: &mut inv64,
-        },
+        Affine { gamma: &g64, beta: &b64 },
+        RunningStats { mean: &mut rm64, var: &mut rv64 },
+        BatchStats { mean: &mut mean64, invstd: &mut inv64 },
         xs,
         &cfg,
         false,
@@ -331,22 +288,13 @@ fn stats_case<T: Act>(
         &format!("{name} {t} running_mean"),
         &f64s(&rm),
         &rm64,
-        Tol::scaled(
-            0.0,
-            2e-7,
-            2e-7 * tol_scale,
-            "0.9·rm + 0.1·mean in double, rounded once",
-        ),
+        Tol::scaled(0.0, 2e-7, 2e-7 * tol_scale, "0.9·rm + 0.1·mean in double, rounded once"),
     );
     report.check(
         &format!("{name} {t} running_var"),
         &f64s(&rv),
         &rv64,
-        Tol::new(
-            0.0,
-            4e-7 * tol_scale,
-            "0.9·rv + 0.1·var·P/(P−1), var as for invstd",
-        ),
+        Tol::new(0.0, 4e-7 * tol_scale, "0.9·rv + 0.1·var·P/(P−1), var as for invstd"),
     );
 }
 
@@ -363,30 +311,11 @@ fn batch_norm_stats_and_running_stats_at_every_layer() {
     // The training batch of 128 at block1 (P = 25088): the geometry the GPU runs.
     let (p, c) = (128 * 14 * 14, 64);
     let x = activations(200, p, c);
-    stats_case::<f32>(
-        &mut report,
-        "block1 batch 128",
-        &x,
-        p,
-        c,
-        bn_launch(p, c),
-        1.0,
-    );
+    stats_case::<f32>(&mut report, "block1 batch 128", &x, p, c, bn_launch(p, c), 1.0);
     // A mean 1000x the spread: a one-pass Σx² − (Σx)² formula would lose every digit here.
     let (p, c) = (N * 7 * 7, 128);
-    let x: Vec<f32> = activations(201, p, c)
-        .iter()
-        .map(|v| 300.0 + 0.3 * v)
-        .collect();
-    stats_case::<f32>(
-        &mut report,
-        "offset 300, spread 0.3",
-        &x,
-        p,
-        c,
-        bn_launch(p, c),
-        4.0,
-    );
+    let x: Vec<f32> = activations(201, p, c).iter().map(|v| 300.0 + 0.3 * v).collect();
+    stats_case::<f32>(&mut report, "offset 300, spread 0.3", &x, p, c, bn_launch(p, c), 4.0);
     // Degenerate geometries: one chunk, and more chunks than rows per chunk (empty chunks).
     let (p, c) = (N * 4 * 4, 96);
     let x = activations(202, p, c);
@@ -422,11 +351,7 @@ fn batch_norm_stats_are_deterministic() {
     };
     let first = run();
     for _ in 0..3 {
-        assert_eq!(
-            run(),
-            first,
-            "batch_norm_stats differs between identical launches"
-        );
+        assert_eq!(run(), first, "batch_norm_stats differs between identical launches");
     }
 }
 
@@ -458,18 +383,9 @@ fn cpu_bn_relu_train(l: &BnLayer, x: &[f32], p: usize, c: usize) -> (Vec<f32>, V
         &cpu(),
         &mut y,
         &x.to_vec(),
-        Affine {
-            gamma: &l.gamma,
-            beta: &l.beta,
-        },
-        RunningStats {
-            mean: &mut rm,
-            var: &mut rv,
-        },
-        BatchStats {
-            mean: &mut mean,
-            invstd: &mut inv,
-        },
+        Affine { gamma: &l.gamma, beta: &l.beta },
+        RunningStats { mean: &mut rm, var: &mut rv },
+        BatchStats { mean: &mut mean, invstd: &mut inv },
         Nhwc::new(1, p, 1, c),
         &BatchNormCfg::default(),
         false,
@@ -489,18 +405,12 @@ fn y_tol<T: Act>() -> Tol {
             3e-7,
             "f32: invstd·γ rounded in float, not from f64; FMA allowance",
         ),
-        "f16" => Tol::scaled(
-            0.0,
-            1e-3,
-            1e-4,
-            "f16: one rounding of the output (2^-11) plus a tie flip",
-        ),
-        _ => Tol::scaled(
-            0.0,
-            8e-3,
-            1e-3,
-            "bf16: one rounding of the output (2^-8) plus a tie flip",
-        ),
+        "f16" => {
+            Tol::scaled(0.0, 1e-3, 1e-4, "f16: one rounding of the output (2^-11) plus a tie flip")
+        }
+        _ => {
+            Tol::scaled(0.0, 8e-3, 1e-3, "bf16: one rounding of the output (2^-8) plus a tie flip")
+        }
     }
 }
 
@@ -537,12 +447,7 @@ fn apply_train_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize,
         c,
         true,
     );
-    report.check(
-        &format!("{name} {} train y", T::NAME),
-        &act_f64s(&y),
-        &f64s(&want),
-        y_tol::<T>(),
-    );
+    report.check(&format!("{name} {} train y", T::NAME), &act_f64s(&y), &f64s(&want), y_tol::<T>());
 }
 
 fn apply_eval_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize, seed: u64) {
@@ -554,14 +459,8 @@ fn apply_eval_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize, 
         &cpu(),
         &mut y,
         &xr,
-        Affine {
-            gamma: &l.gamma,
-            beta: &l.beta,
-        },
-        RunningStats {
-            mean: &l.rm,
-            var: &l.rv,
-        },
+        Affine { gamma: &l.gamma, beta: &l.beta },
+        RunningStats { mean: &l.rm, var: &l.rv },
         Nhwc::new(1, p, 1, c),
         &cfg,
         false,
@@ -570,19 +469,12 @@ fn apply_eval_case<T: Act>(report: &mut Report, name: &str, p: usize, c: usize, 
     ElementwiseOps::<f32>::relu_forward(&cpu(), &mut want, &y);
     let mut inv = vec![0f32; c];
     emu::batch_norm_eval_invstd(Launch::linear(1, 128), &mut inv, &l.rv, cfg.eps as f32);
-    let inv_want: Vec<f64> =
-        l.rv.iter()
-            .map(|&v| 1.0 / (v as f64 + cfg.eps).sqrt())
-            .collect();
+    let inv_want: Vec<f64> = l.rv.iter().map(|&v| 1.0 / (v as f64 + cfg.eps).sqrt()).collect();
     report.check(
         &format!("{name} eval invstd"),
         &f64s(&inv),
         &inv_want,
-        Tol::new(
-            0.0,
-            1.2e-7,
-            "double arithmetic rounded once to f32 (one ulp)",
-        ),
+        Tol::new(0.0, 1.2e-7, "double arithmetic rounded once to f32 (one ulp)"),
     );
     let mut out = vec![T::default(); p * c];
     emu::batch_norm_relu_apply(
@@ -626,11 +518,7 @@ fn batch_norm_relu_apply_train_and_eval_at_every_layer() {
 /// Each branch's BN+ReLU writes straight into its channel slice of the join: the result must
 /// be the CPU's concat of the four branch outputs, and nothing outside the slices is touched.
 fn apply_into_join_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    p: usize,
-    channels: &[usize; 4],
-    seed: u64,
+    report: &mut Report, name: &str, p: usize, channels: &[usize; 4], seed: u64,
 ) {
     let total: usize = channels.iter().sum();
     let sentinel = T::from_f32(-7.0); // BN+ReLU never writes a negative value
@@ -689,12 +577,7 @@ fn batch_norm_relu_apply_writes_into_the_channel_slice_of_the_join() {
 /// `joined`: read y and dy as the channel slice `off` of wider [p, ld] tensors, as a branch of
 /// an Inception block does.
 fn backward_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    p: usize,
-    c: usize,
-    joined: Option<(usize, usize)>,
-    seed: u64,
+    report: &mut Report, name: &str, p: usize, c: usize, joined: Option<(usize, usize)>, seed: u64,
 ) {
     let l = bn_layer(seed, p, c);
     let (x, xr) = quantize::<T>(&l.x);
@@ -711,18 +594,12 @@ fn backward_case<T: Act>(
     BatchNormOps::<f32>::batch_norm_backward(
         &cpu(),
         &mut dx_want,
-        Affine {
-            gamma: &mut dg_want,
-            beta: &mut db_want,
-        },
+        Affine { gamma: &mut dg_want, beta: &mut db_want },
         &masked,
         None,
         &xr,
         &l.gamma,
-        BatchStats {
-            mean: &mean,
-            invstd: &inv,
-        },
+        BatchStats { mean: &mean, invstd: &inv },
         Nhwc::new(1, p, 1, c),
     );
     // Kernel inputs: y and dy, inside wider tensors when `joined`.
@@ -735,18 +612,8 @@ fn backward_case<T: Act>(
         wide
     };
     let (y_wide, dy_wide) = (embed(&y, 1.0), embed(&dy, 1e6));
-    let (y_cols, dy_cols) = (
-        Cols {
-            data: &y_wide[..],
-            ld,
-            off,
-        },
-        Cols {
-            data: &dy_wide[..],
-            ld,
-            off,
-        },
-    );
+    let (y_cols, dy_cols) =
+        (Cols { data: &y_wide[..], ld, off }, Cols { data: &dy_wide[..], ld, off });
     let (mut coef, mut dg, mut db) = (vec![0f32; 3 * c], dgamma0.clone(), dbeta0.clone());
     emu::batch_norm_relu_backward_reduce(
         bn_launch(p, c),
@@ -777,11 +644,7 @@ fn backward_case<T: Act>(
         true,
     );
     let t = T::NAME;
-    let layout = if joined.is_some() {
-        " (slice of join)"
-    } else {
-        ""
-    };
+    let layout = if joined.is_some() { " (slice of join)" } else { "" };
     // Σ over P ≤ 1568 values: float per-thread partials (≤ ~13 values), double after, vs the
     // CPU's f64 sums rounded to f32; Σdy'·x̂ cancels, so the bound is relative to its largest
     // channel.
@@ -791,18 +654,8 @@ fn backward_case<T: Act>(
         2e-7,
         "float partials of ≤ P/(G·BY) values, then double; cancelling sums",
     );
-    report.check(
-        &format!("{name} {t}{layout} dbeta"),
-        &f64s(&db),
-        &f64s(&db_want),
-        sum_tol,
-    );
-    report.check(
-        &format!("{name} {t}{layout} dgamma"),
-        &f64s(&dg),
-        &f64s(&dg_want),
-        sum_tol,
-    );
+    report.check(&format!("{name} {t}{layout} dbeta"), &f64s(&db), &f64s(&db_want), sum_tol);
+    report.check(&format!("{name} {t}{layout} dgamma"), &f64s(&dg), &f64s(&dg_want), sum_tol);
     let dx_tol = match t {
         "f32" => Tol::scaled(
             0.0,
@@ -810,25 +663,14 @@ fn backward_case<T: Act>(
             5e-7,
             "f32: a·dy + b·(x−μ) + c0 with coefficients from float sums; cancels",
         ),
-        "f16" => Tol::scaled(
-            0.0,
-            1e-3,
-            5e-4,
-            "f16: one rounding of dx (2^-11) on top of the f32 error",
-        ),
-        _ => Tol::scaled(
-            0.0,
-            8e-3,
-            4e-3,
-            "bf16: one rounding of dx (2^-8) on top of the f32 error",
-        ),
+        "f16" => {
+            Tol::scaled(0.0, 1e-3, 5e-4, "f16: one rounding of dx (2^-11) on top of the f32 error")
+        }
+        _ => {
+            Tol::scaled(0.0, 8e-3, 4e-3, "bf16: one rounding of dx (2^-8) on top of the f32 error")
+        }
     };
-    report.check(
-        &format!("{name} {t}{layout} dx"),
-        &act_f64s(&dx),
-        &f64s(&dx_want),
-        dx_tol,
-    );
+    report.check(&format!("{name} {t}{layout} dx"), &act_f64s(&dx), &f64s(&dx_want), dx_tol);
 }
 
 #[test]
@@ -842,50 +684,17 @@ fn batch_norm_relu_backward_matches_relu_backward_then_batch_norm_backward() {
         backward_case::<bf16>(&mut report, name, p, c, None, seed);
     }
     // A branch of each Inception block: y and dy are its slice of the joined tensors.
-    backward_case::<f32>(
-        &mut report,
-        "block3 branch3",
-        N * 49,
-        64,
-        Some((256, 128)),
-        900,
-    );
-    backward_case::<f16>(
-        &mut report,
-        "block3 branch3",
-        N * 49,
-        64,
-        Some((256, 128)),
-        901,
-    );
-    backward_case::<f32>(
-        &mut report,
-        "block4 branch4",
-        N * 16,
-        96,
-        Some((384, 288)),
-        902,
-    );
-    backward_case::<bf16>(
-        &mut report,
-        "block4 branch4",
-        N * 16,
-        96,
-        Some((384, 288)),
-        903,
-    );
+    backward_case::<f32>(&mut report, "block3 branch3", N * 49, 64, Some((256, 128)), 900);
+    backward_case::<f16>(&mut report, "block3 branch3", N * 49, 64, Some((256, 128)), 901);
+    backward_case::<f32>(&mut report, "block4 branch4", N * 16, 96, Some((384, 288)), 902);
+    backward_case::<bf16>(&mut report, "block4 branch4", N * 16, 96, Some((384, 288)), 903);
     report.finish("batch_norm_relu_backward");
 }
 
 // ---- cross-entropy ------------------------------------------------------------------------------
 
 fn cross_entropy_case(
-    report: &mut Report,
-    n: usize,
-    k: usize,
-    smoothing: f64,
-    scale: Option<f32>,
-    seed: u64,
+    report: &mut Report, n: usize, k: usize, smoothing: f64, scale: Option<f32>, seed: u64,
 ) {
     let mut r = rng(seed);
     let mut logits: Vec<f32> = (0..n * k).map(|_| 3.0 * normal(&mut r)).collect();
@@ -894,11 +703,7 @@ fn cross_entropy_case(
     // first-maximum rule of argmax is exercised both ways.
     for row in 0..n.min(6) {
         let label = labels[row] as usize;
-        let other = if row % 2 == 0 {
-            (label + 1) % k
-        } else {
-            (label + k - 1) % k
-        };
+        let other = if row % 2 == 0 { (label + 1) % k } else { (label + k - 1) % k };
         logits[row * k + label] = 20.0;
         logits[row * k + other] = 20.0;
     }
@@ -934,11 +739,7 @@ fn cross_entropy_case(
         &format!("{name} loss"),
         &[out.loss as f64],
         &[loss_want],
-        Tol::new(
-            0.0,
-            5e-7,
-            "float expf sums (GPU expf: 2 ulp), double per-row loss, vs f64",
-        ),
+        Tol::new(0.0, 5e-7, "float expf sums (GPU expf: 2 ulp), double per-row loss, vs f64"),
     );
     report.check(
         &format!("{name} dlogits"),
@@ -1006,26 +807,14 @@ fn accumulate_step_metrics_sums_the_epoch_like_the_host() {
         loss_sum += out.loss as f64 * n as f64;
         correct_sum += out.correct as u64;
     }
-    assert_eq!(
-        sums[0].to_bits(),
-        loss_sum.to_bits(),
-        "loss sum {} vs host {loss_sum}",
-        sums[0]
-    );
+    assert_eq!(sums[0].to_bits(), loss_sum.to_bits(), "loss sum {} vs host {loss_sum}", sums[0]);
     assert_eq!(sums[1], correct_sum as f64, "correct count");
     assert!(correct_sum > 0 && sums[0] > 0.0, "a real run: {sums:?}");
     // Only thread (0, 0) adds: a wider launch must not add more than once.
     let before = sums;
-    let out = emu::LossOut {
-        loss: 1.5,
-        correct: 3,
-    };
+    let out = emu::LossOut { loss: 1.5, correct: 3 };
     emu::accumulate_step_metrics(Launch::linear(2, 64), &mut sums, out, 4);
-    assert_eq!(
-        sums,
-        [before[0] + 6.0, before[1] + 3.0],
-        "one addition per launch"
-    );
+    assert_eq!(sums, [before[0] + 6.0, before[1] + 3.0], "one addition per launch");
 }
 
 // ---- mixed precision: unscale, SGD, loss scale -------------------------------------------------
@@ -1051,12 +840,7 @@ fn amp_unscale_divides_by_the_scale_and_flags_inf_and_nan() {
         assert_eq!(flag, 0, "{}: overflow flagged on finite gradients", T::NAME);
         // ×2^-10 of a 16-bit value is exact in f32: bitwise.
         for (i, (m, w)) in master.iter().zip(&want).enumerate() {
-            assert_eq!(
-                m.to_bits(),
-                w.to_bits(),
-                "{}: master[{i}] = {m:e}, want {w:e}",
-                T::NAME
-            );
+            assert_eq!(m.to_bits(), w.to_bits(), "{}: master[{i}] = {m:e}, want {w:e}", T::NAME);
         }
     }
     fn flagged<T: Act>(v: f32) {
@@ -1072,13 +856,7 @@ fn amp_unscale_divides_by_the_scale_and_flags_inf_and_nan() {
     // The flag is only ever set: a clean pass leaves a raised flag raised.
     let mut flag = 1;
     let mut master = vec![0f32; 4];
-    emu::amp_unscale(
-        Launch::linear(1, 32),
-        &mut master,
-        &[1.0f32; 4],
-        2.0,
-        &mut flag,
-    );
+    emu::amp_unscale(Launch::linear(1, 32), &mut master, &[1.0f32; 4], 2.0, &mut flag);
     assert_eq!(flag, 1, "amp_unscale cleared the flag");
     // f32 in place.
     let mut g = vec![2.0f32, -4.0, 8.0, f32::NAN];
@@ -1090,10 +868,7 @@ fn amp_unscale_divides_by_the_scale_and_flags_inf_and_nan() {
 /// The parameters of the model as one flat buffer (its real size), with gradients.
 fn flat_params(seed: u64) -> (Vec<f32>, Vec<f32>) {
     let n = 575_050; // about the model's parameter count
-    (
-        uniform(seed, n, -0.3, 0.3),
-        uniform(seed + 1, n, -0.05, 0.05),
-    )
+    (uniform(seed, n, -0.3, 0.3), uniform(seed + 1, n, -0.05, 0.05))
 }
 
 fn sgd_case(report: &mut Report, opt: Sgd, steps: usize, seed: u64) {
@@ -1121,60 +896,21 @@ fn sgd_case(report: &mut Report, opt: Sgd, steps: usize, seed: u64) {
     );
     // Same f32 operations in the same order (the emulation does not contract to FMA): the
     // tolerance only allows for an FMA-contracting compiler.
-    let tol = Tol::new(
-        1e-8,
-        1e-6,
-        "f32 elementwise, same operation order; FMA allowance",
-    );
+    let tol = Tol::new(1e-8, 1e-6, "f32 elementwise, same operation order; FMA allowance");
     report.check(&format!("{name} param"), &f64s(&p), &f64s(&p_ref), tol);
     if opt.momentum != 0.0 {
-        report.check(
-            &format!("{name} momentum"),
-            &f64s(&buf),
-            &f64s(&buf_ref),
-            tol,
-        );
+        report.check(&format!("{name} momentum"), &f64s(&buf), &f64s(&buf_ref), tol);
     }
 }
 
 #[test]
 fn sgd_step_matches_the_cpu_over_a_flat_buffer() {
     let mut report = Report::default();
-    let base = Sgd {
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: false,
-    };
+    let base = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 5e-4, nesterov: false };
     sgd_case(&mut report, base, 3, 1300);
-    sgd_case(
-        &mut report,
-        Sgd {
-            nesterov: true,
-            ..base
-        },
-        3,
-        1310,
-    );
-    sgd_case(
-        &mut report,
-        Sgd {
-            momentum: 0.0,
-            ..base
-        },
-        2,
-        1320,
-    );
-    sgd_case(
-        &mut report,
-        Sgd {
-            weight_decay: 0.0,
-            lr: 0.05,
-            ..base
-        },
-        1,
-        1330,
-    );
+    sgd_case(&mut report, Sgd { nesterov: true, ..base }, 3, 1310);
+    sgd_case(&mut report, Sgd { momentum: 0.0, ..base }, 2, 1320);
+    sgd_case(&mut report, Sgd { weight_decay: 0.0, lr: 0.05, ..base }, 1, 1330);
     report.finish("sgd_step");
 }
 
@@ -1197,35 +933,20 @@ fn sgd_step_is_skipped_on_overflow() {
         "params changed on an overflowed step"
     );
     assert!(
-        buf.iter()
-            .zip(&buf0)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        buf.iter().zip(&buf0).all(|(a, b)| a.to_bits() == b.to_bits()),
         "momentum changed on an overflowed step"
     );
 }
 
 #[test]
 fn update_loss_scale_halves_on_overflow_and_doubles_after_clean_steps() {
-    let mut s = LossScale {
-        scale: 65536.0,
-        growth_tracker: 0,
-        found_inf: 0,
-        skipped_steps: 0,
-    };
+    let mut s = LossScale { scale: 65536.0, growth_tracker: 0, found_inf: 0, skipped_steps: 0 };
     let interval = 5;
     // Overflow: halve, restart the count, count the skipped step, clear the flag.
     s.growth_tracker = 3;
     s.found_inf = 1;
     emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
-    assert_eq!(
-        s,
-        LossScale {
-            scale: 32768.0,
-            growth_tracker: 0,
-            found_inf: 0,
-            skipped_steps: 1
-        }
-    );
+    assert_eq!(s, LossScale { scale: 32768.0, growth_tracker: 0, found_inf: 0, skipped_steps: 1 });
     // interval − 1 clean steps: counted, scale kept.
     for k in 1..interval {
         emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
@@ -1233,15 +954,7 @@ fn update_loss_scale_halves_on_overflow_and_doubles_after_clean_steps() {
     }
     // The interval-th clean step doubles and restarts the count.
     emu::update_loss_scale(&mut s, 2.0, 0.5, interval);
-    assert_eq!(
-        s,
-        LossScale {
-            scale: 65536.0,
-            growth_tracker: 0,
-            found_inf: 0,
-            skipped_steps: 1
-        }
-    );
+    assert_eq!(s, LossScale { scale: 65536.0, growth_tracker: 0, found_inf: 0, skipped_steps: 1 });
     // Two overflows in a row.
     for expect in [32768.0, 16384.0] {
         s.found_inf = 1;
@@ -1250,12 +963,7 @@ fn update_loss_scale_halves_on_overflow_and_doubles_after_clean_steps() {
     }
     assert_eq!(s.skipped_steps, 3);
     // Growth that would overflow f32 is not applied (torch keeps the scale).
-    let mut big = LossScale {
-        scale: f32::MAX,
-        growth_tracker: 0,
-        found_inf: 0,
-        skipped_steps: 0,
-    };
+    let mut big = LossScale { scale: f32::MAX, growth_tracker: 0, found_inf: 0, skipped_steps: 0 };
     emu::update_loss_scale(&mut big, 2.0, 0.5, 1);
     assert_eq!((big.scale, big.growth_tracker), (f32::MAX, 0));
 }
@@ -1279,11 +987,7 @@ fn records(n: usize) -> Records {
         bytes.extend(std::fs::read(dir.join(f)).unwrap());
     }
     assert_eq!(bytes.len(), ds.len() * emu::RECORD);
-    Records {
-        _tmp: tmp,
-        ds,
-        bytes,
-    }
+    Records { _tmp: tmp, ds, bytes }
 }
 
 /// 1024 threads per block, 3 blocks per image (fewer, larger blocks emulate faster).
@@ -1292,14 +996,7 @@ const AUG_LAUNCH_BLOCK: u32 = 1024;
 fn augment<T: Act>(rec: &Records, indices: &[i32], dy: &[i32], dx: &[i32], flip: &[i32]) -> Vec<T> {
     let b = indices.len();
     let mut out = vec![T::default(); b * 3072];
-    let a = AugmentArgs {
-        indices,
-        dy,
-        dx,
-        flip,
-        mean: MEAN,
-        std: STD,
-    };
+    let a = AugmentArgs { indices, dy, dx, flip, mean: MEAN, std: STD };
     emu::augment_batch(
         Launch::grid2((3072 / AUG_LAUNCH_BLOCK, b as u32), (AUG_LAUNCH_BLOCK, 1)),
         &mut out,
@@ -1318,39 +1015,17 @@ fn augment_without_crop_or_flip_is_make_batch_bitwise() {
     let rec = records(40);
     let idx: Vec<usize> = (0..40).rev().step_by(3).collect();
     let (mut want, mut want_y) = (Vec::new(), Vec::new());
-    make_batch(
-        &rec.ds,
-        &idx,
-        Augment::NONE,
-        5,
-        0,
-        0,
-        &mut want,
-        &mut want_y,
-    );
+    make_batch(&rec.ds, &idx, Augment::NONE, 5, 0, 0, &mut want, &mut want_y);
     let b = idx.len();
     let idx_i32: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
     let zeros = vec![0; b];
     let got = augment::<f32>(&rec, &idx_i32, &zeros, &zeros, &zeros);
-    assert!(
-        same_bits(&got, &want),
-        "augment_batch_f32 differs from make_batch (no augmentation)"
-    );
+    assert!(same_bits(&got, &want), "augment_batch_f32 differs from make_batch (no augmentation)");
     // f16/bf16: make_batch's floats rounded to nearest even.
     let h = augment::<f16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
-    assert!(
-        h.iter()
-            .zip(&want)
-            .all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()),
-        "f16"
-    );
+    assert!(h.iter().zip(&want).all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()), "f16");
     let bf = augment::<bf16>(&rec, &idx_i32, &zeros, &zeros, &zeros);
-    assert!(
-        bf.iter()
-            .zip(&want)
-            .all(|(g, w)| g.to_bits() == bf16::from_f32(*w).to_bits()),
-        "bf16"
-    );
+    assert!(bf.iter().zip(&want).all(|(g, w)| g.to_bits() == bf16::from_f32(*w).to_bits()), "bf16");
 }
 
 /// make_batch draws each image's (dy, dx, flip) privately. Here every image of a training
@@ -1363,19 +1038,9 @@ fn augment_with_crop_and_flip_reproduces_make_batch_bitwise() {
     let batch = 128;
     let record = 13;
     let (mut want, mut want_y) = (Vec::new(), Vec::new());
-    make_batch(
-        &rec.ds,
-        &vec![record; batch],
-        Augment::TRAIN,
-        3,
-        2,
-        640,
-        &mut want,
-        &mut want_y,
-    );
-    let combos: Vec<(i32, i32, i32)> = (-4..=4)
-        .flat_map(|dy| (-4..=4).flat_map(move |dx| [(dy, dx, 0), (dy, dx, 1)]))
-        .collect();
+    make_batch(&rec.ds, &vec![record; batch], Augment::TRAIN, 3, 2, 640, &mut want, &mut want_y);
+    let combos: Vec<(i32, i32, i32)> =
+        (-4..=4).flat_map(|dy| (-4..=4).flat_map(move |dx| [(dy, dx, 0), (dy, dx, 1)])).collect();
     let n = combos.len();
     let indices = vec![record as i32; n];
     let dy: Vec<i32> = combos.iter().map(|c| c.0).collect();
@@ -1410,10 +1075,7 @@ fn augment_with_crop_and_flip_reproduces_make_batch_bitwise() {
             "no image of the batch had dx = {extreme}: {seen_dx:?}"
         );
     }
-    assert!(
-        seen_flip.contains(&0) && seen_flip.contains(&1),
-        "flips: {seen_flip:?}"
-    );
+    assert!(seen_flip.contains(&0) && seen_flip.contains(&1), "flips: {seen_flip:?}");
 }
 
 /// What training on a GPU does each step: the host draws every image's crop and flip with
@@ -1428,16 +1090,7 @@ fn augment_with_host_drawn_views_is_make_batch_bitwise() {
     for (k, idx) in order.chunks(16).enumerate() {
         let first = (k * 16) as u64;
         let (mut want, mut want_y) = (Vec::new(), Vec::new());
-        make_batch(
-            &rec.ds,
-            idx,
-            Augment::TRAIN,
-            seed,
-            epoch,
-            first,
-            &mut want,
-            &mut want_y,
-        );
+        make_batch(&rec.ds, idx, Augment::TRAIN, seed, epoch, first, &mut want, &mut want_y);
         let views: Vec<(i32, i32, bool)> = (0..idx.len() as u64)
             .map(|j| incept::data::augment_view(Augment::TRAIN, seed, epoch, first + j))
             .collect();
@@ -1458,16 +1111,13 @@ fn augment_with_host_drawn_views_is_make_batch_bitwise() {
         }
         let h = augment::<f16>(&rec, &idx_i32, &dy, &dx, &flip);
         assert!(
-            h.iter()
-                .zip(&want)
-                .all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()),
+            h.iter().zip(&want).all(|(g, w)| g.to_bits() == f16::from_f32(*w).to_bits()),
             "batch {k}: f16 values are not make_batch's rounded to nearest even"
         );
     }
     // The draws really vary (a constant view would also pass above only by luck).
-    let views: Vec<_> = (0..64)
-        .map(|p| incept::data::augment_view(Augment::TRAIN, seed, epoch, p))
-        .collect();
+    let views: Vec<_> =
+        (0..64).map(|p| incept::data::augment_view(Augment::TRAIN, seed, epoch, p)).collect();
     assert!(views.iter().any(|v| v.2) && views.iter().any(|v| !v.2));
     assert!(views.iter().any(|v| v.0 != 0) && views.iter().any(|v| v.1 != 0));
 }
@@ -1477,10 +1127,7 @@ fn augment_rejects_a_bad_index_visibly() {
     let rec = records(5);
     let out = augment::<f32>(&rec, &[1, 7], &[0, 0], &[0, 0], &[0, 0]);
     assert!(out[..3072].iter().all(|v| v.is_finite()));
-    assert!(
-        out[3072..].iter().all(|v| v.is_nan()),
-        "record 7 of 5 must give NaN"
-    );
+    assert!(out[3072..].iter().all(|v| v.is_nan()), "record 7 of 5 must give NaN");
 }
 
 // ---- elementwise.cu -----------------------------------------------------------------------------
@@ -1501,11 +1148,7 @@ fn check_bits(report: &mut Report, name: &str, got: &[f32], want: &[f32], why: &
     report.checked += 1;
     let same = |g: f32, w: f32| g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
     if got.len() != want.len() {
-        report.failures.push(format!(
-            "{name}: {} values, expected {}",
-            got.len(),
-            want.len()
-        ));
+        report.failures.push(format!("{name}: {} values, expected {}", got.len(), want.len()));
         return;
     }
     let bad: Vec<usize> = (0..got.len()).filter(|&i| !same(got[i], want[i])).collect();
@@ -1560,15 +1203,7 @@ fn round_to<T: Act>(v: &[f32]) -> Vec<f32> {
 fn relu_input<T: Act>(seed: u64, n: usize) -> Vec<f32> {
     let mut v = uniform(seed, n, -1.0, 1.0);
     let tiny = if T::NAME == "f32" { 1e-40 } else { 1e-6 };
-    let special = [
-        0.0,
-        -0.0,
-        f32::NAN,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        tiny,
-        -tiny,
-    ];
+    let special = [0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, tiny, -tiny];
     v[..special.len()].copy_from_slice(&special);
     // Some further ones spread over the tensor, in other blocks of the grid.
     for (k, &s) in special.iter().enumerate() {
@@ -1756,9 +1391,7 @@ fn convert_case<T: Act>(report: &mut Report, seed: u64) {
         report,
         &format!("convert_from_f32_{t} vs half"),
         &widen(&dst),
-        &src.iter()
-            .map(|&v| T::from_f32(v).to_f32())
-            .collect::<Vec<_>>(),
+        &src.iter().map(|&v| T::from_f32(v).to_f32()).collect::<Vec<_>>(),
         "round to nearest even, overflow to inf, subnormals kept",
     );
     // Back to f32: exact.
@@ -1818,11 +1451,7 @@ fn oihw_index(j: usize, c: usize, rs: usize) -> usize {
 }
 
 fn weight_layout_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    conv: &Conv2d,
-    l: Launch,
-    seed: u64,
+    report: &mut Report, name: &str, conv: &Conv2d, l: Launch, seed: u64,
 ) {
     let t = T::NAME;
     let (k, c, rs) = (conv.cout, conv.cin, conv.k * conv.k);
@@ -1896,10 +1525,7 @@ fn weight_layout_case<T: Act>(
         report,
         &format!("{name} {t} OIHW -> OHWI -> OIHW"),
         &back,
-        &round_to::<T>(&w)
-            .iter()
-            .map(|&v| v + 0.0)
-            .collect::<Vec<_>>(),
+        &round_to::<T>(&w).iter().map(|&v| v + 0.0).collect::<Vec<_>>(),
         "the round trip is the rounding to T",
     );
 }
@@ -1908,9 +1534,8 @@ fn weight_layout_case<T: Act>(
 fn conv_weights_cross_between_oihw_fp32_and_ohwi_16_bit_like_the_cpu_reorders() {
     let mut report = Report::default();
     let mut seen: Vec<Conv2d> = Vec::new();
-    let convs = ModelSpec::inception_net_small()
-        .convolutions(N)
-        .expect("the seed model's shapes fit");
+    let convs =
+        ModelSpec::inception_net_small().convolutions(N).expect("the seed model's shapes fit");
     for (name, _, conv) in convs {
         if seen.contains(&conv) {
             continue;
@@ -1922,10 +1547,7 @@ fn conv_weights_cross_between_oihw_fp32_and_ohwi_16_bit_like_the_cpu_reorders() 
         weight_layout_case::<bf16>(&mut report, &name, &conv, l, seed + 2);
     }
     // The GPU backend's launch (one element per thread) on the largest weight.
-    let big = *seen
-        .iter()
-        .max_by_key(|c| c.weight_len())
-        .expect("convolutions");
+    let big = *seen.iter().max_by_key(|c| c.weight_len()).expect("convolutions");
     let l = gpu_elementwise(big.weight_len());
     weight_layout_case::<f16>(&mut report, "largest, GPU grid", &big, l, 1690);
     report.finish("conv weight layouts");
@@ -1941,12 +1563,7 @@ const BIAS_SHAPES: [(&str, usize, usize); 5] = [
 ];
 
 fn bias_add_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    p: usize,
-    c: usize,
-    l: Launch,
-    seed: u64,
+    report: &mut Report, name: &str, p: usize, c: usize, l: Launch, seed: u64,
 ) {
     let t = T::NAME;
     let (y0, y0r) = quantize::<T>(&activations(seed, p, c));
@@ -1964,10 +1581,7 @@ fn bias_add_case<T: Act>(
         &round_to::<T>(&want),
         "one float addition, one rounding to T",
     );
-    assert!(
-        y[p * c..].iter().all(|v| v.to_f32() == -7.0),
-        "{name} {t}: bias_add wrote past P·C"
-    );
+    assert!(y[p * c..].iter().all(|v| v.to_f32() == -7.0), "{name} {t}: bias_add wrote past P·C");
 }
 
 #[test]
@@ -2030,30 +1644,19 @@ fn column_sums(dy: &[f32], db0: &[f32], p: usize, c: usize) -> Vec<f64> {
 fn exact_gradients(seed: u64, p: usize, c: usize) -> Vec<f32> {
     assert!(p <= 1 << 17, "the exactness argument needs P ≤ 2^17");
     let mut r = rng(seed);
-    (0..p * c)
-        .map(|_| r.random_range(-128i32..=128) as f32 / 64.0)
-        .collect()
+    (0..p * c).map(|_| r.random_range(-128i32..=128) as f32 / 64.0).collect()
 }
 
 #[allow(clippy::too_many_arguments)]
 fn bias_grad_exact_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    p: usize,
-    c: usize,
-    tile: usize,
-    chunks: &[usize],
-    seed: u64,
+    report: &mut Report, name: &str, p: usize, c: usize, tile: usize, chunks: &[usize], seed: u64,
 ) {
     let (dy, dyr) = quantize::<T>(&exact_gradients(seed, p, c));
     assert_eq!(dyr, exact_gradients(seed, p, c), "inputs not exact in T");
     let db0 = uniform(seed + 1, c, -0.3, 0.3);
     // db0 + Σ is exact in f64 (both are floats less than 2^29 apart in exponent), so `as f32`
     // is the one rounding the kernel's float addition makes.
-    let want: Vec<f32> = column_sums(&dyr, &db0, p, c)
-        .iter()
-        .map(|&v| v as f32)
-        .collect();
+    let want: Vec<f32> = column_sums(&dyr, &db0, p, c).iter().map(|&v| v as f32).collect();
     for &g in chunks {
         let mut db = db0.clone();
         emu::bias_grad(reduction_launch(c, g), &mut db, &dy, p, c, tile);
@@ -2089,12 +1692,7 @@ fn worst_abs_column(dy: &[f32], db0: &[f32], p: usize, c: usize) -> f64 {
 }
 
 fn bias_grad_random_case<T: Act>(
-    report: &mut Report,
-    name: &str,
-    p: usize,
-    c: usize,
-    chunks: &[usize],
-    seed: u64,
+    report: &mut Report, name: &str, p: usize, c: usize, chunks: &[usize], seed: u64,
 ) {
     // Gradients of a conv output: per-channel offsets (so the column sums are large) and
     // spread, rounded to T; the reference sums the very same values in f64.
@@ -2144,19 +1742,10 @@ fn bias_grad_accumulates_the_column_sums_of_dy() {
     // C = 10 with the (32, 16) block: 22 idle columns of threads.
     let (p, c) = (1000, 10);
     let (dy, dyr) = quantize::<f16>(&exact_gradients(1890, p, c));
-    let want: Vec<f32> = column_sums(&dyr, &[0.0; 10], p, c)
-        .iter()
-        .map(|&v| v as f32)
-        .collect();
+    let want: Vec<f32> = column_sums(&dyr, &[0.0; 10], p, c).iter().map(|&v| v as f32).collect();
     let mut db = vec![0f32; c];
     emu::bias_grad(Launch::grid2((1, 5), (32, 16)), &mut db, &dy, p, c, TILE);
-    check_bits(
-        &mut report,
-        "P=1000 C=10 block (32,16) f16",
-        &db,
-        &want,
-        "exact partial sums",
-    );
+    check_bits(&mut report, "P=1000 C=10 block (32,16) f16", &db, &want, "exact partial sums");
     report.finish("bias_grad");
 }
 
@@ -2171,10 +1760,7 @@ fn bias_grad_is_deterministic_reuses_its_counters_and_accumulates() {
     let mut counters = vec![0i32; c.div_ceil(32)];
     let mut run = |l: Launch, db: &mut Vec<f32>| {
         emu::bias_grad_with(l, db, &mut ws, &mut counters, &dy, p, c, TILE);
-        assert!(
-            counters.iter().all(|&v| v == 0),
-            "bias_grad left the counters at {counters:?}"
-        );
+        assert!(counters.iter().all(|&v| v == 0), "bias_grad left the counters at {counters:?}");
     };
     let l = reduction_launch(c, 7);
     let mut first = db0.clone();
@@ -2231,23 +1817,13 @@ fn model_bias_shapes(n: usize) -> Vec<BiasShape> {
     for (name, xs, conv) in spec.convolutions(n).expect("the seed model's shapes fit") {
         let p = conv.out_shape(xs).pixels();
         if !out.iter().any(|o| (o.p, o.c) == (p, conv.cout)) {
-            out.push(BiasShape {
-                name,
-                p,
-                c: conv.cout,
-                conv: Some((xs, conv)),
-            });
+            out.push(BiasShape { name, p, c: conv.cout, conv: Some((xs, conv)) });
         }
     }
     for layer in &spec.layers {
         if let Layer::Linear { name, fout, .. } = layer {
             let name = name.clone();
-            out.push(BiasShape {
-                name,
-                p: n,
-                c: *fout,
-                conv: None,
-            });
+            out.push(BiasShape { name, p: n, c: *fout, conv: None });
         }
     }
     out
@@ -2256,11 +1832,7 @@ fn model_bias_shapes(n: usize) -> Vec<BiasShape> {
 /// The CPU reference's bias gradient `db0 + Σ_p dy[p, ·]`: through its convolution backward
 /// (or the linear head's, for `conv` None), whose other outputs are not looked at.
 fn cpu_bias_grad(
-    dy: &[f32],
-    db0: &[f32],
-    p: usize,
-    c: usize,
-    conv: Option<(Nhwc, Conv2d)>,
+    dy: &[f32], db0: &[f32], p: usize, c: usize, conv: Option<(Nhwc, Conv2d)>,
 ) -> Vec<f32> {
     let mut db = db0.to_vec();
     match conv {
@@ -2287,9 +1859,7 @@ fn bias_grad_f32_matches_the_cpu_at_the_model_shapes_with_the_same_bits_on_every
     // show here as a difference between launches.
     let mut report = Report::default();
     // Two batches: the test's own, and 128, where the largest layer has 25 tiles.
-    let shapes = model_bias_shapes(N)
-        .into_iter()
-        .chain(model_bias_shapes(128).into_iter().take(1));
+    let shapes = model_bias_shapes(N).into_iter().chain(model_bias_shapes(128).into_iter().take(1));
     for (k, BiasShape { name, p, c, conv }) in shapes.enumerate() {
         let seed = 1950 + 10 * k as u64;
         let name = format!("{name} P={p} C={c}");
@@ -2367,11 +1937,7 @@ fn the_cuda_backend_never_calls_cudnn_for_bias_gradients() {
             );
         }
     }
-    assert!(
-        scanned >= 3,
-        "found only {scanned} sources in {}",
-        dir.display()
-    );
+    assert!(scanned >= 3, "found only {scanned} sources in {}", dir.display());
 }
 
 // ---- avg_pool2d_backward (pool.cu) -------------------------------------------------------------
@@ -2428,13 +1994,9 @@ fn avg_pool2d_backward_matches_the_cpu_bitwise() {
         avg_pool_case::<f16>(&mut report, &name, xs, gpu_elementwise(xs.len()), 2180);
     }
     // Odd heights and widths: the last row or column is not pooled and gets a zero gradient.
-    for (k, xs) in [
-        Nhwc::new(2, 5, 7, 3),
-        Nhwc::new(3, 3, 2, 10),
-        Nhwc::new(1, 1, 4, 8),
-    ]
-    .into_iter()
-    .enumerate()
+    for (k, xs) in [Nhwc::new(2, 5, 7, 3), Nhwc::new(3, 3, 2, 10), Nhwc::new(1, 1, 4, 8)]
+        .into_iter()
+        .enumerate()
     {
         let (seed, l) = (2190 + 10 * k as u64, elementwise(xs.len()));
         avg_pool_case::<f32>(&mut report, "odd", xs, l, seed);

@@ -80,43 +80,21 @@ impl ConvOps<f64> for Recorder {
         Cpu.conv2d_forward(y, x, w, b, xs, conv)
     }
     fn conv2d_backward(
-        &self,
-        dx: Option<&mut Buf>,
-        dw: &mut Buf,
-        db: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        xs: Nhwc,
-        conv: &Conv2d,
+        &self, dx: Option<&mut Buf>, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
+        xs: Nhwc, conv: &Conv2d,
     ) {
         self.op("conv2d_backward");
         Cpu.conv2d_backward(dx, dw, db, dy, x, w, xs, conv)
     }
     fn linear_forward(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        w: &Buf,
-        b: &Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, n: usize, fin: usize, fout: usize,
     ) {
         self.op("linear_forward");
         Cpu.linear_forward(y, x, w, b, n, fin, fout)
     }
     fn linear_backward(
-        &self,
-        dx: Option<&mut Buf>,
-        dw: &mut Buf,
-        db: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, dx: Option<&mut Buf>, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
+        n: usize, fin: usize, fout: usize,
     ) {
         self.op("linear_backward");
         Cpu.linear_backward(dx, dw, db, dy, x, w, n, fin, fout)
@@ -125,42 +103,22 @@ impl ConvOps<f64> for Recorder {
 
 impl BatchNormOps<f64> for Recorder {
     fn batch_norm_forward_train(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        affine: Affine<&Buf>,
-        running: RunningStats<&mut Buf>,
-        batch: BatchStats<&mut Buf>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Buf, x: &Buf, affine: Affine<&Buf>, running: RunningStats<&mut Buf>,
+        batch: BatchStats<&mut Buf>, xs: Nhwc, cfg: &BatchNormCfg, relu: bool,
     ) -> anyhow::Result<()> {
         self.op("batch_norm_forward_train");
         Cpu.batch_norm_forward_train(y, x, affine, running, batch, xs, cfg, relu)
     }
     fn batch_norm_forward_eval(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        affine: Affine<&Buf>,
-        running: RunningStats<&Buf>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Buf, x: &Buf, affine: Affine<&Buf>, running: RunningStats<&Buf>, xs: Nhwc,
+        cfg: &BatchNormCfg, relu: bool,
     ) {
         self.op("batch_norm_forward_eval");
         Cpu.batch_norm_forward_eval(y, x, affine, running, xs, cfg, relu)
     }
     fn batch_norm_backward(
-        &self,
-        dx: &mut Buf,
-        daffine: Affine<&mut Buf>,
-        dy: &Buf,
-        relu_out: Option<&Buf>,
-        x: &Buf,
-        gamma: &Buf,
-        batch: BatchStats<&Buf>,
-        xs: Nhwc,
+        &self, dx: &mut Buf, daffine: Affine<&mut Buf>, dy: &Buf, relu_out: Option<&Buf>, x: &Buf,
+        gamma: &Buf, batch: BatchStats<&Buf>, xs: Nhwc,
     ) {
         self.op("batch_norm_backward");
         Cpu.batch_norm_backward(dx, daffine, dy, relu_out, x, gamma, batch, xs)
@@ -184,13 +142,7 @@ impl PoolOps<f64> for Recorder {
         Cpu.max_pool2d_forward(y, x, xs, pool)
     }
     fn max_pool2d_backward(
-        &self,
-        dx: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        y: &Buf,
-        xs: Nhwc,
-        pool: &MaxPool2d,
+        &self, dx: &mut Buf, dy: &Buf, x: &Buf, y: &Buf, xs: Nhwc, pool: &MaxPool2d,
     ) {
         self.op("max_pool2d_backward");
         Cpu.max_pool2d_backward(dx, dy, x, y, xs, pool)
@@ -222,23 +174,13 @@ impl ConcatOps<f64> for Recorder {
 
 impl LossOps<f64> for Recorder {
     fn cross_entropy_forward(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) -> f64 {
         self.op("cross_entropy_forward");
         Cpu.cross_entropy_forward(probs, logits, labels, k, smoothing)
     }
     fn cross_entropy_backward(
-        &self,
-        dlogits: &mut Buf,
-        probs: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, dlogits: &mut Buf, probs: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) {
         self.op("cross_entropy_backward");
         Cpu.cross_entropy_backward(dlogits, probs, labels, k, smoothing)
@@ -247,12 +189,7 @@ impl LossOps<f64> for Recorder {
 
 impl OptimOps<f64> for Recorder {
     fn sgd_step(
-        &self,
-        param: &mut Buf,
-        grad: &Buf,
-        momentum_buf: &mut Buf,
-        first_step: bool,
-        opt: &Sgd,
+        &self, param: &mut Buf, grad: &Buf, momentum_buf: &mut Buf, first_step: bool, opt: &Sgd,
     ) {
         self.op("sgd_step");
         Cpu.sgd_step(param, grad, momentum_buf, first_step, opt)
@@ -303,11 +240,7 @@ fn check_region(log: &[Ev], at: usize, ops: &[usize], what: &str) -> usize {
             &log[start..i]
         );
     }
-    assert_eq!(
-        log[i],
-        Ev::Branch(None),
-        "{what}: back on the main line before the join"
-    );
+    assert_eq!(log[i], Ev::Branch(None), "{what}: back on the main line before the join");
     assert_eq!(log[i + 1], Ev::End(n), "{what}: the join");
     i + 2
 }
@@ -317,21 +250,14 @@ fn every_inception_block_forks_and_joins_in_forward_and_backward() {
     let spec = ModelSpec::inception_net_small();
     let mut per_block = Vec::new();
     blocks(&spec.layers, &mut per_block);
-    assert!(
-        per_block.len() >= 2,
-        "the seed model has Inception blocks: {per_block:?}"
-    );
-    let rec = Recorder {
-        log: Mutex::new(Vec::new()),
-    };
+    assert!(per_block.len() >= 2, "the seed model has Inception blocks: {per_block:?}");
+    let rec = Recorder { log: Mutex::new(Vec::new()) };
     let mut net: Net<f64, Recorder> = Net::new(spec, rec, 1).unwrap();
     // Asked for concurrent branches, the network must still issue them in order to a
     // backend that needs one issuing thread (the checks below would see them interleaved).
     net.schedule = BranchSchedule::Concurrent;
     let n = 2;
-    let x: Vec<f64> = (0..n * 32 * 32 * 3)
-        .map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0)
-        .collect();
+    let x: Vec<f64> = (0..n * 32 * 32 * 3).map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0).collect();
     net.forward(&x, n, true).unwrap();
     net.loss(&[3, 7], 0.0).unwrap();
     net.backward().unwrap();
@@ -341,10 +267,8 @@ fn every_inception_block_forks_and_joins_in_forward_and_backward() {
     // block's own runs outside its fork..join.
     let mut i = 0;
     let mut forward_blocks = 0;
-    let backward_from = log
-        .iter()
-        .position(|e| *e == Ev::Op("cross_entropy_forward"))
-        .expect("the loss");
+    let backward_from =
+        log.iter().position(|e| *e == Ev::Op("cross_entropy_forward")).expect("the loss");
     while i < backward_from {
         match &log[i] {
             Ev::Begin(_) => {

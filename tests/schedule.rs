@@ -28,27 +28,16 @@ fn train(schedule: BranchSchedule) -> Outcome {
     net.schedule = schedule;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let n = 6;
-    let x: Vec<f32> = (0..n * 32 * 32 * 3)
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
+    let x: Vec<f32> = (0..n * 32 * 32 * 3).map(|_| rng.random_range(-2.0..2.0)).collect();
     let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
-    let opt = Sgd {
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-    };
+    let opt = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
     let mut losses = Vec::new();
     let mut grads = Vec::new();
     for step in 0..3 {
         let (loss, _) = net.train_step(&x, &labels, &opt, 0.1).unwrap();
         losses.push(loss.to_bits());
         if step == 0 {
-            grads = net
-                .grads()
-                .into_iter()
-                .map(|(k, g)| (k, bits(&g)))
-                .collect();
+            grads = net.grads().into_iter().map(|(k, g)| (k, bits(&g))).collect();
         }
     }
     let logits = net.forward(&x, n, true).unwrap();
@@ -67,12 +56,7 @@ fn train(schedule: BranchSchedule) -> Outcome {
             (info.name, v)
         })
         .collect();
-    Outcome {
-        acts,
-        losses,
-        grads,
-        state,
-    }
+    Outcome { acts, losses, grads, state }
 }
 
 fn first_difference(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)]) -> Option<String> {
@@ -92,10 +76,7 @@ fn first_difference(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)]) -> Optio
 #[test]
 fn concurrent_branches_are_bitwise_equal_to_sequential() {
     // Run on a pool with more threads than this machine's cores, so branches really overlap.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(4)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     let seq = pool.install(|| train(BranchSchedule::Sequential));
     let conc = pool.install(|| train(BranchSchedule::Concurrent));
     assert_eq!(seq.losses, conc.losses, "losses differ");
@@ -115,10 +96,7 @@ fn concurrent_branches_are_bitwise_equal_to_sequential() {
         panic!("trained state differs: {d}");
     }
     // And a different thread count gives the same bits too.
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let single = one.install(|| train(BranchSchedule::Concurrent));
     assert_eq!(seq.losses, single.losses, "1 thread vs 4 threads");
     assert!(first_difference(&seq.state, &single.state).is_none());
@@ -127,10 +105,7 @@ fn concurrent_branches_are_bitwise_equal_to_sequential() {
 #[test]
 fn concurrent_schedule_overlaps_branches() {
     // Each branch waits until all four have started: only possible if they run at once.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(4)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     let started = AtomicUsize::new(0);
     let mut branches = [0u8; 4];
     let overlapped = pool.install(|| {
@@ -143,16 +118,10 @@ fn concurrent_schedule_overlaps_branches() {
             started.load(Ordering::SeqCst) == 4
         })
     });
-    assert_eq!(
-        overlapped,
-        vec![true; 4],
-        "branches did not run concurrently"
-    );
+    assert_eq!(overlapped, vec![true; 4], "branches did not run concurrently");
 
     // The sequential schedule runs them in order, one at a time.
     let order = std::sync::Mutex::new(Vec::new());
-    run_branches(BranchSchedule::Sequential, &mut branches, |i, _| {
-        order.lock().unwrap().push(i)
-    });
+    run_branches(BranchSchedule::Sequential, &mut branches, |i, _| order.lock().unwrap().push(i));
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
 }

@@ -34,21 +34,11 @@ mod ffi {
         pub fn incept_emu_kernel_name(i: c_int) -> *const c_char;
         pub fn incept_emu_kernel_param_count(i: c_int) -> c_int;
         pub fn incept_emu_kernel_param(
-            i: c_int,
-            j: c_int,
-            kind: *mut c_int,
-            elem: *mut *const c_char,
-            elem_size: *mut c_int,
+            i: c_int, j: c_int, kind: *mut c_int, elem: *mut *const c_char, elem_size: *mut c_int,
         ) -> c_int;
         pub fn incept_emu_launch(
-            name: *const c_char,
-            grid: *const u32,
-            block: *const u32,
-            shared_bytes: u32,
-            order: u64,
-            args: *mut *mut c_void,
-            err: *mut c_char,
-            err_len: usize,
+            name: *const c_char, grid: *const u32, block: *const u32, shared_bytes: u32,
+            order: u64, args: *mut *mut c_void, err: *mut c_char, err_len: usize,
         ) -> c_int;
         pub fn emu_float2half_bits(v: f32) -> u16;
         pub fn emu_half_bits2float(b: u16) -> f32;
@@ -132,8 +122,7 @@ unsafe fn static_str(p: *const c_char) -> &'static str {
     assert!(!p.is_null(), "kernel-emu registry: null name");
     // SAFETY: the caller's promise.
     let s: &'static CStr = unsafe { CStr::from_ptr(p) };
-    s.to_str()
-        .expect("kernel-emu registry: a name that is not UTF-8")
+    s.to_str().expect("kernel-emu registry: a name that is not UTF-8")
 }
 
 /// Every kernel of `cuda/*.cu`, sorted by name (the registry's order).
@@ -206,11 +195,7 @@ fn near_names(name: &str) -> Vec<&'static str> {
     let mut scored: Vec<(usize, &'static str)> = kernels()
         .iter()
         .map(|k| {
-            let d = if base(k.name) == b {
-                0
-            } else {
-                distance(name, k.name)
-            };
+            let d = if base(k.name) == b { 0 } else { distance(name, k.name) };
             (d, k.name)
         })
         .filter(|&(d, _)| d <= (name.len() / 3).max(3))
@@ -238,12 +223,7 @@ fn near_names(name: &str) -> Vec<&'static str> {
 /// geometry, for the element type of the parameter, and nothing else accesses that memory
 /// while the kernel runs. The kernel dereferences them as CUDA would device pointers.
 pub unsafe fn launch(
-    name: &str,
-    grid: [u32; 3],
-    block: [u32; 3],
-    shared_bytes: u32,
-    order: u64,
-    args: &[Arg],
+    name: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, order: u64, args: &[Arg],
 ) -> Result<(), String> {
     let k = kernel(name).ok_or_else(|| {
         let near = near_names(name);
@@ -253,10 +233,7 @@ pub unsafe fn launch(
                 kernels().len()
             )
         } else {
-            format!(
-                "no kernel named {name:?}; nearest registered: {}",
-                near.join(", ")
-            )
+            format!("no kernel named {name:?}; nearest registered: {}", near.join(", "))
         }
     })?;
     if args.len() != k.params.len() {
@@ -302,17 +279,13 @@ pub unsafe fn launch(
     let mut slots: Vec<Slot> = args
         .iter()
         .map(|a| match *a {
-            Arg::Ptr(p) => Slot {
-                p: p as usize as *mut c_void,
-            },
+            Arg::Ptr(p) => Slot { p: p as usize as *mut c_void },
             Arg::I32(i) => Slot { i },
             Arg::F32(f) => Slot { f },
         })
         .collect();
-    let mut ptrs: Vec<*mut c_void> = slots
-        .iter_mut()
-        .map(|s| s as *mut Slot as *mut c_void)
-        .collect();
+    let mut ptrs: Vec<*mut c_void> =
+        slots.iter_mut().map(|s| s as *mut Slot as *mut c_void).collect();
     let cname = CString::new(name).map_err(|_| format!("{name:?}: a NUL in the name"))?;
     let mut err = vec![0 as c_char; 512];
     // SAFETY: the name, geometry and argument array are valid for the call; each args[i]

@@ -63,11 +63,7 @@ fn names_in_sources() -> BTreeSet<String> {
             );
         }
     }
-    assert!(
-        files >= 7,
-        "only {files} .cu files found in {}",
-        cuda.display()
-    );
+    assert!(files >= 7, "only {files} .cu files found in {}", cuda.display());
     names
 }
 
@@ -104,20 +100,10 @@ fn parameters_come_from_the_function_types() {
     let k = kernel("batch_norm_stats_bf16").expect("batch_norm_stats_bf16");
     assert_eq!(k.params[4], Param::MutPtr { elem: "double" });
     assert_eq!(k.params[5], Param::MutPtr { elem: "int" });
-    assert_eq!(
-        k.params[6],
-        Param::ConstPtr {
-            elem: "__nv_bfloat16"
-        }
-    );
+    assert_eq!(k.params[6], Param::ConstPtr { elem: "__nv_bfloat16" });
     assert_eq!(k.params[9], Param::Float);
     let k = kernel("augment_batch_f32").expect("augment_batch_f32");
-    assert_eq!(
-        k.params[1],
-        Param::ConstPtr {
-            elem: "unsigned char"
-        }
-    );
+    assert_eq!(k.params[1], Param::ConstPtr { elem: "unsigned char" });
     let k = kernel("sgd_step").expect("sgd_step");
     assert_eq!(k.to_string(), "sgd_step(float*, const float*, float*, int, const float*, float, float, int, int, const int*)");
 }
@@ -126,11 +112,7 @@ fn parameters_come_from_the_function_types() {
 fn launch_by_name_runs_the_kernel() {
     let x = [-1.0f32, 2.0, -0.0, 3.5, f32::NAN];
     let mut y = [7.0f32; 5];
-    let args = [
-        Arg::Ptr(y.as_mut_ptr() as u64),
-        Arg::Ptr(x.as_ptr() as u64),
-        Arg::I32(5),
-    ];
+    let args = [Arg::Ptr(y.as_mut_ptr() as u64), Arg::Ptr(x.as_ptr() as u64), Arg::I32(5)];
     // SAFETY: both buffers hold the 5 elements the kernel touches.
     unsafe { launch("relu_forward_f32", [2, 1, 1], [4, 1, 1], 0, 0, &args) }.expect("launch");
     assert_eq!(&y[..4], &[0.0, 2.0, -0.0, 3.5]);
@@ -147,15 +129,9 @@ fn launch_refuses_what_does_not_fit() {
     let ok = [Arg::Ptr(8), Arg::Ptr(8), Arg::I32(0)];
     // Unknown name: the message lists near names.
     let e = err("relu_forward_f64", [1; 3], [32, 1, 1], 0, &ok);
-    assert!(
-        e.contains("relu_forward_f64") && e.contains("relu_forward_f32"),
-        "{e}"
-    );
+    assert!(e.contains("relu_forward_f64") && e.contains("relu_forward_f32"), "{e}");
     let e = err("rleu_fowrard_f16", [1; 3], [32, 1, 1], 0, &ok);
-    assert!(
-        e.contains("no kernel named") && e.contains("relu_forward_f16"),
-        "{e}"
-    );
+    assert!(e.contains("no kernel named") && e.contains("relu_forward_f16"), "{e}");
     let e = err("no_such_thing_anywhere_at_all", [1; 3], [32, 1, 1], 0, &ok);
     assert!(e.contains("no kernel named"), "{e}");
     // Arity.
@@ -165,13 +141,8 @@ fn launch_refuses_what_does_not_fit() {
         "{e}"
     );
     // Kind of an argument: index and expected type named.
-    let e = err(
-        "relu_forward_f32",
-        [1; 3],
-        [32, 1, 1],
-        0,
-        &[Arg::Ptr(8), Arg::I32(0), Arg::I32(0)],
-    );
+    let e =
+        err("relu_forward_f32", [1; 3], [32, 1, 1], 0, &[Arg::Ptr(8), Arg::I32(0), Arg::I32(0)]);
     assert!(
         e.contains("relu_forward_f32")
             && e.contains("argument 1")
@@ -179,17 +150,9 @@ fn launch_refuses_what_does_not_fit() {
             && e.contains("Arg::Ptr"),
         "{e}"
     );
-    let e = err(
-        "relu_forward_f32",
-        [1; 3],
-        [32, 1, 1],
-        0,
-        &[Arg::Ptr(8), Arg::Ptr(8), Arg::F32(0.0)],
-    );
-    assert!(
-        e.contains("parameter 2 is int") && e.contains("Arg::I32"),
-        "{e}"
-    );
+    let e =
+        err("relu_forward_f32", [1; 3], [32, 1, 1], 0, &[Arg::Ptr(8), Arg::Ptr(8), Arg::F32(0.0)]);
+    assert!(e.contains("parameter 2 is int") && e.contains("Arg::I32"), "{e}");
     let e = err(
         "batch_norm_eval_invstd",
         [1; 3],
@@ -197,10 +160,7 @@ fn launch_refuses_what_does_not_fit() {
         0,
         &[Arg::Ptr(8), Arg::Ptr(8), Arg::I32(1), Arg::I32(1)],
     );
-    assert!(
-        e.contains("parameter 3 is float") && e.contains("Arg::F32"),
-        "{e}"
-    );
+    assert!(e.contains("parameter 3 is float") && e.contains("Arg::F32"), "{e}");
     // Geometry.
     let e = err("relu_forward_f32", [1; 3], [1025, 1, 1], 0, &ok);
     assert!(e.contains("1024"), "{e}");

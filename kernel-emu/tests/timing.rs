@@ -63,44 +63,29 @@ fn timing() {
     // The BN statistics reduction, P = 16·16·16, C = 64, with the backend's geometry on an
     // H100/H200 (block (32, 16), grid (2, 32)); no running statistics (null).
     let (p, c, g) = (16 * 16 * 16, 64, 32);
-    let x: Vec<f32> = (0..p * c)
-        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
-        .collect();
+    let x: Vec<f32> = (0..p * c).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
     let (mut mean, mut invstd) = (vec![0.0f32; c], vec![0.0f32; c]);
     let mut workspace = vec![0.0f64; 2 * g * c];
     let mut counters = vec![0i32; c / 32];
-    time(
-        "batch_norm_stats_f32 P=4096 C=64 grid (2,32) block (32,16)",
-        3,
-        || {
-            let args = [
-                ptr_mut(&mut mean),
-                ptr_mut(&mut invstd),
-                Arg::Ptr(0),
-                Arg::Ptr(0),
-                ptr_mut(&mut workspace),
-                ptr_mut(&mut counters),
-                ptr(&x),
-                Arg::I32(p as i32),
-                Arg::I32(c as i32),
-                Arg::F32(1e-5),
-                Arg::F32(0.1),
-            ];
-            // SAFETY: C means and invstds, 2·G·C workspace doubles, grid.x zeroed counters
-            // (the last block resets them), P·C inputs: all the kernel indexes.
-            unsafe {
-                launch(
-                    "batch_norm_stats_f32",
-                    [2, g as u32, 1],
-                    [32, 16, 1],
-                    0,
-                    0,
-                    &args,
-                )
-            }
+    time("batch_norm_stats_f32 P=4096 C=64 grid (2,32) block (32,16)", 3, || {
+        let args = [
+            ptr_mut(&mut mean),
+            ptr_mut(&mut invstd),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            ptr_mut(&mut workspace),
+            ptr_mut(&mut counters),
+            ptr(&x),
+            Arg::I32(p as i32),
+            Arg::I32(c as i32),
+            Arg::F32(1e-5),
+            Arg::F32(0.1),
+        ];
+        // SAFETY: C means and invstds, 2·G·C workspace doubles, grid.x zeroed counters
+        // (the last block resets them), P·C inputs: all the kernel indexes.
+        unsafe { launch("batch_norm_stats_f32", [2, g as u32, 1], [32, 16, 1], 0, 0, &args) }
             .expect("batch_norm_stats_f32");
-        },
-    );
+    });
     assert!(counters.iter().all(|&v| v == 0), "counters {counters:?}");
     assert!((mean[0] - x.iter().step_by(c).sum::<f32>() / p as f32).abs() < 1e-3);
 }

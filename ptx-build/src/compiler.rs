@@ -46,22 +46,15 @@ impl Compiler {
     pub fn describe(&self) -> String {
         match self {
             Compiler::Nvcc(path) => format!("nvcc ({})", path.display()),
-            Compiler::Nvrtc(n) => format!(
-                "NVRTC {}.{} ({})",
-                n.version.0,
-                n.version.1,
-                n.path.display()
-            ),
+            Compiler::Nvrtc(n) => {
+                format!("NVRTC {}.{} ({})", n.version.0, n.version.1, n.path.display())
+            }
         }
     }
 
     /// Compiles `src` to `out_dir/<stem>.ptx`.
     pub fn compile(
-        &self,
-        src: &Path,
-        cuda_dir: &Path,
-        out_dir: &Path,
-        arch: &str,
+        &self, src: &Path, cuda_dir: &Path, out_dir: &Path, arch: &str,
     ) -> Result<Ptx, String> {
         let stem = src
             .file_stem()
@@ -78,21 +71,13 @@ impl Compiler {
                 (ptx, log)
             }
         };
-        Ok(Ptx {
-            stem,
-            isa: ptx_isa(&ptx),
-            log: log.trim().to_string(),
-        })
+        Ok(Ptx { stem, isa: ptx_isa(&ptx), log: log.trim().to_string() })
     }
 }
 
 /// Returns (PTX, warnings).
 fn compile_nvcc(
-    nvcc: &Path,
-    src: &Path,
-    cuda_dir: &Path,
-    out: &Path,
-    arch: &str,
+    nvcc: &Path, src: &Path, cuda_dir: &Path, out: &Path, arch: &str,
 ) -> Result<(String, String), String> {
     let output = Command::new(nvcc)
         .arg("-ptx")

@@ -52,11 +52,7 @@ pub struct Ptx {
 /// Compiles every source to `out_dir/<stem>.ptx`, a thread each (NVRTC programs are
 /// thread-safe); all the failures together in one error.
 pub fn compile_all(
-    compiler: &Compiler,
-    sources: &[PathBuf],
-    cuda_dir: &Path,
-    out_dir: &Path,
-    arch: &str,
+    compiler: &Compiler, sources: &[PathBuf], cuda_dir: &Path, out_dir: &Path, arch: &str,
 ) -> Result<Vec<Ptx>, String> {
     let mut compiled = Vec::new();
     // Files compile independently: use a thread each (NVRTC programs are thread-safe).
@@ -67,10 +63,7 @@ pub fn compile_all(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("compiler thread panicked".into()))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err("compiler thread panicked".into())))
             .collect()
     });
     let mut errors = Vec::new();
@@ -92,10 +85,7 @@ pub fn target_arch(raw: &str) -> Result<String, String> {
     if raw.is_empty() {
         return Ok("compute_80".into());
     }
-    let digits = raw
-        .strip_prefix("compute_")
-        .or_else(|| raw.strip_prefix("sm_"))
-        .unwrap_or(raw);
+    let digits = raw.strip_prefix("compute_").or_else(|| raw.strip_prefix("sm_")).unwrap_or(raw);
     let numeric_len = digits.chars().take_while(char::is_ascii_digit).count();
     let suffix = &digits[numeric_len..];
     if numeric_len < 2 || !(suffix.is_empty() || suffix == "a" || suffix == "f") {
@@ -134,9 +124,7 @@ pub struct Cubin {
 /// one. Without ptxas there are no cubins (the PTX alone works on every GPU the driver can
 /// JIT for); a ptxas that fails is an error, since the PTX would fail the same way.
 pub fn assemble_cubins(
-    out_dir: &Path,
-    compiled: &[Ptx],
-    archs: &str,
+    out_dir: &Path, compiled: &[Ptx], archs: &str,
 ) -> Result<Vec<Cubin>, String> {
     for entry in fs::read_dir(out_dir).into_iter().flatten().flatten() {
         if entry.path().extension().is_some_and(|e| e == "cubin") {
@@ -158,10 +146,8 @@ pub fn assemble_cubins(
         println!("cargo:warning=incept: no ptxas found (CUDA toolkit, or pip install nvidia-cuda-nvcc-cu12): PTX only, JIT-compiled by the driver at start-up");
         return Ok(Vec::new());
     };
-    let jobs: Vec<(String, u32)> = compiled
-        .iter()
-        .flat_map(|p| sms.iter().map(move |&sm| (p.stem.clone(), sm)))
-        .collect();
+    let jobs: Vec<(String, u32)> =
+        compiled.iter().flat_map(|p| sms.iter().map(move |&sm| (p.stem.clone(), sm))).collect();
     let results: Vec<Result<Cubin, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
@@ -184,20 +170,13 @@ pub fn assemble_cubins(
                             String::from_utf8_lossy(&out.stderr)
                         ));
                     }
-                    Ok(Cubin {
-                        stem: stem.clone(),
-                        sm: *sm,
-                        file,
-                    })
+                    Ok(Cubin { stem: stem.clone(), sm: *sm, file })
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("ptxas thread panicked".into()))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err("ptxas thread panicked".into())))
             .collect()
     });
     let cubins = results.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -212,11 +191,7 @@ pub fn assemble_cubins(
 
 /// The text of `OUT_DIR/kernels.rs` (see the crate's documentation).
 pub fn kernels_rs(
-    compiled: &[Ptx],
-    isa: &str,
-    arch: &str,
-    compiler: &str,
-    cubins: &[Cubin],
+    compiled: &[Ptx], isa: &str, arch: &str, compiler: &str, cubins: &[Cubin],
 ) -> String {
     let mut rs = String::new();
     let _ = writeln!(
@@ -304,10 +279,7 @@ mod tests {
         assert_eq!(target_arch("sm_90a").unwrap(), "compute_90a");
         for bad in ["9", "sm_x", "compute_90b", "hopper"] {
             let err = target_arch(bad).unwrap_err();
-            assert!(
-                err.contains("INCEPT_CUDA_ARCH") && err.contains(bad.trim()),
-                "{err}"
-            );
+            assert!(err.contains("INCEPT_CUDA_ARCH") && err.contains(bad.trim()), "{err}");
         }
     }
 
@@ -321,25 +293,13 @@ mod tests {
         assert_eq!(min_driver_for_isa("9.0"), 13000);
         assert_eq!(min_driver_for_isa("7.8"), 11080);
         assert_eq!(min_driver_for_isa("unknown"), 0);
-        assert_eq!(
-            min_driver_for_isa("8.4,8.7"),
-            0,
-            "mixed ISAs have no single answer"
-        );
+        assert_eq!(min_driver_for_isa("8.4,8.7"), 0, "mixed ISAs have no single answer");
     }
 
     #[test]
     fn kernels_rs_embeds_every_ptx_and_cubin() {
-        let ptx = |stem: &str| Ptx {
-            stem: stem.into(),
-            isa: "8.4".into(),
-            log: String::new(),
-        };
-        let cubin = Cubin {
-            stem: "pool".into(),
-            sm: 90,
-            file: "pool.sm_90.cubin".into(),
-        };
+        let ptx = |stem: &str| Ptx { stem: stem.into(), isa: "8.4".into(), log: String::new() };
+        let cubin = Cubin { stem: "pool".into(), sm: 90, file: "pool.sm_90.cubin".into() };
         let rs = kernels_rs(
             &[ptx("concat"), ptx("pool")],
             "8.4",
@@ -364,16 +324,9 @@ mod tests {
     fn a_bad_cubin_architecture_is_an_error_and_none_means_no_cubins() {
         let dir = std::env::temp_dir().join(format!("ptx-build-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let compiled = [Ptx {
-            stem: "concat".into(),
-            isa: "8.4".into(),
-            log: String::new(),
-        }];
+        let compiled = [Ptx { stem: "concat".into(), isa: "8.4".into(), log: String::new() }];
         let err = assemble_cubins(&dir, &compiled, "sm_90 hopper").unwrap_err();
-        assert!(
-            err.contains("INCEPT_CUBIN_ARCHS") && err.contains("hopper"),
-            "{err}"
-        );
+        assert!(err.contains("INCEPT_CUBIN_ARCHS") && err.contains("hopper"), "{err}");
         assert!(assemble_cubins(&dir, &compiled, " ").unwrap().is_empty());
         let _ = fs::remove_dir_all(&dir);
     }
@@ -381,22 +334,14 @@ mod tests {
     #[test]
     fn an_unknown_forced_compiler_is_refused_by_name() {
         let err = Compiler::find("clang").err().unwrap();
-        assert!(
-            err.contains("INCEPT_PTX_COMPILER") && err.contains("clang"),
-            "{err}"
-        );
+        assert!(err.contains("INCEPT_PTX_COMPILER") && err.contains("clang"), "{err}");
     }
 
     #[test]
     fn nvrtc_libraries_in_a_folder_come_unversioned_first() {
         let dir = std::env::temp_dir().join(format!("ptx-build-nvrtc-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        for f in [
-            "libnvrtc.so.13",
-            "libnvrtc.so.12",
-            "libnvrtc.so",
-            "libother.so",
-        ] {
+        for f in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", "libother.so"] {
             fs::write(dir.join(f), b"").unwrap();
         }
         let found: Vec<String> = locate::nvrtc_files_in(&dir)

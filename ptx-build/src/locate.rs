@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn env_path(var: &str) -> Option<PathBuf> {
-    env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
+    env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 /// CUDA toolkit roots named by the environment, then the usual install location.
@@ -62,10 +60,7 @@ pub fn find_ptxas() -> Option<PathBuf> {
         return Some(usr);
     }
     if let Some(path) = env::var_os("PATH") {
-        if let Some(p) = env::split_paths(&path)
-            .map(|d| d.join("ptxas"))
-            .find(|p| p.is_file())
-        {
+        if let Some(p) = env::split_paths(&path).map(|d| d.join("ptxas")).find(|p| p.is_file()) {
             return Some(p);
         }
     }

@@ -24,16 +24,10 @@ impl Nvrtc {
         // (library, where it came from, folders to look for headers in first)
         let mut candidates: Vec<(PathBuf, String, Vec<PathBuf>)> = Vec::new();
         if let Some(explicit) = env_path("INCEPT_NVRTC") {
-            let files = if explicit.is_dir() {
-                nvrtc_files_in(&explicit)
-            } else {
-                vec![explicit.clone()]
-            };
+            let files =
+                if explicit.is_dir() { nvrtc_files_in(&explicit) } else { vec![explicit.clone()] };
             if files.is_empty() || !files[0].exists() {
-                tried.push(format!(
-                    "INCEPT_NVRTC={}: no libnvrtc there",
-                    explicit.display()
-                ));
+                tried.push(format!("INCEPT_NVRTC={}: no libnvrtc there", explicit.display()));
                 return Err(());
             }
             let lib = files[0].clone();
@@ -47,12 +41,7 @@ impl Nvrtc {
         }
         for (origin, root) in toolkit_roots() {
             let mut any = false;
-            for sub in [
-                "lib64",
-                "lib",
-                "targets/x86_64-linux/lib",
-                "targets/sbsa-linux/lib",
-            ] {
+            for sub in ["lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"] {
                 for lib in nvrtc_files_in(&root.join(sub)) {
                     any = true;
                     candidates.push((lib, origin.clone(), vec![root.join("include")]));
@@ -92,11 +81,7 @@ impl Nvrtc {
         // Last: the dynamic loader's own search (ldconfig, LD_LIBRARY_PATH), e.g. Debian's
         // libnvrtc12 package.
         for name in ["libnvrtc.so", "libnvrtc.so.12"] {
-            candidates.push((
-                PathBuf::from(name),
-                "system library path".into(),
-                Vec::new(),
-            ));
+            candidates.push((PathBuf::from(name), "system library path".into(), Vec::new()));
         }
 
         for (lib, origin, include_first) in candidates {
@@ -145,12 +130,7 @@ impl Nvrtc {
         }
         header_dirs.push(PathBuf::from("/usr/include"));
         let includes: Vec<PathBuf> = header_dirs.into_iter().find(has_fp16).into_iter().collect();
-        Ok(Nvrtc {
-            path: path.to_path_buf(),
-            lib,
-            version,
-            includes,
-        })
+        Ok(Nvrtc { path: path.to_path_buf(), lib, version, includes })
     }
 
     /// # Safety
@@ -163,22 +143,14 @@ impl Nvrtc {
 
     /// Returns (PTX, compile log: warnings).
     pub fn compile(
-        &self,
-        src: &Path,
-        cuda_dir: &Path,
-        arch: &str,
+        &self, src: &Path, cuda_dir: &Path, arch: &str,
     ) -> Result<(String, String), String> {
         let text =
             fs::read_to_string(src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
         let source =
             CString::new(text).map_err(|_| format!("{}: contains a NUL byte", src.display()))?;
-        let name = CString::new(
-            src.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .as_bytes(),
-        )
-        .map_err(|e| e.to_string())?;
+        let name = CString::new(src.file_name().unwrap_or_default().to_string_lossy().as_bytes())
+            .map_err(|e| e.to_string())?;
         let mut options = vec![
             format!("--gpu-architecture={arch}"),
             "-std=c++17".to_string(),
@@ -238,11 +210,7 @@ impl Nvrtc {
                 std::ptr::null(),
             );
             if rc != 0 {
-                return Err(format!(
-                    "nvrtcCreateProgram for {}: {}",
-                    src.display(),
-                    describe(rc)
-                ));
+                return Err(format!("nvrtcCreateProgram for {}: {}", src.display(), describe(rc)));
             }
             let read = |size_fn: &SizeFn, get_fn: &GetFn| -> Result<Vec<u8>, String> {
                 let mut n = 0usize;

@@ -66,9 +66,7 @@ const ELEMENTWISE_ROWS: usize = 64;
 /// `f64` sums and cleared. Rounding stays that of short `T` sums plus `f64` sums: as exact as
 /// summing in `f64` throughout for all the training dynamics can tell, at the speed of `T`.
 fn channel_sums<A: Elem, const K: usize>(
-    rows: usize,
-    c: usize,
-    f: impl Fn(usize, &mut [A]) + Sync,
+    rows: usize, c: usize, f: impl Fn(usize, &mut [A]) + Sync,
 ) -> [Vec<f64>; K] {
     let chunks = rows.div_ceil(REDUCE_ROWS);
     let partial: Vec<Vec<f64>> = (0..chunks)

@@ -31,10 +31,7 @@ fn block(c: usize) -> (u32, u32) {
 pub fn batch_norm(p: usize, c: usize, sms: u32) -> Reduction {
     let (bx, by) = block(c);
     let gx = (c as u32).div_ceil(bx).max(1);
-    let g = (2 * sms.max(1))
-        .div_ceil(gx)
-        .min((p as u32 / (8 * by)).max(1))
-        .max(1);
+    let g = (2 * sms.max(1)).div_ceil(gx).min((p as u32 / (8 * by)).max(1)).max(1);
     Reduction {
         grid: (gx, g),
         block: (bx, by),
@@ -54,16 +51,8 @@ pub fn bias_grad(p: usize, c: usize, sms: u32) -> Reduction {
     let (bx, by) = block(c);
     let gx = (c as u32).div_ceil(bx).max(1);
     let tiles = p.div_ceil(BIAS_GRAD_TILE_ROWS);
-    let g = (2 * sms.max(1))
-        .div_ceil(gx)
-        .min(tiles.min(u32::MAX as usize) as u32)
-        .max(1);
-    Reduction {
-        grid: (gx, g),
-        block: (bx, by),
-        workspace: tiles * c,
-        counters: gx as usize,
-    }
+    let g = (2 * sms.max(1)).div_ceil(gx).min(tiles.min(u32::MAX as usize) as u32).max(1);
+    Reduction { grid: (gx, g), block: (bx, by), workspace: tiles * c, counters: gx as usize }
 }
 
 #[cfg(test)]

@@ -160,10 +160,7 @@ pub struct BatchNormCfg {
 
 impl Default for BatchNormCfg {
     fn default() -> Self {
-        BatchNormCfg {
-            eps: 1e-5,
-            momentum: 0.1,
-        }
+        BatchNormCfg { eps: 1e-5, momentum: 0.1 }
     }
 }
 

@@ -43,26 +43,14 @@ pub trait Buffers<T: Elem>: Sync {
 pub trait ConvOps<T: Elem>: Buffers<T> {
     /// `y = conv2d(x, w) + b`. x: `[N,H,W,Cin]`, w: `[Cout,Cin,k,k]`, b: `[Cout]`, y: `[N,Ho,Wo,Cout]`.
     fn conv2d_forward(
-        &self,
-        y: &mut Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        b: &Self::Buf,
-        xs: Nhwc,
+        &self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, xs: Nhwc,
         conv: &Conv2d,
     );
     /// dx = ∂L/∂x (when asked for), dw += ∂L/∂w, db += ∂L/∂b.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
-        &self,
-        dx: Option<&mut Self::Buf>,
-        dw: &mut Self::Buf,
-        db: &mut Self::Buf,
-        dy: &Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        xs: Nhwc,
-        conv: &Conv2d,
+        &self, dx: Option<&mut Self::Buf>, dw: &mut Self::Buf, db: &mut Self::Buf, dy: &Self::Buf,
+        x: &Self::Buf, w: &Self::Buf, xs: Nhwc, conv: &Conv2d,
     );
     /// Eval-mode Conv2d → BatchNorm → ReLU as one op, where the backend can fuse them: `y`
     /// gets the block's output and `true` comes back. The CPU folds the BatchNorm into the
@@ -70,14 +58,8 @@ pub trait ConvOps<T: Elem>: Buffers<T> {
     /// the activations. `false` (the default): nothing was done; the network runs the ops.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_batch_norm_relu_forward_eval(
-        &self,
-        _y: &mut Self::Buf,
-        _x: &Self::Buf,
-        _wb: (&Self::Buf, &Self::Buf),
-        _affine: Affine<&Self::Buf>,
-        _running: RunningStats<&Self::Buf>,
-        _xs: Nhwc,
-        _conv: &Conv2d,
+        &self, _y: &mut Self::Buf, _x: &Self::Buf, _wb: (&Self::Buf, &Self::Buf),
+        _affine: Affine<&Self::Buf>, _running: RunningStats<&Self::Buf>, _xs: Nhwc, _conv: &Conv2d,
         _cfg: &BatchNormCfg,
     ) -> bool {
         false
@@ -86,28 +68,14 @@ pub trait ConvOps<T: Elem>: Buffers<T> {
     /// `y = x·Wᵀ + b`. x: `[N,In]`, w: `[Out,In]`, y: `[N,Out]`.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
-        &self,
-        y: &mut Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        b: &Self::Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, n: usize,
+        fin: usize, fout: usize,
     );
     /// dx (when asked for), dw +=, db +=.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
-        &self,
-        dx: Option<&mut Self::Buf>,
-        dw: &mut Self::Buf,
-        db: &mut Self::Buf,
-        dy: &Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, dx: Option<&mut Self::Buf>, dw: &mut Self::Buf, db: &mut Self::Buf, dy: &Self::Buf,
+        x: &Self::Buf, w: &Self::Buf, n: usize, fin: usize, fout: usize,
     );
 }
 
@@ -119,41 +87,23 @@ pub trait BatchNormOps<T: Elem>: Buffers<T> {
     /// with PyTorch's rule (unbiased variance).
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_train(
-        &self,
-        y: &mut Self::Buf,
-        x: &Self::Buf,
-        affine: Affine<&Self::Buf>,
-        running: RunningStats<&mut Self::Buf>,
-        batch: BatchStats<&mut Self::Buf>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Self::Buf, x: &Self::Buf, affine: Affine<&Self::Buf>,
+        running: RunningStats<&mut Self::Buf>, batch: BatchStats<&mut Self::Buf>, xs: Nhwc,
+        cfg: &BatchNormCfg, relu: bool,
     ) -> anyhow::Result<()>;
     /// Eval mode, with the running statistics.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_eval(
-        &self,
-        y: &mut Self::Buf,
-        x: &Self::Buf,
-        affine: Affine<&Self::Buf>,
-        running: RunningStats<&Self::Buf>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Self::Buf, x: &Self::Buf, affine: Affine<&Self::Buf>,
+        running: RunningStats<&Self::Buf>, xs: Nhwc, cfg: &BatchNormCfg, relu: bool,
     );
     /// Backward of the training-mode forward: dx, and the affine's gradients `+=`. With the
     /// ReLU, `relu_out` is the forward's output, which masks `dy`.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_backward(
-        &self,
-        dx: &mut Self::Buf,
-        daffine: Affine<&mut Self::Buf>,
-        dy: &Self::Buf,
-        relu_out: Option<&Self::Buf>,
-        x: &Self::Buf,
-        gamma: &Self::Buf,
-        batch: BatchStats<&Self::Buf>,
-        xs: Nhwc,
+        &self, dx: &mut Self::Buf, daffine: Affine<&mut Self::Buf>, dy: &Self::Buf,
+        relu_out: Option<&Self::Buf>, x: &Self::Buf, gamma: &Self::Buf,
+        batch: BatchStats<&Self::Buf>, xs: Nhwc,
     );
 }
 
@@ -172,12 +122,7 @@ pub trait PoolOps<T: Elem>: Buffers<T> {
     /// dx = dy routed to each window's first maximum in scan order (NaN wins), as PyTorch
     /// does. Takes the forward's input and output instead of saved indices, as cuDNN does.
     fn max_pool2d_backward(
-        &self,
-        dx: &mut Self::Buf,
-        dy: &Self::Buf,
-        x: &Self::Buf,
-        y: &Self::Buf,
-        xs: Nhwc,
+        &self, dx: &mut Self::Buf, dy: &Self::Buf, x: &Self::Buf, y: &Self::Buf, xs: Nhwc,
         pool: &MaxPool2d,
     );
     /// `avg_pool2d(x, 2)`: mean of each 2×2 window (stride 2, no padding, floor).
@@ -201,36 +146,21 @@ pub trait LossOps<T: Elem>: Buffers<T> {
     /// Mean loss over the batch with label smoothing `smoothing` (0 = none). Returns the loss;
     /// `probs` keeps the softmax for the backward.
     fn cross_entropy_forward(
-        &self,
-        probs: &mut Self::Buf,
-        logits: &Self::Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Self::Buf, logits: &Self::Buf, labels: &[u32], k: usize, smoothing: f64,
     ) -> f64;
     /// [`LossOps::cross_entropy_forward`] without reading the loss back: a backend that sums
     /// the step metrics on the device (the CUDA backend, for replayed steps, which cannot read
     /// anything back) adds the loss and the correct count to those sums; the default computes
     /// the loss and drops it.
     fn cross_entropy_forward_summed(
-        &self,
-        probs: &mut Self::Buf,
-        logits: &Self::Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Self::Buf, logits: &Self::Buf, labels: &[u32], k: usize, smoothing: f64,
     ) {
         self.cross_entropy_forward(probs, logits, labels, k, smoothing);
     }
     /// dlogits = (softmax − target) / N, times the loss scale on a mixed-precision backend
     /// (which its [`OptimOps::sgd_step_all`] divides out again).
     fn cross_entropy_backward(
-        &self,
-        dlogits: &mut Self::Buf,
-        probs: &Self::Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, dlogits: &mut Self::Buf, probs: &Self::Buf, labels: &[u32], k: usize, smoothing: f64,
     );
 }
 
@@ -247,12 +177,8 @@ pub trait OptimOps<T: Elem>: Buffers<T> {
     /// One SGD step over a parameter tensor. On the first step (`first_step`) the momentum
     /// buffer is set to the gradient, as PyTorch does, instead of being decayed.
     fn sgd_step(
-        &self,
-        param: &mut Self::Buf,
-        grad: &Self::Buf,
-        momentum_buf: &mut Self::Buf,
-        first_step: bool,
-        opt: &Sgd,
+        &self, param: &mut Self::Buf, grad: &Self::Buf, momentum_buf: &mut Self::Buf,
+        first_step: bool, opt: &Sgd,
     );
 }
 

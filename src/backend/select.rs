@@ -240,11 +240,7 @@ mod tests {
             assert_eq!(s.parse::<DeviceFlag>().unwrap(), d);
             assert_eq!(d.to_string(), s);
         }
-        for (bad, says) in [
-            ("tpu", "unknown device"),
-            ("cuda:x", "cuda:N"),
-            ("", "unknown"),
-        ] {
+        for (bad, says) in [("tpu", "unknown device"), ("cuda:x", "cuda:N"), ("", "unknown")] {
             let e = bad.parse::<DeviceFlag>().unwrap_err().to_string();
             assert!(e.contains(says), "{bad:?}: {e}");
         }

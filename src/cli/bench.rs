@@ -73,12 +73,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let opts = BenchOpts {
-        batch,
-        warmup: args.warmup,
-        steps: args.steps,
-        schedule: args.branches,
-    };
+    let opts = BenchOpts { batch, warmup: args.warmup, steps: args.steps, schedule: args.branches };
     if args.matrix {
         if args.device.is_cpu() {
             bail!("--matrix compares CUDA streams and precisions; use --device cuda");
@@ -109,14 +104,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "device {}  precision {}  threads {}  batch {}",
             r.device, r.precision, r.threads, r.batch
         );
-        println!(
-            "train  {:8.2} ms/step  {:8.1} img/s",
-            r.train_ms, r.train_img_s
-        );
-        println!(
-            "eval   {:8.2} ms/step  {:8.1} img/s",
-            r.eval_ms, r.eval_img_s
-        );
+        println!("train  {:8.2} ms/step  {:8.1} img/s", r.train_ms, r.train_img_s);
+        println!("eval   {:8.2} ms/step  {:8.1} img/s", r.eval_ms, r.eval_img_s);
         if let Some(p) = &r.profile {
             print!("\n{}", p.report(r.batch));
         }
@@ -145,11 +134,8 @@ fn print_matrix(row: &MatrixRow, json: bool, header: bool) {
         }
         Err(e) => line += &format!("  error: {}", e.replace('\n', " / ")),
     }
-    let mut table: Box<dyn Write> = if json {
-        Box::new(std::io::stderr())
-    } else {
-        Box::new(std::io::stdout())
-    };
+    let mut table: Box<dyn Write> =
+        if json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     if header {
         let _ = writeln!(
             table,

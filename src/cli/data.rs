@@ -29,17 +29,9 @@ pub enum DataCommand {
 
 pub fn run(command: DataCommand) -> Result<()> {
     match command {
-        DataCommand::Synth {
-            out,
-            train,
-            test,
-            seed,
-        } => {
+        DataCommand::Synth { out, train, test, seed } => {
             incept::data::write_synthetic(&out, train, test, seed)?;
-            println!(
-                "wrote {train} training and {test} test images to {}",
-                out.display()
-            );
+            println!("wrote {train} training and {test} test images to {}", out.display());
         }
         DataCommand::Check { dir } => print!("{}", incept::data::check(&dir)?),
     }

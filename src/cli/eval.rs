@@ -49,12 +49,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     };
     println!("checkpoint {}", args.checkpoint.display());
-    println!(
-        "test images {}  loss {:.4}  accuracy {:.2}%",
-        r.images,
-        r.loss,
-        r.accuracy * 100.0
-    );
+    println!("test images {}  loss {:.4}  accuracy {:.2}%", r.images, r.loss, r.accuracy * 100.0);
     println!("\nconfusion matrix (rows: true class, columns: predicted)");
     let names = incept::data::CLASSES;
     print!("{:>11}", "");
@@ -68,11 +63,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             print!("{v:>6}");
         }
         let total: u64 = row.iter().sum();
-        let acc = if total > 0 {
-            row[i] as f64 / total as f64 * 100.0
-        } else {
-            f64::NAN
-        };
+        let acc = if total > 0 { row[i] as f64 / total as f64 * 100.0 } else { f64::NAN };
         println!("{acc:>7.1}%");
     }
     Ok(())
@@ -80,10 +71,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 /// Loads `file` into `net` and evaluates it on `test`.
 fn evaluate_file<B: Backend<f32>>(
-    mut net: Net<f32, B>,
-    file: &TensorFile,
-    test: &Cifar10,
-    batch: usize,
+    mut net: Net<f32, B>, file: &TensorFile, test: &Cifar10, batch: usize,
 ) -> Result<EvalResult> {
     incept::checkpoint::load_model(&mut net, file, "")?;
     train::evaluate(&mut net, test, batch)

@@ -15,14 +15,8 @@ pub struct Augment {
 }
 
 impl Augment {
-    pub const NONE: Augment = Augment {
-        crop: false,
-        flip: false,
-    };
-    pub const TRAIN: Augment = Augment {
-        crop: true,
-        flip: true,
-    };
+    pub const NONE: Augment = Augment { crop: false, flip: false };
+    pub const TRAIN: Augment = Augment { crop: true, flip: true };
 }
 
 /// Permutation of `0..n` for an epoch: a pure function of `(seed, epoch)` (ChaCha8 keyed with
@@ -44,14 +38,8 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 /// Parallel over images with rayon. Panics if an index is out of range.
 #[allow(clippy::too_many_arguments)]
 pub fn make_batch(
-    ds: &Cifar10,
-    indices: &[usize],
-    aug: Augment,
-    seed: u64,
-    epoch: u64,
-    first_pos: u64,
-    x: &mut Vec<f32>,
-    y: &mut Vec<u32>,
+    ds: &Cifar10, indices: &[usize], aug: Augment, seed: u64, epoch: u64, first_pos: u64,
+    x: &mut Vec<f32>, y: &mut Vec<u32>,
 ) {
     // 256 values per channel: the same expression as written in the doc, evaluated once.
     let mut table = [[0f32; 256]; 3];
@@ -63,13 +51,10 @@ pub fn make_batch(
     y.clear();
     y.extend(indices.iter().map(|&i| u32::from(ds.label(i))));
     x.resize(indices.len() * PIXELS, 0.0);
-    x.par_chunks_mut(PIXELS)
-        .zip(indices.par_iter())
-        .enumerate()
-        .for_each(|(j, (out, &i))| {
-            let view = View::draw(aug, seed, epoch, first_pos + j as u64);
-            view.render(ds.image(i), &table, out);
-        });
+    x.par_chunks_mut(PIXELS).zip(indices.par_iter()).enumerate().for_each(|(j, (out, &i))| {
+        let view = View::draw(aug, seed, epoch, first_pos + j as u64);
+        view.render(ds.image(i), &table, out);
+    });
 }
 
 /// The crop offsets `(dy, dx)` (each in −4..=4) and the flip of the image at position `pos` of
@@ -92,11 +77,7 @@ struct View {
 impl View {
     fn draw(aug: Augment, seed: u64, epoch: u64, pos: u64) -> View {
         if !aug.crop && !aug.flip {
-            return View {
-                dy: 0,
-                dx: 0,
-                flip: false,
-            };
+            return View { dy: 0, dx: 0, flip: false };
         }
         let mut rng = stream(STREAM_AUGMENT, seed, epoch, pos);
         // All three are always drawn, so turning crop off leaves the flips as they were.
@@ -105,11 +86,7 @@ impl View {
         let dx = below(&mut rng, span) as isize - PAD as isize;
         let heads = rng.next_u32() & 1 == 1;
         let (dy, dx) = if aug.crop { (dy, dx) } else { (0, 0) };
-        View {
-            dy,
-            dx,
-            flip: aug.flip && heads,
-        }
+        View { dy, dx, flip: aug.flip && heads }
     }
 
     /// Writes `image` (planar bytes) into `out` (NHWC, normalised through `table`).

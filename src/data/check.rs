@@ -20,13 +20,8 @@ pub fn check(dir: &Path) -> Result<String> {
                 text
             })
             .collect();
-        let _ = writeln!(
-            report,
-            "{}: {} records ({})",
-            split.name(),
-            ds.len(),
-            per_file.join(", ")
-        );
+        let _ =
+            writeln!(report, "{}: {} records ({})", split.name(), ds.len(), per_file.join(", "));
         let counts = ds.class_counts();
         for (name, count) in CLASSES.iter().zip(counts) {
             let _ = writeln!(report, "  {name:<10} {count:>6}");

@@ -48,17 +48,9 @@ impl Cifar10 {
         if total == 0 {
             // Unreachable while every file must be non-empty; kept so an empty set can never
             // reach training as a division by zero.
-            bail!(
-                "{}: the {} split has no records",
-                dir.display(),
-                split.name()
-            );
+            bail!("{}: the {} split has no records", dir.display(), split.name());
         }
-        Ok(Cifar10 {
-            files,
-            ends,
-            counts,
-        })
+        Ok(Cifar10 { files, ends, counts })
     }
 
     pub fn len(&self) -> usize {
@@ -91,11 +83,7 @@ impl Cifar10 {
     }
 
     fn record(&self, i: usize) -> &[u8] {
-        assert!(
-            i < self.len(),
-            "record {i} out of range: the split has {} records",
-            self.len()
-        );
+        assert!(i < self.len(), "record {i} out of range: the split has {} records", self.len());
         let k = self.ends.partition_point(|&end| end <= i);
         let first = if k == 0 { 0 } else { self.ends[k - 1] };
         let offset = (i - first) * RECORD;
@@ -128,18 +116,14 @@ fn map_records(path: &Path, dir: &Path) -> Result<Mmap> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot read the size of {}", path.display()))?;
+    let meta =
+        file.metadata().with_context(|| format!("cannot read the size of {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }
     let size = meta.len();
     if size == 0 {
-        bail!(
-            "{} is empty (0 bytes): it is truncated or not CIFAR-10 binary",
-            path.display()
-        );
+        bail!("{} is empty (0 bytes): it is truncated or not CIFAR-10 binary", path.display());
     }
     if size % RECORD as u64 != 0 {
         bail!(

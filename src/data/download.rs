@@ -41,9 +41,7 @@ impl Source {
 
 /// True when `dir` holds none of the data files (so training may download automatically).
 pub fn is_empty_location(dir: &Path) -> bool {
-    !MEMBERS[..DATA_FILES]
-        .iter()
-        .any(|name| dir.join(name).symlink_metadata().is_ok())
+    !MEMBERS[..DATA_FILES].iter().any(|name| dir.join(name).symlink_metadata().is_ok())
 }
 
 /// Downloads the archive, verifies its size, MD5 and SHA-256, unpacks only the expected
@@ -82,10 +80,7 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
     drop(archive);
     for split in [Split::Train, Split::Test] {
         Cifar10::open(&staging.path, split).with_context(|| {
-            format!(
-                "the archive from {} is not usable CIFAR-10 data",
-                source.url
-            )
+            format!("the archive from {} is not usable CIFAR-10 data", source.url)
         })?;
     }
     install(&staging.path, dir)?;
@@ -103,18 +98,14 @@ struct Temp {
 impl Temp {
     /// A new, unique name in `parent`, created by `create` (which must fail if it exists).
     fn create<T>(
-        parent: &Path,
-        prefix: &str,
-        mut create: impl FnMut(&Path) -> io::Result<T>,
+        parent: &Path, prefix: &str, mut create: impl FnMut(&Path) -> io::Result<T>,
     ) -> Result<(PathBuf, T)> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         for attempt in 0..100u32 {
-            let path = parent.join(format!(
-                "{prefix}-{}-{nanos}-{attempt}.tmp",
-                std::process::id()
-            ));
+            let path =
+                parent.join(format!("{prefix}-{}-{nanos}-{attempt}.tmp", std::process::id()));
             match create(&path) {
                 Ok(made) => return Ok((path, made)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -129,16 +120,9 @@ impl Temp {
     }
 
     fn new_file(parent: &Path, prefix: &str) -> Result<(Temp, File)> {
-        let (path, file) = Temp::create(parent, prefix, |p| {
-            File::options().write(true).create_new(true).open(p)
-        })?;
-        Ok((
-            Temp {
-                path,
-                is_dir: false,
-            },
-            file,
-        ))
+        let (path, file) =
+            Temp::create(parent, prefix, |p| File::options().write(true).create_new(true).open(p))?;
+        Ok((Temp { path, is_dir: false }, file))
     }
 
     fn new_dir(parent: &Path, prefix: &str) -> Result<Temp> {
@@ -149,11 +133,8 @@ impl Temp {
 
 impl Drop for Temp {
     fn drop(&mut self) {
-        let removed = if self.is_dir {
-            fs::remove_dir_all(&self.path)
-        } else {
-            fs::remove_file(&self.path)
-        };
+        let removed =
+            if self.is_dir { fs::remove_dir_all(&self.path) } else { fs::remove_file(&self.path) };
         if let Err(e) = removed {
             tracing::warn!("cannot remove {}: {e}", self.path.display());
         }
@@ -172,10 +153,7 @@ fn fetch(source: &Source, file: File, path: &Path) -> Result<()> {
         .build()
         .into();
     tracing::info!("downloading {url} ({} MB)", source.size / 1_000_000);
-    let mut response = agent
-        .get(url)
-        .call()
-        .map_err(|e| anyhow!("cannot download {url}: {e}"))?;
+    let mut response = agent.get(url).call().map_err(|e| anyhow!("cannot download {url}: {e}"))?;
     if let Some(len) = response.body().content_length() {
         if len != source.size {
             bail!(
@@ -213,13 +191,9 @@ fn fetch(source: &Source, file: File, path: &Path) -> Result<()> {
             next_tenth += 1;
         }
     }
-    out.flush()
-        .with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
+    out.flush().with_context(|| format!("cannot write {} (disk full?)", path.display()))?;
     if got != source.size {
-        bail!(
-            "download of {url} stopped after {got} of {} bytes; try again",
-            source.size
-        );
+        bail!("download of {url} stopped after {got} of {} bytes; try again", source.size);
     }
     for (what, got, want) in [
         ("MD5", hex(&md5.finalize()), &source.md5),
@@ -257,15 +231,9 @@ pub(super) fn unpack(archive: &Path, staging: &Path, url: &str) -> Result<()> {
         // The name on disk is our constant, never the archive's bytes, and `create_new`
         // refuses to write through anything already there.
         let dest = staging.join(name);
-        let mut out = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&dest)
-            .with_context(|| {
-                format!(
-                    "cannot create {} (is {name} twice in the archive?)",
-                    dest.display()
-                )
+        let mut out =
+            File::options().write(true).create_new(true).open(&dest).with_context(|| {
+                format!("cannot create {} (is {name} twice in the archive?)", dest.display())
             })?;
         io::copy(&mut entry, &mut out)
             .with_context(|| format!("cannot unpack {name} from the archive of {url}"))?;
@@ -309,11 +277,8 @@ fn install(staging: &Path, dir: &Path) -> Result<()> {
     let created = !dir.exists();
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let aside = staging.join("previous");
-    let names: Vec<&str> = MEMBERS
-        .iter()
-        .copied()
-        .filter(|name| staging.join(name).is_file())
-        .collect();
+    let names: Vec<&str> =
+        MEMBERS.iter().copied().filter(|name| staging.join(name).is_file()).collect();
     let mut moved_aside = Vec::new();
     let mut moved_in = Vec::new();
     let mut moves = || -> io::Result<()> {

@@ -42,11 +42,9 @@ fn write_synthetic_file(path: &Path, records: Range<usize>, split: Split, seed: 
         let mut rng = stream(STREAM_SYNTHETIC, seed, split as u64, i as u64);
         record[0] = label;
         synthetic_image(label, &mut rng, &mut record[1..]);
-        out.write_all(&record)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        out.write_all(&record).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    out.flush()
-        .with_context(|| format!("cannot write {}", path.display()))
+    out.flush().with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// One synthetic image of class `label` into `image` (planar RGB bytes).

@@ -88,31 +88,12 @@ impl TensorInfo {
 
 /// `Conv(bias) → BatchNorm → ReLU` as `nn.Sequential` numbers them: `{prefix}.0/.1/.2`.
 fn conv_bn_relu(
-    prefix: &str,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+    prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize,
 ) -> Vec<Layer> {
     vec![
-        Layer::Conv {
-            name: format!("{prefix}.0"),
-            conv: Conv2d {
-                cin,
-                cout,
-                k,
-                stride,
-                pad,
-            },
-        },
-        Layer::BatchNorm {
-            name: format!("{prefix}.1"),
-            channels: cout,
-        },
-        Layer::Relu {
-            name: format!("{prefix}.2"),
-        },
+        Layer::Conv { name: format!("{prefix}.0"), conv: Conv2d { cin, cout, k, stride, pad } },
+        Layer::BatchNorm { name: format!("{prefix}.1"), channels: cout },
+        Layer::Relu { name: format!("{prefix}.2") },
     ]
 }
 
@@ -148,11 +129,7 @@ pub fn inception(name: &str, cin: usize, out: [usize; 4], reduce: [usize; 2]) ->
                 vec![
                     vec![Layer::MaxPool {
                         name: format!("{name}.branch4_pool"),
-                        pool: MaxPool2d {
-                            k: 3,
-                            stride: 1,
-                            pad: 1,
-                        },
+                        pool: MaxPool2d { k: 3, stride: 1, pad: 1 },
                     }],
                     // The seed uses a 3×3 convolution here, not GoogLeNet's 1×1.
                     cbr("branch4_conv", cin, out[3], 3),
@@ -167,11 +144,7 @@ impl ModelSpec {
     pub fn inception_net_small() -> ModelSpec {
         let pool = |name: &str| Layer::MaxPool {
             name: name.to_string(),
-            pool: MaxPool2d {
-                k: 3,
-                stride: 2,
-                pad: 1,
-            },
+            pool: MaxPool2d { k: 3, stride: 2, pad: 1 },
         };
         let mut layers = Vec::new();
         // block1: 7×7 stride 2 with padding 1 (as the seed has it): 32 → 14.
@@ -181,14 +154,8 @@ impl ModelSpec {
         layers.push(pool("block3.1"));
         layers.push(inception("block4.0", 256, [96, 96, 96, 96], [32, 32]));
         layers.push(pool("block4.1"));
-        layers.push(Layer::AvgPool2 {
-            name: "avg_pool2d".into(),
-        });
-        layers.push(Layer::Linear {
-            name: "fc".into(),
-            fin: 384,
-            fout: 10,
-        });
+        layers.push(Layer::AvgPool2 { name: "avg_pool2d".into() });
+        layers.push(Layer::Linear { name: "fc".into(), fin: 384, fout: 10 });
         ModelSpec {
             name: "InceptionNetSmall".into(),
             input: (3, 32, 32),
@@ -203,11 +170,7 @@ impl ModelSpec {
         fn walk(layers: &[Layer], out: &mut Vec<TensorInfo>) {
             for layer in layers {
                 let mut push = |name: &str, field: &str, shape: Vec<usize>, kind| {
-                    out.push(TensorInfo {
-                        name: format!("{name}.{field}"),
-                        shape,
-                        kind,
-                    })
+                    out.push(TensorInfo { name: format!("{name}.{field}"), shape, kind })
                 };
                 match layer {
                     Layer::Conv { name, conv } => {
@@ -247,11 +210,7 @@ impl ModelSpec {
 
     /// Number of trained parameters.
     pub fn param_count(&self) -> usize {
-        self.tensors()
-            .iter()
-            .filter(|t| t.kind == TensorKind::Param)
-            .map(TensorInfo::numel)
-            .sum()
+        self.tensors().iter().filter(|t| t.kind == TensorKind::Param).map(TensorInfo::numel).sum()
     }
 
     /// Checks that consecutive layers fit together, and returns the output shape of every layer
@@ -284,9 +243,7 @@ impl ModelSpec {
     /// `visit(layer, its input shape)`; returns the network's output shape.
     fn walk(&self, n: usize, visit: &mut dyn FnMut(&Layer, Nhwc)) -> anyhow::Result<Nhwc> {
         fn walk(
-            layers: &[Layer],
-            mut s: Nhwc,
-            visit: &mut dyn FnMut(&Layer, Nhwc),
+            layers: &[Layer], mut s: Nhwc, visit: &mut dyn FnMut(&Layer, Nhwc),
         ) -> anyhow::Result<Nhwc> {
             for layer in layers {
                 visit(layer, s);
@@ -367,9 +324,7 @@ mod tests {
         // Counted from the PyTorch model: sum(p.numel() for p in m.parameters()).
         let tensors = spec.tensors();
         assert_eq!(tensors[0].name, "block1.0.weight");
-        assert!(tensors
-            .iter()
-            .any(|t| t.name == "block3.0.branch2_conv2.1.running_var"));
+        assert!(tensors.iter().any(|t| t.name == "block3.0.branch2_conv2.1.running_var"));
         assert_eq!(tensors.last().unwrap().name, "fc.bias");
     }
 }

@@ -22,10 +22,7 @@ pub struct Progress {
 
 /// Paths of a checkpoint: the model (PyTorch-loadable) and its training state beside it.
 pub fn state_path(model: &Path) -> PathBuf {
-    let name = model
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let name = model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let stem = name.strip_suffix(".safetensors").unwrap_or(&name);
     model.with_file_name(format!("{stem}.state.safetensors"))
 }
@@ -33,11 +30,7 @@ pub fn state_path(model: &Path) -> PathBuf {
 /// Writes `<name>.safetensors` (the model's state_dict, loadable by PyTorch with strict=True)
 /// and `<name>.state.safetensors` (momentum buffers, step counters, seed, batch size).
 pub(super) fn save_checkpoint<B: Backend<f32>>(
-    net: &mut Net<f32, B>,
-    dir: &Path,
-    name: &str,
-    p: &Progress,
-    cfg: &TrainConfig,
+    net: &mut Net<f32, B>, dir: &Path, name: &str, p: &Progress, cfg: &TrainConfig,
 ) -> Result<PathBuf> {
     let model_path = dir.join(format!("{name}.safetensors"));
     let meta = HashMap::from([
@@ -49,12 +42,7 @@ pub(super) fn save_checkpoint<B: Backend<f32>>(
     let mut state: Vec<(String, OwnedTensor)> = net
         .momentum()
         .into_iter()
-        .map(|(n, v)| {
-            (
-                format!("optimizer.momentum.{n}"),
-                OwnedTensor::f32(vec![v.len()], v),
-            )
-        })
+        .map(|(n, v)| (format!("optimizer.momentum.{n}"), OwnedTensor::f32(vec![v.len()], v)))
         .collect();
     let scalar = |v: u64| OwnedTensor::i64(vec![], [v as i64]);
     state.push(("train.epoch".into(), scalar(p.epoch)));
@@ -64,14 +52,8 @@ pub(super) fn save_checkpoint<B: Backend<f32>>(
     // All randomness derives from the seed and the position, so the seed is the RNG state.
     state.push(("train.rng_seed".into(), scalar(cfg.seed)));
     state.push(("train.batch_size".into(), scalar(cfg.batch_size as u64)));
-    state.push((
-        "train.best_acc".into(),
-        OwnedTensor::f64(vec![], [p.best_acc]),
-    ));
-    state.push((
-        "train.epoch_loss_sum".into(),
-        OwnedTensor::f64(vec![], [p.epoch_loss_sum]),
-    ));
+    state.push(("train.best_acc".into(), OwnedTensor::f64(vec![], [p.best_acc])));
+    state.push(("train.epoch_loss_sum".into(), OwnedTensor::f64(vec![], [p.epoch_loss_sum])));
     state.push(("train.epoch_correct".into(), scalar(p.epoch_correct)));
     // Mixed precision: the dynamic loss scale, so a resumed run does not restart at 2^16 and
     // skip steps finding its way back.
@@ -88,16 +70,12 @@ pub(super) fn save_checkpoint<B: Backend<f32>>(
 
 pub(super) fn scalar(file: &TensorFile, name: &str) -> Result<f64> {
     let (v, _) = file.read_f64(name)?;
-    v.first()
-        .copied()
-        .with_context(|| format!("{}: {name} is empty", file.path().display()))
+    v.first().copied().with_context(|| format!("{}: {name} is empty", file.path().display()))
 }
 
 /// Loads a checkpoint pair written by [`save_checkpoint`] and returns where the run stood.
 pub(super) fn resume_from<B: Backend<f32>>(
-    net: &mut Net<f32, B>,
-    path: &Path,
-    cfg: &TrainConfig,
+    net: &mut Net<f32, B>, path: &Path, cfg: &TrainConfig,
 ) -> Result<Progress> {
     let model = TensorFile::open(path)?;
     let sp = state_path(path);
@@ -118,11 +96,7 @@ pub(super) fn resume_from<B: Backend<f32>>(
         epoch_correct: scalar(&state, "train.epoch_correct")? as u64,
         epoch_seen: scalar(&state, "train.epoch_seen")? as u64,
     };
-    let model_step = model
-        .metadata()?
-        .get("global_step")
-        .cloned()
-        .unwrap_or_default();
+    let model_step = model.metadata()?.get("global_step").cloned().unwrap_or_default();
     if model_step != p.global_step.to_string() {
         bail!(
             "{} (step {model_step}) and {} (step {}) are from different steps; the last save was interrupted — resume from another checkpoint",
@@ -140,10 +114,7 @@ pub(super) fn resume_from<B: Backend<f32>>(
     }
     let seed = scalar(&state, "train.rng_seed")? as u64;
     if seed != cfg.seed {
-        bail!(
-            "{} was trained with --seed {seed}; resume with the same seed",
-            path.display()
-        );
+        bail!("{} was trained with --seed {seed}; resume with the same seed", path.display());
     }
     load_model(net, &model, "")?;
     net.set_momentum(|name, _| Ok(state.read::<f32>(&format!("optimizer.momentum.{name}"))?.0))?;
@@ -152,10 +123,7 @@ pub(super) fn resume_from<B: Backend<f32>>(
     if state.tensors()?.names().contains(&"train.loss_scale") {
         let scale = scalar(&state, "train.loss_scale")?;
         if !(scale.is_finite() && scale > 0.0) {
-            bail!(
-                "{}: train.loss_scale is {scale}, not a positive number",
-                sp.display()
-            );
+            bail!("{}: train.loss_scale is {scale}, not a positive number", sp.display());
         }
         net.backend_mut().restore_loss_scale(scale)?;
     }

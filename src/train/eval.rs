@@ -24,9 +24,7 @@ pub(super) fn argmax<T: Elem>(row: &[T]) -> usize {
 
 /// Eval-mode pass over the whole dataset (no augmentation).
 pub fn evaluate<B: Backend<f32>>(
-    net: &mut Net<f32, B>,
-    ds: &Cifar10,
-    batch: usize,
+    net: &mut Net<f32, B>, ds: &Cifar10, batch: usize,
 ) -> Result<EvalResult> {
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut confusion = [[0u64; 10]; 10];

@@ -42,11 +42,8 @@ impl LrSchedule {
                 let (initial, min) = (self.lr / 25.0, self.lr / 25.0 / 1e4);
                 let total = self.total_steps.max(2) as f64;
                 // OneCycleLR: phase 1 ends at pct_start·total − 1, phase 2 at total − 1.
-                let pct_start = if self.warmup_epochs > 0.0 {
-                    (warmup / total).clamp(0.0, 1.0)
-                } else {
-                    0.3
-                };
+                let pct_start =
+                    if self.warmup_epochs > 0.0 { (warmup / total).clamp(0.0, 1.0) } else { 0.3 };
                 let end1 = (pct_start * total - 1.0).max(0.0);
                 let end2 = total - 1.0;
                 if s <= end1 {
@@ -63,10 +60,7 @@ impl LrSchedule {
             }
             Sched::Step => {
                 let epoch = (s / self.steps_per_epoch.max(1) as f64).floor();
-                self.lr
-                    * self
-                        .decay_rate
-                        .powf((epoch / self.decay_epochs.max(1.0)).floor())
+                self.lr * self.decay_rate.powf((epoch / self.decay_epochs.max(1.0)).floor())
             }
         }
     }

@@ -145,10 +145,7 @@ impl TrainConfig {
     }
 
     fn augment(&self) -> Augment {
-        Augment {
-            crop: !self.no_crop,
-            flip: !self.no_flip,
-        }
+        Augment { crop: !self.no_crop, flip: !self.no_flip }
     }
 
     /// Checks the flags before anything is read or written.
@@ -172,10 +169,7 @@ impl TrainConfig {
             bail!("--smoothing must be in [0, 1), got {}", self.smoothing);
         }
         if self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs as f64 {
-            bail!(
-                "--warmup-epochs must be between 0 and --epochs ({})",
-                self.epochs
-            );
+            bail!("--warmup-epochs must be between 0 and --epochs ({})", self.epochs);
         }
         if self.eval_batch_size == 0 {
             bail!("--eval-batch-size must be at least 1");
@@ -206,10 +200,8 @@ pub fn parse_steps(s: &str) -> Result<std::ops::Range<u64>> {
         anyhow::anyhow!("--profile-steps {s}: expected A..B with whole numbers A < B, e.g. 20..30")
     };
     let (a, b) = s.split_once("..").ok_or_else(bad)?;
-    let (a, b): (u64, u64) = (
-        a.trim().parse().map_err(|_| bad())?,
-        b.trim().parse().map_err(|_| bad())?,
-    );
+    let (a, b): (u64, u64) =
+        (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
     if a >= b {
         return Err(bad());
     }
@@ -232,10 +224,7 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
             info!("{} is empty: downloading CIFAR-10", cfg.data_dir.display());
         }
         if cfg.download && !data::is_empty_location(&cfg.data_dir) {
-            info!(
-                "{} already holds CIFAR-10 files; not downloading",
-                cfg.data_dir.display()
-            );
+            info!("{} already holds CIFAR-10 files; not downloading", cfg.data_dir.display());
         } else {
             data::download(&cfg.data_dir, &data::Source::official())?;
         }
@@ -249,13 +238,7 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
             let mut net = Net::new(spec, cpu, cfg.seed)?;
             net.schedule = cfg.branches;
             let feed = HostFeed::new(&train_set, cfg.augment(), cfg.seed);
-            train_loop(
-                cfg,
-                net,
-                &mut EagerStepper::new(feed),
-                &train_set,
-                &test_set,
-            )
+            train_loop(cfg, net, &mut EagerStepper::new(feed), &train_set, &test_set)
         }
         AnyBackend::Gpu(gpu) => {
             train_on_gpu(cfg, Net::new(spec, *gpu, cfg.seed)?, &train_set, &test_set)
@@ -266,10 +249,7 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
 /// The training loop on the CUDA backend: batches rendered on the GPU from the resident
 /// training set and each step replayed as a CUDA graph, unless the flags say otherwise.
 fn train_on_gpu(
-    cfg: &TrainConfig,
-    mut net: Net<f32, Gpu>,
-    train_set: &Cifar10,
-    test_set: &Cifar10,
+    cfg: &TrainConfig, mut net: Net<f32, Gpu>, train_set: &Cifar10, test_set: &Cifar10,
 ) -> Result<(PathBuf, Outcome)> {
     info!(
         device = %net.backend().describe(),

@@ -20,12 +20,7 @@ pub(super) fn timestamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// One row of summary.csv / metrics.jsonl.
@@ -101,12 +96,7 @@ impl Reporter {
             b.set_position(done);
             b
         });
-        Reporter {
-            bar,
-            interval: interval as u64,
-            epoch,
-            steps,
-        }
+        Reporter { bar, interval: interval as u64, epoch, steps }
     }
 
     /// Called after step `step` (0-based) of the epoch.

@@ -18,8 +18,7 @@ fn last_good(run_dir: &Path) -> String {
 /// The run folder and where the run stands: the resumed checkpoint's, or a new folder (with
 /// the initial weights loaded, if given) at the start.
 fn open_run<B: Backend<f32>>(
-    cfg: &TrainConfig,
-    net: &mut Net<f32, B>,
+    cfg: &TrainConfig, net: &mut Net<f32, B>,
 ) -> Result<(PathBuf, Progress)> {
     if let Some(path) = &cfg.resume {
         let p = resume_from(net, path, cfg)?;
@@ -73,16 +72,9 @@ fn write_args(cfg: &TrainConfig, run_dir: &Path) -> Result<()> {
 /// replay a CUDA graph of one batch size (`drop_last`).
 fn steps_per_epoch(cfg: &TrainConfig, n: usize, drop_last: bool) -> Result<u64> {
     let b = cfg.batch_size;
-    let steps = if n % b == 1 || drop_last {
-        n / b
-    } else {
-        n.div_ceil(b)
-    } as u64;
+    let steps = if n % b == 1 || drop_last { n / b } else { n.div_ceil(b) } as u64;
     if steps == 0 {
-        bail!(
-            "{} has {n} training images, fewer than one batch of 2",
-            cfg.data_dir.display()
-        );
+        bail!("{} has {n} training images, fewer than one batch of 2", cfg.data_dir.display());
     }
     Ok(steps)
 }
@@ -193,11 +185,7 @@ impl<B: Backend<f32>> Run<'_, B> {
     /// while they stay on the device: read back every `--log-interval` steps, at the end of the
     /// epoch and before stopping. A loss that is not finite stops the run without saving.
     fn count(
-        &mut self,
-        out: Result<Option<(f64, u64)>>,
-        images: u64,
-        pending: &mut Vec<u64>,
-        step: u64,
+        &mut self, out: Result<Option<(f64, u64)>>, images: u64, pending: &mut Vec<u64>, step: u64,
     ) -> Result<()> {
         let p = &mut self.progress;
         match out? {
@@ -241,10 +229,7 @@ impl<B: Backend<f32>> Run<'_, B> {
 
     /// Evaluates, records the epoch's row, and saves `last` (and `best` when it improved).
     fn end_epoch(
-        &mut self,
-        test_set: &Cifar10,
-        trained: EpochTrained,
-        started: Instant,
+        &mut self, test_set: &Cifar10, trained: EpochTrained, started: Instant,
     ) -> Result<()> {
         let train_secs = started.elapsed().as_secs_f64();
         let ev = evaluate(&mut self.net, test_set, self.cfg.eval_batch_size)?;
@@ -277,17 +262,10 @@ impl<B: Backend<f32>> Run<'_, B> {
             "epoch done"
         );
         if let Some((scale, skipped)) = self.net.backend().loss_scale()? {
-            info!(
-                loss_scale = scale,
-                skipped_steps = skipped,
-                "mixed precision"
-            );
+            info!(loss_scale = scale, skipped_steps = skipped, "mixed precision");
         }
         append(&self.run_dir.join("summary.csv"), &row.csv())?;
-        append(
-            &self.run_dir.join("metrics.jsonl"),
-            &serde_json::to_string(&row)?,
-        )?;
+        append(&self.run_dir.join("metrics.jsonl"), &serde_json::to_string(&row)?)?;
         let p = &mut self.progress;
         p.epoch += 1;
         p.step_in_epoch = 0;
@@ -298,13 +276,7 @@ impl<B: Backend<f32>> Run<'_, B> {
         if improved {
             p.best_acc = ev.accuracy;
         }
-        save_checkpoint(
-            &mut self.net,
-            &self.run_dir,
-            "last",
-            &self.progress,
-            self.cfg,
-        )?;
+        save_checkpoint(&mut self.net, &self.run_dir, "last", &self.progress, self.cfg)?;
         if improved {
             crate::checkpoint::save_model(&mut self.net, &self.run_dir.join("best.safetensors"))?;
         }
@@ -314,10 +286,7 @@ impl<B: Backend<f32>> Run<'_, B> {
 
 /// The epochs of [`train`] on an already built network.
 pub(super) fn train_loop<B: Backend<f32>>(
-    cfg: &TrainConfig,
-    mut net: Net<f32, B>,
-    stepper: &mut dyn Stepper<B>,
-    train_set: &Cifar10,
+    cfg: &TrainConfig, mut net: Net<f32, B>, stepper: &mut dyn Stepper<B>, train_set: &Cifar10,
     test_set: &Cifar10,
 ) -> Result<(PathBuf, Outcome)> {
     let (run_dir, progress) = open_run(cfg, &mut net)?;

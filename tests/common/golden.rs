@@ -90,11 +90,7 @@ pub fn tols_f32() -> Tols {
             "exact value 0; f32 cancellation noise (PyTorch f32: 8e-8)",
         ),
         loss: Tol::new(1e-6, 1e-5, "a mean of log-softmax values from f32 logits"),
-        trace: Tol::new(
-            1e-2,
-            0.0,
-            "PyTorch float32 itself is 3.3e-3 off by the third step",
-        ),
+        trace: Tol::new(1e-2, 0.0, "PyTorch float32 itself is 3.3e-3 off by the third step"),
         after: Check::L2(
             0.3,
             "PyTorch float32 reaches 0.16 on BN biases: they start at 0, so this is the \
@@ -111,11 +107,7 @@ pub fn tols_f32() -> Tols {
 const STEPS_WHY: &str = "the steps amplify the f32 rounding of the stored input (PyTorch f64 too)";
 
 pub fn tols_f64() -> Tols {
-    let t = Tol::new(
-        1e-6,
-        2e-6,
-        "f64 compute; the reference is f64 rounded to f32 (6e-8)",
-    );
+    let t = Tol::new(1e-6, 2e-6, "f64 compute; the reference is f64 rounded to f32 (6e-8)");
     Tols {
         act: t,
         grad: Check::Elem(Tol::scaled(
@@ -125,11 +117,7 @@ pub fn tols_f64() -> Tols {
             "f64 compute; the reference's input was rounded to f32 after its f64 pass, which \
              shows in elements that are small because terms cancelled: bound also by 1e-6·max",
         )),
-        grad_pre_bn_bias: Tol::new(
-            1e-9,
-            0.0,
-            "exact value 0: only rounding noise on both sides",
-        ),
+        grad_pre_bn_bias: Tol::new(1e-9, 0.0, "exact value 0: only rounding noise on both sides"),
         loss: t,
         trace: Tol::new(1e-5, 1e-4, STEPS_WHY),
         after: Check::L2(1e-2, STEPS_WHY),
@@ -147,10 +135,7 @@ fn check(rep: &mut Report, name: &str, got: &[f64], want: &[f64], c: Check) {
 /// Runs the fixture at `path` through networks on the backends `new_backend` makes, and
 /// panics with every tensor out of tolerance.
 pub fn run_fixture<T: Elem, B: Backend<T>>(
-    path: &std::path::Path,
-    tols: &Tols,
-    what: &str,
-    new_backend: &dyn Fn() -> B,
+    path: &std::path::Path, tols: &Tols, what: &str, new_backend: &dyn Fn() -> B,
 ) {
     let file = TensorFile::open(path).unwrap_or_else(|e| panic!("{e:#}"));
     let batch: usize = meta(&file, "batch").parse().expect("batch");
@@ -163,14 +148,8 @@ pub fn run_fixture<T: Elem, B: Backend<T>>(
     };
     let spec = ModelSpec::inception_net_small();
     assert_eq!(meta(&file, "bn_eps").parse::<f64>().unwrap(), spec.bn.eps);
-    assert_eq!(
-        meta(&file, "bn_momentum").parse::<f64>().unwrap(),
-        spec.bn.momentum
-    );
-    eprintln!(
-        "{what}: {} batch {batch} steps {steps} {opt:?}",
-        path.display()
-    );
+    assert_eq!(meta(&file, "bn_momentum").parse::<f64>().unwrap(), spec.bn.momentum);
+    eprintln!("{what}: {} batch {batch} steps {steps} {opt:?}", path.display());
 
     let (x, xshape) = file.read::<T>("x").unwrap();
     assert_eq!(xshape, vec![batch, 3, 32, 32]);
@@ -184,53 +163,26 @@ pub fn run_fixture<T: Elem, B: Backend<T>>(
     load_model(&mut net, &file, "param/").unwrap();
     let logits = net.forward(&x, batch, true).unwrap();
     let st = file.tensors().unwrap();
-    let mut act_names: Vec<String> = st
-        .names()
-        .iter()
-        .filter_map(|n| n.strip_prefix("act/").map(String::from))
-        .collect();
+    let mut act_names: Vec<String> =
+        st.names().iter().filter_map(|n| n.strip_prefix("act/").map(String::from)).collect();
     act_names.sort();
-    assert!(
-        act_names.len() >= 10,
-        "fixture has only {} activations",
-        act_names.len()
-    );
+    assert!(act_names.len() >= 10, "fixture has only {} activations", act_names.len());
     for name in &act_names {
-        let (got, shape) = net
-            .activation(name)
-            .unwrap_or_else(|| panic!("no activation {name}"));
+        let (got, shape) = net.activation(name).unwrap_or_else(|| panic!("no activation {name}"));
         let (want, wshape) = file.read_f64(&format!("act/{name}")).unwrap();
-        let got = if wshape.len() == 4 {
-            nhwc_to_nchw(&got, shape)
-        } else {
-            got
-        };
+        let got = if wshape.len() == 4 { nhwc_to_nchw(&got, shape) } else { got };
         rep.check(&format!("act/{name}"), &to_f64(&got), &want, tols.act);
     }
-    rep.check(
-        "logits",
-        &to_f64(&logits),
-        &file.read_f64("logits").unwrap().0,
-        tols.act,
-    );
+    rep.check("logits", &to_f64(&logits), &file.read_f64("logits").unwrap().0, tols.act);
     let loss = net.loss(&labels, 0.0).unwrap();
-    rep.check(
-        "loss",
-        &[loss],
-        &file.read_f64("loss").unwrap().0,
-        tols.loss,
-    );
+    rep.check("loss", &[loss], &file.read_f64("loss").unwrap().0, tols.loss);
     net.zero_grad();
     net.backward().unwrap();
     let grads = net.grads();
     let conv_before_bn = |name: &str| name.ends_with(".0.bias") && !name.starts_with("fc");
     for (name, g) in &grads {
         let (want, _) = file.read_f64(&format!("grad/{name}")).unwrap();
-        let c = if conv_before_bn(name) {
-            Check::Elem(tols.grad_pre_bn_bias)
-        } else {
-            tols.grad
-        };
+        let c = if conv_before_bn(name) { Check::Elem(tols.grad_pre_bn_bias) } else { tols.grad };
         check(&mut rep, &format!("grad/{name}"), &to_f64(g), &want, c);
     }
 
@@ -241,12 +193,7 @@ pub fn run_fixture<T: Elem, B: Backend<T>>(
     for _ in 0..steps {
         trace.push(net.train_step(&x, &labels, &opt, 0.0).unwrap().0);
     }
-    rep.check(
-        "loss_trace",
-        &trace,
-        &file.read_f64("loss_trace").unwrap().0,
-        tols.trace,
-    );
+    rep.check("loss_trace", &trace, &file.read_f64("loss_trace").unwrap().0, tols.trace);
     for (info, value) in net.state() {
         let (want, _) = file.read_f64(&format!("after/{}", info.name)).unwrap();
         let got = match value {

@@ -38,19 +38,11 @@ pub struct Launch {
 impl Launch {
     /// A 1-D grid of 1-D blocks.
     pub fn linear(grid: u32, block: u32) -> Launch {
-        Launch {
-            grid: [grid, 1, 1],
-            block: [block, 1, 1],
-            seed: 0,
-        }
+        Launch { grid: [grid, 1, 1], block: [block, 1, 1], seed: 0 }
     }
     /// 2-D grid and block.
     pub fn grid2(grid: (u32, u32), block: (u32, u32)) -> Launch {
-        Launch {
-            grid: [grid.0, grid.1, 1],
-            block: [block.0, block.1, 1],
-            seed: 0,
-        }
+        Launch { grid: [grid.0, grid.1, 1], block: [block.0, block.1, 1], seed: 0 }
     }
     /// The same launch with its blocks run in the random order drawn from `seed` (0: in
     /// blockIdx order).
@@ -65,10 +57,7 @@ impl Launch {
             self.grid.iter().all(|&g| g > 0) && self.block.iter().all(|&b| b > 0),
             "launch {self:?}: empty grid or block"
         );
-        assert!(
-            self.threads() <= 1024,
-            "launch {self:?}: more than 1024 threads per block"
-        );
+        assert!(self.threads() <= 1024, "launch {self:?}: more than 1024 threads per block");
     }
 }
 
@@ -180,18 +169,12 @@ pub trait IntoArg<'a> {
 }
 impl<'a, T: CType> IntoArg<'a> for &'a mut [T] {
     fn into_arg(self) -> KArg<'a> {
-        KArg::Out {
-            bytes: bytes_mut(self),
-            elem: T::C_TYPE,
-        }
+        KArg::Out { bytes: bytes_mut(self), elem: T::C_TYPE }
     }
 }
 impl<'a, T: CType> IntoArg<'a> for &'a [T] {
     fn into_arg(self) -> KArg<'a> {
-        KArg::In {
-            bytes: bytes(self),
-            elem: T::C_TYPE,
-        }
+        KArg::In { bytes: bytes(self), elem: T::C_TYPE }
     }
 }
 impl<'a, T: CType> IntoArg<'a> for &'a mut T {
@@ -235,12 +218,7 @@ fn kname<T: Act>(base: &str) -> String {
 /// write it (the device itself checks only pointer, `int` or `float`).
 fn check_signature(name: &str, args: &[KArg]) {
     let k = kernel_emu::kernel(name).unwrap_or_else(|| panic!("no kernel named {name}"));
-    assert_eq!(
-        args.len(),
-        k.params.len(),
-        "{name} takes {} arguments: {k}",
-        k.params.len()
-    );
+    assert_eq!(args.len(), k.params.len(), "{name} takes {} arguments: {k}", k.params.len());
     let buffer = |j: usize| match args.get(j) {
         Some(KArg::Out { elem, .. }) => Some((*elem, true)),
         Some(KArg::In { elem, .. }) => Some((*elem, false)),
@@ -272,13 +250,8 @@ fn check_signature(name: &str, args: &[KArg]) {
 /// mismatch and on any error of the device.
 pub fn run_kernel(l: Launch, name: &str, mut args: Vec<KArg>) {
     check_signature(name, &args);
-    let dev = EmuDevice::new(EmuOptions {
-        seed: l.seed,
-        check: true,
-    });
-    let s = dev
-        .stream_create()
-        .unwrap_or_else(|e| device_error(name, "creating a stream", e));
+    let dev = EmuDevice::new(EmuOptions { seed: l.seed, check: true });
+    let s = dev.stream_create().unwrap_or_else(|e| device_error(name, "creating a stream", e));
     let mut ptrs = vec![0u64; args.len()];
     for (i, a) in args.iter().enumerate() {
         let data: &[u8] = match a {
@@ -304,15 +277,9 @@ pub fn run_kernel(l: Launch, name: &str, mut args: Vec<KArg>) {
             KArg::F32(v) => KernelArg::F32(v),
         })
         .collect();
-    let dims = LaunchDims {
-        grid: l.grid,
-        block: l.block,
-        shared_bytes: 0,
-    };
-    dev.launch(s, name, dims, &kargs)
-        .unwrap_or_else(|e| device_error(name, "launching", e));
-    dev.synchronize()
-        .unwrap_or_else(|e| device_error(name, "running", e));
+    let dims = LaunchDims { grid: l.grid, block: l.block, shared_bytes: 0 };
+    dev.launch(s, name, dims, &kargs).unwrap_or_else(|e| device_error(name, "launching", e));
+    dev.synchronize().unwrap_or_else(|e| device_error(name, "running", e));
     for (i, a) in args.iter_mut().enumerate() {
         if let KArg::Out { bytes, .. } = a {
             if !bytes.is_empty() {
@@ -323,11 +290,9 @@ pub fn run_kernel(l: Launch, name: &str, mut args: Vec<KArg>) {
         }
     }
     for (i, &p) in ptrs.iter().enumerate().filter(|&(_, &p)| p != 0) {
-        dev.free(s, p)
-            .unwrap_or_else(|e| device_error(name, &format!("freeing argument {i}"), e));
+        dev.free(s, p).unwrap_or_else(|e| device_error(name, &format!("freeing argument {i}"), e));
     }
-    dev.synchronize()
-        .unwrap_or_else(|e| device_error(name, "freeing the buffers", e));
+    dev.synchronize().unwrap_or_else(|e| device_error(name, "freeing the buffers", e));
     assert_eq!(
         dev.counters().kernels.get(name),
         Some(&1),
@@ -352,27 +317,16 @@ fn int(v: usize, what: &str) -> c_int {
 
 /// Checks that a `[p, ld]` matrix read or written at columns `off..off + c` fits in `len`.
 fn check_cols(len: usize, p: usize, c: usize, ld: usize, off: usize, what: &str) {
-    assert!(
-        off + c <= ld,
-        "{what}: columns {off}..{} exceed the row length {ld}",
-        off + c
-    );
+    assert!(off + c <= ld, "{what}: columns {off}..{} exceed the row length {ld}", off + c);
     if p > 0 && c > 0 {
         let need = (p - 1) * ld + off + c;
-        assert!(
-            len >= need,
-            "{what}: {len} elements, the kernel touches {need}"
-        );
+        assert!(len >= need, "{what}: {len} elements, the kernel touches {need}");
     }
     int(p * ld, what);
 }
 
 fn check_len<T>(s: &[T], need: usize, what: &str) {
-    assert!(
-        s.len() >= need,
-        "{what}: {} elements, the kernel needs {need}",
-        s.len()
-    );
+    assert!(s.len() >= need, "{what}: {} elements, the kernel needs {need}", s.len());
 }
 
 /// A `[p, ld]` row-major matrix read at columns `off..off + c`: a channel slice of a wider NHWC
@@ -387,24 +341,14 @@ pub struct Cols<'a, T> {
 impl<'a, T> Cols<'a, T> {
     /// A whole `[p, c]` tensor.
     pub fn whole(data: &'a [T], c: usize) -> Self {
-        Cols {
-            data,
-            ld: c,
-            off: 0,
-        }
+        Cols { data, ld: c, off: 0 }
     }
 }
 
 /// `concat_forward_*`: `y[p·ldy + y_off + c] = x[p·C + c]`.
 #[allow(clippy::too_many_arguments)]
 pub fn concat_forward<T: Act>(
-    l: Launch,
-    y: &mut [T],
-    ldy: usize,
-    y_off: usize,
-    x: &[T],
-    p: usize,
-    c: usize,
+    l: Launch, y: &mut [T], ldy: usize, y_off: usize, x: &[T], p: usize, c: usize,
 ) {
     l.check();
     check_cols(y.len(), p, c, ldy, y_off, "concat_forward y");
@@ -442,11 +386,7 @@ pub fn concat_backward<T: Act>(l: Launch, dx: &mut [T], dy: Cols<T>, p: usize, c
 fn check_reduction_launch(l: Launch, c: usize, what: &str) {
     l.check();
     let [bx, by, bz] = l.block;
-    assert!(
-        bx <= 32 && by <= 32 && bz == 1,
-        "{what}: block {:?}, must be (≤32, ≤32, 1)",
-        l.block
-    );
+    assert!(bx <= 32 && by <= 32 && bz == 1, "{what}: block {:?}, must be (≤32, ≤32, 1)", l.block);
     assert_eq!(
         l.grid[0] as usize,
         c.div_ceil(bx as usize),
@@ -475,15 +415,8 @@ fn assert_counters_reset(counters: &[c_int], what: &str) {
 /// here; the counters are checked to come back zero (the kernel's reset).
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_stats<T: Act>(
-    l: Launch,
-    mean: &mut [f32],
-    invstd: &mut [f32],
-    running: Option<(&mut [f32], &mut [f32])>,
-    x: &[T],
-    p: usize,
-    c: usize,
-    eps: f32,
-    momentum: f32,
+    l: Launch, mean: &mut [f32], invstd: &mut [f32], running: Option<(&mut [f32], &mut [f32])>,
+    x: &[T], p: usize, c: usize, eps: f32, momentum: f32,
 ) {
     let (mut ws, mut counters) = bn_reduction_buffers(l, c, "batch_norm_stats");
     check_len(mean, c, "mean");
@@ -519,28 +452,13 @@ pub fn batch_norm_stats<T: Act>(
 /// `batch_norm_relu_apply_*`: `y[p·ldy + y_off + c] = relu?((x − mean)·invstd·gamma + beta)`.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_relu_apply<T: Act>(
-    l: Launch,
-    y: &mut [T],
-    ldy: usize,
-    y_off: usize,
-    x: &[T],
-    mean: &[f32],
-    invstd: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    p: usize,
-    c: usize,
-    relu: bool,
+    l: Launch, y: &mut [T], ldy: usize, y_off: usize, x: &[T], mean: &[f32], invstd: &[f32],
+    gamma: &[f32], beta: &[f32], p: usize, c: usize, relu: bool,
 ) {
     l.check();
     check_cols(y.len(), p, c, ldy, y_off, "batch_norm_relu_apply y");
     check_len(x, p * c, "x");
-    for (s, what) in [
-        (mean, "mean"),
-        (invstd, "invstd"),
-        (gamma, "gamma"),
-        (beta, "beta"),
-    ] {
+    for (s, what) in [(mean, "mean"), (invstd, "invstd"), (gamma, "gamma"), (beta, "beta")] {
         check_len(s, c, what);
     }
     run!(
@@ -564,19 +482,9 @@ pub fn batch_norm_relu_apply<T: Act>(
 /// + c0), `dgamma += Σdy'·x̂`, `dbeta += Σdy'` (each when given).
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_relu_backward_reduce<T: Act>(
-    l: Launch,
-    coef: &mut [f32],
-    dgamma: Option<&mut [f32]>,
-    dbeta: Option<&mut [f32]>,
-    dy: Cols<T>,
-    y: Cols<T>,
-    x: &[T],
-    mean: &[f32],
-    invstd: &[f32],
-    gamma: &[f32],
-    p: usize,
-    c: usize,
-    relu: bool,
+    l: Launch, coef: &mut [f32], dgamma: Option<&mut [f32]>, dbeta: Option<&mut [f32]>,
+    dy: Cols<T>, y: Cols<T>, x: &[T], mean: &[f32], invstd: &[f32], gamma: &[f32], p: usize,
+    c: usize, relu: bool,
 ) {
     let (mut ws, mut counters) = bn_reduction_buffers(l, c, "batch_norm_relu_backward_reduce");
     check_len(coef, 3 * c, "coef");
@@ -619,16 +527,8 @@ pub fn batch_norm_relu_backward_reduce<T: Act>(
 /// `batch_norm_relu_backward_apply_*`: `dx = a·dy' + b·(x − mean) + c0`, dx `[p, c]`.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_relu_backward_apply<T: Act>(
-    l: Launch,
-    dx: &mut [T],
-    dy: Cols<T>,
-    y: Cols<T>,
-    x: &[T],
-    mean: &[f32],
-    coef: &[f32],
-    p: usize,
-    c: usize,
-    relu: bool,
+    l: Launch, dx: &mut [T], dy: Cols<T>, y: Cols<T>, x: &[T], mean: &[f32], coef: &[f32],
+    p: usize, c: usize, relu: bool,
 ) {
     l.check();
     check_len(dx, p * c, "dx");
@@ -688,16 +588,7 @@ pub fn fork_backward<T: Act>(l: Launch, dx: &mut [T], parts: &[&[T]]) {
     }
     let part = |i: usize| parts.get(i).copied();
     let n = int(dx.len(), "n");
-    run!(
-        l,
-        kname::<T>("fork_backward"),
-        dx,
-        part(0),
-        part(1),
-        part(2),
-        part(3),
-        n,
-    )
+    run!(l, kname::<T>("fork_backward"), dx, part(0), part(1), part(2), part(3), n,)
 }
 
 /// `fork_backward_*` with `dx` as its own first part (`dx = dx + Σ rest`): how the GPU host
@@ -712,53 +603,27 @@ pub fn fork_backward_into<T: Act>(l: Launch, dx: &mut [T], rest: &[&[T]]) {
     let n = int(dx.len(), "n");
     // dx is read and then written element by element by the same thread, the aliasing the
     // kernel documents as allowed: its first part is dx's own device buffer.
-    run!(
-        l,
-        kname::<T>("fork_backward"),
-        dx,
-        KArg::Same(0),
-        part(0),
-        part(1),
-        part(2),
-        n
-    )
+    run!(l, kname::<T>("fork_backward"), dx, KArg::Same(0), part(0), part(1), part(2), n)
 }
 
 /// `convert_from_f32_*`: `dst = T(src)`, round to nearest even.
 pub fn convert_from_f32<T: Act>(l: Launch, dst: &mut [T], src: &[f32]) {
     l.check();
     assert_eq!(dst.len(), src.len(), "convert_from_f32 dst and src");
-    run!(
-        l,
-        kname::<T>("convert_from_f32"),
-        dst,
-        src,
-        int(src.len(), "n")
-    )
+    run!(l, kname::<T>("convert_from_f32"), dst, src, int(src.len(), "n"))
 }
 
 /// `convert_to_f32_*`: `dst = f32(src)`.
 pub fn convert_to_f32<T: Act>(l: Launch, dst: &mut [f32], src: &[T]) {
     l.check();
     assert_eq!(dst.len(), src.len(), "convert_to_f32 dst and src");
-    run!(
-        l,
-        kname::<T>("convert_to_f32"),
-        dst,
-        src,
-        int(src.len(), "n")
-    )
+    run!(l, kname::<T>("convert_to_f32"), dst, src, int(src.len(), "n"))
 }
 
 /// `weight_oihw_to_ohwi_*`: `dst` `[k, r·s, c]` (OHWI) = T(`src` `[k, c, r·s]` (OIHW)), with
 /// `rs` = r·s.
 pub fn weight_oihw_to_ohwi<T: Act>(
-    l: Launch,
-    dst: &mut [T],
-    src: &[f32],
-    k: usize,
-    c: usize,
-    rs: usize,
+    l: Launch, dst: &mut [T], src: &[f32], k: usize, c: usize, rs: usize,
 ) {
     l.check();
     let n = k * c * rs;
@@ -769,25 +634,12 @@ pub fn weight_oihw_to_ohwi<T: Act>(
         src.len()
     );
     int(n, "K·C·RS");
-    run!(
-        l,
-        kname::<T>("weight_oihw_to_ohwi"),
-        dst,
-        src,
-        int(k, "K"),
-        int(c, "C"),
-        int(rs, "RS"),
-    )
+    run!(l, kname::<T>("weight_oihw_to_ohwi"), dst, src, int(k, "K"), int(c, "C"), int(rs, "RS"),)
 }
 
 /// `add_ohwi_to_oihw_*`: `grad` `[k, c, r·s]` (OIHW) += f32(`g` `[k, r·s, c]` (OHWI)).
 pub fn add_ohwi_to_oihw<T: Act>(
-    l: Launch,
-    grad: &mut [f32],
-    g: &[T],
-    k: usize,
-    c: usize,
-    rs: usize,
+    l: Launch, grad: &mut [f32], g: &[T], k: usize, c: usize, rs: usize,
 ) {
     l.check();
     let n = k * c * rs;
@@ -798,15 +650,7 @@ pub fn add_ohwi_to_oihw<T: Act>(
         g.len()
     );
     int(n, "K·C·RS");
-    run!(
-        l,
-        kname::<T>("add_ohwi_to_oihw"),
-        grad,
-        g,
-        int(k, "K"),
-        int(c, "C"),
-        int(rs, "RS"),
-    )
+    run!(l, kname::<T>("add_ohwi_to_oihw"), grad, g, int(k, "K"), int(c, "C"), int(rs, "RS"),)
 }
 
 /// `bias_add_*`: `y[p·C + c] = T(f32(y[p·C + c]) + b[c])` in place, y `[p, c]`.
@@ -838,22 +682,12 @@ pub fn bias_grad_workspace(p: usize, c: usize, r: usize) -> usize {
 /// the GPU does. Does not check the counters afterwards.
 #[allow(clippy::too_many_arguments)]
 pub fn bias_grad_with<T: Act>(
-    l: Launch,
-    db: &mut [f32],
-    workspace: &mut [f64],
-    counters: &mut [i32],
-    dy: &[T],
-    p: usize,
-    c: usize,
-    r: usize,
+    l: Launch, db: &mut [f32], workspace: &mut [f64], counters: &mut [i32], dy: &[T], p: usize,
+    c: usize, r: usize,
 ) {
     check_reduction_launch(l, c, "bias_grad");
     assert!(r >= 1, "bias_grad: tiles of at least one row");
-    check_len(
-        workspace,
-        bias_grad_workspace(p, c, r),
-        "bias_grad workspace",
-    );
+    check_len(workspace, bias_grad_workspace(p, c, r), "bias_grad workspace");
     check_len(counters, l.grid[0] as usize, "bias_grad counters");
     check_len(db, c, "bias_grad db");
     check_len(dy, p * c, "bias_grad dy");
@@ -902,12 +736,7 @@ pub struct LossOut {
 /// `cross_entropy_forward_backward`: `dlogits = (softmax − target)/N · loss_scale` (1 when
 /// `None`), the mean loss and the correct count. logits `[labels.len(), k]`.
 pub fn cross_entropy_forward_backward(
-    l: Launch,
-    dlogits: &mut [f32],
-    logits: &[f32],
-    labels: &[i32],
-    k: usize,
-    smoothing: f32,
+    l: Launch, dlogits: &mut [f32], logits: &[f32], labels: &[i32], k: usize, smoothing: f32,
     loss_scale: Option<f32>,
 ) -> LossOut {
     l.check();
@@ -939,35 +768,16 @@ pub fn cross_entropy_forward_backward(
 /// `accumulate_step_metrics`: `sums[0] += out.loss · n`, `sums[1] += out.correct`.
 pub fn accumulate_step_metrics(l: Launch, sums: &mut [f64; 2], out: LossOut, n: usize) {
     l.check();
-    run!(
-        l,
-        "accumulate_step_metrics",
-        &mut sums[..],
-        &out.loss,
-        &out.correct,
-        int(n, "n")
-    )
+    run!(l, "accumulate_step_metrics", &mut sums[..], &out.loss, &out.correct, int(n, "n"))
 }
 
 /// `amp_unscale_*`: `master = grad / scale`; sets `*found_inf = 1` on inf/NaN (never clears).
 pub fn amp_unscale<T: Act>(
-    l: Launch,
-    master: &mut [f32],
-    grad: &[T],
-    scale: f32,
-    found_inf: &mut i32,
+    l: Launch, master: &mut [f32], grad: &[T], scale: f32, found_inf: &mut i32,
 ) {
     l.check();
     assert_eq!(master.len(), grad.len(), "master and grad");
-    run!(
-        l,
-        kname::<T>("amp_unscale"),
-        master,
-        grad,
-        int(grad.len(), "n"),
-        &scale,
-        found_inf,
-    )
+    run!(l, kname::<T>("amp_unscale"), master, grad, int(grad.len(), "n"), &scale, found_inf,)
 }
 
 /// `amp_unscale_f32` in place (`master` and `grad` the same buffer), as the kernel allows.
@@ -976,15 +786,7 @@ pub fn amp_unscale_in_place(l: Launch, grad: &mut [f32], scale: f32, found_inf: 
     let n = int(grad.len(), "n");
     // The kernel reads and then writes each element from the same thread: `grad` is the
     // device buffer of `master`.
-    run!(
-        l,
-        kname::<f32>("amp_unscale"),
-        grad,
-        KArg::Same(0),
-        n,
-        &scale,
-        found_inf
-    )
+    run!(l, kname::<f32>("amp_unscale"), grad, KArg::Same(0), n, &scale, found_inf)
 }
 
 /// The hyper-parameters of `sgd_step`.
@@ -1038,10 +840,7 @@ pub struct LossScale {
 
 /// `update_loss_scale` (grid 1, block 1).
 pub fn update_loss_scale(
-    s: &mut LossScale,
-    growth_factor: f32,
-    backoff_factor: f32,
-    growth_interval: i32,
+    s: &mut LossScale, growth_factor: f32, backoff_factor: f32, growth_interval: i32,
 ) {
     run!(
         Launch::linear(1, 1),

@@ -19,20 +19,10 @@ pub struct Tol {
 
 impl Tol {
     pub const fn new(atol: f64, rtol: f64, why: &'static str) -> Tol {
-        Tol {
-            atol,
-            rtol,
-            scale: 0.0,
-            why,
-        }
+        Tol { atol, rtol, scale: 0.0, why }
     }
     pub const fn scaled(atol: f64, rtol: f64, scale: f64, why: &'static str) -> Tol {
-        Tol {
-            atol,
-            rtol,
-            scale,
-            why,
-        }
+        Tol { atol, rtol, scale, why }
     }
 }
 
@@ -48,28 +38,15 @@ pub struct Worst {
 /// difference, so a failure shows what went wrong.
 pub fn compare(name: &str, got: &[f64], want: &[f64], tol: Tol) -> Result<Worst, String> {
     if got.len() != want.len() {
-        return Err(format!(
-            "{name}: {} values, expected {}",
-            got.len(),
-            want.len()
-        ));
+        return Err(format!("{name}: {} values, expected {}", got.len(), want.len()));
     }
     let max_abs = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     let atol = tol.atol + tol.scale * max_abs;
-    let mut worst = Worst {
-        index: 0,
-        got: f64::NAN,
-        want: f64::NAN,
-        ratio: 0.0,
-    };
+    let mut worst = Worst { index: 0, got: f64::NAN, want: f64::NAN, ratio: 0.0 };
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let diff = (g - w).abs();
         // An exact match passes even with a zero tolerance (integers).
-        let ratio = if diff == 0.0 {
-            0.0
-        } else {
-            diff / (atol + tol.rtol * w.abs())
-        };
+        let ratio = if diff == 0.0 { 0.0 } else { diff / (atol + tol.rtol * w.abs()) };
         if ratio > worst.ratio || ratio.is_nan() {
             worst = Worst {
                 index: i,
@@ -122,9 +99,7 @@ impl Report {
     pub fn check(&mut self, name: &str, got: &[f64], want: &[f64], tol: Tol) {
         self.checked += 1;
         match compare(name, got, want, tol) {
-            Ok(w) => self
-                .lines
-                .push(format!("{name}: worst {:.3} of tolerance", w.ratio)),
+            Ok(w) => self.lines.push(format!("{name}: worst {:.3} of tolerance", w.ratio)),
             Err(e) => self.failures.push(e),
         }
     }
@@ -132,15 +107,9 @@ impl Report {
     /// Checks the relative L2 error of a whole tensor against `max_rel`.
     pub fn check_l2(&mut self, name: &str, got: &[f64], want: &[f64], max_rel: f64, why: &str) {
         self.checked += 1;
-        let e = if got.len() == want.len() {
-            rel_l2(got, want)
-        } else {
-            f64::INFINITY
-        };
+        let e = if got.len() == want.len() { rel_l2(got, want) } else { f64::INFINITY };
         if e <= max_rel {
-            self.lines.push(format!(
-                "{name}: relative L2 error {e:.2e} (bound {max_rel:e})"
-            ));
+            self.lines.push(format!("{name}: relative L2 error {e:.2e} (bound {max_rel:e})"));
         } else {
             let n = got.len().min(6);
             self.failures.push(format!(

@@ -10,15 +10,9 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
     /// Training-mode BatchNorm (then ReLU when `relu`): batch statistics in f64 over fixed row
     /// chunks, PyTorch's running-statistics rule.
     fn batch_norm_forward_train(
-        &self,
-        y: &mut Vec<T>,
-        x: &Vec<T>,
-        Affine { gamma, beta }: Affine<&Vec<T>>,
-        running: RunningStats<&mut Vec<T>>,
-        batch: BatchStats<&mut Vec<T>>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Vec<T>, x: &Vec<T>, Affine { gamma, beta }: Affine<&Vec<T>>,
+        running: RunningStats<&mut Vec<T>>, batch: BatchStats<&mut Vec<T>>, xs: Nhwc,
+        cfg: &BatchNormCfg, relu: bool,
     ) -> anyhow::Result<()> {
         crate::backend::check_batch_norm_train(xs)?;
         let (m, c) = (xs.pixels(), xs.c);
@@ -52,23 +46,15 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
         // y = (x − μ)·(invstd·γ) + β; subtracting the mean first keeps f32 exact enough when
         // |μ| is large next to the spread.
         let mean_t: Vec<T> = mu.iter().map(|&v| T::cast(v)).collect();
-        let scale: Vec<T> = (0..c)
-            .map(|ch| T::cast(inv[ch] * gamma[ch].as_f64()))
-            .collect();
+        let scale: Vec<T> = (0..c).map(|ch| T::cast(inv[ch] * gamma[ch].as_f64())).collect();
         bn_apply(y, x, &mean_t, &scale, beta, c, relu);
         Ok(())
     }
 
     /// Eval-mode BatchNorm (then ReLU when `relu`) with the running statistics.
     fn batch_norm_forward_eval(
-        &self,
-        y: &mut Vec<T>,
-        x: &Vec<T>,
-        Affine { gamma, beta }: Affine<&Vec<T>>,
-        running: RunningStats<&Vec<T>>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Vec<T>, x: &Vec<T>, Affine { gamma, beta }: Affine<&Vec<T>>,
+        running: RunningStats<&Vec<T>>, xs: Nhwc, cfg: &BatchNormCfg, relu: bool,
     ) {
         let scale: Vec<T> = (0..xs.c)
             .map(|ch| {
@@ -82,18 +68,9 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
     /// Backward of training-mode BatchNorm, of BatchNorm+ReLU when `y` (the ReLU's output) is
     /// given: the incoming gradient is masked by ReLU on the fly, in both passes.
     fn batch_norm_backward(
-        &self,
-        dx: &mut Vec<T>,
-        Affine {
-            gamma: dgamma,
-            beta: dbeta,
-        }: Affine<&mut Vec<T>>,
-        dy: &Vec<T>,
-        relu_out: Option<&Vec<T>>,
-        x: &Vec<T>,
-        gamma: &Vec<T>,
-        BatchStats { mean, invstd }: BatchStats<&Vec<T>>,
-        xs: Nhwc,
+        &self, dx: &mut Vec<T>, Affine { gamma: dgamma, beta: dbeta }: Affine<&mut Vec<T>>,
+        dy: &Vec<T>, relu_out: Option<&Vec<T>>, x: &Vec<T>, gamma: &Vec<T>,
+        BatchStats { mean, invstd }: BatchStats<&Vec<T>>, xs: Nhwc,
     ) {
         let (m, c) = (xs.pixels(), xs.c);
         let inv: Vec<f64> = invstd.iter().map(|v| v.as_f64()).collect();
@@ -137,51 +114,39 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
             b[ch] = T::cast(-k * sums[ch][1] * inv[ch]);
             c0[ch] = T::cast(-k * sums[ch][0]);
         }
-        dx.par_chunks_mut(c)
-            .enumerate()
-            .with_min_len(ELEMENTWISE_ROWS)
-            .for_each(|(r, dxr)| {
-                let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
-                match relu_out {
-                    Some(y) => {
-                        let yr = &y[r * c..(r + 1) * c];
-                        for ch in 0..c {
-                            let g = relu_grad(dyr[ch], yr[ch]);
-                            dxr[ch] = a[ch] * g + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
-                        }
-                    }
-                    None => {
-                        for ch in 0..c {
-                            dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
-                        }
+        dx.par_chunks_mut(c).enumerate().with_min_len(ELEMENTWISE_ROWS).for_each(|(r, dxr)| {
+            let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
+            match relu_out {
+                Some(y) => {
+                    let yr = &y[r * c..(r + 1) * c];
+                    for ch in 0..c {
+                        let g = relu_grad(dyr[ch], yr[ch]);
+                        dxr[ch] = a[ch] * g + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
                     }
                 }
-            });
+                None => {
+                    for ch in 0..c {
+                        dxr[ch] = a[ch] * dyr[ch] + b[ch] * (xr[ch] - mean[ch]) + c0[ch];
+                    }
+                }
+            }
+        });
     }
 }
 
 /// `y = (x − mean)·scale + beta` per channel, then ReLU when `relu_after`.
 fn bn_apply<T: Elem>(
-    y: &mut [T],
-    x: &[T],
-    mean: &[T],
-    scale: &[T],
-    beta: &[T],
-    c: usize,
-    relu_after: bool,
+    y: &mut [T], x: &[T], mean: &[T], scale: &[T], beta: &[T], c: usize, relu_after: bool,
 ) {
-    y.par_chunks_mut(c)
-        .zip(x.par_chunks(c))
-        .with_min_len(ELEMENTWISE_ROWS)
-        .for_each(|(yr, xr)| {
-            if relu_after {
-                for ch in 0..c {
-                    yr[ch] = relu((xr[ch] - mean[ch]) * scale[ch] + beta[ch]);
-                }
-            } else {
-                for ch in 0..c {
-                    yr[ch] = (xr[ch] - mean[ch]) * scale[ch] + beta[ch];
-                }
+    y.par_chunks_mut(c).zip(x.par_chunks(c)).with_min_len(ELEMENTWISE_ROWS).for_each(|(yr, xr)| {
+        if relu_after {
+            for ch in 0..c {
+                yr[ch] = relu((xr[ch] - mean[ch]) * scale[ch] + beta[ch]);
             }
-        });
+        } else {
+            for ch in 0..c {
+                yr[ch] = (xr[ch] - mean[ch]) * scale[ch] + beta[ch];
+            }
+        }
+    });
 }

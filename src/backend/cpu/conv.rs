@@ -13,29 +13,27 @@ pub fn im2col<T: Elem>(cols: &mut [T], x: &[T], xs: Nhwc, conv: &Conv2d) {
     let (ho, wo) = (conv.out_side(xs.h), conv.out_side(xs.w));
     let (k, cin) = (conv.k, xs.c);
     let row_len = k * k * cin;
-    cols.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(p, row)| {
-            let (n, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
-            // In NHWC the k pixels of one window row are adjacent: one copy of k·cin values
-            // per row (the first layer has cin = 3), zeros where the window leaves the image.
-            let x0 = (ox * conv.stride) as isize - conv.pad as isize;
-            let kx_lo = (-x0).clamp(0, k as isize) as usize;
-            let kx_hi = (xs.w as isize - x0).clamp(0, k as isize) as usize;
-            for ky in 0..k {
-                let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
-                let dst = &mut row[ky * k * cin..(ky + 1) * k * cin];
-                if iy < 0 || iy >= xs.h as isize || kx_lo >= kx_hi {
-                    dst.fill(T::zero());
-                    continue;
-                }
-                dst[..kx_lo * cin].fill(T::zero());
-                dst[kx_hi * cin..].fill(T::zero());
-                let ix = (x0 + kx_lo as isize) as usize;
-                let src = ((n * xs.h + iy as usize) * xs.w + ix) * cin;
-                dst[kx_lo * cin..kx_hi * cin].copy_from_slice(&x[src..src + (kx_hi - kx_lo) * cin]);
+    cols.par_chunks_mut(row_len).enumerate().for_each(|(p, row)| {
+        let (n, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
+        // In NHWC the k pixels of one window row are adjacent: one copy of k·cin values
+        // per row (the first layer has cin = 3), zeros where the window leaves the image.
+        let x0 = (ox * conv.stride) as isize - conv.pad as isize;
+        let kx_lo = (-x0).clamp(0, k as isize) as usize;
+        let kx_hi = (xs.w as isize - x0).clamp(0, k as isize) as usize;
+        for ky in 0..k {
+            let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
+            let dst = &mut row[ky * k * cin..(ky + 1) * k * cin];
+            if iy < 0 || iy >= xs.h as isize || kx_lo >= kx_hi {
+                dst.fill(T::zero());
+                continue;
             }
-        });
+            dst[..kx_lo * cin].fill(T::zero());
+            dst[kx_hi * cin..].fill(T::zero());
+            let ix = (x0 + kx_lo as isize) as usize;
+            let src = ((n * xs.h + iy as usize) * xs.w + ix) * cin;
+            dst[kx_lo * cin..kx_hi * cin].copy_from_slice(&x[src..src + (kx_hi - kx_lo) * cin]);
+        }
+    });
 }
 
 /// The adjoint of [`im2col`]: adds every window row back onto the image it came from.
@@ -44,33 +42,31 @@ pub fn col2im<T: Elem>(dx: &mut [T], dcols: &[T], xs: Nhwc, conv: &Conv2d) {
     let (ho, wo) = (conv.out_side(xs.h), conv.out_side(xs.w));
     let (k, cin) = (conv.k, xs.c);
     let row_len = k * k * cin;
-    dx.par_chunks_mut(xs.h * xs.w * cin)
-        .enumerate()
-        .for_each(|(n, img)| {
-            img.fill(T::zero());
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let row = &dcols[((n * ho + oy) * wo + ox) * row_len..][..row_len];
-                    for ky in 0..k {
-                        let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
-                        if iy < 0 || iy >= xs.h as isize {
+    dx.par_chunks_mut(xs.h * xs.w * cin).enumerate().for_each(|(n, img)| {
+        img.fill(T::zero());
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let row = &dcols[((n * ho + oy) * wo + ox) * row_len..][..row_len];
+                for ky in 0..k {
+                    let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
+                    if iy < 0 || iy >= xs.h as isize {
+                        continue;
+                    }
+                    for kx in 0..k {
+                        let ix = (ox * conv.stride + kx) as isize - conv.pad as isize;
+                        if ix < 0 || ix >= xs.w as isize {
                             continue;
                         }
-                        for kx in 0..k {
-                            let ix = (ox * conv.stride + kx) as isize - conv.pad as isize;
-                            if ix < 0 || ix >= xs.w as isize {
-                                continue;
-                            }
-                            let dst = &mut img[(iy as usize * xs.w + ix as usize) * cin..][..cin];
-                            let src = &row[(ky * k + kx) * cin..][..cin];
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                *d += *s;
-                            }
+                        let dst = &mut img[(iy as usize * xs.w + ix as usize) * cin..][..cin];
+                        let src = &row[(ky * k + kx) * cin..][..cin];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += *s;
                         }
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 /// OIHW → O(HW)I, the weight as the `[Cout, k·k·Cin]` matrix that matches [`im2col`]'s rows.
@@ -145,11 +141,7 @@ impl ConvKernel {
 pub fn conv_kernels(conv: &Conv2d) -> [ConvKernel; 3] {
     #[cfg(target_arch = "x86_64")]
     if direct_enabled() && direct::supports(conv) {
-        let main = if winograd::supports(conv) {
-            ConvKernel::Winograd
-        } else {
-            ConvKernel::Direct
-        };
+        let main = if winograd::supports(conv) { ConvKernel::Winograd } else { ConvKernel::Direct };
         let dx = if winograd::supports(&winograd::backward_data_conv(conv)) {
             ConvKernel::Winograd
         } else if conv.stride == 1 && conv.pad < conv.k && conv.cin.is_multiple_of(16) {
@@ -165,12 +157,7 @@ pub fn conv_kernels(conv: &Conv2d) -> [ConvKernel; 3] {
 
 /// The reference convolution: `y = b + im2col(x) · wᵀ` (a plain GEMM for 1×1).
 pub fn conv2d_forward_reference<T: Elem>(
-    y: &mut [T],
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    xs: Nhwc,
-    conv: &Conv2d,
+    y: &mut [T], x: &[T], w: &[T], b: &[T], xs: Nhwc, conv: &Conv2d,
 ) {
     let ys = conv.out_shape(xs);
     let (p, kdim) = (ys.pixels(), conv.k * conv.k * conv.cin);
@@ -178,44 +165,21 @@ pub fn conv2d_forward_reference<T: Elem>(
     assert_eq!(x.len(), xs.len(), "conv2d_forward: x length");
     assert_eq!(y.len(), ys.len(), "conv2d_forward: y length");
     // Start from the bias, then accumulate the GEMM onto it.
-    y.par_chunks_mut(conv.cout)
-        .for_each(|row| row.copy_from_slice(b));
+    y.par_chunks_mut(conv.cout).for_each(|row| row.copy_from_slice(b));
     if is_pointwise(conv) {
         // y[p, co] += Σ_ci x[p, ci] · w[co, ci]
-        matmul(
-            y,
-            conv.cout,
-            (x, conv.cin, 1),
-            (w, 1, conv.cin),
-            p,
-            conv.cout,
-            kdim,
-            true,
-        );
+        matmul(y, conv.cout, (x, conv.cin, 1), (w, 1, conv.cin), p, conv.cout, kdim, true);
     } else {
         let mut cols = vec![T::zero(); p * kdim];
         im2col(&mut cols, x, xs, conv);
         let wp = weight_oihw_to_ohwi(w, conv);
-        matmul(
-            y,
-            conv.cout,
-            (&cols, kdim, 1),
-            (&wp, 1, kdim),
-            p,
-            conv.cout,
-            kdim,
-            true,
-        );
+        matmul(y, conv.cout, (&cols, kdim, 1), (&wp, 1, kdim), p, conv.cout, kdim, true);
     }
 }
 
 /// The reference weight gradient: `dw += dyᵀ · im2col(x)` (OIHW).
 pub fn conv2d_backward_weight_reference<T: Elem>(
-    dw: &mut [T],
-    dy: &[T],
-    x: &[T],
-    xs: Nhwc,
-    conv: &Conv2d,
+    dw: &mut [T], dy: &[T], x: &[T], xs: Nhwc, conv: &Conv2d,
 ) {
     let ys = conv.out_shape(xs);
     let (p, co, kdim) = (ys.pixels(), conv.cout, conv.k * conv.k * conv.cin);
@@ -229,26 +193,13 @@ pub fn conv2d_backward_weight_reference<T: Elem>(
     im2col(&mut cols, x, xs, conv);
     // dwp[co, j] = Σ_p dy[p, co] · cols[p, j], then back to OIHW.
     let mut dwp = vec![T::zero(); co * kdim];
-    matmul_long_k(
-        &mut dwp,
-        kdim,
-        (dy, 1, co),
-        (&cols, kdim, 1),
-        co,
-        kdim,
-        p,
-        false,
-    );
+    matmul_long_k(&mut dwp, kdim, (dy, 1, co), (&cols, kdim, 1), co, kdim, p, false);
     add_ohwi_to_oihw(dw, &dwp, conv);
 }
 
 /// The reference input gradient: `dx = col2im(dy · w)`, overwriting dx.
 pub fn conv2d_backward_data_reference<T: Elem>(
-    dx: &mut [T],
-    dy: &[T],
-    w: &[T],
-    xs: Nhwc,
-    conv: &Conv2d,
+    dx: &mut [T], dy: &[T], w: &[T], xs: Nhwc, conv: &Conv2d,
 ) {
     let ys = conv.out_shape(xs);
     let (p, co, kdim) = (ys.pixels(), conv.cout, conv.k * conv.k * conv.cin);
@@ -256,43 +207,19 @@ pub fn conv2d_backward_data_reference<T: Elem>(
     assert_eq!(dx.len(), xs.len(), "conv2d_backward: dx length");
     if is_pointwise(conv) {
         // dx[p, ci] = Σ_co dy[p, co] · w[co, ci]
-        matmul(
-            dx,
-            conv.cin,
-            (dy, co, 1),
-            (w, kdim, 1),
-            p,
-            conv.cin,
-            co,
-            false,
-        );
+        matmul(dx, conv.cin, (dy, co, 1), (w, kdim, 1), p, conv.cin, co, false);
         return;
     }
     // dcols[p, j] = Σ_co dy[p, co] · wp[co, j]; dx = col2im(dcols).
     let wp = weight_oihw_to_ohwi(w, conv);
     let mut dcols = vec![T::zero(); p * kdim];
-    matmul(
-        &mut dcols,
-        kdim,
-        (dy, co, 1),
-        (&wp, kdim, 1),
-        p,
-        kdim,
-        co,
-        false,
-    );
+    matmul(&mut dcols, kdim, (dy, co, 1), (&wp, kdim, 1), p, kdim, co, false);
     col2im(dx, &dcols, xs, conv);
 }
 
 impl<T: Elem> ConvOps<T> for Cpu {
     fn conv2d_forward(
-        &self,
-        y: &mut Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        b: &Vec<T>,
-        xs: Nhwc,
-        conv: &Conv2d,
+        &self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, b: &Vec<T>, xs: Nhwc, conv: &Conv2d,
     ) {
         #[cfg(target_arch = "x86_64")]
         if let (Some(yf), Some(xf), Some(wf), Some(bf)) =
@@ -310,15 +237,9 @@ impl<T: Elem> ConvOps<T> for Cpu {
     }
 
     fn conv2d_batch_norm_relu_forward_eval(
-        &self,
-        y: &mut Vec<T>,
-        x: &Vec<T>,
-        (w, b): (&Vec<T>, &Vec<T>),
-        Affine { gamma, beta }: Affine<&Vec<T>>,
-        running: RunningStats<&Vec<T>>,
-        xs: Nhwc,
-        conv: &Conv2d,
-        cfg: &BatchNormCfg,
+        &self, y: &mut Vec<T>, x: &Vec<T>, (w, b): (&Vec<T>, &Vec<T>),
+        Affine { gamma, beta }: Affine<&Vec<T>>, running: RunningStats<&Vec<T>>, xs: Nhwc,
+        conv: &Conv2d, cfg: &BatchNormCfg,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
         let kernel = conv_kernels(conv)[0];
@@ -352,15 +273,8 @@ impl<T: Elem> ConvOps<T> for Cpu {
     }
 
     fn conv2d_backward(
-        &self,
-        dx: Option<&mut Vec<T>>,
-        dw: &mut Vec<T>,
-        db: &mut Vec<T>,
-        dy: &Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        xs: Nhwc,
-        conv: &Conv2d,
+        &self, dx: Option<&mut Vec<T>>, dw: &mut Vec<T>, db: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>,
+        w: &Vec<T>, xs: Nhwc, conv: &Conv2d,
     ) {
         let ys = conv.out_shape(xs);
         let (p, co) = (ys.pixels(), conv.cout);
@@ -405,13 +319,7 @@ impl<T: Elem> ConvOps<T> for Cpu {
     }
 
     fn linear_forward(
-        &self,
-        y: &mut Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        b: &Vec<T>,
-        n: usize,
-        fin: usize,
+        &self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, b: &Vec<T>, n: usize, fin: usize,
         fout: usize,
     ) {
         for row in y.chunks_mut(fout) {
@@ -422,16 +330,8 @@ impl<T: Elem> ConvOps<T> for Cpu {
     }
 
     fn linear_backward(
-        &self,
-        dx: Option<&mut Vec<T>>,
-        dw: &mut Vec<T>,
-        db: &mut Vec<T>,
-        dy: &Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, dx: Option<&mut Vec<T>>, dw: &mut Vec<T>, db: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>,
+        w: &Vec<T>, n: usize, fin: usize, fout: usize,
     ) {
         for o in 0..fout {
             let s: f64 = (0..n).map(|i| dy[i * fout + o].as_f64()).sum();

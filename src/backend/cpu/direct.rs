@@ -150,13 +150,7 @@ pub(crate) fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Ve
 
 /// Offset into the padded input of each output pixel's window corner.
 fn window_offsets(
-    n: usize,
-    ho: usize,
-    wo: usize,
-    hp: usize,
-    wp: usize,
-    c: usize,
-    s: usize,
+    n: usize, ho: usize, wo: usize, hp: usize, wp: usize, c: usize, s: usize,
 ) -> Vec<usize> {
     let mut offs = Vec::with_capacity(n * ho * wo);
     for img in 0..n {
@@ -172,12 +166,7 @@ fn window_offsets(
 /// `y = conv(x, w) + b` for an NHWC batch; `w` OIHW, `b` optional. Panics if not [`supports`];
 /// the caller checks [`available`].
 pub fn conv_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    xs: Nhwc,
-    conv: &Conv2d,
+    y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, xs: Nhwc, conv: &Conv2d,
 ) {
     conv_forward_epilogue(y, x, w, b, xs, conv, false);
 }
@@ -185,13 +174,7 @@ pub fn conv_forward(
 /// [`conv_forward`], then ReLU (as PyTorch: NaN passes) on the registers before they are
 /// stored when `relu`.
 pub fn conv_forward_epilogue(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    xs: Nhwc,
-    conv: &Conv2d,
-    relu: bool,
+    y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, xs: Nhwc, conv: &Conv2d, relu: bool,
 ) {
     assert!(supports(conv) && xs.c == conv.cin);
     let ys = conv.out_shape(xs);
@@ -207,10 +190,7 @@ pub fn conv_forward_epilogue(
 /// `dx = ∂L/∂x` of a stride-1 convolution from `dy`, overwriting `dx`.
 pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv: &Conv2d) {
     assert!(conv.stride == 1 && conv.cin.is_multiple_of(L) && xs.c == conv.cin);
-    assert!(
-        conv.pad < conv.k,
-        "direct conv: padding wider than the kernel"
-    );
+    assert!(conv.pad < conv.k, "direct conv: padding wider than the kernel");
     let ys = conv.out_shape(xs);
     assert_eq!(dy.len(), ys.len(), "direct conv: dy length");
     assert_eq!(dx.len(), xs.len(), "direct conv: dx length");
@@ -239,22 +219,12 @@ fn forward_tile(cout: usize) -> (usize, usize) {
 
 #[allow(clippy::too_many_arguments)]
 fn run_forward(
-    y: &mut [f32],
-    xp: &[f32],
-    offs: &[usize],
-    row: usize,
-    w: &[f32],
-    b: Option<&[f32]>,
-    (cout, cin, k): (usize, usize, usize),
-    relu: bool,
+    y: &mut [f32], xp: &[f32], offs: &[usize], row: usize, w: &[f32], b: Option<&[f32]>,
+    (cout, cin, k): (usize, usize, usize), relu: bool,
 ) {
     let cb = forward_block(cout);
     let wpk = pack_weight(w, cout, cin, k, cb);
-    let packed = Packed {
-        w: &wpk,
-        j_stride: cb,
-        blk_stride: k * k * cin * cb,
-    };
+    let packed = Packed { w: &wpk, j_stride: cb, blk_stride: k * k * cin * cb };
     run_forward_packed(y, xp, offs, row, packed, b, (cout, cin, k), relu);
 }
 
@@ -277,14 +247,8 @@ pub fn forward_block(cout: usize) -> usize {
 /// [`run_forward`] with the weight already packed ([`Packed`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_forward_packed(
-    y: &mut [f32],
-    xp: &[f32],
-    offs: &[usize],
-    row: usize,
-    wpk: Packed,
-    b: Option<&[f32]>,
-    (cout, cin, k): (usize, usize, usize),
-    relu: bool,
+    y: &mut [f32], xp: &[f32], offs: &[usize], row: usize, wpk: Packed, b: Option<&[f32]>,
+    (cout, cin, k): (usize, usize, usize), relu: bool,
 ) {
     let (v, r) = forward_tile(cout);
     let cb = v * L;
@@ -294,10 +258,7 @@ pub(crate) fn run_forward_packed(
     assert_eq!(y.len(), offs.len() * cout, "direct conv: output length");
     // Every read stays inside xp: the last window of each pixel ends inside the padded image.
     if let Some(&last) = offs.iter().max() {
-        assert!(
-            last + (k - 1) * row + kc <= xp.len(),
-            "direct conv: window outside input"
-        );
+        assert!(last + (k - 1) * row + kc <= xp.len(), "direct conv: window outside input");
     }
     let job = Tile {
         xp,
@@ -312,20 +273,18 @@ pub(crate) fn run_forward_packed(
         cb,
         relu,
     };
-    y.par_chunks_mut(r * cout)
-        .zip(offs.par_chunks(r))
-        .for_each(|(yt, ot)| {
-            // SAFETY: avx512f was checked by the caller (`available`); offsets are in bounds
-            // (asserted above) and yt holds ot.len() rows of cout.
-            unsafe {
-                match (v, r) {
-                    (4, 6) => job.forward::<6, 4>(yt, ot),
-                    (3, 8) => job.forward::<8, 3>(yt, ot),
-                    (2, 12) => job.forward::<12, 2>(yt, ot),
-                    _ => job.forward::<16, 1>(yt, ot),
-                }
+    y.par_chunks_mut(r * cout).zip(offs.par_chunks(r)).for_each(|(yt, ot)| {
+        // SAFETY: avx512f was checked by the caller (`available`); offsets are in bounds
+        // (asserted above) and yt holds ot.len() rows of cout.
+        unsafe {
+            match (v, r) {
+                (4, 6) => job.forward::<6, 4>(yt, ot),
+                (3, 8) => job.forward::<8, 3>(yt, ot),
+                (2, 12) => job.forward::<12, 2>(yt, ot),
+                _ => job.forward::<16, 1>(yt, ot),
             }
-        });
+        }
+    });
 }
 
 /// What every forward tile of one convolution shares.
@@ -408,10 +367,7 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
     let kc = k * cin;
     let row = wp * cin;
     if let Some(&last) = offs.iter().max() {
-        assert!(
-            last + (k - 1) * row + kc <= xp.len(),
-            "direct conv: window outside input"
-        );
+        assert!(last + (k - 1) * row + kc <= xp.len(), "direct conv: window outside input");
     }
     let p = offs.len();
     let piece = p.div_ceil(PIECES);
@@ -551,9 +507,7 @@ impl WeightTile<'_> {
                     }
                 }
                 for (r, a) in acc.iter().enumerate() {
-                    let out = part
-                        .as_mut_ptr()
-                        .add(((c0 + r) * self.k + ky) * self.kc + j0);
+                    let out = part.as_mut_ptr().add(((c0 + r) * self.k + ky) * self.kc + j0);
                     for v in 0..V {
                         _mm512_mask_storeu_ps(out.add(v * L), masks[v], a[v]);
                     }
@@ -577,16 +531,10 @@ pub fn conv_backward_data_scatter(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhw
     // The weight as [co][ky][j] (OHWI): a dy value scales a contiguous run of j.
     let wt = super::weight_oihw_to_ohwi(w, conv);
     let img_out = ys.h * ys.w;
-    let job = Scatter {
-        wt: &wt,
-        k,
-        kc,
-        row: wp * cin,
-    };
+    let job = Scatter { wt: &wt, k, kc, row: wp * cin };
     let bound = (k - 1) * job.row + kc;
-    dx.par_chunks_mut(xs.h * xs.w * cin)
-        .zip(dy.par_chunks(img_out * cout))
-        .for_each(|(dxi, dyi)| {
+    dx.par_chunks_mut(xs.h * xs.w * cin).zip(dy.par_chunks(img_out * cout)).for_each(
+        |(dxi, dyi)| {
             let mut acc = vec![0.0f32; hp * wp * cin];
             let bases: Vec<usize> = (0..img_out)
                 .map(|p| ((p / ys.w) * conv.stride * wp + (p % ys.w) * conv.stride) * cin)
@@ -601,7 +549,8 @@ pub fn conv_backward_data_scatter(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhw
                 let s = ((y + pad) * wp + pad) * cin;
                 dxi[y * xs.w * cin..(y + 1) * xs.w * cin].copy_from_slice(&acc[s..s + xs.w * cin]);
             }
-        });
+        },
+    );
 }
 
 /// Output pixels per scatter tile.

@@ -25,20 +25,16 @@ pub(super) fn relu_grad<T: Elem>(g: T, y: T) -> T {
 
 impl<T: Elem> ElementwiseOps<T> for Cpu {
     fn relu_forward(&self, y: &mut Vec<T>, x: &Vec<T>) {
-        y.par_iter_mut()
-            .zip(x.par_iter())
-            .for_each(|(y, x)| *y = relu(*x));
+        y.par_iter_mut().zip(x.par_iter()).for_each(|(y, x)| *y = relu(*x));
     }
 
     fn relu_backward(&self, dy: &mut Vec<T>, y: &Vec<T>) {
         // A select on every element rather than a conditional store: about half the outputs
         // are zero in no predictable pattern, and the select vectorises.
-        dy.par_chunks_mut(4096)
-            .zip(y.par_chunks(4096))
-            .for_each(|(g, y)| {
-                for (g, y) in g.iter_mut().zip(y) {
-                    *g = relu_grad(*g, *y);
-                }
-            });
+        dy.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(g, y)| {
+            for (g, y) in g.iter_mut().zip(y) {
+                *g = relu_grad(*g, *y);
+            }
+        });
     }
 }

@@ -7,35 +7,16 @@ use super::*;
 /// a is m×k, b is k×n, c is m×n with row stride `c_rs` and unit column stride.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Elem>(
-    c: &mut [T],
-    c_rs: usize,
-    a: (&[T], usize, usize),
-    b: (&[T], usize, usize),
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
+    c: &mut [T], c_rs: usize, a: (&[T], usize, usize), b: (&[T], usize, usize), m: usize, n: usize,
+    k: usize, accumulate: bool,
 ) {
-    gemm_on(
-        c,
-        c_rs,
-        a,
-        b,
-        (m, n, k),
-        accumulate,
-        gemm::Parallelism::Rayon(0),
-    );
+    gemm_on(c, c_rs, a, b, (m, n, k), accumulate, gemm::Parallelism::Rayon(0));
 }
 
 /// [`matmul`] with the threads to use: the rayon pool, or only the calling thread.
 pub(crate) fn gemm_on<T: Elem>(
-    c: &mut [T],
-    c_rs: usize,
-    a: (&[T], usize, usize),
-    b: (&[T], usize, usize),
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
+    c: &mut [T], c_rs: usize, a: (&[T], usize, usize), b: (&[T], usize, usize),
+    (m, n, k): (usize, usize, usize), accumulate: bool, parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -90,14 +71,8 @@ pub(super) const K_PIECES: usize = 8;
 /// along `k` given by `a.1`/`a.2` as in [`matmul`], likewise `b`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_long_k<T: Elem>(
-    c: &mut [T],
-    c_rs: usize,
-    a: (&[T], usize, usize),
-    b: (&[T], usize, usize),
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
+    c: &mut [T], c_rs: usize, a: (&[T], usize, usize), b: (&[T], usize, usize), m: usize, n: usize,
+    k: usize, accumulate: bool,
 ) {
     if k < K_PIECES * 1024 || k < 8 * m.max(n) {
         return matmul(c, c_rs, a, b, m, n, k, accumulate);

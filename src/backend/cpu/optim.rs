@@ -4,18 +4,10 @@ use super::*;
 
 impl<T: Elem> OptimOps<T> for Cpu {
     fn sgd_step(
-        &self,
-        param: &mut Vec<T>,
-        grad: &Vec<T>,
-        momentum_buf: &mut Vec<T>,
-        first_step: bool,
+        &self, param: &mut Vec<T>, grad: &Vec<T>, momentum_buf: &mut Vec<T>, first_step: bool,
         opt: &Sgd,
     ) {
-        let (lr, mu, wd) = (
-            T::cast(opt.lr),
-            T::cast(opt.momentum),
-            T::cast(opt.weight_decay),
-        );
+        let (lr, mu, wd) = (T::cast(opt.lr), T::cast(opt.momentum), T::cast(opt.weight_decay));
         for ((p, g), b) in param.iter_mut().zip(grad).zip(momentum_buf.iter_mut()) {
             let g = *g + wd * *p;
             let step = if opt.momentum == 0.0 {

@@ -9,10 +9,7 @@ use super::*;
 pub fn max_pool2d_argmax<T: Elem>(x: &[T], xs: Nhwc, pool: &MaxPool2d) -> Vec<u32> {
     let ys = pool.out_shape(xs);
     let c = xs.c;
-    assert!(
-        xs.len() <= u32::MAX as usize,
-        "max_pool2d: input too large for u32 indices"
-    );
+    assert!(xs.len() <= u32::MAX as usize, "max_pool2d: input too large for u32 indices");
     let mut argmax = vec![0u32; ys.len()];
     argmax.par_chunks_mut(c).enumerate().for_each(|(p, ar)| {
         let (n, oy, ox) = (p / (ys.h * ys.w), (p / ys.w) % ys.h, p % ys.w);
@@ -47,11 +44,7 @@ pub fn max_pool2d_argmax<T: Elem>(x: &[T], xs: Nhwc, pool: &MaxPool2d) -> Vec<u3
 /// Calls `f(iy, ix)` for the in-bounds positions of output `(oy, ox)`'s window, row by row.
 #[inline]
 pub(super) fn for_window(
-    xs: Nhwc,
-    pool: &MaxPool2d,
-    oy: usize,
-    ox: usize,
-    mut f: impl FnMut(usize, usize),
+    xs: Nhwc, pool: &MaxPool2d, oy: usize, ox: usize, mut f: impl FnMut(usize, usize),
 ) {
     let y0 = (oy * pool.stride) as isize - pool.pad as isize;
     let x0 = (ox * pool.stride) as isize - pool.pad as isize;
@@ -68,38 +61,30 @@ impl<T: Elem> PoolOps<T> for Cpu {
         let c = xs.c;
         // One output row per task; each output pixel starts from the first in-bounds window
         // position and keeps a later value only if it is larger (or NaN), as PyTorch does.
-        y.par_chunks_mut(ys.w * c)
-            .enumerate()
-            .for_each(|(row, yrow)| {
-                let (n, oy) = (row / ys.h, row % ys.h);
-                for (ox, yr) in yrow.chunks_mut(c).enumerate() {
-                    let mut first = true;
-                    for_window(xs, pool, oy, ox, |iy, ix| {
-                        let xr = &x[((n * xs.h + iy) * xs.w + ix) * c..][..c];
-                        if first {
-                            yr.copy_from_slice(xr);
-                            first = false;
-                        } else {
-                            // A select, not a branch: it vectorises, and ReLU outputs (half
-                            // zeros, half random) would mispredict a branch every other time.
-                            for (b, &v) in yr.iter_mut().zip(xr) {
-                                let take = (v > *b) | v.is_nan();
-                                *b = if take { v } else { *b };
-                            }
+        y.par_chunks_mut(ys.w * c).enumerate().for_each(|(row, yrow)| {
+            let (n, oy) = (row / ys.h, row % ys.h);
+            for (ox, yr) in yrow.chunks_mut(c).enumerate() {
+                let mut first = true;
+                for_window(xs, pool, oy, ox, |iy, ix| {
+                    let xr = &x[((n * xs.h + iy) * xs.w + ix) * c..][..c];
+                    if first {
+                        yr.copy_from_slice(xr);
+                        first = false;
+                    } else {
+                        // A select, not a branch: it vectorises, and ReLU outputs (half
+                        // zeros, half random) would mispredict a branch every other time.
+                        for (b, &v) in yr.iter_mut().zip(xr) {
+                            let take = (v > *b) | v.is_nan();
+                            *b = if take { v } else { *b };
                         }
-                    });
-                }
-            });
+                    }
+                });
+            }
+        });
     }
 
     fn max_pool2d_backward(
-        &self,
-        dx: &mut Vec<T>,
-        dy: &Vec<T>,
-        x: &Vec<T>,
-        y: &Vec<T>,
-        xs: Nhwc,
-        pool: &MaxPool2d,
+        &self, dx: &mut Vec<T>, dy: &Vec<T>, x: &Vec<T>, y: &Vec<T>, xs: Nhwc, pool: &MaxPool2d,
     ) {
         let ys = pool.out_shape(xs);
         let c = xs.c;

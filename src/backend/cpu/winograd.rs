@@ -44,18 +44,9 @@ pub fn supports(conv: &Conv2d) -> bool {
 /// `y = conv(x, w) + b` (then ReLU when `relu`) for an NHWC batch; `w` OIHW. Panics unless
 /// [`supports`]; the caller checks [`direct::available`].
 pub fn conv_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    xs: Nhwc,
-    conv: &Conv2d,
-    relu: bool,
+    y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, xs: Nhwc, conv: &Conv2d, relu: bool,
 ) {
-    assert!(
-        supports(conv) && xs.c == conv.cin,
-        "winograd: unsupported {conv:?}"
-    );
+    assert!(supports(conv) && xs.c == conv.cin, "winograd: unsupported {conv:?}");
     assert_eq!(x.len(), xs.len(), "winograd: x length");
     assert_eq!(y.len(), conv.out_shape(xs).len(), "winograd: y length");
     let (cin, cout) = (conv.cin, conv.cout);
@@ -73,26 +64,24 @@ pub fn conv_forward(
             direct::with_scratch(XI * tiles * cout, |m| {
                 // M_ξ = V_ξ · U_ξᵀ. V is laid out [tile][ξ][cin], so the rows of V_ξ are 36·cin
                 // apart; U is [blk][cin][ξ][cb], so plane ξ starts at ξ·cb with rows 36·cb apart.
-                m.par_chunks_mut(tiles * cout)
-                    .enumerate()
-                    .for_each(|(xi, m_xi)| {
-                        let offs: Vec<usize> = (0..tiles).map(|t| (t * XI + xi) * cin).collect();
-                        let packed = direct::Packed {
-                            w: &u[xi * cb..],
-                            j_stride: XI * cb,
-                            blk_stride: cin * XI * cb,
-                        };
-                        direct::run_forward_packed(
-                            m_xi,
-                            v,
-                            &offs,
-                            0,
-                            packed,
-                            None,
-                            (cout, cin, 1),
-                            false,
-                        );
-                    });
+                m.par_chunks_mut(tiles * cout).enumerate().for_each(|(xi, m_xi)| {
+                    let offs: Vec<usize> = (0..tiles).map(|t| (t * XI + xi) * cin).collect();
+                    let packed = direct::Packed {
+                        w: &u[xi * cb..],
+                        j_stride: XI * cb,
+                        blk_stride: cin * XI * cb,
+                    };
+                    direct::run_forward_packed(
+                        m_xi,
+                        v,
+                        &offs,
+                        0,
+                        packed,
+                        None,
+                        (cout, cin, 1),
+                        false,
+                    );
+                });
                 transform_output(y, m, b, xs, (th, tw), cout, relu);
             });
         });
@@ -110,11 +99,7 @@ pub fn conv_backward_data(dx: &mut [f32], dy: &[f32], w: &[f32], xs: Nhwc, conv:
 /// The convolution that computes `conv`'s input gradient (for a 3×3 stride-1 padding-1 one):
 /// `cout` channels back to `cin`. [`supports`] of it says whether [`conv_backward_data`] runs.
 pub fn backward_data_conv(conv: &Conv2d) -> Conv2d {
-    Conv2d {
-        cin: conv.cout,
-        cout: conv.cin,
-        ..*conv
-    }
+    Conv2d { cin: conv.cout, cout: conv.cin, ..*conv }
 }
 
 /// `U_ξ = (G g Gᵀ)[ξ]` for every 3×3 kernel `g = w[co][ci]` into `u`, laid out for the direct
@@ -144,10 +129,7 @@ unsafe fn weight_lanes(g: &[[f32; L]; 9], out: &mut [f32], stride: usize) {
     // Gg (6×3) column by column, then (Gg)Gᵀ (6×6) row by row.
     let cols: [[__m512; T]; 3] = std::array::from_fn(|j| g6v([gv[j], gv[3 + j], gv[6 + j]]));
     for i in 0..T {
-        for (j, v) in g6v([cols[0][i], cols[1][i], cols[2][i]])
-            .into_iter()
-            .enumerate()
-        {
+        for (j, v) in g6v([cols[0][i], cols[1][i], cols[2][i]]).into_iter().enumerate() {
             _mm512_storeu_ps(out[(i * T + j) * stride..][..L].as_mut_ptr(), v);
         }
     }
@@ -270,39 +252,26 @@ unsafe fn input_tile(x: &[f32], xs: Nhwc, (n, ty, tx): (usize, usize, usize), vt
 
 /// `y = Aᵀ M A + b` (then ReLU) for every tile, keeping the outputs inside the map.
 fn transform_output(
-    y: &mut [f32],
-    m: &[f32],
-    b: Option<&[f32]>,
-    xs: Nhwc,
-    (th, tw): (usize, usize),
-    c: usize,
+    y: &mut [f32], m: &[f32], b: Option<&[f32]>, xs: Nhwc, (th, tw): (usize, usize), c: usize,
     relu: bool,
 ) {
     let tiles = xs.n * th * tw;
-    y.par_chunks_mut(xs.h * xs.w * c)
-        .enumerate()
-        .for_each(|(n, img)| {
-            for ty in 0..th {
-                for tx in 0..tw {
-                    let t = (n * th + ty) * tw + tx;
-                    // SAFETY: avx512f checked by the caller; every index is bounds-checked.
-                    unsafe { output_tile(img, m, b, (tiles, t), xs, (ty, tx), c, relu) };
-                }
+    y.par_chunks_mut(xs.h * xs.w * c).enumerate().for_each(|(n, img)| {
+        for ty in 0..th {
+            for tx in 0..tw {
+                let t = (n * th + ty) * tw + tx;
+                // SAFETY: avx512f checked by the caller; every index is bounds-checked.
+                unsafe { output_tile(img, m, b, (tiles, t), xs, (ty, tx), c, relu) };
             }
-        });
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn output_tile(
-    img: &mut [f32],
-    m: &[f32],
-    b: Option<&[f32]>,
-    (tiles, t): (usize, usize),
-    xs: Nhwc,
-    (ty, tx): (usize, usize),
-    c: usize,
-    relu: bool,
+    img: &mut [f32], m: &[f32], b: Option<&[f32]>, (tiles, t): (usize, usize), xs: Nhwc,
+    (ty, tx): (usize, usize), c: usize, relu: bool,
 ) {
     let zero = _mm512_setzero_ps();
     for cb in (0..c).step_by(L) {
@@ -352,10 +321,7 @@ unsafe fn output_tile(
 /// [tiles, cin]; then `∂L/∂g = Gᵀ (∂L/∂U) G`. Each GEMM runs on one thread, so the sums never
 /// depend on the thread count.
 pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, conv: &Conv2d) {
-    assert!(
-        supports(conv) && xs.c == conv.cin,
-        "winograd: unsupported {conv:?}"
-    );
+    assert!(supports(conv) && xs.c == conv.cin, "winograd: unsupported {conv:?}");
     assert_eq!(x.len(), xs.len(), "winograd: x length");
     assert_eq!(dy.len(), conv.out_shape(xs).len(), "winograd: dy length");
     assert_eq!(dw.len(), conv.weight_len(), "winograd: dw length");
@@ -373,35 +339,31 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
             let (v, d) = (&*v, &*d);
             direct::with_scratch(XI * cout * cin, |du| {
                 // du_ξ[co][ci] = Σ_t d[t][ξ][co] · v[t][ξ][ci]
-                du.par_chunks_mut(cout * cin)
-                    .enumerate()
-                    .for_each(|(xi, du_xi)| {
-                        super::gemm_on(
-                            du_xi,
-                            cin,
-                            (&d[xi * cout..], 1, XI * cout),
-                            (&v[xi * cin..], XI * cin, 1),
-                            (cout, cin, tiles),
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    });
+                du.par_chunks_mut(cout * cin).enumerate().for_each(|(xi, du_xi)| {
+                    super::gemm_on(
+                        du_xi,
+                        cin,
+                        (&d[xi * cout..], 1, XI * cout),
+                        (&v[xi * cin..], XI * cin, 1),
+                        (cout, cin, tiles),
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                });
                 let du = &*du;
-                dw.par_chunks_mut(cin * 9)
-                    .enumerate()
-                    .for_each(|(co, dwc)| {
-                        for ci0 in (0..cin).step_by(L) {
-                            let mut g = [[0.0f32; L]; 9];
-                            // SAFETY: avx512f checked by the caller; du holds 36 planes of
-                            // [cout, cin] and cin is a multiple of 16.
-                            unsafe { weight_grad_lanes(du, (co, ci0), (cout, cin), &mut g) };
-                            for (l, dwk) in dwc[ci0 * 9..(ci0 + L) * 9].chunks_mut(9).enumerate() {
-                                for (kk, d) in dwk.iter_mut().enumerate() {
-                                    *d += g[kk][l];
-                                }
+                dw.par_chunks_mut(cin * 9).enumerate().for_each(|(co, dwc)| {
+                    for ci0 in (0..cin).step_by(L) {
+                        let mut g = [[0.0f32; L]; 9];
+                        // SAFETY: avx512f checked by the caller; du holds 36 planes of
+                        // [cout, cin] and cin is a multiple of 16.
+                        unsafe { weight_grad_lanes(du, (co, ci0), (cout, cin), &mut g) };
+                        for (l, dwk) in dwc[ci0 * 9..(ci0 + L) * 9].chunks_mut(9).enumerate() {
+                            for (kk, d) in dwk.iter_mut().enumerate() {
+                                *d += g[kk][l];
                             }
                         }
-                    });
+                    }
+                });
             });
         });
     });
@@ -411,10 +373,7 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
 /// `g[ky·3 + kx][lane]`.
 #[target_feature(enable = "avx512f")]
 unsafe fn weight_grad_lanes(
-    du: &[f32],
-    (co, ci0): (usize, usize),
-    (cout, cin): (usize, usize),
-    g: &mut [[f32; L]; 9],
+    du: &[f32], (co, ci0): (usize, usize), (cout, cin): (usize, usize), g: &mut [[f32; L]; 9],
 ) {
     let u: [__m512; XI] =
         std::array::from_fn(|xi| _mm512_loadu_ps(du[(xi * cout + co) * cin + ci0..][..L].as_ptr()));
@@ -422,10 +381,7 @@ unsafe fn weight_grad_lanes(
     let cols: [[__m512; 3]; T] =
         std::array::from_fn(|j| gt3v(std::array::from_fn(|i| u[i * T + j])));
     for k in 0..3 {
-        for (l, v) in gt3v(std::array::from_fn(|j| cols[j][k]))
-            .into_iter()
-            .enumerate()
-        {
+        for (l, v) in gt3v(std::array::from_fn(|j| cols[j][k])).into_iter().enumerate() {
             _mm512_storeu_ps(g[k * 3 + l].as_mut_ptr(), v);
         }
     }

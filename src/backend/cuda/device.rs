@@ -73,11 +73,7 @@ pub struct LaunchDims {
 impl LaunchDims {
     /// A 1-D grid of 1-D blocks.
     pub fn linear(grid: u32, block: u32) -> LaunchDims {
-        LaunchDims {
-            grid: [grid, 1, 1],
-            block: [block, 1, 1],
-            shared_bytes: 0,
-        }
+        LaunchDims { grid: [grid, 1, 1], block: [block, 1, 1], shared_bytes: 0 }
     }
 }
 
@@ -129,11 +125,7 @@ pub struct FilterDesc {
 impl FilterDesc {
     /// The same memory seen as a tensor: K, C, R, S index like N, C, H, W in either layout.
     pub fn as_tensor(&self) -> TensorDesc {
-        TensorDesc {
-            dtype: self.dtype,
-            layout: self.layout,
-            dims: self.dims,
-        }
+        TensorDesc { dtype: self.dtype, layout: self.layout, dims: self.dims }
     }
     pub fn len(&self) -> usize {
         self.as_tensor().len()
@@ -385,19 +377,11 @@ pub trait Device: Send + Sync {
     /// Launches kernel `name` of `cuda/*.cu`; a name, arity or argument type that does not
     /// match the kernel's signature is an error.
     fn launch(
-        &self,
-        stream: Stream,
-        name: &str,
-        dims: LaunchDims,
-        args: &[KernelArg],
+        &self, stream: Stream, name: &str, dims: LaunchDims, args: &[KernelArg],
     ) -> Result<()>;
     /// The algorithms cuDNN offers for one direction of a convolution, measured or ranked.
     fn conv_algorithms(
-        &self,
-        stream: Stream,
-        problem: &ConvProblem,
-        dir: ConvDirection,
-        measure: bool,
+        &self, stream: Stream, problem: &ConvProblem, dir: ConvDirection, measure: bool,
     ) -> Result<Vec<AlgoPerf>>;
     fn dnn(&self, stream: Stream, call: &DnnCall) -> Result<()>;
     fn gemm(&self, stream: Stream, gemm: &Gemm) -> Result<()>;

@@ -12,20 +12,12 @@ use anyhow::Result;
 
 /// An NHWC activation of shape `s` and element type `dt`.
 pub fn nhwc(s: Nhwc, dt: DType) -> TensorDesc {
-    TensorDesc {
-        dtype: dt,
-        layout: Layout::Nhwc,
-        dims: [s.n, s.c, s.h, s.w],
-    }
+    TensorDesc { dtype: dt, layout: Layout::Nhwc, dims: [s.n, s.c, s.h, s.w] }
 }
 
 /// An fp32 per-channel vector `[1, C, 1, 1]` (bias).
 pub fn channels(c: usize) -> TensorDesc {
-    TensorDesc {
-        dtype: DType::F32,
-        layout: Layout::Nchw,
-        dims: [1, c, 1, 1],
-    }
+    TensorDesc { dtype: DType::F32, layout: Layout::Nchw, dims: [1, c, 1, 1] }
 }
 
 /// The layout of `conv`'s weight as the convolutions of data type `dt` read it: the fp32 path
@@ -134,16 +126,10 @@ fn choose(results: &[AlgoPerf], dt: DType, deterministic: bool) -> Option<&AlgoP
 /// Why [`choose`] found nothing for the `what` direction of convolving `xs` with `conv` in `dt`:
 /// the convolution's shape and every condition a result had to meet.
 fn no_usable_algorithm(
-    what: &str,
-    xs: Nhwc,
-    conv: &Conv2d,
-    dt: DType,
-    deterministic: bool,
+    what: &str, xs: Nhwc, conv: &Conv2d, dt: DType, deterministic: bool,
 ) -> String {
-    let mut conditions = vec![format!(
-        "succeeded within the {} MiB workspace cap",
-        MAX_WORKSPACE >> 20
-    )];
+    let mut conditions =
+        vec![format!("succeeded within the {} MiB workspace cap", MAX_WORKSPACE >> 20)];
     if dt == DType::F32 {
         conditions
             .push("ran in plain fp32 math (CUDNN_FMA_MATH; the fp32 path never uses TF32)".into());
@@ -172,12 +158,7 @@ fn no_usable_algorithm(
 /// measuring fails, and always under `--deterministic` (timing decides between algorithms of
 /// nearly equal speed by noise; the heuristics make the same choice in every run).
 pub fn algos(
-    dev: &dyn Device,
-    stream: Stream,
-    xs: Nhwc,
-    conv: &Conv2d,
-    dt: DType,
-    deterministic: bool,
+    dev: &dyn Device, stream: Stream, xs: Nhwc, conv: &Conv2d, dt: DType, deterministic: bool,
 ) -> Result<Algos> {
     if deterministic {
         return search(dev, stream, xs, conv, dt, true, false);
@@ -189,12 +170,7 @@ pub fn algos(
 }
 
 fn search(
-    dev: &dyn Device,
-    stream: Stream,
-    xs: Nhwc,
-    conv: &Conv2d,
-    dt: DType,
-    deterministic: bool,
+    dev: &dyn Device, stream: Stream, xs: Nhwc, conv: &Conv2d, dt: DType, deterministic: bool,
     measure: bool,
 ) -> Result<Algos> {
     let p = problem(xs, conv, dt, default_math(dt));
@@ -232,12 +208,7 @@ mod tests {
     }
 
     const fn r(math: MathType) -> R {
-        R {
-            math,
-            ok: true,
-            memory: 1 << 20,
-            deterministic: true,
-        }
+        R { math, ok: true, memory: 1 << 20, deterministic: true }
     }
 
     /// Results: algorithm `algos[i]` described by `rs[i]`, fastest first.
@@ -279,20 +250,14 @@ mod tests {
             (FWD_GEMM, r(CONVERT)),
             (FWD_IMPLICIT_GEMM, r(FMA)),
         ]);
-        assert_eq!(
-            pick(&results, DType::F32, false),
-            Some((FWD_IMPLICIT_GEMM, FMA))
-        );
+        assert_eq!(pick(&results, DType::F32, false), Some((FWD_IMPLICIT_GEMM, FMA)));
     }
 
     #[test]
     fn strict_fp32_without_an_fma_result_chooses_nothing() {
         // The fastest result was measured with tensor-op math: the algorithm may exist only
         // there, and in fp32 it would run TF32. It must not be run in FMA, nor at all.
-        let results = perf(&[
-            (FWD_IMPLICIT_PRECOMP_GEMM, r(TENSOR_OP)),
-            (FWD_GEMM, r(DEFAULT)),
-        ]);
+        let results = perf(&[(FWD_IMPLICIT_PRECOMP_GEMM, r(TENSOR_OP)), (FWD_GEMM, r(DEFAULT))]);
         assert_eq!(pick(&results, DType::F32, false), None);
         let results = perf(&[(ALGO_1, r(TENSOR_OP))]);
         assert_eq!(pick(&results, DType::F32, false), None);
@@ -302,15 +267,8 @@ mod tests {
 
     #[test]
     fn sixteen_bit_runs_each_result_in_the_math_type_cudnn_reported() {
-        let failed = R {
-            ok: false,
-            ..r(TENSOR_OP)
-        };
-        let results = perf(&[
-            (ALGO_1, failed),
-            (ALGO_0, r(FMA)),
-            (DATA_WINOGRAD, r(TENSOR_OP)),
-        ]);
+        let failed = R { ok: false, ..r(TENSOR_OP) };
+        let results = perf(&[(ALGO_1, failed), (ALGO_0, r(FMA)), (DATA_WINOGRAD, r(TENSOR_OP))]);
         assert_eq!(pick(&results, DType::F16, false), Some((ALGO_0, FMA)));
         for math in [TENSOR_OP, CONVERT, DEFAULT] {
             let results = perf(&[(ALGO_1, r(math))]);
@@ -321,27 +279,9 @@ mod tests {
     #[test]
     fn failed_oversized_and_nondeterministic_results_are_passed_over() {
         let results = perf(&[
-            (
-                FFT,
-                R {
-                    ok: false,
-                    ..r(FMA)
-                },
-            ),
-            (
-                FFT_TILING,
-                R {
-                    memory: MAX_WORKSPACE + 1,
-                    ..r(FMA)
-                },
-            ),
-            (
-                ALGO_0,
-                R {
-                    deterministic: false,
-                    ..r(FMA)
-                },
-            ),
+            (FFT, R { ok: false, ..r(FMA) }),
+            (FFT_TILING, R { memory: MAX_WORKSPACE + 1, ..r(FMA) }),
+            (ALGO_0, R { deterministic: false, ..r(FMA) }),
             (ALGO_1, r(FMA)),
         ]);
         assert_eq!(pick(&results, DType::F32, false), Some((ALGO_0, FMA)));
@@ -366,13 +306,7 @@ mod tests {
 
     #[test]
     fn no_usable_algorithm_names_the_convolution_and_the_conditions() {
-        let conv = Conv2d {
-            cin: 3,
-            cout: 64,
-            k: 7,
-            stride: 2,
-            pad: 1,
-        };
+        let conv = Conv2d { cin: 3, cout: 64, k: 7, stride: 2, pad: 1 };
         let xs = Nhwc::new(128, 32, 32, 3);
         let msg = no_usable_algorithm("forward", xs, &conv, DType::F32, true);
         for part in [
@@ -385,9 +319,6 @@ mod tests {
             assert!(msg.contains(part), "{part:?} missing from: {msg}");
         }
         let msg = no_usable_algorithm("backward-data", xs, &conv, DType::F16, false);
-        assert!(
-            !msg.contains("FMA") && !msg.contains("deterministic"),
-            "{msg}"
-        );
+        assert!(!msg.contains("FMA") && !msg.contains("deterministic"), "{msg}");
     }
 }

@@ -102,10 +102,7 @@ pub fn missing_kernels() -> Vec<String> {
             continue;
         };
         for line in src.lines() {
-            let Some(name) = line
-                .split(".entry ")
-                .nth(1)
-                .and_then(|rest| rest.split('(').next())
+            let Some(name) = line.split(".entry ").nth(1).and_then(|rest| rest.split('(').next())
             else {
                 continue;
             };
@@ -145,11 +142,7 @@ pub fn info() -> (String, bool) {
         if archs.is_empty() {
             "none".to_string()
         } else {
-            archs
-                .iter()
-                .map(|a| format!("sm_{a}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            archs.iter().map(|a| format!("sm_{a}")).collect::<Vec<_>>().join(", ")
         }
     ));
     let libraries = libs::libraries();

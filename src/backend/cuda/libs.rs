@@ -35,14 +35,8 @@ pub enum Lib {
 impl Lib {
     /// In the order they are opened: cuBLASLt before cuBLAS and cuDNN, which load it by name.
     /// (NVTX is no library here: NVTX 3 is compiled in, see `nvtx.rs`.)
-    pub const ALL: [Lib; 6] = [
-        Lib::Driver,
-        Lib::CublasLt,
-        Lib::Cublas,
-        Lib::Cudnn,
-        Lib::Nvrtc,
-        Lib::Nccl,
-    ];
+    pub const ALL: [Lib; 6] =
+        [Lib::Driver, Lib::CublasLt, Lib::Cublas, Lib::Cudnn, Lib::Nvrtc, Lib::Nccl];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -172,12 +166,7 @@ fn looked(lib: Lib, places: &[Place]) -> String {
             }
             let wheels = lib.wheel_dirs();
             (!wheels.is_empty()).then(|| {
-                format!(
-                    "{}/nvidia/{{{}}} [{}]",
-                    p.dir.display(),
-                    wheels.join(","),
-                    p.source
-                )
+                format!("{}/nvidia/{{{}}} [{}]", p.dir.display(), wheels.join(","), p.source)
             })
         })
         .collect();
@@ -215,10 +204,7 @@ pub fn places() -> Vec<Place> {
         if dir.as_os_str().is_empty() || v.iter().any(|p: &Place| p.dir == dir) {
             return;
         }
-        v.push(Place {
-            dir,
-            source: source.to_string(),
-        });
+        v.push(Place { dir, source: source.to_string() });
     };
     for var in ["INCEPT_CUDA_LIBS", "LD_LIBRARY_PATH"] {
         if let Some(list) = std::env::var_os(var) {
@@ -286,11 +272,7 @@ fn site_packages_under(prefix: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .flat_map(|e| {
-            ["site-packages", "dist-packages"]
-                .into_iter()
-                .map(move |s| e.path().join(s))
-        })
+        .flat_map(|e| ["site-packages", "dist-packages"].into_iter().map(move |s| e.path().join(s)))
         .filter(|p| p.is_dir())
         .collect();
     out.sort();
@@ -315,11 +297,7 @@ fn python_site_packages() -> Vec<(PathBuf, Vec<PathBuf>)> {
         const ASK: &str =
             "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))";
         if let Some(text) = run_briefly(&py, &["-c", ASK]) {
-            let sites = text
-                .lines()
-                .map(PathBuf::from)
-                .filter(|p| p.is_dir())
-                .collect();
+            let sites = text.lines().map(PathBuf::from).filter(|p| p.is_dir()).collect();
             out.push((py, sites));
         }
     }
@@ -400,13 +378,7 @@ fn open_companions(lib: Lib, dir: &Path) {
 /// Finds and opens `lib`: the first of its files in the first of `places` that holds one,
 /// else whatever the system loader finds by name.
 fn find(lib: Lib, places: &[Place]) -> Found {
-    let mut found = Found {
-        lib,
-        file: None,
-        version: None,
-        refused: Vec::new(),
-        handle: None,
-    };
+    let mut found = Found { lib, file: None, version: None, refused: Vec::new(), handle: None };
     for place in places {
         for (dir, _) in candidate_dirs(lib, place) {
             for name in lib.files() {
@@ -422,9 +394,7 @@ fn find(lib: Lib, places: &[Place]) -> Found {
                         found.version = version(&found);
                         return found;
                     }
-                    Err(e) => found
-                        .refused
-                        .push(format!("{} would not load: {e}", path.display())),
+                    Err(e) => found.refused.push(format!("{} would not load: {e}", path.display())),
                 }
             }
         }
@@ -449,11 +419,7 @@ fn loaded_path(name: &str) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| {
-            Path::new(p)
-                .file_name()
-                .is_some_and(|f| f.to_string_lossy() == name)
-        })
+        .find(|p| Path::new(p).file_name().is_some_and(|f| f.to_string_lossy() == name))
         .map(PathBuf::from)
 }
 
@@ -523,10 +489,7 @@ pub struct Libraries {
 impl Libraries {
     pub fn get(&self, lib: Lib) -> &Found {
         // ALL holds every variant, so `found` has one entry per variant.
-        self.found
-            .iter()
-            .find(|f| f.lib == lib)
-            .expect("every library has an entry")
+        self.found.iter().find(|f| f.lib == lib).expect("every library has an entry")
     }
 
     /// `Ok` if `lib` was opened, else an error saying where it looked and what to do.
@@ -577,10 +540,7 @@ mod tests {
         for d in ["nvidia/cu13/lib", "nvidia/cudnn/lib", "nvidia/nccl/lib"] {
             std::fs::create_dir_all(sp.join(d)).unwrap();
         }
-        let place = Place {
-            dir: sp.clone(),
-            source: "python /x/bin/python3".into(),
-        };
+        let place = Place { dir: sp.clone(), source: "python /x/bin/python3".into() };
         let dirs = |lib| {
             candidate_dirs(lib, &place)
                 .into_iter()
@@ -591,10 +551,7 @@ mod tests {
         assert_eq!(dirs(Lib::Nvrtc), ["nvidia/cu13/lib"]);
         assert_eq!(dirs(Lib::Cudnn), ["nvidia/cudnn/lib"]);
         assert_eq!(dirs(Lib::Nccl), ["nvidia/nccl/lib"]);
-        assert!(
-            dirs(Lib::Driver).is_empty(),
-            "the driver never comes as a wheel"
-        );
+        assert!(dirs(Lib::Driver).is_empty(), "the driver never comes as a wheel");
         assert_eq!(site_packages_under(&root), vec![sp]);
         std::fs::remove_dir_all(&root).unwrap();
     }
@@ -603,17 +560,8 @@ mod tests {
     fn a_missing_library_says_where_it_looked_and_what_to_do() {
         let dir = std::env::temp_dir().join(format!("incept-libs-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let places = [Place {
-            dir: dir.clone(),
-            source: "INCEPT_CUDA_LIBS".into(),
-        }];
-        let f = Found {
-            lib: Lib::Cudnn,
-            file: None,
-            version: None,
-            refused: vec![],
-            handle: None,
-        };
+        let places = [Place { dir: dir.clone(), source: "INCEPT_CUDA_LIBS".into() }];
+        let f = Found { lib: Lib::Cudnn, file: None, version: None, refused: vec![], handle: None };
         let d = f.describe(&places);
         for needle in [
             "cuDNN: not found",

@@ -68,12 +68,7 @@ pub struct GpuOptions {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions {
-            activations: DType::F32,
-            deterministic: false,
-            streams: 1,
-            skip_wait: None,
-        }
+        GpuOptions { activations: DType::F32, deterministic: false, streams: 1, skip_wait: None }
     }
 }
 
@@ -128,12 +123,7 @@ impl Drop for GpuBuf {
         if let Some(grave) = &self.grave {
             let mut g = grave.lock().unwrap_or_else(|p| p.into_inner());
             g.extend(self.mem.take());
-            g.extend(
-                self.shadow
-                    .get_mut()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take(),
-            );
+            g.extend(self.shadow.get_mut().unwrap_or_else(|p| p.into_inner()).take());
         }
     }
 }
@@ -289,11 +279,7 @@ impl Gpu {
         if opts.streams == 0 {
             bail!("--streams must be at least 1");
         }
-        let n_lanes = if opts.streams == 1 {
-            1
-        } else {
-            opts.streams + 1
-        };
+        let n_lanes = if opts.streams == 1 { 1 } else { opts.streams + 1 };
         let mut lanes = Vec::with_capacity(n_lanes);
         for _ in 0..n_lanes {
             lanes.push(Lane {
@@ -367,9 +353,7 @@ impl Gpu {
 
     /// `stream` waits for `event`, unless this is the wait the checker's test leaves out.
     fn wait(&self, stream: Stream, event: Event) -> Result<()> {
-        let n = self
-            .waits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.opts.skip_wait == Some(n) {
             return Ok(());
         }
@@ -430,16 +414,11 @@ impl Gpu {
             return Ok(None);
         };
         let (mut scale, mut skipped) = ([0u8; 4], [0u8; 4]);
-        self.dev
-            .dtoh(self.stream(), &mut scale, ls.scale.ptr)
-            .context("reading the loss scale")?;
+        self.dev.dtoh(self.stream(), &mut scale, ls.scale.ptr).context("reading the loss scale")?;
         self.dev
             .dtoh(self.stream(), &mut skipped, ls.skipped.ptr)
             .context("reading the loss scale")?;
-        Ok(Some((
-            f32::from_le_bytes(scale),
-            i32::from_le_bytes(skipped).max(0) as u64,
-        )))
+        Ok(Some((f32::from_le_bytes(scale), i32::from_le_bytes(skipped).max(0) as u64)))
     }
 
     /// Waits for all queued work and reports any failure.
@@ -454,9 +433,7 @@ impl Gpu {
     pub fn recover_from_capture(&self) -> Result<()> {
         self.dev.capture_abort(self.stream());
         let _ = self.take_error();
-        self.dev
-            .synchronize()
-            .context("CUDA error after a failed graph capture")?;
+        self.dev.synchronize().context("CUDA error after a failed graph capture")?;
         let _ = self.take_error();
         Ok(())
     }
@@ -481,10 +458,7 @@ impl Gpu {
         let i = self.dev.info();
         let (major, minor) = i.compute_capability;
         let mem = i.total_memory as f64 / (1u64 << 30) as f64;
-        format!(
-            "{} (compute capability {major}.{minor}, {mem:.1} GiB)",
-            i.name
-        )
+        format!("{} (compute capability {major}.{minor}, {mem:.1} GiB)", i.name)
     }
 }
 
@@ -492,10 +466,5 @@ impl Gpu {
 fn alloc_mem(dev: &Arc<dyn Device>, stream: Stream, bytes: usize) -> Result<DevMem> {
     let bytes = bytes.max(1);
     let ptr = dev.alloc(stream, bytes)?;
-    Ok(DevMem {
-        dev: dev.clone(),
-        ptr,
-        bytes,
-        stream,
-    })
+    Ok(DevMem { dev: dev.clone(), ptr, bytes, stream })
 }

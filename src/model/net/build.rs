@@ -7,17 +7,11 @@ use super::*;
 /// which is U(±1/√fan_in), and U(±1/√fan_in) for the bias.
 fn uniform<T: Elem>(rng: &mut impl Rng, len: usize, fan_in: usize) -> Vec<T> {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    (0..len)
-        .map(|_| T::cast(rng.random_range(-bound..bound)))
-        .collect()
+    (0..len).map(|_| T::cast(rng.random_range(-bound..bound))).collect()
 }
 
 fn param<T: Elem, B: Backend<T>>(be: &B, value: Vec<T>) -> Param<B::Buf> {
-    Param {
-        grad: be.zeros(value.len()),
-        momentum: be.zeros(value.len()),
-        value: be.upload(&value),
-    }
+    Param { grad: be.zeros(value.len()), momentum: be.zeros(value.len()), value: be.upload(&value) }
 }
 
 /// Every BatchNorm directly followed by a ReLU becomes one node doing both (after the
@@ -27,11 +21,7 @@ fn fuse_bn_relu<Buf>(nodes: Vec<Node<Buf>>) -> Vec<Node<Buf>> {
     let mut out: Vec<Node<Buf>> = Vec::with_capacity(nodes.len());
     for node in nodes {
         if let (Op::Relu, Some(prev)) = (&node.op, out.last_mut()) {
-            if let Op::BatchNorm {
-                relu: fused @ false,
-                ..
-            } = &mut prev.op
-            {
+            if let Op::BatchNorm { relu: fused @ false, .. } = &mut prev.op {
                 *fused = true;
                 prev.alias = Some(node.name);
                 continue;
@@ -43,18 +33,14 @@ fn fuse_bn_relu<Buf>(nodes: Vec<Node<Buf>>) -> Vec<Node<Buf>> {
 }
 
 pub(super) fn build<T: Elem, B: Backend<T>>(
-    be: &B,
-    layers: &[Layer],
-    rng: &mut impl Rng,
+    be: &B, layers: &[Layer], rng: &mut impl Rng,
 ) -> Vec<Node<B::Buf>> {
     let nodes = build_layers(be, layers, rng);
     fuse_bn_relu(nodes)
 }
 
 fn build_layers<T: Elem, B: Backend<T>>(
-    be: &B,
-    layers: &[Layer],
-    rng: &mut impl Rng,
+    be: &B, layers: &[Layer], rng: &mut impl Rng,
 ) -> Vec<Node<B::Buf>> {
     layers
         .iter()
@@ -90,25 +76,14 @@ fn build_layers<T: Elem, B: Backend<T>>(
                 Layer::Linear { name, fin, fout } => {
                     let w = param(be, uniform::<T>(rng, fin * fout, *fin));
                     let b = param(be, uniform::<T>(rng, *fout, *fin));
-                    (
-                        name,
-                        Op::Linear {
-                            fin: *fin,
-                            fout: *fout,
-                            w,
-                            b,
-                        },
-                    )
+                    (name, Op::Linear { fin: *fin, fout: *fout, w, b })
                 }
             };
             Node {
                 name: name.clone(),
                 alias: None,
                 op,
-                out: Act {
-                    buf: be.zeros(0),
-                    shape: Nhwc::new(0, 0, 0, 0),
-                },
+                out: Act { buf: be.zeros(0), shape: Nhwc::new(0, 0, 0, 0) },
                 time: [0.0; 2],
             }
         })

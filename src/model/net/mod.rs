@@ -82,21 +82,14 @@ pub enum HostTensor<T> {
 impl<T: Elem, B: Backend<T>> Net<T, B> {
     /// The network of `spec` with PyTorch's default initialisation, drawn from `seed`.
     pub fn new(spec: ModelSpec, be: B, seed: u64) -> Result<Self> {
-        spec.shapes(2)
-            .context("the model description is inconsistent")?;
+        spec.shapes(2).context("the model description is inconsistent")?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let nodes = build::<T, B>(&be, &spec.layers, &mut rng);
         Ok(Net {
             spec,
             schedule: BranchSchedule::default(),
-            input: Act {
-                buf: be.zeros(0),
-                shape: Nhwc::new(0, 0, 0, 0),
-            },
-            probs: Act {
-                buf: be.zeros(0),
-                shape: Nhwc::new(0, 0, 0, 0),
-            },
+            input: Act { buf: be.zeros(0), shape: Nhwc::new(0, 0, 0, 0) },
+            probs: Act { buf: be.zeros(0), shape: Nhwc::new(0, 0, 0, 0) },
             labels: Vec::new(),
             smoothing: 0.0,
             nodes,
@@ -192,10 +185,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
                 batches.push(*c);
             }
         });
-        StepCounters {
-            batches,
-            sgd_steps: self.sgd_steps,
-        }
+        StepCounters { batches, sgd_steps: self.sgd_steps }
     }
 
     /// Restores what [`Net::step_counters`] returned.
@@ -217,9 +207,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     pub fn loss(&mut self, labels: &[u32], smoothing: f64) -> Result<f64> {
         let k = self.prepare_loss(labels, smoothing)?;
         let logits = &last_out(&self.nodes, &self.input).buf;
-        let loss = self
-            .be
-            .cross_entropy_forward(&mut self.probs.buf, logits, labels, k, smoothing);
+        let loss = self.be.cross_entropy_forward(&mut self.probs.buf, logits, labels, k, smoothing);
         // Reading the loss back is where a device reports what failed in the step so far: that
         // failure, not the NaN that stands in for the loss, is the error.
         self.be.status()?;
@@ -231,8 +219,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     pub fn loss_summed(&mut self, labels: &[u32], smoothing: f64) -> Result<()> {
         let k = self.prepare_loss(labels, smoothing)?;
         let logits = &last_out(&self.nodes, &self.input).buf;
-        self.be
-            .cross_entropy_forward_summed(&mut self.probs.buf, logits, labels, k, smoothing);
+        self.be.cross_entropy_forward_summed(&mut self.probs.buf, logits, labels, k, smoothing);
         Ok(())
     }
 
@@ -292,11 +279,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         collect_params(&mut self.nodes, &mut params);
         let mut params: Vec<SgdParam<B::Buf>> = params
             .into_iter()
-            .map(|p| SgdParam {
-                value: &mut p.value,
-                grad: &mut p.grad,
-                momentum: &mut p.momentum,
-            })
+            .map(|p| SgdParam { value: &mut p.value, grad: &mut p.grad, momentum: &mut p.momentum })
             .collect();
         self.be.sgd_step_all(&mut params, first, opt);
         self.sgd_steps += 1;
@@ -305,11 +288,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     /// zero_grad, forward (train), loss, backward, SGD: one training step. Returns the loss
     /// and the logits.
     pub fn train_step(
-        &mut self,
-        x: &[T],
-        labels: &[u32],
-        opt: &Sgd,
-        smoothing: f64,
+        &mut self, x: &[T], labels: &[u32], opt: &Sgd, smoothing: f64,
     ) -> Result<(f64, Vec<T>)> {
         self.zero_grad();
         let logits = self.forward(x, labels.len(), true)?;
@@ -358,8 +337,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
 
     /// `pick`'s buffer of every parameter, downloaded, in `state_dict()` order.
     fn download_params(
-        &mut self,
-        pick: impl Fn(&Param<B::Buf>) -> &B::Buf,
+        &mut self, pick: impl Fn(&Param<B::Buf>) -> &B::Buf,
     ) -> Vec<(String, Vec<T>)> {
         let be = &self.be;
         let mut out = Vec::new();
@@ -392,8 +370,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
 
     /// Replaces every momentum buffer with what `get(name, len)` returns; all or nothing.
     pub fn set_momentum(
-        &mut self,
-        mut get: impl FnMut(&str, usize) -> Result<Vec<T>>,
+        &mut self, mut get: impl FnMut(&str, usize) -> Result<Vec<T>>,
     ) -> Result<()> {
         let mut loaded = Vec::new();
         for info in self.spec.tensors() {
@@ -424,8 +401,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     /// Replaces every named tensor with the one `get` returns for it; `get` sees the expected
     /// name, shape and kind and reports a missing or mismatched tensor as an error.
     pub fn load_state(
-        &mut self,
-        mut get: impl FnMut(&TensorInfo) -> Result<HostTensor<T>>,
+        &mut self, mut get: impl FnMut(&TensorInfo) -> Result<HostTensor<T>>,
     ) -> Result<()> {
         let infos = self.spec.tensors();
         let mut loaded = Vec::with_capacity(infos.len());

@@ -60,9 +60,7 @@ pub(super) struct Ctx<'a, B> {
 
 impl<Buf: Send + Sync> Node<Buf> {
     pub(super) fn forward<T: Elem, B: Backend<T, Buf = Buf>>(
-        &mut self,
-        x: &Act<Buf>,
-        ctx: &Ctx<B>,
+        &mut self, x: &Act<Buf>, ctx: &Ctx<B>,
     ) -> Result<()> {
         let be = ctx.be;
         let xs = x.shape;
@@ -82,19 +80,13 @@ impl<Buf: Send + Sync> Node<Buf> {
                 relu,
             } => {
                 ensure(be, &mut self.out, xs);
-                let affine = Affine {
-                    gamma: &w.value,
-                    beta: &b.value,
-                };
+                let affine = Affine { gamma: &w.value, beta: &b.value };
                 if ctx.train {
                     be.batch_norm_forward_train(
                         &mut self.out.buf,
                         &x.buf,
                         affine,
-                        RunningStats {
-                            mean: running_mean,
-                            var: running_var,
-                        },
+                        RunningStats { mean: running_mean, var: running_var },
                         BatchStats { mean, invstd },
                         xs,
                         &ctx.bn,
@@ -103,10 +95,7 @@ impl<Buf: Send + Sync> Node<Buf> {
                     .with_context(|| format!("layer {}", self.name))?;
                     *num_batches_tracked += 1;
                 } else {
-                    let running = RunningStats {
-                        mean: &*running_mean,
-                        var: &*running_var,
-                    };
+                    let running = RunningStats { mean: &*running_mean, var: &*running_var };
                     be.batch_norm_forward_eval(
                         &mut self.out.buf,
                         &x.buf,
@@ -141,11 +130,7 @@ impl<Buf: Send + Sync> Node<Buf> {
                 let outs: Vec<&Act<Buf>> = branches.iter().map(|b| last_out(b, x)).collect();
                 let channels: Vec<usize> = outs.iter().map(|o| o.shape.c).collect();
                 let s = outs[0].shape;
-                ensure(
-                    be,
-                    &mut self.out,
-                    Nhwc::new(s.n, s.h, s.w, channels.iter().sum()),
-                );
+                ensure(be, &mut self.out, Nhwc::new(s.n, s.h, s.w, channels.iter().sum()));
                 let parts: Vec<&Buf> = outs.iter().map(|o| &o.buf).collect();
                 be.concat_forward(&mut self.out.buf, &parts, &channels);
             }
@@ -155,15 +140,7 @@ impl<Buf: Send + Sync> Node<Buf> {
             }
             Op::Linear { fin, fout, w, b } => {
                 ensure_full(be, &mut self.out, Nhwc::new(xs.n, 1, 1, *fout));
-                be.linear_forward(
-                    &mut self.out.buf,
-                    &x.buf,
-                    &w.value,
-                    &b.value,
-                    xs.n,
-                    *fin,
-                    *fout,
-                );
+                be.linear_forward(&mut self.out.buf, &x.buf, &w.value, &b.value, xs.n, *fin, *fout);
             }
         }
         Ok(())
@@ -171,11 +148,7 @@ impl<Buf: Send + Sync> Node<Buf> {
 
     /// Takes ∂L/∂out, accumulates parameter gradients, returns ∂L/∂x when `need_dx`.
     pub(super) fn backward<T: Elem, B: Backend<T, Buf = Buf>>(
-        &mut self,
-        x: &Act<Buf>,
-        mut dy: Buf,
-        need_dx: bool,
-        ctx: &Ctx<B>,
+        &mut self, x: &Act<Buf>, mut dy: Buf, need_dx: bool, ctx: &Ctx<B>,
     ) -> Option<Buf> {
         let be = ctx.be;
         let xs = x.shape;
@@ -194,21 +167,11 @@ impl<Buf: Send + Sync> Node<Buf> {
                 );
                 dx
             }
-            Op::BatchNorm {
-                w,
-                b,
-                mean,
-                invstd,
-                relu,
-                ..
-            } => {
+            Op::BatchNorm { w, b, mean, invstd, relu, .. } => {
                 let mut dx = be.act_zeros(xs.len());
                 be.batch_norm_backward(
                     &mut dx,
-                    Affine {
-                        gamma: &mut w.grad,
-                        beta: &mut b.grad,
-                    },
+                    Affine { gamma: &mut w.grad, beta: &mut b.grad },
                     &dy,
                     relu.then_some(&self.out.buf),
                     &x.buf,
@@ -261,28 +224,12 @@ impl<Buf: Send + Sync> Node<Buf> {
                 f(format!("{name}.weight"), Slot::Param(w));
                 f(format!("{name}.bias"), Slot::Param(b));
             }
-            Op::BatchNorm {
-                w,
-                b,
-                running_mean,
-                running_var,
-                num_batches_tracked,
-                ..
-            } => {
+            Op::BatchNorm { w, b, running_mean, running_var, num_batches_tracked, .. } => {
                 f(format!("{name}.weight"), Slot::Param(w));
                 f(format!("{name}.bias"), Slot::Param(b));
-                f(
-                    format!("{name}.running_mean"),
-                    Slot::RunningStat(running_mean),
-                );
-                f(
-                    format!("{name}.running_var"),
-                    Slot::RunningStat(running_var),
-                );
-                f(
-                    format!("{name}.num_batches_tracked"),
-                    Slot::Count(num_batches_tracked),
-                );
+                f(format!("{name}.running_mean"), Slot::RunningStat(running_mean));
+                f(format!("{name}.running_var"), Slot::RunningStat(running_var));
+                f(format!("{name}.num_batches_tracked"), Slot::Count(num_batches_tracked));
             }
             Op::Inception { branches } => {
                 for node in branches.iter_mut().flatten() {
@@ -309,8 +256,7 @@ impl<Buf: Send + Sync> Node<Buf> {
 }
 
 pub(super) fn visit_nodes<Buf: Send + Sync>(
-    nodes: &mut [Node<Buf>],
-    f: &mut dyn FnMut(String, Slot<Buf>),
+    nodes: &mut [Node<Buf>], f: &mut dyn FnMut(String, Slot<Buf>),
 ) {
     for node in nodes {
         node.visit(f);
@@ -319,8 +265,7 @@ pub(super) fn visit_nodes<Buf: Send + Sync>(
 
 /// Every parameter, in `state_dict()` order.
 pub(super) fn collect_params<'a, Buf>(
-    nodes: &'a mut [Node<Buf>],
-    out: &mut Vec<&'a mut Param<Buf>>,
+    nodes: &'a mut [Node<Buf>], out: &mut Vec<&'a mut Param<Buf>>,
 ) {
     for node in nodes {
         match &mut node.op {
@@ -343,9 +288,7 @@ pub(super) fn last_out<'a, Buf>(nodes: &'a [Node<Buf>], input: &'a Act<Buf>) -> 
 }
 
 pub(super) fn forward_seq<T: Elem, B: Backend<T>>(
-    nodes: &mut [Node<B::Buf>],
-    input: &Act<B::Buf>,
-    ctx: &Ctx<B>,
+    nodes: &mut [Node<B::Buf>], input: &Act<B::Buf>, ctx: &Ctx<B>,
 ) -> Result<()> {
     let mut i = 0;
     while i < nodes.len() {
@@ -354,11 +297,7 @@ pub(super) fn forward_seq<T: Elem, B: Backend<T>>(
         ctx.be.range_push(&rest[0].name);
         // In evaluation, Conv → BatchNorm+ReLU may run as one op (the time goes to the conv).
         let fused = !ctx.train && fused_conv_bn_relu_eval(rest, last_out(done, input), ctx);
-        let r = if fused {
-            Ok(())
-        } else {
-            rest[0].forward(last_out(done, input), ctx)
-        };
+        let r = if fused { Ok(()) } else { rest[0].forward(last_out(done, input), ctx) };
         ctx.be.range_pop();
         r?;
         if let Some(t) = t {
@@ -373,23 +312,14 @@ pub(super) fn forward_seq<T: Elem, B: Backend<T>>(
 /// backend fuses it, writing the BatchNorm node's output (the conv's own stays stale: nothing
 /// reads it in evaluation). `false`: nothing was run.
 fn fused_conv_bn_relu_eval<T: Elem, B: Backend<T>>(
-    nodes: &mut [Node<B::Buf>],
-    x: &Act<B::Buf>,
-    ctx: &Ctx<B>,
+    nodes: &mut [Node<B::Buf>], x: &Act<B::Buf>, ctx: &Ctx<B>,
 ) -> bool {
     let [conv_node, bn_node, ..] = nodes else {
         return false;
     };
     let (
         Op::Conv { conv, w, b },
-        Op::BatchNorm {
-            w: gamma,
-            b: beta,
-            running_mean,
-            running_var,
-            relu: true,
-            ..
-        },
+        Op::BatchNorm { w: gamma, b: beta, running_mean, running_var, relu: true, .. },
     ) = (&conv_node.op, &bn_node.op)
     else {
         return false;
@@ -399,14 +329,8 @@ fn fused_conv_bn_relu_eval<T: Elem, B: Backend<T>>(
         &mut bn_node.out.buf,
         &x.buf,
         (&w.value, &b.value),
-        Affine {
-            gamma: &gamma.value,
-            beta: &beta.value,
-        },
-        RunningStats {
-            mean: running_mean,
-            var: running_var,
-        },
+        Affine { gamma: &gamma.value, beta: &beta.value },
+        RunningStats { mean: running_mean, var: running_var },
         x.shape,
         conv,
         &ctx.bn,
@@ -414,11 +338,7 @@ fn fused_conv_bn_relu_eval<T: Elem, B: Backend<T>>(
 }
 
 pub(super) fn backward_seq<T: Elem, B: Backend<T>>(
-    nodes: &mut [Node<B::Buf>],
-    input: &Act<B::Buf>,
-    dy: B::Buf,
-    need_dx: bool,
-    ctx: &Ctx<B>,
+    nodes: &mut [Node<B::Buf>], input: &Act<B::Buf>, dy: B::Buf, need_dx: bool, ctx: &Ctx<B>,
 ) -> Option<B::Buf> {
     let mut grad = dy;
     for i in (0..nodes.len()).rev() {
@@ -440,12 +360,8 @@ pub(super) fn backward_seq<T: Elem, B: Backend<T>>(
 /// gradient split by branch, each branch's backward on the scheduler, and (when `need_dx`) the
 /// sum of the gradients of the input the branches share.
 fn inception_backward<T: Elem, B: Backend<T, Buf = Buf>, Buf: Send + Sync>(
-    (name, out): (&str, Nhwc),
-    branches: &mut [Vec<Node<Buf>>],
-    x: &Act<Buf>,
-    dy: Buf,
-    need_dx: bool,
-    ctx: &Ctx<B>,
+    (name, out): (&str, Nhwc), branches: &mut [Vec<Node<Buf>>], x: &Act<Buf>, dy: Buf,
+    need_dx: bool, ctx: &Ctx<B>,
 ) -> Option<Buf> {
     let (be, xs) = (ctx.be, x.shape);
     let channels: Vec<usize> = branches.iter().map(|b| last_out(b, x).shape.c).collect();
@@ -455,10 +371,8 @@ fn inception_backward<T: Elem, B: Backend<T, Buf = Buf>, Buf: Send + Sync>(
         let mut refs: Vec<&mut Buf> = dparts.iter_mut().collect();
         be.concat_backward(&mut refs, &dy, &channels);
     }
-    let mut work: Vec<(&mut Vec<Node<Buf>>, Option<Buf>)> = branches
-        .iter_mut()
-        .zip(dparts.into_iter().map(Some))
-        .collect();
+    let mut work: Vec<(&mut Vec<Node<Buf>>, Option<Buf>)> =
+        branches.iter_mut().zip(dparts.into_iter().map(Some)).collect();
     be.branches_begin(work.len());
     let dxs = run_branches(ctx.schedule, &mut work, |i, (nodes, d)| {
         let d = d.take().expect("each branch gradient is used once");
@@ -473,10 +387,7 @@ fn inception_backward<T: Elem, B: Backend<T, Buf = Buf>, Buf: Send + Sync>(
     if !need_dx {
         return None;
     }
-    let dxs: Vec<Buf> = dxs
-        .into_iter()
-        .map(|d| d.expect("branch input gradient"))
-        .collect();
+    let dxs: Vec<Buf> = dxs.into_iter().map(|d| d.expect("branch input gradient")).collect();
     let mut dx = be.act_zeros(xs.len());
     be.fork_backward(&mut dx, &dxs.iter().collect::<Vec<_>>());
     Some(dx)

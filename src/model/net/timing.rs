@@ -22,22 +22,16 @@ pub(super) fn collect_times<Buf>(nodes: &[Node<Buf>], out: &mut Vec<LayerTime>) 
         let (op, flop, inner) = match &node.op {
             Op::Conv { conv, .. } => {
                 let s = node.out.shape;
-                (
-                    "conv",
-                    2.0 * (s.len() * conv.cin * conv.k * conv.k) as f64,
-                    [0.0; 2],
-                )
+                ("conv", 2.0 * (s.len() * conv.cin * conv.k * conv.k) as f64, [0.0; 2])
             }
             Op::BatchNorm { relu: true, .. } => ("batch_norm_relu", 0.0, [0.0; 2]),
             Op::BatchNorm { .. } => ("batch_norm", 0.0, [0.0; 2]),
             Op::Relu => ("relu", 0.0, [0.0; 2]),
             Op::MaxPool { .. } => ("max_pool", 0.0, [0.0; 2]),
             Op::AvgPool2 => ("avg_pool", 0.0, [0.0; 2]),
-            Op::Linear { fin, .. } => (
-                "linear",
-                2.0 * (node.out.shape.len() * fin) as f64,
-                [0.0; 2],
-            ),
+            Op::Linear { fin, .. } => {
+                ("linear", 2.0 * (node.out.shape.len() * fin) as f64, [0.0; 2])
+            }
             Op::Inception { branches } => {
                 let mut inner = [0.0; 2];
                 for b in branches {

@@ -60,13 +60,7 @@ pub struct Who {
 
 impl Who {
     pub fn op(id: u64, stream: super::Stream, clock: Clock, label: String) -> Who {
-        Who {
-            id,
-            stream,
-            clock,
-            label,
-            graph: None,
-        }
+        Who { id, stream, clock, label, graph: None }
     }
 
     /// A node of the graph launch `launch` (this is the launch operation).
@@ -113,10 +107,7 @@ pub struct Interval {
 
 impl Interval {
     pub fn new(start: u64, bytes: usize) -> Interval {
-        Interval {
-            start,
-            end: start + bytes as u64,
-        }
+        Interval { start, end: start + bytes as u64 }
     }
 }
 
@@ -157,10 +148,7 @@ pub fn differences(base: u64, before: &[u8], after: &[u8], elem: usize) -> Vec<I
             let at = base + i as u64;
             match out.last_mut() {
                 Some(last) if last.end == at => last.end = base + end as u64,
-                _ => out.push(Interval {
-                    start: at,
-                    end: base + end as u64,
-                }),
+                _ => out.push(Interval { start: at, end: base + end as u64 }),
             }
         }
         i = end;
@@ -185,11 +173,7 @@ pub struct Checker {
 
 impl Checker {
     pub fn new(enabled: bool) -> Checker {
-        Checker {
-            enabled,
-            records: HashMap::new(),
-            written: HashMap::new(),
-        }
+        Checker { enabled, records: HashMap::new(), written: HashMap::new() }
     }
 
     pub fn enabled(&self) -> bool {
@@ -213,11 +197,7 @@ impl Checker {
 
     /// Records an access and reports a race with any earlier unordered, conflicting one.
     fn access(
-        &mut self,
-        who: &Who,
-        base: u64,
-        intervals: Vec<Interval>,
-        write: bool,
+        &mut self, who: &Who, base: u64, intervals: Vec<Interval>, write: bool,
     ) -> Result<()> {
         if !self.enabled || intervals.is_empty() {
             return Ok(());
@@ -239,11 +219,7 @@ impl Checker {
                 );
             }
         }
-        recs.push(Record {
-            who: who.clone(),
-            write,
-            intervals,
-        });
+        recs.push(Record { who: who.clone(), write, intervals });
         Ok(())
     }
 
@@ -265,8 +241,7 @@ impl Checker {
         let bits = self.written.get(&base);
         (off..off + len).find(|&b| {
             let (w, bit) = ((b / 64) as usize, b % 64);
-            bits.and_then(|v| v.get(w))
-                .is_none_or(|x| x & (1 << bit) == 0)
+            bits.and_then(|v| v.get(w)).is_none_or(|x| x & (1 << bit) == 0)
         })
     }
 
@@ -306,12 +281,7 @@ impl Checker {
     /// A kernel's const argument: it may read anywhere in [ptr, ptr + bytes); an error if
     /// nothing there was ever written.
     pub fn read_reachable(
-        &mut self,
-        who: &Who,
-        base: u64,
-        ptr: u64,
-        bytes: usize,
-        what: &str,
+        &mut self, who: &Who, base: u64, ptr: u64, bytes: usize, what: &str,
     ) -> Result<()> {
         if !self.enabled || bytes == 0 {
             return Ok(());
@@ -328,12 +298,7 @@ impl Checker {
     /// A kernel's mutable argument of `elem`-byte elements: the elements that changed between
     /// `before` and `after` (both starting at `ptr`) were written.
     pub fn changed(
-        &mut self,
-        who: &Who,
-        base: u64,
-        ptr: u64,
-        (before, after): (&[u8], &[u8]),
-        elem: usize,
+        &mut self, who: &Who, base: u64, ptr: u64, (before, after): (&[u8], &[u8]), elem: usize,
     ) -> Result<()> {
         if !self.enabled {
             return Ok(());
@@ -372,14 +337,8 @@ mod tests {
         let mut c = Checker::new(true);
         // op1 on stream 0 at clock [1]; op2 on stream 1 knowing nothing of stream 0.
         c.write(&who(1, 0, &[1]), 0, 0, 16).unwrap();
-        let err = c
-            .write(&who(2, 1, &[0, 1]), 0, 8, 16)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("race") && err.contains("op1") && err.contains("op2"),
-            "{err}"
-        );
+        let err = c.write(&who(2, 1, &[0, 1]), 0, 8, 16).unwrap_err().to_string();
+        assert!(err.contains("race") && err.contains("op1") && err.contains("op2"), "{err}");
         // op3 on stream 1 after waiting for op1: ordered.
         let mut c = Checker::new(true);
         c.write(&who(1, 0, &[1]), 0, 0, 16).unwrap();
@@ -395,22 +354,11 @@ mod tests {
         let mut c = Checker::new(true);
         c.write(&who(1, 0, &[1]), 0, 0, 8).unwrap();
         c.read(&who(2, 0, &[2]), 0, 0, 8, "x").unwrap();
-        let err = c
-            .read(&who(3, 0, &[3]), 0, 0, 12, "x")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("never written") && err.contains("byte 8"),
-            "{err}"
-        );
-        let err = c
-            .read_reachable(&who(4, 0, &[4]), 64, 64, 32, "argument 1")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("argument 1") && err.contains("never written"),
-            "{err}"
-        );
+        let err = c.read(&who(3, 0, &[3]), 0, 0, 12, "x").unwrap_err().to_string();
+        assert!(err.contains("never written") && err.contains("byte 8"), "{err}");
+        let err =
+            c.read_reachable(&who(4, 0, &[4]), 64, 64, 32, "argument 1").unwrap_err().to_string();
+        assert!(err.contains("argument 1") && err.contains("never written"), "{err}");
     }
 
     #[test]

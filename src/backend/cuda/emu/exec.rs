@@ -41,10 +41,7 @@ impl EmuDevice {
                 // SAFETY: the region lies inside a live allocation (checked above).
                 unsafe { std::ptr::write_bytes(*ptr as *mut u8, *value, *bytes) };
                 st.checker.write(who, base, *ptr, *bytes)?;
-                Ok(Traffic {
-                    written: *bytes as u64,
-                    ..nothing
-                })
+                Ok(Traffic { written: *bytes as u64, ..nothing })
             }
             Op::Htod { dst, data } => {
                 let base = self.region(st, who, *dst, data.len(), "copy host→device")?;
@@ -53,11 +50,7 @@ impl EmuDevice {
                     std::ptr::copy_nonoverlapping(data.as_ptr(), *dst as *mut u8, data.len())
                 };
                 st.checker.write(who, base, *dst, data.len())?;
-                Ok(Traffic {
-                    written: data.len() as u64,
-                    host: data.len() as u64,
-                    ..nothing
-                })
+                Ok(Traffic { written: data.len() as u64, host: data.len() as u64, ..nothing })
             }
             Op::Dtod { dst, src, bytes } => {
                 let sbase = self.region(st, who, *src, *bytes, "copy device→device (source)")?;
@@ -68,11 +61,7 @@ impl EmuDevice {
                 // overlap either (copy handles it anyway).
                 unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
                 st.checker.write(who, dbase, *dst, *bytes)?;
-                Ok(Traffic {
-                    read: *bytes as u64,
-                    written: *bytes as u64,
-                    ..nothing
-                })
+                Ok(Traffic { read: *bytes as u64, written: *bytes as u64, ..nothing })
             }
             Op::Dnn(call) => {
                 reference::validate_dnn(call)?;
@@ -112,12 +101,7 @@ impl EmuDevice {
 
     /// The live allocation containing [ptr, ptr + bytes), or an error naming `what`.
     pub(super) fn region(
-        &self,
-        st: &State,
-        who: &Who,
-        ptr: u64,
-        bytes: usize,
-        what: &str,
+        &self, st: &State, who: &Who, ptr: u64, bytes: usize, what: &str,
     ) -> Result<u64> {
         let found = st.allocs.range(..=ptr).next_back();
         match found {
@@ -138,11 +122,7 @@ impl EmuDevice {
 
     /// Runs a library call after checking its regions; records its accesses.
     pub(super) fn library(
-        &self,
-        st: &mut State,
-        who: &Who,
-        name: &str,
-        regions: &[reference::Region],
+        &self, st: &mut State, who: &Who, name: &str, regions: &[reference::Region],
         run: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         let mut bases = Vec::with_capacity(regions.len());
@@ -166,12 +146,7 @@ impl EmuDevice {
     /// Runs a kernel: its pointer arguments must lie in live allocations; writes are found by
     /// comparing the mutable buffers before and after; guards are checked afterwards.
     pub(super) fn kernel(
-        &self,
-        st: &mut State,
-        who: &Who,
-        name: &str,
-        dims: &LaunchDims,
-        args: &[KernelArg],
+        &self, st: &mut State, who: &Who, name: &str, dims: &LaunchDims, args: &[KernelArg],
     ) -> Result<Traffic> {
         let params = self
             .kernels
@@ -208,8 +183,7 @@ impl EmuDevice {
                 _ => {}
             }
             let what = format!("its argument {i}");
-            st.checker
-                .read_reachable(who, base, p, (end - p) as usize, &what)?;
+            st.checker.read_reachable(who, base, p, (end - p) as usize, &what)?;
         }
         let eargs: Vec<kernel_emu::Arg> = args
             .iter()
@@ -229,14 +203,7 @@ impl EmuDevice {
         // SAFETY: every non-null pointer argument lies in a live allocation (checked above);
         // how far the kernel reads past it is the checker's business (guards, poison).
         unsafe {
-            kernel_emu::launch(
-                name,
-                dims.grid,
-                dims.block,
-                dims.shared_bytes,
-                order,
-                &eargs,
-            )
+            kernel_emu::launch(name, dims.grid, dims.block, dims.shared_bytes, order, &eargs)
         }
         .map_err(|e| anyhow!("{}: {e}", who.label))?;
         for base in &touched {
@@ -277,10 +244,7 @@ impl EmuDevice {
     /// Checks a launch against the kernel's signature (as its source declares it) when it is
     /// issued, so the error points at the call that built it.
     pub(super) fn check_args(
-        &self,
-        name: &str,
-        dims: LaunchDims,
-        args: &[KernelArg],
+        &self, name: &str, dims: LaunchDims, args: &[KernelArg],
     ) -> Result<()> {
         let Some(params) = self.kernels.get(name) else {
             let mut near: Vec<&String> = self
@@ -292,11 +256,7 @@ impl EmuDevice {
             bail!("kernel {name} is not in cuda/*.cu (similar: {near:?})");
         };
         if params.len() != args.len() {
-            bail!(
-                "kernel {name} takes {} parameters, {} given",
-                params.len(),
-                args.len()
-            );
+            bail!("kernel {name} takes {} parameters, {} given", params.len(), args.len());
         }
         for (i, (p, a)) in params.iter().zip(args).enumerate() {
             let ok = match p {
@@ -325,14 +285,9 @@ impl EmuDevice {
 /// A library call's traffic: every operand's extent (the workspace left out), and its
 /// arithmetic.
 pub(super) fn library_work(
-    regions: &[reference::Region],
-    (flops, math): (f64, profile::Math),
+    regions: &[reference::Region], (flops, math): (f64, profile::Math),
 ) -> Traffic {
-    let mut w = Traffic {
-        flops,
-        math,
-        ..Traffic::default()
-    };
+    let mut w = Traffic { flops, math, ..Traffic::default() };
     for r in regions.iter().filter(|r| r.what != "workspace") {
         let bytes = r.bytes as u64;
         match r.access {

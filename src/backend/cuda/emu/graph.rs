@@ -75,13 +75,7 @@ impl EmuDevice {
         let graph = cap.graph;
         // Where the origin stream ends: its last node, and the nodes it waited for after that
         // (a wait with no work after it still joins, as cudaStreamEndCapture sees it).
-        let mut ends: Vec<usize> = cap
-            .last
-            .get(&stream)
-            .copied()
-            .flatten()
-            .into_iter()
-            .collect();
+        let mut ends: Vec<usize> = cap.last.get(&stream).copied().flatten().into_iter().collect();
         ends.extend(cap.pending.get(&stream).into_iter().flatten().copied());
         let mut ancestors = vec![false; graph.nodes.len()];
         {
@@ -118,11 +112,8 @@ impl EmuDevice {
     /// Replays graph `g` as one operation of the stream it was launched on: its nodes run in
     /// an order the capture's edges allow; inside it, the nodes' own clocks order them.
     pub(super) fn replay(&self, st: &mut State, g: u32, outer: &Who) -> Result<()> {
-        let graph = st
-            .graphs
-            .get(&g)
-            .cloned()
-            .ok_or_else(|| anyhow!("graph {g} does not exist"))?;
+        let graph =
+            st.graphs.get(&g).cloned().ok_or_else(|| anyhow!("graph {g} does not exist"))?;
         let n = graph.nodes.len();
         let mut remaining: Vec<usize> = graph.nodes.iter().map(|nd| nd.deps.len()).collect();
         let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -135,10 +126,7 @@ impl EmuDevice {
         let launch_id = st.next_id;
         st.next_id += 1;
         // For a step profile: each node's profile node, and what the entry nodes wait for.
-        let entry = st
-            .profile
-            .as_ref()
-            .and_then(|p| p.graph_entry(outer.stream.0));
+        let entry = st.profile.as_ref().and_then(|p| p.graph_entry(outer.stream.0));
         let mut profiled: Vec<usize> = vec![usize::MAX; n];
         while !ready.is_empty() {
             let k = if self.opts.seed == 0 {

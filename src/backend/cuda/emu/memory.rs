@@ -27,13 +27,7 @@ impl Alloc {
         let base = storage.as_ptr() as usize;
         let start = (base + GUARD).next_multiple_of(ALIGN) - base;
         storage[start..start + bytes].fill(POISON);
-        Alloc {
-            storage,
-            start,
-            bytes,
-            live: true,
-            graph: None,
-        }
+        Alloc { storage, start, bytes, live: true, graph: None }
     }
     pub(super) fn base(&self) -> u64 {
         self.storage.as_ptr() as u64 + self.start as u64
@@ -50,15 +44,9 @@ impl Alloc {
     /// The first damaged guard byte, as an offset from the base (negative: before it).
     pub(super) fn damaged_guard(&self) -> Option<i64> {
         let end = self.start + self.bytes;
-        if let Some(i) = self.storage[..self.start]
-            .iter()
-            .rposition(|&b| b != GUARD_BYTE)
-        {
+        if let Some(i) = self.storage[..self.start].iter().rposition(|&b| b != GUARD_BYTE) {
             return Some(i as i64 - self.start as i64);
         }
-        self.storage[end..]
-            .iter()
-            .position(|&b| b != GUARD_BYTE)
-            .map(|i| (i + self.bytes) as i64)
+        self.storage[end..].iter().position(|&b| b != GUARD_BYTE).map(|i| (i + self.bytes) as i64)
     }
 }

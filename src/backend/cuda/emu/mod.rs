@@ -69,10 +69,7 @@ impl EmuOptions {
 
 impl Default for EmuOptions {
     fn default() -> Self {
-        EmuOptions {
-            seed: 1,
-            check: true,
-        }
+        EmuOptions { seed: 1, check: true }
     }
 }
 
@@ -90,28 +87,19 @@ static TOTAL: Mutex<Option<Counters>> = Mutex::new(None);
 
 /// The sum of [`EmuDevice::counters`] over every emulated device of this process so far.
 pub fn total_counters() -> Counters {
-    TOTAL
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .unwrap_or_default()
+    TOTAL.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
 }
 
 /// Every kernel the emulation can launch: all `__global__` functions of `cuda/*.cu`.
 pub fn kernel_names() -> Vec<String> {
-    kernel_emu::kernels()
-        .iter()
-        .map(|k| k.name.to_string())
-        .collect()
+    kernel_emu::kernels().iter().map(|k| k.name.to_string()).collect()
 }
 
 /// Counts one run of `name` in `pick(counters)` of the device and of the process.
 fn count(own: &mut Counters, pick: fn(&mut Counters) -> &mut BTreeMap<String, u64>, name: &str) {
     *pick(own).entry(name.to_string()).or_default() += 1;
     let mut total = TOTAL.lock().unwrap_or_else(|p| p.into_inner());
-    *pick(total.get_or_insert_with(Counters::default))
-        .entry(name.to_string())
-        .or_default() += 1;
+    *pick(total.get_or_insert_with(Counters::default)).entry(name.to_string()).or_default() += 1;
 }
 
 /// A queued operation.
@@ -261,10 +249,8 @@ fn splitmix(state: &mut u64) -> u64 {
 
 impl EmuDevice {
     pub fn new(opts: EmuOptions) -> EmuDevice {
-        let kernels = kernel_emu::kernels()
-            .iter()
-            .map(|k| (k.name.to_string(), k.params.clone()))
-            .collect();
+        let kernels =
+            kernel_emu::kernels().iter().map(|k| (k.name.to_string(), k.params.clone())).collect();
         EmuDevice {
             opts,
             kernels,
@@ -306,11 +292,7 @@ impl EmuDevice {
 
     /// Ends the recording (synchronize first, or queued work is left out).
     pub fn profile_end(&self) -> Profile {
-        self.state()
-            .profile
-            .take()
-            .map(Recorder::finish)
-            .unwrap_or_default()
+        self.state().profile.take().map(Recorder::finish).unwrap_or_default()
     }
 
     /// Runs the queued work until `stream`'s queue is empty (and whatever it waits for);
@@ -331,12 +313,7 @@ impl EmuDevice {
                 let clock = cap.clocks.entry(stream).or_default();
                 clock.tick(stream.0);
                 let clock = clock.clone();
-                cap.graph.nodes.push(Node {
-                    op,
-                    stream,
-                    deps,
-                    clock,
-                });
+                cap.graph.nodes.push(Node { op, stream, deps, clock });
                 let n = cap.graph.nodes.len() - 1;
                 cap.last.insert(stream, Some(n));
                 return Ok(());
@@ -349,20 +326,13 @@ impl EmuDevice {
         let clock = clock.clone();
         let id = st.next_id;
         st.next_id += 1;
-        st.streams[s].push_back(Queued {
-            id,
-            stream,
-            op,
-            clock,
-        });
+        st.streams[s].push_back(Queued { id, stream, op, clock });
         Ok(())
     }
 
     /// Whether `stream` is being captured.
     fn capturing(st: &State, stream: Stream) -> bool {
-        st.capture
-            .as_ref()
-            .is_some_and(|c| c.last.contains_key(&stream))
+        st.capture.as_ref().is_some_and(|c| c.last.contains_key(&stream))
     }
 
     /// Fails the open capture if `stream` is in it: `what` cannot be captured.
@@ -490,23 +460,12 @@ impl Device for EmuDevice {
             let cap = st.capture.as_mut().expect("capturing");
             let node = cap.last.get(&stream).copied().flatten();
             let clock = cap.clocks.get(&stream).cloned().unwrap_or_default();
-            st.events[e] = EventState {
-                op: None,
-                clock,
-                captured: node.or(Some(usize::MAX)),
-            };
+            st.events[e] = EventState { op: None, clock, captured: node.or(Some(usize::MAX)) };
             return Ok(());
         }
         self.enqueue(&mut st, stream, Op::Record)?;
-        let q = st.streams[stream.0 as usize]
-            .back()
-            .expect("just queued")
-            .clone();
-        st.events[e] = EventState {
-            op: Some(q.id),
-            clock: q.clock,
-            captured: None,
-        };
+        let q = st.streams[stream.0 as usize].back().expect("just queued").clone();
+        st.events[e] = EventState { op: Some(q.id), clock: q.clock, captured: None };
         Ok(())
     }
 
@@ -618,14 +577,7 @@ impl Device for EmuDevice {
     fn htod(&self, stream: Stream, dst: u64, src: &[u8]) -> Result<()> {
         let mut st = self.state();
         Self::capture_illegal(&mut st, stream, "a copy from pageable host memory")?;
-        self.enqueue(
-            &mut st,
-            stream,
-            Op::Htod {
-                dst,
-                data: src.to_vec(),
-            },
-        )
+        self.enqueue(&mut st, stream, Op::Htod { dst, data: src.to_vec() })
     }
 
     fn dtoh(&self, stream: Stream, dst: &mut [u8], src: u64) -> Result<()> {
@@ -655,31 +607,19 @@ impl Device for EmuDevice {
     }
 
     fn launch(
-        &self,
-        stream: Stream,
-        name: &str,
-        dims: LaunchDims,
-        args: &[KernelArg],
+        &self, stream: Stream, name: &str, dims: LaunchDims, args: &[KernelArg],
     ) -> Result<()> {
         self.check_args(name, dims, args)?;
         let mut st = self.state();
         self.enqueue(
             &mut st,
             stream,
-            Op::Launch {
-                name: name.to_string(),
-                dims,
-                args: args.to_vec(),
-            },
+            Op::Launch { name: name.to_string(), dims, args: args.to_vec() },
         )
     }
 
     fn conv_algorithms(
-        &self,
-        _stream: Stream,
-        problem: &ConvProblem,
-        dir: ConvDirection,
-        measure: bool,
+        &self, _stream: Stream, problem: &ConvProblem, dir: ConvDirection, measure: bool,
     ) -> Result<Vec<AlgoPerf>> {
         Ok(reference::conv_algorithms(problem, dir, measure))
     }

@@ -107,23 +107,12 @@ impl Recorder {
     /// An operation queued on `stream` (with the device's operation id), after that stream's
     /// previous one and, for an event wait, after the record `waits_for`.
     pub fn top(
-        &mut self,
-        id: u64,
-        stream: u32,
-        (name, kind): (String, OpKind),
-        work: Traffic,
+        &mut self, id: u64, stream: u32, (name, kind): (String, OpKind), work: Traffic,
         waits_for: Option<u64>,
     ) -> usize {
         let mut deps: Vec<usize> = self.last.get(&stream).copied().into_iter().collect();
         deps.extend(waits_for.and_then(|w| self.by_id.get(&w).copied()));
-        let n = self.push(ProfOp {
-            name,
-            kind,
-            stream,
-            in_graph: false,
-            work,
-            deps,
-        });
+        let n = self.push(ProfOp { name, kind, stream, in_graph: false, work, deps });
         self.last.insert(stream, n);
         self.by_id.insert(id, n);
         n
@@ -136,20 +125,9 @@ impl Recorder {
 
     /// A node of a replayed graph: `deps` are nodes of this recording.
     pub fn node(
-        &mut self,
-        stream: u32,
-        (name, kind): (String, OpKind),
-        work: Traffic,
-        deps: Vec<usize>,
+        &mut self, stream: u32, (name, kind): (String, OpKind), work: Traffic, deps: Vec<usize>,
     ) -> usize {
-        self.push(ProfOp {
-            name,
-            kind,
-            stream,
-            in_graph: true,
-            work,
-            deps,
-        })
+        self.push(ProfOp { name, kind, stream, in_graph: true, work, deps })
     }
 
     /// The end of a graph launched on `stream` (queued operation `id`): later work of the
@@ -365,9 +343,7 @@ impl Profile {
     /// The arithmetic of each kind of peak.
     fn flops_of(&self, math: &[Math]) -> f64 {
         // A fold from +0.0: an empty float sum is −0.0, which would print as such.
-        self.work()
-            .filter(|o| math.contains(&o.work.math))
-            .fold(0.0, |a, o| a + o.work.flops)
+        self.work().filter(|o| math.contains(&o.work.math)).fold(0.0, |a, o| a + o.work.flops)
     }
 
     /// The longest path through the dependency graph on `gpu`: its length (µs) and its nodes
@@ -385,11 +361,8 @@ impl Profile {
                     from[i] = Some(d);
                 }
             }
-            let cost = if o.kind == OpKind::Marker {
-                0.0
-            } else {
-                gpu.op_us(&o.work) + NODE_GAP_US
-            };
+            let cost =
+                if o.kind == OpKind::Marker { 0.0 } else { gpu.op_us(&o.work) + NODE_GAP_US };
             finish[i] = start + cost;
         }
         let Some(mut at) = (0..n).max_by(|&a, &b| finish[a].total_cmp(&finish[b])) else {
@@ -418,11 +391,7 @@ impl Profile {
                 + total.host as f64 / (gpu.pcie_gb_s * 1e3),
             tensor_us: tensor,
             fp32_us: self.flops_of(&[Math::Fp32]) / (gpu.fp32_tflops * 1e6),
-            issue_us: if graph {
-                GRAPH_LAUNCH_US
-            } else {
-                self.launches() as f64 * EAGER_ISSUE_US
-            },
+            issue_us: if graph { GRAPH_LAUNCH_US } else { self.launches() as f64 * EAGER_ISSUE_US },
         }
     }
 
@@ -468,11 +437,8 @@ impl Profile {
                 "issued eagerly"
             }
         );
-        let kernels_read: u64 = self
-            .work()
-            .filter(|o| o.kind == OpKind::Kernel)
-            .map(|o| o.work.read)
-            .sum();
+        let kernels_read: u64 =
+            self.work().filter(|o| o.kind == OpKind::Kernel).map(|o| o.work.read).sum();
         let _ = writeln!(
             out,
             "  read ≥ {:.1} MB (kernels ≥ {:.1} MB of the {:.1} MB their inputs can reach), written {:.1} MB, host→device {:.2} MB, {:.2} GFLOP",
@@ -519,11 +485,8 @@ impl Profile {
     /// operations.
     fn write_critical_path(&self, out: &mut String, gpu: &GpuSpec) {
         let (length, path) = self.critical_path(gpu);
-        let on_path: Vec<&ProfOp> = path
-            .iter()
-            .map(|&i| &self.ops[i])
-            .filter(|o| o.kind != OpKind::Marker)
-            .collect();
+        let on_path: Vec<&ProfOp> =
+            path.iter().map(|&i| &self.ops[i]).filter(|o| o.kind != OpKind::Marker).collect();
         let _ = writeln!(
             out,
             "\ncritical path on the {}: {length:.1} µs over {} operations (each costs its roofline time + {NODE_GAP_US} µs)",
@@ -543,21 +506,14 @@ impl Profile {
                 _ => runs.push((o.stream, 1, us)),
             }
         }
-        let route: Vec<String> = runs
-            .iter()
-            .map(|(s, n, us)| format!("stream {s} ×{n} ({us:.0} µs)"))
-            .collect();
+        let route: Vec<String> =
+            runs.iter().map(|(s, n, us)| format!("stream {s} ×{n} ({us:.0} µs)")).collect();
         let _ = writeln!(out, "  route: {}", route.join(" → "));
         let mut heavy: Vec<&&ProfOp> = on_path.iter().collect();
         heavy.sort_by(|a, b| gpu.op_us(&b.work).total_cmp(&gpu.op_us(&a.work)));
         for o in heavy.iter().take(8) {
-            let _ = writeln!(
-                out,
-                "  {:>7.1} µs  {} (stream {})",
-                gpu.op_us(&o.work),
-                o.name,
-                o.stream
-            );
+            let _ =
+                writeln!(out, "  {:>7.1} µs  {} (stream {})", gpu.op_us(&o.work), o.name, o.stream);
         }
     }
 
@@ -638,10 +594,7 @@ mod tests {
             kind: OpKind::Kernel,
             stream,
             in_graph: false,
-            work: Traffic {
-                written: bytes,
-                ..Traffic::default()
-            },
+            work: Traffic { written: bytes, ..Traffic::default() },
             deps,
         }
     }
@@ -674,9 +627,7 @@ mod tests {
         // Eagerly the host issues four launches.
         assert_eq!(p.bound(&H200_SXM, false).issue_us, 4.0 * EAGER_ISSUE_US);
         // Without the fork's traffic the chain binds.
-        let chain = Profile {
-            ops: p.ops[..2].to_vec(),
-        };
+        let chain = Profile { ops: p.ops[..2].to_vec() };
         assert_eq!(chain.bound(&H200_SXM, true).binding(), "critical path");
     }
 
@@ -684,9 +635,7 @@ mod tests {
     fn markers_cost_nothing_but_carry_the_order() {
         let mut m = op(0, 0, vec![0]);
         m.kind = OpKind::Marker;
-        let p = Profile {
-            ops: vec![op(0, US, vec![]), m, op(1, US, vec![1])],
-        };
+        let p = Profile { ops: vec![op(0, US, vec![]), m, op(1, US, vec![1])] };
         let (len, path) = p.critical_path(&H200_SXM);
         assert_eq!(path, vec![0, 1, 2]);
         assert!((len - 2.0 * (1.0 + NODE_GAP_US)).abs() < 1e-9);
@@ -695,22 +644,12 @@ mod tests {
 
     #[test]
     fn arithmetic_runs_at_the_peak_of_its_kind() {
-        let w = Traffic {
-            flops: 989.5e6,
-            math: Math::Tensor16,
-            ..Traffic::default()
-        };
+        let w = Traffic { flops: 989.5e6, math: Math::Tensor16, ..Traffic::default() };
         assert!((H200_SXM.op_us(&w) - 1.0).abs() < 1e-9);
-        let w = Traffic {
-            math: Math::Fp32,
-            ..w
-        };
+        let w = Traffic { math: Math::Fp32, ..w };
         assert!((H200_SXM.op_us(&w) - 989.5 / 67.0).abs() < 1e-9);
         // The same bytes take longer on the H100's slower memory.
-        let w = Traffic {
-            read: US,
-            ..Traffic::default()
-        };
+        let w = Traffic { read: US, ..Traffic::default() };
         assert!(H100_SXM.op_us(&w) > H200_SXM.op_us(&w));
     }
 }

@@ -15,11 +15,7 @@ impl Gpu {
     /// The zeroed counters and a workspace of the reduction kernels, grown as needed. The
     /// kernels leave the counters zero again, so one pair serves every launch on this stream.
     pub(super) fn reduction_buffers(&self, r: &Reduction) -> (u64, u64) {
-        let mut b = self
-            .lane()
-            .bn_scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut b = self.lane().bn_scratch.lock().unwrap_or_else(|p| p.into_inner());
         // A failed growth leaves the old, smaller buffers, which no launch then reads: the
         // failure is recorded and `launch` runs nothing until it is reported.
         if b.0.as_ref().is_none_or(|w| w.bytes() < 8 * r.workspace) {
@@ -41,22 +37,13 @@ impl Gpu {
                 }
             }
         }
-        (
-            b.0.as_ref().map_or(0, DevMem::ptr),
-            b.1.as_ref().map_or(0, DevMem::ptr),
-        )
+        (b.0.as_ref().map_or(0, DevMem::ptr), b.1.as_ref().map_or(0, DevMem::ptr))
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn bn_stats(
-        &self,
-        mean: &mut Buf,
-        invstd: &mut Buf,
-        running_mean: &mut Buf,
-        running_var: &mut Buf,
-        x: &Buf,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
+        &self, mean: &mut Buf, invstd: &mut Buf, running_mean: &mut Buf, running_var: &mut Buf,
+        x: &Buf, xs: Nhwc, cfg: &BatchNormCfg,
     ) {
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
         let r = self.reduction(xs.pixels(), xs.c);
@@ -79,14 +66,7 @@ impl Gpu {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn bn_apply(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        mean: &Buf,
-        invstd: &Buf,
-        gamma: &Buf,
-        beta: &Buf,
-        xs: Nhwc,
+        &self, y: &mut Buf, x: &Buf, mean: &Buf, invstd: &Buf, gamma: &Buf, beta: &Buf, xs: Nhwc,
         relu: bool,
     ) {
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
@@ -103,26 +83,14 @@ impl Gpu {
             I32(c),
             I32(relu as i32),
         ];
-        self.launch(
-            &typed("batch_norm_relu_apply", x.dtype),
-            self.strided(xs.len()),
-            &args,
-        );
+        self.launch(&typed("batch_norm_relu_apply", x.dtype), self.strided(xs.len()), &args);
     }
 
     pub(super) fn bn_eval_invstd(
-        &self,
-        invstd: &mut Buf,
-        running_var: &Buf,
-        c: usize,
-        cfg: &BatchNormCfg,
+        &self, invstd: &mut Buf, running_var: &Buf, c: usize, cfg: &BatchNormCfg,
     ) {
-        let args = [
-            Ptr(self.ptr(invstd)),
-            Ptr(self.ptr(running_var)),
-            I32(c as i32),
-            F32(cfg.eps as f32),
-        ];
+        let args =
+            [Ptr(self.ptr(invstd)), Ptr(self.ptr(running_var)), I32(c as i32), F32(cfg.eps as f32)];
         let launch = LaunchDims::linear((c as u32).div_ceil(128), 128);
         self.launch("batch_norm_eval_invstd", launch, &args);
     }
@@ -131,14 +99,8 @@ impl Gpu {
 impl BatchNormOps<f32> for Gpu {
     /// The statistics kernel, then the apply (with the ReLU when `relu`).
     fn batch_norm_forward_train(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        Affine { gamma, beta }: Affine<&Buf>,
-        running: RunningStats<&mut Buf>,
-        batch: BatchStats<&mut Buf>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
+        &self, y: &mut Buf, x: &Buf, Affine { gamma, beta }: Affine<&Buf>,
+        running: RunningStats<&mut Buf>, batch: BatchStats<&mut Buf>, xs: Nhwc, cfg: &BatchNormCfg,
         relu: bool,
     ) -> anyhow::Result<()> {
         crate::backend::check_batch_norm_train(xs)?;
@@ -150,14 +112,8 @@ impl BatchNormOps<f32> for Gpu {
 
     /// 1/σ from the running variance, then the apply.
     fn batch_norm_forward_eval(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        Affine { gamma, beta }: Affine<&Buf>,
-        running: RunningStats<&Buf>,
-        xs: Nhwc,
-        cfg: &BatchNormCfg,
-        relu: bool,
+        &self, y: &mut Buf, x: &Buf, Affine { gamma, beta }: Affine<&Buf>,
+        running: RunningStats<&Buf>, xs: Nhwc, cfg: &BatchNormCfg, relu: bool,
     ) {
         let mut invstd = self.f32_zeros("the eval-mode 1/σ of a BatchNorm", xs.c);
         self.bn_eval_invstd(&mut invstd, running.var, xs.c, cfg);
@@ -166,15 +122,8 @@ impl BatchNormOps<f32> for Gpu {
 
     /// The kernels mask dy by `relu_out > 0` as they read it.
     fn batch_norm_backward(
-        &self,
-        dx: &mut Buf,
-        daffine: Affine<&mut Buf>,
-        dy: &Buf,
-        relu_out: Option<&Buf>,
-        x: &Buf,
-        gamma: &Buf,
-        BatchStats { mean, invstd }: BatchStats<&Buf>,
-        xs: Nhwc,
+        &self, dx: &mut Buf, daffine: Affine<&mut Buf>, dy: &Buf, relu_out: Option<&Buf>, x: &Buf,
+        gamma: &Buf, BatchStats { mean, invstd }: BatchStats<&Buf>, xs: Nhwc,
     ) {
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
         let coef = self.f32_zeros("the backward coefficients of a BatchNorm", 3 * xs.c);
@@ -204,11 +153,7 @@ impl BatchNormOps<f32> for Gpu {
             I32(c),
             I32(relu),
         ];
-        self.launch(
-            &typed("batch_norm_relu_backward_reduce", x.dtype),
-            config(&r),
-            &args,
-        );
+        self.launch(&typed("batch_norm_relu_backward_reduce", x.dtype), config(&r), &args);
         let args = [
             Ptr(self.ptr(dx)),
             Ptr(dyp),

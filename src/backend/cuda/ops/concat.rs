@@ -11,14 +11,8 @@ impl Gpu {
         let yp = self.ptr(y);
         let mut off = 0i32;
         for (part, &c) in parts.iter().zip(channels) {
-            let args = [
-                Ptr(yp),
-                I32(ld),
-                I32(off),
-                Ptr(self.ptr(part)),
-                I32(pixels),
-                I32(c as i32),
-            ];
+            let args =
+                [Ptr(yp), I32(ld), I32(off), Ptr(self.ptr(part)), I32(pixels), I32(c as i32)];
             self.launch(&name, self.strided(pixels as usize * c), &args);
             off += c as i32;
         }
@@ -31,14 +25,8 @@ impl Gpu {
         let dyp = self.ptr(dy);
         let mut off = 0i32;
         for (part, &c) in dparts.iter_mut().zip(channels) {
-            let args = [
-                Ptr(self.ptr(part)),
-                Ptr(dyp),
-                I32(ld),
-                I32(off),
-                I32(pixels),
-                I32(c as i32),
-            ];
+            let args =
+                [Ptr(self.ptr(part)), Ptr(dyp), I32(ld), I32(off), I32(pixels), I32(c as i32)];
             self.launch(&name, self.strided(pixels as usize * c), &args);
             off += c as i32;
         }

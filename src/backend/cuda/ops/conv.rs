@@ -51,11 +51,7 @@ impl Gpu {
 
     /// A cuDNN workspace of at least `bytes`, grown (never shrunk) as shapes need.
     pub(super) fn workspace(&self, bytes: usize) -> anyhow::Result<(u64, usize)> {
-        let mut ws = self
-            .lane()
-            .workspace
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut ws = self.lane().workspace.lock().unwrap_or_else(|p| p.into_inner());
         if bytes == 0 {
             return Ok((0, 0));
         }
@@ -78,22 +74,9 @@ impl Gpu {
         if let Some(a) = cache.get(&(xs, *conv, dt)) {
             return Ok(*a);
         }
-        let a = dnn::algos(
-            &*self.dev,
-            self.current_stream(),
-            xs,
-            conv,
-            dt,
-            self.opts.deterministic,
-        )?;
-        tracing::debug!(
-            ?xs,
-            ?conv,
-            ?dt,
-            measured = a.measured,
-            ?a,
-            "cuDNN convolution algorithms"
-        );
+        let a =
+            dnn::algos(&*self.dev, self.current_stream(), xs, conv, dt, self.opts.deterministic)?;
+        tracing::debug!(?xs, ?conv, ?dt, measured = a.measured, ?a, "cuDNN convolution algorithms");
         cache.insert((xs, *conv, dt), a);
         Ok(a)
     }
@@ -102,14 +85,8 @@ impl Gpu {
     /// directions, as [`ConvCall`] says), with `beta` blending into the output.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn conv(
-        &self,
-        what: &str,
-        dir: ConvDirection,
-        (x, w, y): (u64, u64, u64),
-        xs: Nhwc,
-        conv: &Conv2d,
-        dt: DType,
-        beta: f32,
+        &self, what: &str, dir: ConvDirection, (x, w, y): (u64, u64, u64), xs: Nhwc, conv: &Conv2d,
+        dt: DType, beta: f32,
     ) {
         if self.failed() {
             return;
@@ -145,36 +122,14 @@ impl Gpu {
     /// keeps cuBLAS's default math mode).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sgemm(
-        &self,
-        what: &str,
-        (transa, transb): (Transpose, Transpose),
-        (m, n, k): (usize, usize, usize),
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
+        &self, what: &str, (transa, transb): (Transpose, Transpose),
+        (m, n, k): (usize, usize, usize), a: u64, lda: usize, b: u64, ldb: usize, beta: f32,
+        c: u64, ldc: usize,
     ) {
         if self.failed() {
             return;
         }
-        let g = Gemm {
-            transa,
-            transb,
-            m,
-            n,
-            k,
-            a,
-            lda,
-            b,
-            ldb,
-            c,
-            ldc,
-            alpha: 1.0,
-            beta,
-        };
+        let g = Gemm { transa, transb, m, n, k, a, lda, b, ldb, c, ldc, alpha: 1.0, beta };
         if let Err(e) = self.dev.gemm(self.current_stream(), &g) {
             self.record(&format!("{what} (cuBLAS)"), e);
         }
@@ -220,21 +175,9 @@ impl ConvOps<f32> for Gpu {
     fn conv2d_forward(&self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, xs: Nhwc, conv: &Conv2d) {
         let dt = x.dtype;
         let ys = conv.out_shape(xs);
-        let wp = if dt == DType::F32 {
-            self.ptr(w)
-        } else {
-            self.working_copy(w, conv, dt)
-        };
+        let wp = if dt == DType::F32 { self.ptr(w) } else { self.working_copy(w, conv, dt) };
         let (xp, yp, bp) = (self.ptr(x), self.ptr(y), self.ptr(b));
-        self.conv(
-            "conv2d_forward",
-            ConvDirection::Forward,
-            (xp, wp, yp),
-            xs,
-            conv,
-            dt,
-            0.0,
-        );
+        self.conv("conv2d_forward", ConvDirection::Forward, (xp, wp, yp), xs, conv, dt, 0.0);
         if dt == DType::F32 {
             let add = AddTensor {
                 a: dnn::channels(ys.c),
@@ -253,15 +196,8 @@ impl ConvOps<f32> for Gpu {
     }
 
     fn conv2d_backward(
-        &self,
-        dx: Option<&mut Buf>,
-        dw: &mut Buf,
-        db: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        xs: Nhwc,
-        conv: &Conv2d,
+        &self, dx: Option<&mut Buf>, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
+        xs: Nhwc, conv: &Conv2d,
     ) {
         let dt = dy.dtype;
         let ys = conv.out_shape(xs);
@@ -313,15 +249,7 @@ impl ConvOps<f32> for Gpu {
         );
         if let Some(dxp) = dx_ptr {
             let data = (dxp, self.working_copy(w, conv, dt), dyp);
-            self.conv(
-                "conv2d_backward data",
-                ConvDirection::BackwardData,
-                data,
-                xs,
-                conv,
-                dt,
-                0.0,
-            );
+            self.conv("conv2d_backward data", ConvDirection::BackwardData, data, xs, conv, dt, 0.0);
         }
         // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
         // gradient keeps the master weight's OIHW.
@@ -337,14 +265,7 @@ impl ConvOps<f32> for Gpu {
     }
 
     fn linear_forward(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        w: &Buf,
-        b: &Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, y: &mut Buf, x: &Buf, w: &Buf, b: &Buf, n: usize, fin: usize, fout: usize,
     ) {
         // The head is tiny ([N, 256]·[256, 10]) and produces the logits, so it runs in fp32 on
         // every path: a 16-bit input is widened first.
@@ -377,16 +298,8 @@ impl ConvOps<f32> for Gpu {
     }
 
     fn linear_backward(
-        &self,
-        dx: Option<&mut Buf>,
-        dw: &mut Buf,
-        db: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        fin: usize,
-        fout: usize,
+        &self, dx: Option<&mut Buf>, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
+        n: usize, fin: usize, fout: usize,
     ) {
         if !self.expect_f32("linear_backward gradient", dy) || !self.expect_main("linear_backward")
         {
@@ -410,11 +323,8 @@ impl ConvOps<f32> for Gpu {
             // dx[n, in] = dy·w  ⇔  column-major dxᵀ(in×n) = wᵀ(in×out) · dyᵀ(out×n), in fp32,
             // then narrowed to the activation type.
             let dx32 = (dx.dtype != DType::F32).then(|| {
-                let what = buffer_label(
-                    "the fp32 input gradient of the linear head",
-                    dx.len,
-                    DType::F32,
-                );
+                let what =
+                    buffer_label("the fp32 input gradient of the linear head", dx.len, DType::F32);
                 self.alloc(&what, dx.len, DType::F32)
             });
             let target = dx32.as_ref().map_or(self.ptr(dx), |b| self.ptr(b));
@@ -432,11 +342,7 @@ impl ConvOps<f32> for Gpu {
             );
             if let Some(dx32) = &dx32 {
                 let args = [Ptr(self.ptr(dx)), Ptr(self.ptr(dx32)), I32(dx.len as i32)];
-                self.launch(
-                    &typed("convert_from_f32", dx.dtype),
-                    elementwise(dx.len),
-                    &args,
-                );
+                self.launch(&typed("convert_from_f32", dx.dtype), elementwise(dx.len), &args);
             }
         }
         self.bias_grad(db, dy, Nhwc::new(n, 1, 1, fout));

@@ -31,12 +31,8 @@ impl Gpu {
         // A failure still unreported comes first; nothing is copied after it.
         self.take_error()?;
         let total: usize = set.record_chunks().map(|c| c.len()).sum();
-        let err = |e| {
-            anyhow::anyhow!(
-                "copying the training set to the GPU ({} MB): {e}",
-                total >> 20
-            )
-        };
+        let err =
+            |e| anyhow::anyhow!("copying the training set to the GPU ({} MB): {e}", total >> 20);
         let bytes = match alloc_mem(&self.dev, self.current_stream(), total) {
             Ok(b) => b,
             Err(e) => {
@@ -47,22 +43,12 @@ impl Gpu {
         };
         let mut at = 0;
         for chunk in set.record_chunks() {
-            self.dev
-                .htod(self.current_stream(), bytes.ptr() + at as u64, chunk)
-                .map_err(err)?;
+            self.dev.htod(self.current_stream(), bytes.ptr() + at as u64, chunk).map_err(err)?;
             at += chunk.len();
         }
-        let norm: Vec<u8> = MEAN
-            .iter()
-            .chain(STD.iter())
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let norm: Vec<u8> = MEAN.iter().chain(STD.iter()).flat_map(|v| v.to_le_bytes()).collect();
         let norm = self.uploaded(&norm).map_err(err)?;
-        Ok(DeviceRecords {
-            bytes,
-            records: total / RECORD,
-            norm,
-        })
+        Ok(DeviceRecords { bytes, records: total / RECORD, norm })
     }
 
     /// Renders the training batch of records `indices`, image `j` cropped by `views[j].0/1`
@@ -70,10 +56,7 @@ impl Gpu {
     /// buffer (NHWC, the activation type): `make_batch` on the device (`cuda/data.cu`). The
     /// draws go through the step slots, as in a replayed step.
     pub fn augment_batch(
-        &self,
-        records: &DeviceRecords,
-        indices: &[usize],
-        views: &[(i32, i32, bool)],
+        &self, records: &DeviceRecords, indices: &[usize], views: &[(i32, i32, bool)],
     ) -> Buf {
         let mut out = self.act_zeros(indices.len() * IMAGE);
         if self.failed() {

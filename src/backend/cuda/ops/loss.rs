@@ -8,12 +8,7 @@ impl Gpu {
     ///
     /// [`Backend::cross_entropy_forward_summed`]: crate::backend::Backend::cross_entropy_forward_summed
     pub fn take_step_sums(&self) -> anyhow::Result<(f64, u64)> {
-        if self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-        {
+        if self.slots.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
             return Ok((0.0, 0));
         }
         self.take_error()?;
@@ -34,12 +29,7 @@ impl Gpu {
     /// on), the mean loss and the correct count go to their slots, whose addresses are
     /// returned (`None` after a failure, which is recorded).
     fn cross_entropy_into_slots(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) -> Option<(u64, u64)> {
         if self.failed() {
             return None;
@@ -61,12 +51,7 @@ impl Gpu {
 
     /// The loss of an op-by-op step, read back (which waits for the step so far).
     pub(super) fn cross_entropy(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) -> f64 {
         let Some((loss, _)) = self.cross_entropy_into_slots(probs, logits, labels, k, smoothing)
         else {
@@ -86,12 +71,7 @@ impl Gpu {
     /// The loss of a step whose metrics stay on the device: added to the step sums, nothing
     /// read back (a replayed step cannot read).
     pub(super) fn cross_entropy_summed(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) {
         let Some((loss, correct)) =
             self.cross_entropy_into_slots(probs, logits, labels, k, smoothing)
@@ -109,13 +89,8 @@ impl Gpu {
     /// `cross_entropy_forward_backward` over `n` rows of `k` logits: `labels` and `(loss,
     /// correct)` are device addresses; dlogits (into `probs`) carry the loss scale, if any.
     fn launch_cross_entropy(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: u64,
-        (loss, correct): (u64, u64),
-        (n, k): (usize, usize),
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: u64, (loss, correct): (u64, u64),
+        (n, k): (usize, usize), smoothing: f64,
     ) {
         let scale = self.loss_scale.as_ref().map_or(0, |ls| ls.scale.ptr());
         let args = [
@@ -137,12 +112,7 @@ impl Gpu {
 
 impl LossOps<f32> for Gpu {
     fn cross_entropy_forward(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) -> f64 {
         if !self.expect_f32("cross_entropy_forward logits", logits)
             || !self.expect_f32("cross_entropy_forward softmax", probs)
@@ -153,12 +123,7 @@ impl LossOps<f32> for Gpu {
     }
 
     fn cross_entropy_forward_summed(
-        &self,
-        probs: &mut Buf,
-        logits: &Buf,
-        labels: &[u32],
-        k: usize,
-        smoothing: f64,
+        &self, probs: &mut Buf, logits: &Buf, labels: &[u32], k: usize, smoothing: f64,
     ) {
         if self.expect_f32("cross_entropy_forward logits", logits)
             && self.expect_f32("cross_entropy_forward softmax", probs)
@@ -168,12 +133,7 @@ impl LossOps<f32> for Gpu {
     }
 
     fn cross_entropy_backward(
-        &self,
-        dlogits: &mut Buf,
-        probs: &Buf,
-        _labels: &[u32],
-        _k: usize,
-        _smoothing: f64,
+        &self, dlogits: &mut Buf, probs: &Buf, _labels: &[u32], _k: usize, _smoothing: f64,
     ) {
         // The forward kernel already wrote (softmax − target)/N (× the loss scale in mixed
         // precision) into `probs`.
@@ -181,12 +141,9 @@ impl LossOps<f32> for Gpu {
             return;
         }
         let bytes = probs.len * probs.dtype.size();
-        if let Err(e) = self.dev.dtod(
-            self.current_stream(),
-            self.ptr(dlogits),
-            self.ptr(probs),
-            bytes,
-        ) {
+        if let Err(e) =
+            self.dev.dtod(self.current_stream(), self.ptr(dlogits), self.ptr(probs), bytes)
+        {
             self.record("cross_entropy_backward copy", e);
         }
     }

@@ -44,11 +44,7 @@ use KernelArg::{Ptr, F32, I32};
 const BLOCK: u32 = 256;
 
 /// The launch of the one-thread bookkeeping kernels (loss scale, step metrics).
-const ONE_THREAD: LaunchDims = LaunchDims {
-    grid: [1, 1, 1],
-    block: [1, 1, 1],
-    shared_bytes: 0,
-};
+const ONE_THREAD: LaunchDims = LaunchDims { grid: [1, 1, 1], block: [1, 1, 1], shared_bytes: 0 };
 
 /// A grid-stride launch over `n` elements.
 fn elementwise(n: usize) -> LaunchDims {
@@ -64,24 +60,21 @@ fn typed(name: &str, dt: DType) -> String {
 fn to_bytes(data: &[f32], dt: DType) -> Vec<u8> {
     match dt {
         DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F16 => data
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
-        DType::Bf16 => data
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
+        DType::F16 => {
+            data.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect()
+        }
+        DType::Bf16 => {
+            data.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect()
+        }
     }
 }
 
 /// The inverse of [`to_bytes`].
 fn from_bytes(bytes: &[u8], dt: DType) -> Vec<f32> {
     match dt {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        DType::F32 => {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
         DType::F16 => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
@@ -140,10 +133,7 @@ impl Gpu {
     /// library call or copy runs: a failed allocation leaves a buffer without memory, and the
     /// work queued after it would read or write through it.
     fn failed(&self) -> bool {
-        self.error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// The raw device address of a buffer, for cuDNN calls and kernel arguments. The backend
@@ -154,11 +144,7 @@ impl Gpu {
         if b.mem.is_none() {
             self.record(
                 "using a GPU buffer",
-                format!(
-                    "its allocation ({} {} values) failed earlier",
-                    b.len,
-                    b.dtype.suffix()
-                ),
+                format!("its allocation ({} {} values) failed earlier", b.len, b.dtype.suffix()),
             );
             return 0;
         }
@@ -194,8 +180,7 @@ impl Gpu {
     /// `bytes` of zeroed device memory, stream-ordered on the current stream.
     fn zeroed(&self, bytes: usize) -> anyhow::Result<DevMem> {
         let m = alloc_mem(&self.dev, self.current_stream(), bytes)?;
-        self.dev
-            .memset(self.current_stream(), m.ptr(), 0, m.bytes())?;
+        self.dev.memset(self.current_stream(), m.ptr(), 0, m.bytes())?;
         Ok(m)
     }
 
@@ -355,12 +340,9 @@ impl Buffers<f32> for Gpu {
         if !self.usable(&[buf]) {
             return;
         }
-        if let Err(e) = self.dev.memset(
-            self.current_stream(),
-            self.ptr(buf),
-            0,
-            buf.len * buf.dtype.size(),
-        ) {
+        if let Err(e) =
+            self.dev.memset(self.current_stream(), self.ptr(buf), 0, buf.len * buf.dtype.size())
+        {
             self.record("memset", e);
         }
     }
@@ -449,20 +431,13 @@ impl Gpu {
 
     /// A grid-stride launch of at most 8 blocks per SM, as the bn/concat kernels recommend.
     fn strided(&self, n: usize) -> LaunchDims {
-        LaunchDims::linear(
-            (n as u32).div_ceil(BLOCK).clamp(1, 8 * self.sm_count()),
-            BLOCK,
-        )
+        LaunchDims::linear((n as u32).div_ceil(BLOCK).clamp(1, 8 * self.sm_count()), BLOCK)
     }
 }
 
 /// The launch of a per-channel reduction.
 fn config(r: &Reduction) -> LaunchDims {
-    LaunchDims {
-        grid: [r.grid.0, r.grid.1, 1],
-        block: [r.block.0, r.block.1, 1],
-        shared_bytes: 0,
-    }
+    LaunchDims { grid: [r.grid.0, r.grid.1, 1], block: [r.block.0, r.block.1, 1], shared_bytes: 0 }
 }
 
 #[cfg(test)]
@@ -484,24 +459,15 @@ mod tests {
             assert!(msg.contains(part), "{part:?} missing from: {msg}");
         }
         let msg = oom_message("the loss", 4, None, "e");
-        assert!(
-            msg.contains("4 bytes requested, free memory unknown"),
-            "{msg}"
-        );
+        assert!(msg.contains("4 bytes requested, free memory unknown"), "{msg}");
         assert_eq!(size(2048), "2048 bytes (2.0 KiB)");
     }
 
     #[test]
     fn buffer_labels_name_the_innermost_profiler_range() {
         // The ranges are per thread, and each test runs on a thread of its own.
-        assert_eq!(
-            buffer_label("an activation", 10, DType::F16),
-            "an activation of 10 f16 values"
-        );
-        RANGES.with(|r| {
-            r.borrow_mut()
-                .extend(["step 3".to_string(), "block1.0".to_string()])
-        });
+        assert_eq!(buffer_label("an activation", 10, DType::F16), "an activation of 10 f16 values");
+        RANGES.with(|r| r.borrow_mut().extend(["step 3".to_string(), "block1.0".to_string()]));
         assert_eq!(
             buffer_label("a tensor", 64, DType::F32),
             "a tensor of 64 f32 values in block1.0"

@@ -7,12 +7,7 @@ impl Gpu {
     /// torch.optim.SGD over one parameter at the learning rate of the step slots; with
     /// `found_inf` (a device flag, 0 for none) the kernel does nothing when the flag is set.
     pub(super) fn sgd(
-        &self,
-        param: &mut Buf,
-        grad: &Buf,
-        momentum_buf: &mut Buf,
-        first_step: bool,
-        opt: &Sgd,
+        &self, param: &mut Buf, grad: &Buf, momentum_buf: &mut Buf, first_step: bool, opt: &Sgd,
         found_inf: u64,
     ) {
         let lr = match self.stage_lr(opt.lr as f32) {
@@ -49,13 +44,7 @@ impl OptimOps<f32> for Gpu {
                 // overflow anywhere skips the whole step (on the device, without a sync).
                 for p in params.iter_mut() {
                     let g = self.ptr(p.grad);
-                    let args = [
-                        Ptr(g),
-                        Ptr(g),
-                        I32(p.grad.len as i32),
-                        Ptr(scale),
-                        Ptr(found_inf),
-                    ];
+                    let args = [Ptr(g), Ptr(g), I32(p.grad.len as i32), Ptr(scale), Ptr(found_inf)];
                     self.launch("amp_unscale_f32", self.strided(p.grad.len), &args);
                 }
                 for p in params.iter_mut() {
@@ -80,12 +69,7 @@ impl OptimOps<f32> for Gpu {
     }
 
     fn sgd_step(
-        &self,
-        param: &mut Buf,
-        grad: &Buf,
-        momentum_buf: &mut Buf,
-        first_step: bool,
-        opt: &Sgd,
+        &self, param: &mut Buf, grad: &Buf, momentum_buf: &mut Buf, first_step: bool, opt: &Sgd,
     ) {
         self.sgd(param, grad, momentum_buf, first_step, opt, 0);
         param.shadow_fresh.store(false, Ordering::Release);

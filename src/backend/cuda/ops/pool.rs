@@ -18,13 +18,7 @@ impl PoolOps<f32> for Gpu {
     }
 
     fn max_pool2d_backward(
-        &self,
-        dx: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        y: &Buf,
-        xs: Nhwc,
-        pool: &MaxPool2d,
+        &self, dx: &mut Buf, dy: &Buf, x: &Buf, y: &Buf, xs: Nhwc, pool: &MaxPool2d,
     ) {
         let dt = x.dtype;
         // The forward's real x and y: cuDNN finds the maximum of each window from them.
@@ -68,10 +62,6 @@ impl PoolOps<f32> for Gpu {
             I32(xs.w as i32),
             I32(xs.c as i32),
         ];
-        self.launch(
-            &typed("avg_pool2d_backward", dy.dtype),
-            elementwise(xs.len()),
-            &args,
-        );
+        self.launch(&typed("avg_pool2d_backward", dy.dtype), elementwise(xs.len()), &args);
     }
 }

@@ -19,9 +19,7 @@ impl Gpu {
     /// Runs `f` on the step slots, first grown to hold `n` images. Growing allocates, which a
     /// capture cannot: a captured step's inputs are staged before the capture starts.
     pub(super) fn with_slots<R>(
-        &self,
-        n: usize,
-        f: impl FnOnce(&mut StepSlots) -> anyhow::Result<R>,
+        &self, n: usize, f: impl FnOnce(&mut StepSlots) -> anyhow::Result<R>,
     ) -> anyhow::Result<R> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if slots.as_ref().is_none_or(|s| s.capacity < n) {
@@ -64,8 +62,7 @@ impl Gpu {
             if s.staged_labels != labels {
                 let bytes: Vec<u8> = labels.iter().flat_map(|&l| l.to_le_bytes()).collect();
                 s.staged_labels.clear();
-                self.dev
-                    .htod(self.current_stream(), s.labels.ptr(), &bytes)?;
+                self.dev.htod(self.current_stream(), s.labels.ptr(), &bytes)?;
                 s.staged_labels.extend_from_slice(labels);
             }
             Ok(s.labels.ptr())
@@ -77,8 +74,7 @@ impl Gpu {
         self.with_slots(0, |s| {
             if s.staged_lr != Some(lr) {
                 s.staged_lr = None;
-                self.dev
-                    .htod(self.current_stream(), s.lr.ptr(), &lr.to_le_bytes())?;
+                self.dev.htod(self.current_stream(), s.lr.ptr(), &lr.to_le_bytes())?;
                 s.staged_lr = Some(lr);
             }
             Ok(s.lr.ptr())
@@ -88,9 +84,7 @@ impl Gpu {
     /// The device address of the batch's draws (four runs of `indices.len()` ints: indices,
     /// dy, dx, flip), copied there.
     pub(super) fn stage_draws(
-        &self,
-        indices: &[usize],
-        views: &[(i32, i32, bool)],
+        &self, indices: &[usize], views: &[(i32, i32, bool)],
     ) -> anyhow::Result<u64> {
         let b = indices.len();
         if views.len() != b {
@@ -103,8 +97,7 @@ impl Gpu {
         draws.extend(views.iter().map(|v| v.2 as i32));
         let bytes: Vec<u8> = draws.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.with_slots(b, |s| {
-            self.dev
-                .htod(self.current_stream(), s.draws.ptr(), &bytes)?;
+            self.dev.htod(self.current_stream(), s.draws.ptr(), &bytes)?;
             Ok(s.draws.ptr())
         })
     }
@@ -116,9 +109,7 @@ impl Gpu {
             .stage_draws(step.indices, step.views)
             .and_then(|_| self.stage_labels(step.labels))
             .and_then(|_| self.stage_lr(step.lr));
-        staged
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("staging a training step: {e:#}"))
+        staged.map(|_| ()).map_err(|e| anyhow::anyhow!("staging a training step: {e:#}"))
     }
 
     /// Starts recording a training step as a CUDA graph; its inputs must have been staged
@@ -138,14 +129,11 @@ impl Gpu {
         // Every branch stream joins the capture now, so that capture_end can rejoin them all
         // (waiting on a stream that never joined would break the capture).
         let main = &self.lanes[0];
-        let joined = self
-            .dev
-            .event_record(main.event, main.stream)
-            .and_then(|()| {
-                self.lanes[1..]
-                    .iter()
-                    .try_for_each(|lane| self.dev.stream_wait(lane.stream, main.event))
-            });
+        let joined = self.dev.event_record(main.event, main.stream).and_then(|()| {
+            self.lanes[1..]
+                .iter()
+                .try_for_each(|lane| self.dev.stream_wait(lane.stream, main.event))
+        });
         if let Err(e) = joined {
             self.record("ordering CUDA streams in a capture", e);
         }
@@ -172,12 +160,7 @@ impl Gpu {
             anyhow::anyhow!("cannot build the CUDA graph of a training step: {e:#}")
         })?;
         let generation = self.with_slots(0, |s| Ok(s.generation))?;
-        Ok(StepGraph {
-            dev: self.dev.clone(),
-            graph,
-            batch,
-            generation,
-        })
+        Ok(StepGraph { dev: self.dev.clone(), graph, batch, generation })
     }
 
     /// Runs the captured step once on `step`'s inputs: they are staged, then the graph runs.

@@ -38,10 +38,7 @@ impl Handle {
         unsafe {
             check(sys::cudnnCreate(&mut h), "cudnnCreate")?;
             let handle = Handle(h);
-            check(
-                sys::cudnnSetStream(h, stream as sys::cudaStream_t),
-                "cudnnSetStream",
-            )?;
+            check(sys::cudnnSetStream(h, stream as sys::cudaStream_t), "cudnnSetStream")?;
             Ok(handle)
         }
     }
@@ -96,12 +93,7 @@ fn int(v: usize, what: &str) -> Result<i32> {
 }
 
 fn ints(v: [usize; 4], what: &str) -> Result<[i32; 4]> {
-    Ok([
-        int(v[0], what)?,
-        int(v[1], what)?,
-        int(v[2], what)?,
-        int(v[3], what)?,
-    ])
+    Ok([int(v[0], what)?, int(v[1], what)?, int(v[2], what)?, int(v[3], what)?])
 }
 
 /// A tensor descriptor (freed on drop).
@@ -113,10 +105,7 @@ impl Tensor {
         let mut p = std::ptr::null_mut();
         // SAFETY: plain descriptor creation and setting; `p` is owned by the returned value.
         unsafe {
-            check(
-                sys::cudnnCreateTensorDescriptor(&mut p),
-                "cudnnCreateTensorDescriptor",
-            )?;
+            check(sys::cudnnCreateTensorDescriptor(&mut p), "cudnnCreateTensorDescriptor")?;
             let t = Tensor(p);
             check(
                 sys::cudnnSetTensor4dDescriptor(
@@ -151,10 +140,7 @@ impl Filter {
         let mut p = std::ptr::null_mut();
         // SAFETY: as for Tensor::new.
         unsafe {
-            check(
-                sys::cudnnCreateFilterDescriptor(&mut p),
-                "cudnnCreateFilterDescriptor",
-            )?;
+            check(sys::cudnnCreateFilterDescriptor(&mut p), "cudnnCreateFilterDescriptor")?;
             let f = Filter(p);
             check(
                 sys::cudnnSetFilter4dDescriptor(
@@ -189,10 +175,7 @@ impl Convolution {
             [c.pad[0], c.pad[1], c.stride[0], c.stride[1]],
             "a convolution padding or stride",
         )?;
-        let (dh, dw) = (
-            int(c.dilation[0], "a dilation")?,
-            int(c.dilation[1], "a dilation")?,
-        );
+        let (dh, dw) = (int(c.dilation[0], "a dilation")?, int(c.dilation[1], "a dilation")?);
         let mut p = std::ptr::null_mut();
         // SAFETY: as for Tensor::new.
         unsafe {
@@ -242,21 +225,14 @@ impl Pooling {
                 sys::cudnnPoolingMode_t::CUDNN_POOLING_AVERAGE_COUNT_INCLUDE_PADDING
             }
         };
-        let [wh, ww, ph, pw] = ints(
-            [d.window[0], d.window[1], d.pad[0], d.pad[1]],
-            "a pooling window or padding",
-        )?;
-        let (sh, sw) = (
-            int(d.stride[0], "a pooling stride")?,
-            int(d.stride[1], "a pooling stride")?,
-        );
+        let [wh, ww, ph, pw] =
+            ints([d.window[0], d.window[1], d.pad[0], d.pad[1]], "a pooling window or padding")?;
+        let (sh, sw) =
+            (int(d.stride[0], "a pooling stride")?, int(d.stride[1], "a pooling stride")?);
         let mut p = std::ptr::null_mut();
         // SAFETY: as for Tensor::new.
         unsafe {
-            check(
-                sys::cudnnCreatePoolingDescriptor(&mut p),
-                "cudnnCreatePoolingDescriptor",
-            )?;
+            check(sys::cudnnCreatePoolingDescriptor(&mut p), "cudnnCreatePoolingDescriptor")?;
             let pool = Pooling(p);
             check(
                 sys::cudnnSetPooling2dDescriptor(
@@ -364,10 +340,7 @@ macro_rules! to_perf {
 /// scratch memory cuDNN allocates itself; blocks until done) when `measure`, else
 /// `cudnnGet*_v7` (ranked by heuristics, `time_ms` negative). In cuDNN's order.
 pub fn algorithms(
-    h: &Handle,
-    p: &ConvProblem,
-    dir: ConvDirection,
-    measure: bool,
+    h: &Handle, p: &ConvProblem, dir: ConvDirection, measure: bool,
 ) -> Result<Vec<AlgoPerf>> {
     let d = ConvDescs::new(p)?;
     const N: usize = 16;
@@ -498,10 +471,8 @@ pub unsafe fn run(h: &Handle, call: &DnnCall) -> Result<()> {
 /// As [`run`].
 unsafe fn conv(h: &Handle, c: &ConvCall, name: &str) -> Result<()> {
     let d = ConvDescs::new(&c.problem)?;
-    let (alpha, beta) = (
-        (&c.alpha as *const f32).cast::<c_void>(),
-        (&c.beta as *const f32).cast::<c_void>(),
-    );
+    let (alpha, beta) =
+        ((&c.alpha as *const f32).cast::<c_void>(), (&c.beta as *const f32).cast::<c_void>());
     let (ws, wsb) = (ptr(c.workspace), c.workspace_bytes);
     let status = match c.dir {
         ConvDirection::Forward => sys::cudnnConvolutionForward(

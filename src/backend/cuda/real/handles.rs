@@ -86,10 +86,7 @@ impl Blas {
     pub fn new(stream: cus::CUstream) -> Result<Blas> {
         let handle =
             cudarc::cublas::result::create_handle().map_err(|e| anyhow!("cublasCreate: {e}"))?;
-        let mut b = Blas {
-            handle,
-            workspace: 0,
-        };
+        let mut b = Blas { handle, workspace: 0 };
         // SAFETY: a live handle and stream; the workspace is owned by `b`, freed after the
         // handle is destroyed.
         unsafe {
@@ -167,11 +164,7 @@ impl Chunk {
             .map_err(drv("cuEventCreate"))?;
         // SAFETY: page-locked host memory, freed on drop.
         match unsafe { cu::malloc_host(STAGING_CHUNK, 0) } {
-            Ok(host) => Ok(Chunk {
-                host: host.cast(),
-                event,
-                pending: false,
-            }),
+            Ok(host) => Ok(Chunk { host: host.cast(), event, pending: false }),
             Err(e) => {
                 // SAFETY: just created, never recorded.
                 let _ = unsafe { cu::event::destroy(event) };

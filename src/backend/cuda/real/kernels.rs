@@ -45,18 +45,14 @@ pub struct Entry {
 /// Every `.entry NAME( .param .TYPE ..., ... )` of a PTX module, in order. Comments are
 /// skipped; an entry whose parameter list does not close is an error.
 pub fn parse_entries(ptx: &str) -> Result<Vec<Entry>> {
-    let code: String = ptx
-        .lines()
-        .map(|l| l.split("//").next().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let code: String =
+        ptx.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
     let mut entries = Vec::new();
     let mut rest = code.as_str();
     while let Some(at) = find_directive(rest, ".entry") {
         let after = &rest[at + ".entry".len()..];
-        let open = after
-            .find('(')
-            .ok_or_else(|| anyhow!("a PTX .entry without a parameter list"))?;
+        let open =
+            after.find('(').ok_or_else(|| anyhow!("a PTX .entry without a parameter list"))?;
         let name = after[..open].trim();
         if name.is_empty() || name.contains(char::is_whitespace) {
             bail!("a PTX .entry with an unreadable name {name:?}");
@@ -71,10 +67,7 @@ pub fn parse_entries(ptx: &str) -> Result<Vec<Entry>> {
             .filter(|p| !p.is_empty())
             .map(|p| parse_param(name, p))
             .collect::<Result<Vec<_>>>()?;
-        entries.push(Entry {
-            name: name.to_string(),
-            params,
-        });
+        entries.push(Entry { name: name.to_string(), params });
         rest = &after[close..];
     }
     Ok(entries)
@@ -142,10 +135,7 @@ pub fn check_args(entry: &Entry, args: &[KernelArg]) -> Result<()> {
             bail!("kernel {name}: parameter {i} is a PTX {ty}, which no KernelArg can pass");
         }
         if !ok {
-            bail!(
-                "kernel {name}: parameter {i} is {}, the launch passes {a:?}",
-                p.kind()
-            );
+            bail!("kernel {name}: parameter {i} is {}, the launch passes {a:?}", p.kind());
         }
     }
     Ok(())
@@ -175,15 +165,9 @@ impl Kernels {
     /// Loads every module of `modules` (name, PTX): the cubin `cubin(name)` gives, if it loads,
     /// else the PTX. The context must be current.
     pub fn load(
-        modules: &[(&str, &str)],
-        cubin: impl Fn(&str) -> Option<&'static [u8]>,
-        driver: &str,
+        modules: &[(&str, &str)], cubin: impl Fn(&str) -> Option<&'static [u8]>, driver: &str,
     ) -> Result<Kernels> {
-        let mut k = Kernels {
-            modules: Vec::new(),
-            by_name: HashMap::new(),
-            from_cubin: 0,
-        };
+        let mut k = Kernels { modules: Vec::new(), by_name: HashMap::new(), from_cubin: 0 };
         for (module, src) in modules {
             let entries =
                 parse_entries(src).map_err(|e| anyhow!("the PTX of module {module}: {e}"))?;
@@ -229,9 +213,7 @@ impl Kernels {
     }
 
     pub fn get(&self, name: &str) -> Result<&Kernel> {
-        self.by_name
-            .get(name)
-            .ok_or_else(|| anyhow!("kernel {name} is not in any loaded module"))
+        self.by_name.get(name).ok_or_else(|| anyhow!("kernel {name} is not in any loaded module"))
     }
 }
 
@@ -296,15 +278,9 @@ mod tests {
     fn ptx_entries_and_their_parameter_kinds() {
         let entries = parse_entries(PTX).unwrap();
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["relu_forward_f32", "sgd_step", "no_params", "by_value"]
-        );
+        assert_eq!(names, ["relu_forward_f32", "sgd_step", "no_params", "by_value"]);
         assert_eq!(entries[0].params, [Param::Ptr, Param::Ptr, Param::I32]);
-        assert_eq!(
-            entries[1].params,
-            [Param::Ptr, Param::I32, Param::F32, Param::Ptr]
-        );
+        assert_eq!(entries[1].params, [Param::Ptr, Param::I32, Param::F32, Param::Ptr]);
         assert!(entries[2].params.is_empty());
         assert_eq!(
             entries[3].params,
@@ -334,17 +310,11 @@ mod tests {
         );
         let wrong = [KernelArg::Ptr(0), KernelArg::F32(1.0), KernelArg::I32(3)];
         let err = check_args(relu, &wrong).unwrap_err().to_string();
-        assert!(
-            err.contains("relu_forward_f32") && err.contains("parameter 1"),
-            "{err}"
-        );
+        assert!(err.contains("relu_forward_f32") && err.contains("parameter 1"), "{err}");
         let err = check_args(&entries[3], &[KernelArg::Ptr(0), KernelArg::F32(0.0)])
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("by_value") && err.contains("parameter 0"),
-            "{err}"
-        );
+        assert!(err.contains("by_value") && err.contains("parameter 0"), "{err}");
     }
 
     /// Every kernel this build embeds is found, with a signature the launch check understands.

@@ -196,32 +196,14 @@ impl Drop for RealDevice {
         if self.bind().is_err() {
             tracing::warn!("cannot make the CUDA context current to release the device");
         }
-        for lane in self
-            .lanes
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
+        for lane in self.lanes.get_mut().unwrap_or_else(PoisonError::into_inner).iter() {
             Self::end_capture_quietly(lane.stream.0);
         }
         let _ = cu::ctx::synchronize();
-        self.graphs
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-        self.staging
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .chunks
-            .clear();
-        self.lanes
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-        self.events
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.graphs.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        self.staging.get_mut().unwrap_or_else(PoisonError::into_inner).chunks.clear();
+        self.lanes.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
+        self.events.get_mut().unwrap_or_else(PoisonError::into_inner).clear();
         // Then the fields: the modules are unloaded, and last the context is released.
     }
 }
@@ -403,11 +385,7 @@ impl Device for RealDevice {
     }
 
     fn launch(
-        &self,
-        stream: Stream,
-        name: &str,
-        dims: LaunchDims,
-        args: &[KernelArg],
+        &self, stream: Stream, name: &str, dims: LaunchDims, args: &[KernelArg],
     ) -> Result<()> {
         let k = self.kernels.get(name)?;
         kernels::check_args(&k.entry, args)?;
@@ -429,14 +407,7 @@ impl Device for RealDevice {
         // and kind (checked above) and `values` outlives the call, which copies them; the
         // caller passes addresses of live device memory of the sizes the kernel reads.
         unsafe {
-            cu::launch_kernel(
-                k.func,
-                (gx, gy, gz),
-                (bx, by, bz),
-                dims.shared_bytes,
-                s,
-                &mut params,
-            )
+            cu::launch_kernel(k.func, (gx, gy, gz), (bx, by, bz), dims.shared_bytes, s, &mut params)
         }
         .map_err(drv(&format!(
             "cuLaunchKernel({name}, grid {:?}, block {:?}, {} shared bytes)",
@@ -445,11 +416,7 @@ impl Device for RealDevice {
     }
 
     fn conv_algorithms(
-        &self,
-        stream: Stream,
-        problem: &ConvProblem,
-        dir: ConvDirection,
-        measure: bool,
+        &self, stream: Stream, problem: &ConvProblem, dir: ConvDirection, measure: bool,
     ) -> Result<Vec<AlgoPerf>> {
         self.bind()?;
         let lane = self.lane(stream)?;
@@ -472,16 +439,9 @@ impl Device for RealDevice {
     }
 
     fn gemm(&self, stream: Stream, g: &Gemm) -> Result<()> {
-        let (m, n, k) = (
-            blas_int(g.m, "m")?,
-            blas_int(g.n, "n")?,
-            blas_int(g.k, "k")?,
-        );
-        let (lda, ldb, ldc) = (
-            blas_int(g.lda, "lda")?,
-            blas_int(g.ldb, "ldb")?,
-            blas_int(g.ldc, "ldc")?,
-        );
+        let (m, n, k) = (blas_int(g.m, "m")?, blas_int(g.n, "n")?, blas_int(g.k, "k")?);
+        let (lda, ldb, ldc) =
+            (blas_int(g.lda, "lda")?, blas_int(g.ldb, "ldb")?, blas_int(g.ldc, "ldc")?);
         self.bind()?;
         let lane = self.lane(stream)?;
         let b = lock(&lane.blas);
@@ -530,15 +490,9 @@ impl Device for RealDevice {
         let s = self.stream(stream)?;
         {
             let mut captures = lock(&self.captures);
-            if captures
-                .get(&stream.0)
-                .is_some_and(|t| *t != std::thread::current().id())
-            {
+            if captures.get(&stream.0).is_some_and(|t| *t != std::thread::current().id()) {
                 // The driver refuses it too (CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD).
-                bail!(
-                    "the capture on stream {} must end on the thread that began it",
-                    stream.0
-                );
+                bail!("the capture on stream {} must end on the thread that began it", stream.0);
             }
             captures.remove(&stream.0);
         }
@@ -574,11 +528,8 @@ impl Device for RealDevice {
         };
         Self::end_capture_quietly(s);
         // Streams that joined the failed capture and never rejoined it.
-        let lanes: Vec<Arc<Lane>> = self
-            .lanes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let lanes: Vec<Arc<Lane>> =
+            self.lanes.read().unwrap_or_else(PoisonError::into_inner).clone();
         for lane in lanes {
             Self::end_capture_quietly(lane.stream.0);
         }
@@ -594,15 +545,9 @@ impl Device for RealDevice {
         self.bind()?;
         let s = self.stream(stream)?;
         let graphs = lock(&self.graphs);
-        let exec = graphs
-            .get(graph.0 as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| {
-                anyhow!(
-                    "graph {} does not exist (never made, or destroyed)",
-                    graph.0
-                )
-            })?;
+        let exec = graphs.get(graph.0 as usize).and_then(Option::as_ref).ok_or_else(|| {
+            anyhow!("graph {} does not exist (never made, or destroyed)", graph.0)
+        })?;
         // SAFETY: a live executable graph and stream.
         unsafe { cu::graph::launch(exec.0, s) }.map_err(drv("cuGraphLaunch"))
     }
@@ -611,9 +556,7 @@ impl Device for RealDevice {
         if self.bind().is_err() {
             return;
         }
-        let exec = lock(&self.graphs)
-            .get_mut(graph.0 as usize)
-            .and_then(Option::take);
+        let exec = lock(&self.graphs).get_mut(graph.0 as usize).and_then(Option::take);
         drop(exec);
     }
 

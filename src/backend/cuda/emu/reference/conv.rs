@@ -90,9 +90,8 @@ pub(super) fn im2col(g: &Geometry, x: &[f32], images: Range<usize>, col: &mut [f
 /// from, `dx` holding the NHWC images of the run `col` was built for.
 pub(super) fn col2im(g: &Geometry, col: &[f32], dx: &mut [f32]) {
     let taps = g.taps();
-    dx.par_chunks_mut(g.h * g.w * g.c)
-        .zip(col.par_chunks(g.p * g.q * taps))
-        .for_each(|(image, rows)| {
+    dx.par_chunks_mut(g.h * g.w * g.c).zip(col.par_chunks(g.p * g.q * taps)).for_each(
+        |(image, rows)| {
             for p in 0..g.p {
                 for q in 0..g.q {
                     let row = &rows[(p * g.q + q) * taps..][..taps];
@@ -109,7 +108,8 @@ pub(super) fn col2im(g: &Geometry, col: &[f32], dx: &mut [f32]) {
                     }
                 }
             }
-        });
+        },
+    );
 }
 
 /// The accumulator of one convolution direction, f32 in NHWC (KRSC for dw) order: as matrices,
@@ -118,12 +118,7 @@ pub(super) fn col2im(g: &Geometry, col: &[f32], dx: &mut [f32]) {
 ///   backward data:   col(dx) = dy · w, folded back onto dx by col2im
 ///   backward filter: dw = dyᵀ · col
 pub(super) fn convolve(
-    g: &Geometry,
-    dir: ConvDirection,
-    x: &[f32],
-    w: &[f32],
-    y: &[f32],
-    col_floats: usize,
+    g: &Geometry, dir: ConvDirection, x: &[f32], w: &[f32], y: &[f32], col_floats: usize,
 ) -> Vec<f32> {
     let (taps, pq, k) = (g.taps(), g.p * g.q, g.k);
     let mut col = Vec::new();
@@ -135,14 +130,7 @@ pub(super) fn convolve(
                 col.resize(rows * taps, 0.0);
                 im2col(g, x, run.clone(), &mut col);
                 let dst = &mut out[run.start * pq * k..][..rows * k];
-                matmul(
-                    dst,
-                    k,
-                    false,
-                    mat(&col, taps, 1),
-                    mat(w, 1, taps),
-                    (rows, k, taps),
-                );
+                matmul(dst, k, false, mat(&col, taps, 1), mat(w, 1, taps), (rows, k, taps));
             }
             out
         }
@@ -153,14 +141,7 @@ pub(super) fn convolve(
                 let rows = run.len() * pq;
                 col.resize(rows * taps, 0.0);
                 let dy = &y[run.start * pq * k..][..rows * k];
-                matmul(
-                    &mut col,
-                    taps,
-                    false,
-                    mat(dy, k, 1),
-                    mat(w, taps, 1),
-                    (rows, taps, k),
-                );
+                matmul(&mut col, taps, false, mat(dy, k, 1), mat(w, taps, 1), (rows, taps, k));
                 col2im(g, &col, &mut out[run.start * image..run.end * image]);
             }
             out
@@ -172,14 +153,7 @@ pub(super) fn convolve(
                 col.resize(rows * taps, 0.0);
                 im2col(g, x, run.clone(), &mut col);
                 let dy = &y[run.start * pq * k..][..rows * k];
-                matmul(
-                    &mut out,
-                    taps,
-                    i > 0,
-                    mat(dy, 1, k),
-                    mat(&col, taps, 1),
-                    (k, taps, rows),
-                );
+                matmul(&mut out, taps, i > 0, mat(dy, 1, k), mat(&col, taps, 1), (k, taps, rows));
             }
             out
         }
@@ -203,25 +177,13 @@ pub(super) unsafe fn run_conv(c: &ConvCall, col_floats: usize) {
         to_nhwc(unsafe { load(ptr, dt, len) }, dims, layout)
     };
     let dir = c.dir;
-    let x = reads(
-        c.x,
-        p.x.dims,
-        p.x.layout,
-        dir != ConvDirection::BackwardData,
-    );
-    let w = reads(
-        c.w,
-        p.w.dims,
-        p.w.layout,
-        dir != ConvDirection::BackwardFilter,
-    );
+    let x = reads(c.x, p.x.dims, p.x.layout, dir != ConvDirection::BackwardData);
+    let w = reads(c.w, p.w.dims, p.w.layout, dir != ConvDirection::BackwardFilter);
     let y = reads(c.y, p.y.dims, p.y.layout, dir != ConvDirection::Forward);
     if c.workspace_bytes > 0 {
         // What an algorithm leaves in its workspace is garbage: NaN in every float type, so
         // that a buffer wrongly shared with the workspace shows up in the results.
-        let used = workspace_bytes(p, dir, c.algo)
-            .unwrap_or(0)
-            .min(c.workspace_bytes);
+        let used = workspace_bytes(p, dir, c.algo).unwrap_or(0).min(c.workspace_bytes);
         // SAFETY: the workspace region is `workspace_bytes` long.
         unsafe { std::ptr::write_bytes(c.workspace as *mut u8, 0xff, used) };
     }

@@ -71,11 +71,7 @@ pub(super) unsafe fn store(ptr: u64, dtype: DType, result: &[f32], alpha: f32, b
     } else {
         // SAFETY: the caller's contract.
         let old = unsafe { load(ptr, dtype, result.len()) };
-        result
-            .iter()
-            .zip(&old)
-            .map(|(&v, &o)| alpha * v + beta * o)
-            .collect()
+        result.iter().zip(&old).map(|(&v, &o)| alpha * v + beta * o).collect()
     };
     // SAFETY (all three): the caller's contract.
     match dtype {
@@ -101,15 +97,13 @@ pub(super) fn to_nhwc(data: Vec<f32>, dims: [usize; 4], layout: Layout) -> Vec<f
     }
     let [_, c, h, w] = dims;
     let mut out = vec![0.0; data.len()];
-    out.par_chunks_mut(c * h * w)
-        .zip(data.par_chunks(c * h * w))
-        .for_each(|(dst, src)| {
-            for ch in 0..c {
-                for (i, &v) in src[ch * h * w..][..h * w].iter().enumerate() {
-                    dst[i * c + ch] = v;
-                }
+    out.par_chunks_mut(c * h * w).zip(data.par_chunks(c * h * w)).for_each(|(dst, src)| {
+        for ch in 0..c {
+            for (i, &v) in src[ch * h * w..][..h * w].iter().enumerate() {
+                dst[i * c + ch] = v;
             }
-        });
+        }
+    });
     out
 }
 
@@ -120,14 +114,12 @@ pub(super) fn from_nhwc(data: Vec<f32>, dims: [usize; 4], layout: Layout) -> Vec
     }
     let [_, c, h, w] = dims;
     let mut out = vec![0.0; data.len()];
-    out.par_chunks_mut(c * h * w)
-        .zip(data.par_chunks(c * h * w))
-        .for_each(|(dst, src)| {
-            for ch in 0..c {
-                for (i, v) in dst[ch * h * w..][..h * w].iter_mut().enumerate() {
-                    *v = src[i * c + ch];
-                }
+    out.par_chunks_mut(c * h * w).zip(data.par_chunks(c * h * w)).for_each(|(dst, src)| {
+        for ch in 0..c {
+            for (i, v) in dst[ch * h * w..][..h * w].iter_mut().enumerate() {
+                *v = src[i * c + ch];
             }
-        });
+        }
+    });
     out
 }

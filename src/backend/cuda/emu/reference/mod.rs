@@ -67,12 +67,7 @@ fn output_access(beta: f32) -> Access {
 }
 
 fn region(ptr: u64, bytes: usize, access: Access, what: &'static str) -> Region {
-    Region {
-        ptr,
-        bytes,
-        access,
-        what,
-    }
+    Region { ptr, bytes, access, what }
 }
 
 /// The memory a call touches: every operand's full extent (an output is `Write` when
@@ -102,12 +97,7 @@ pub fn dnn_regions(call: &DnnCall) -> Vec<Region> {
                 ],
             };
             if c.workspace_bytes > 0 {
-                regions.push(region(
-                    c.workspace,
-                    c.workspace_bytes,
-                    Access::Write,
-                    "workspace",
-                ));
+                regions.push(region(c.workspace, c.workspace_bytes, Access::Write, "workspace"));
             }
             regions
         }
@@ -134,10 +124,7 @@ fn matrix_bytes(rows: usize, cols: usize, ld: usize) -> usize {
     if rows == 0 || cols == 0 {
         return 0;
     }
-    (cols - 1)
-        .saturating_mul(ld)
-        .saturating_add(rows)
-        .saturating_mul(4)
+    (cols - 1).saturating_mul(ld).saturating_add(rows).saturating_mul(4)
 }
 
 /// The stored (rows, cols) of A and B: op(A) is m×k, so A is m×k untransposed or k×m.
@@ -158,12 +145,7 @@ pub fn gemm_regions(g: &Gemm) -> Vec<Region> {
     vec![
         region(g.a, matrix_bytes(ar, ac, g.lda), Access::Read, "A"),
         region(g.b, matrix_bytes(br, bc, g.ldb), Access::Read, "B"),
-        region(
-            g.c,
-            matrix_bytes(g.m, g.n, g.ldc),
-            output_access(g.beta),
-            "C",
-        ),
+        region(g.c, matrix_bytes(g.m, g.n, g.ldc), output_access(g.beta), "C"),
     ]
 }
 
@@ -186,11 +168,7 @@ fn rejected(call: &str, status: &str, why: impl std::fmt::Display) -> anyhow::Er
 fn check_regions(call: &str, status: &str, regions: &[Region], align: &[usize]) -> Result<()> {
     for (r, &align) in regions.iter().zip(align) {
         if r.ptr == 0 {
-            return Err(rejected(
-                call,
-                status,
-                format!("{} is a null pointer", r.what),
-            ));
+            return Err(rejected(call, status, format!("{} is a null pointer", r.what)));
         }
         if r.ptr % align as u64 != 0 {
             return Err(rejected(
@@ -203,10 +181,7 @@ fn check_regions(call: &str, status: &str, regions: &[Region], align: &[usize]) 
             return Err(rejected(
                 call,
                 status,
-                format!(
-                    "{} at {:#x} + {} bytes wraps the address space",
-                    r.what, r.ptr, r.bytes
-                ),
+                format!("{} at {:#x} + {} bytes wraps the address space", r.what, r.ptr, r.bytes),
             ));
         }
     }
@@ -231,11 +206,7 @@ fn check_regions(call: &str, status: &str, regions: &[Region], align: &[usize]) 
 
 fn check_dims(call: &str, what: &str, dims: &[usize; 4]) -> Result<()> {
     if dims.contains(&0) {
-        return Err(rejected(
-            call,
-            BAD_PARAM,
-            format!("{what} dims {dims:?} have a zero size"),
-        ));
+        return Err(rejected(call, BAD_PARAM, format!("{what} dims {dims:?} have a zero size")));
     }
     // cuDNN indexes 4-D tensors with 32-bit integers; the bound also keeps every byte count
     // computed from the dims (the regions, the workspace) from overflowing.
@@ -253,9 +224,7 @@ fn check_dims(call: &str, what: &str, dims: &[usize; 4]) -> Result<()> {
 /// The output length of one axis: `None` when the (dilated) window does not fit the padded
 /// input even once.
 fn out_len(len: usize, pad: usize, window: usize, stride: usize, dilation: usize) -> Option<usize> {
-    let span = dilation
-        .checked_mul(window.checked_sub(1)?)?
-        .checked_add(1)?;
+    let span = dilation.checked_mul(window.checked_sub(1)?)?.checked_add(1)?;
     let padded = len.checked_add(pad.checked_mul(2)?)?;
     Some(padded.checked_sub(span)? / stride + 1)
 }
@@ -268,38 +237,25 @@ fn check_problem(call: &str, p: &ConvProblem) -> Result<()> {
     let cv = &p.conv;
     for (name, v) in [("stride", cv.stride), ("dilation", cv.dilation)] {
         if v.contains(&0) {
-            return Err(rejected(
-                call,
-                BAD_PARAM,
-                format!("conv {name} {v:?} has a zero"),
-            ));
+            return Err(rejected(call, BAD_PARAM, format!("conv {name} {v:?} has a zero")));
         }
     }
     if cv.compute != DType::F32 {
         return Err(rejected(
             call,
             NOT_SUPPORTED,
-            format!(
-                "conv compute type {:?}: this emulation accumulates in F32 only",
-                cv.compute
-            ),
+            format!("conv compute type {:?}: this emulation accumulates in F32 only", cv.compute),
         ));
     }
     if p.x.dtype != p.w.dtype || p.x.dtype != p.y.dtype {
         return Err(rejected(
             call,
             BAD_PARAM,
-            format!(
-                "data types differ: x {:?}, w {:?}, y {:?}",
-                p.x.dtype, p.w.dtype, p.y.dtype
-            ),
+            format!("data types differ: x {:?}, w {:?}, y {:?}", p.x.dtype, p.w.dtype, p.y.dtype),
         ));
     }
     if p.x.dtype == DType::F32
-        && matches!(
-            cv.math,
-            MathType::TensorOp | MathType::TensorOpAllowConversion
-        )
+        && matches!(cv.math, MathType::TensorOp | MathType::TensorOpAllowConversion)
     {
         return Err(rejected(
             call,
@@ -382,11 +338,7 @@ fn check_pool(call: &str, pool: &PoolDesc, x: &TensorDesc, y: &TensorDesc) -> Re
     check_dims(call, "y", &y.dims)?;
     for (name, v) in [("window", pool.window), ("stride", pool.stride)] {
         if v.contains(&0) {
-            return Err(rejected(
-                call,
-                BAD_PARAM,
-                format!("pool {name} {v:?} has a zero"),
-            ));
+            return Err(rejected(call, BAD_PARAM, format!("pool {name} {v:?} has a zero")));
         }
     }
     if pool.pad[0] >= pool.window[0] || pool.pad[1] >= pool.window[1] {
@@ -394,10 +346,7 @@ fn check_pool(call: &str, pool: &PoolDesc, x: &TensorDesc, y: &TensorDesc) -> Re
         return Err(rejected(
             call,
             BAD_PARAM,
-            format!(
-                "pool pad {:?} is not smaller than its window {:?}",
-                pool.pad, pool.window
-            ),
+            format!("pool pad {:?} is not smaller than its window {:?}", pool.pad, pool.window),
         ));
     }
     if x.dtype != y.dtype {
@@ -444,12 +393,7 @@ fn check_add(call: &str, a: &AddTensor) -> Result<()> {
             format!("data types differ: A {:?}, C {:?}", a.a.dtype, a.c.dtype),
         ));
     }
-    if a.a
-        .dims
-        .iter()
-        .zip(&a.c.dims)
-        .any(|(&ad, &cd)| ad != cd && ad != 1)
-    {
+    if a.a.dims.iter().zip(&a.c.dims).any(|(&ad, &cd)| ad != cd && ad != 1) {
         return Err(rejected(
             call,
             BAD_PARAM,
@@ -460,12 +404,7 @@ fn check_add(call: &str, a: &AddTensor) -> Result<()> {
         ));
     }
     let size = a.c.dtype.size();
-    check_regions(
-        call,
-        BAD_PARAM,
-        &dnn_regions(&DnnCall::AddTensor(*a)),
-        &[size, size],
-    )
+    check_regions(call, BAD_PARAM, &dnn_regions(&DnnCall::AddTensor(*a)), &[size, size])
 }
 
 /// Rejects what cuDNN would reject, with the function, cuDNN's status name and the field at
@@ -531,27 +470,20 @@ struct Offer {
 }
 
 fn offers(dir: ConvDirection) -> [Offer; 2] {
-    let offer = |algo, deterministic, ms_per_gflop| Offer {
-        algo,
-        deterministic,
-        ms_per_gflop,
-    };
+    let offer = |algo, deterministic, ms_per_gflop| Offer { algo, deterministic, ms_per_gflop };
     // The first of each pair needs a workspace, so that ranking it first has the backend
     // allocate and pass one; the backward ALGO_0s accumulate with atomics on a GPU, hence
     // nondeterministic, which --deterministic has to skip.
     match dir {
-        ConvDirection::Forward => [
-            offer(FWD_IMPLICIT_PRECOMP_GEMM, true, 0.02),
-            offer(FWD_IMPLICIT_GEMM, true, 0.03),
-        ],
-        ConvDirection::BackwardData => [
-            offer(BWD_DATA_ALGO_1, true, 0.025),
-            offer(BWD_DATA_ALGO_0, false, 0.035),
-        ],
-        ConvDirection::BackwardFilter => [
-            offer(BWD_FILTER_ALGO_1, true, 0.03),
-            offer(BWD_FILTER_ALGO_0, false, 0.04),
-        ],
+        ConvDirection::Forward => {
+            [offer(FWD_IMPLICIT_PRECOMP_GEMM, true, 0.02), offer(FWD_IMPLICIT_GEMM, true, 0.03)]
+        }
+        ConvDirection::BackwardData => {
+            [offer(BWD_DATA_ALGO_1, true, 0.025), offer(BWD_DATA_ALGO_0, false, 0.035)]
+        }
+        ConvDirection::BackwardFilter => {
+            [offer(BWD_FILTER_ALGO_1, true, 0.03), offer(BWD_FILTER_ALGO_0, false, 0.04)]
+        }
     }
 }
 
@@ -565,17 +497,13 @@ pub fn workspace_bytes(problem: &ConvProblem, dir: ConvDirection, algo: u32) -> 
     let words = |n: usize| n.saturating_mul(4).checked_next_multiple_of(256);
     match (dir, algo) {
         (ConvDirection::Forward, FWD_IMPLICIT_GEMM) => Some(0),
-        (ConvDirection::Forward, FWD_IMPLICIT_PRECOMP_GEMM) => words(
-            c.saturating_mul(r)
-                .saturating_mul(s)
-                .saturating_add(p.saturating_mul(q)),
-        ),
+        (ConvDirection::Forward, FWD_IMPLICIT_PRECOMP_GEMM) => {
+            words(c.saturating_mul(r).saturating_mul(s).saturating_add(p.saturating_mul(q)))
+        }
         (ConvDirection::BackwardData, BWD_DATA_ALGO_0) => Some(0),
-        (ConvDirection::BackwardData, BWD_DATA_ALGO_1) => words(
-            k.saturating_mul(r)
-                .saturating_mul(s)
-                .saturating_add(h.saturating_mul(w)),
-        ),
+        (ConvDirection::BackwardData, BWD_DATA_ALGO_1) => {
+            words(k.saturating_mul(r).saturating_mul(s).saturating_add(h.saturating_mul(w)))
+        }
         (ConvDirection::BackwardFilter, BWD_FILTER_ALGO_0) => Some(0),
         (ConvDirection::BackwardFilter, BWD_FILTER_ALGO_1) => {
             words(k.saturating_mul(c).saturating_mul(r).saturating_mul(s))
@@ -592,12 +520,7 @@ pub fn conv_algorithms(problem: &ConvProblem, dir: ConvDirection, measure: bool)
     let [n, c, _, _] = problem.x.dims;
     let [k, _, r, s] = problem.w.dims;
     let [_, _, p, q] = problem.y.dims;
-    let gflop = 2.0
-        * [n, c, k, r, s, p, q]
-            .iter()
-            .map(|&v| v as f64)
-            .product::<f64>()
-        / 1e9;
+    let gflop = 2.0 * [n, c, k, r, s, p, q].iter().map(|&v| v as f64).product::<f64>() / 1e9;
     let math = match problem.x.dtype {
         DType::F32 => MathType::Fma,
         DType::F16 | DType::Bf16 => MathType::TensorOp,
@@ -607,11 +530,7 @@ pub fn conv_algorithms(problem: &ConvProblem, dir: ConvDirection, measure: bool)
         .map(|o| AlgoPerf {
             algo: o.algo,
             ok,
-            time_ms: if measure {
-                (0.005 + gflop * o.ms_per_gflop) as f32
-            } else {
-                -1.0
-            },
+            time_ms: if measure { (0.005 + gflop * o.ms_per_gflop) as f32 } else { -1.0 },
             memory: workspace_bytes(problem, dir, o.algo).unwrap_or(usize::MAX),
             deterministic: o.deterministic,
             math,

@@ -4,18 +4,9 @@ use super::*;
 
 /// The input positions of window (p, q), in row-major order, padding left out.
 pub(super) fn window(
-    pool: &PoolDesc,
-    h: usize,
-    w: usize,
-    p: usize,
-    q: usize,
+    pool: &PoolDesc, h: usize, w: usize, p: usize, q: usize,
 ) -> impl Iterator<Item = (usize, usize)> {
-    let PoolDesc {
-        window: [wr, wc],
-        pad: [pr, pc],
-        stride: [sr, sc],
-        ..
-    } = *pool;
+    let PoolDesc { window: [wr, wc], pad: [pr, pc], stride: [sr, sc], .. } = *pool;
     let rows = (p * sr..p * sr + wr).filter_map(move |i| i.checked_sub(pr).filter(|&i| i < h));
     rows.flat_map(move |i| {
         (q * sc..q * sc + wc)
@@ -79,12 +70,8 @@ pub(super) unsafe fn pool_backward(b: &PoolBackward) {
     // The maximum is found again in x rather than matched against y: the same element when y
     // is the forward's output, and a defined one when it is not.
     // SAFETY: the caller's contract covers x and dy.
-    let (x, dy) = unsafe {
-        (
-            load(b.x_ptr, b.x.dtype, b.x.len()),
-            load(b.dy_ptr, b.y.dtype, b.y.len()),
-        )
-    };
+    let (x, dy) =
+        unsafe { (load(b.x_ptr, b.x.dtype, b.x.len()), load(b.dy_ptr, b.y.dtype, b.y.len())) };
     let area = (b.pool.window[0] * b.pool.window[1]) as f32;
     let mut dx = vec![0.0; b.x.len()];
     each_output(&b.y, |n, c, p, q, yi| {

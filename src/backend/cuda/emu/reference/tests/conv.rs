@@ -66,31 +66,15 @@ pub(super) fn problem(case: &Case) -> ConvProblem {
     let p = out_len(h, case.pad[0], r, case.stride[0], case.dilation[0]).expect("case fits");
     let q = out_len(w, case.pad[1], s, case.stride[1], case.dilation[1]).expect("case fits");
     ConvProblem {
-        x: TensorDesc {
-            dtype: case.dtype,
-            layout: case.layouts[0],
-            dims: case.x,
-        },
-        w: FilterDesc {
-            dtype: case.dtype,
-            layout: case.layouts[1],
-            dims: case.w,
-        },
-        y: TensorDesc {
-            dtype: case.dtype,
-            layout: case.layouts[2],
-            dims: [n, k, p, q],
-        },
+        x: TensorDesc { dtype: case.dtype, layout: case.layouts[0], dims: case.x },
+        w: FilterDesc { dtype: case.dtype, layout: case.layouts[1], dims: case.w },
+        y: TensorDesc { dtype: case.dtype, layout: case.layouts[2], dims: [n, k, p, q] },
         conv: ConvDesc {
             pad: case.pad,
             stride: case.stride,
             dilation: case.dilation,
             compute: DType::F32,
-            math: if case.dtype == DType::F32 {
-                MathType::Fma
-            } else {
-                MathType::TensorOp
-            },
+            math: if case.dtype == DType::F32 { MathType::Fma } else { MathType::TensorOp },
         },
     }
 }
@@ -108,25 +92,12 @@ fn conv_check(case: &Case, dir: ConvDirection, algo: u32, col_floats: Option<usi
             rng.values(len)
         }
     };
-    let mut x = Buf::of(
-        dt,
-        &inputs(&mut rng, pr.x.len(), dir == ConvDirection::BackwardData),
-    );
-    let mut w = Buf::of(
-        dt,
-        &inputs(&mut rng, pr.w.len(), dir == ConvDirection::BackwardFilter),
-    );
-    let mut y = Buf::of(
-        dt,
-        &inputs(&mut rng, pr.y.len(), dir == ConvDirection::Forward),
-    );
+    let mut x = Buf::of(dt, &inputs(&mut rng, pr.x.len(), dir == ConvDirection::BackwardData));
+    let mut w = Buf::of(dt, &inputs(&mut rng, pr.w.len(), dir == ConvDirection::BackwardFilter));
+    let mut y = Buf::of(dt, &inputs(&mut rng, pr.y.len(), dir == ConvDirection::Forward));
     let ws_bytes = workspace_bytes(&pr, dir, algo).expect("an offered algorithm");
     let mut ws = Buf::zeroed(ws_bytes);
-    let before = [
-        x.read(dt, pr.x.len()),
-        w.read(dt, pr.w.len()),
-        y.read(dt, pr.y.len()),
-    ];
+    let before = [x.read(dt, pr.x.len()), w.read(dt, pr.w.len()), y.read(dt, pr.y.len())];
     let call = ConvCall {
         dir,
         problem: pr,
@@ -154,19 +125,10 @@ fn conv_check(case: &Case, dir: ConvDirection, algo: u32, col_floats: Option<usi
         ConvDirection::BackwardFilter => (&w, &before[1], pr.w.len()),
     };
     let what = format!("{dir:?} algo {algo} of {case:?}");
-    check(
-        &what,
-        dt,
-        &out.read(dt, len),
-        old,
-        &exact,
-        case.alpha,
-        case.beta,
-    );
+    check(&what, dt, &out.read(dt, len), old, &exact, case.alpha, case.beta);
     // The inputs are left as they were.
-    for (i, (buf, len)) in [(&x, pr.x.len()), (&w, pr.w.len()), (&y, pr.y.len())]
-        .into_iter()
-        .enumerate()
+    for (i, (buf, len)) in
+        [(&x, pr.x.len()), (&w, pr.w.len()), (&y, pr.y.len())].into_iter().enumerate()
     {
         let is_output = matches!(
             (i, dir),
@@ -177,9 +139,7 @@ fn conv_check(case: &Case, dir: ConvDirection, algo: u32, col_floats: Option<usi
         if !is_output {
             let now = buf.read(dt, len);
             assert!(
-                now.iter()
-                    .zip(&before[i])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                now.iter().zip(&before[i]).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{what}: input {i} changed"
             );
         }
@@ -220,12 +180,7 @@ pub(super) fn cases() -> Vec<Case> {
     };
     vec![
         base,
-        Case {
-            layouts: [Nhwc, Nhwc, Nhwc],
-            alpha: 0.5,
-            beta: 1.0,
-            ..base
-        },
+        Case { layouts: [Nhwc, Nhwc, Nhwc], alpha: 0.5, beta: 1.0, ..base },
         // Strided, dilated, a non-square kernel with asymmetric padding, a non-square input.
         Case {
             x: [2, 5, 9, 6],
@@ -259,13 +214,7 @@ pub(super) fn cases() -> Vec<Case> {
             ..base
         },
         // 1×1 stride 2 (some inputs feed no output), 5×5 pad 2 accumulating in f16.
-        Case {
-            x: [2, 6, 7, 8],
-            w: [3, 6, 1, 1],
-            pad: [0, 0],
-            stride: [2, 2],
-            ..base
-        },
+        Case { x: [2, 6, 7, 8], w: [3, 6, 1, 1], pad: [0, 0], stride: [2, 2], ..base },
         Case {
             x: [1, 4, 8, 8],
             w: [4, 4, 5, 5],
@@ -289,11 +238,7 @@ pub(super) fn cases() -> Vec<Case> {
 
 #[test]
 fn convolutions_match_the_definition() {
-    let dirs = [
-        ConvDirection::Forward,
-        ConvDirection::BackwardData,
-        ConvDirection::BackwardFilter,
-    ];
+    let dirs = [ConvDirection::Forward, ConvDirection::BackwardData, ConvDirection::BackwardFilter];
     for (i, case) in cases().iter().enumerate() {
         for dir in dirs {
             for perf in conv_algorithms(&problem(case), dir, false) {
@@ -358,11 +303,9 @@ fn time_a_training_sized_convolution() {
         let mut w = Buf::of(dtype, &rng.values(pr.w.len()));
         let mut y = Buf::of(dtype, &rng.values(pr.y.len()));
         let mut times = Vec::new();
-        for dir in [
-            ConvDirection::Forward,
-            ConvDirection::BackwardData,
-            ConvDirection::BackwardFilter,
-        ] {
+        for dir in
+            [ConvDirection::Forward, ConvDirection::BackwardData, ConvDirection::BackwardFilter]
+        {
             let algo = conv_algorithms(&pr, dir, false)[0].algo;
             let ws_bytes = workspace_bytes(&pr, dir, algo).expect("offered");
             let mut ws = Buf::zeroed(ws_bytes);

@@ -40,10 +40,7 @@ impl Buf {
     fn read(&self, dtype: DType, len: usize) -> Vec<f64> {
         assert!(len * dtype.size() <= self.bytes().len());
         // SAFETY: checked just above.
-        unsafe { load(self.0.as_ptr() as u64, dtype, len) }
-            .into_iter()
-            .map(f64::from)
-            .collect()
+        unsafe { load(self.0.as_ptr() as u64, dtype, len) }.into_iter().map(f64::from).collect()
     }
 }
 
@@ -78,11 +75,7 @@ struct Exact {
 
 impl Exact {
     fn new(len: usize) -> Exact {
-        Exact {
-            value: vec![0.0; len],
-            magnitude: vec![0.0; len],
-            terms: vec![0; len],
-        }
+        Exact { value: vec![0.0; len], magnitude: vec![0.0; len], terms: vec![0; len] }
     }
     fn add(&mut self, i: usize, term: f64) {
         self.value[i] += term;
@@ -104,11 +97,7 @@ fn check(what: &str, dtype: DType, got: &[f64], old: &[f64], e: &Exact, alpha: f
         let blended = if beta == 0.0 { 0.0 } else { beta * old[i] };
         let expected = alpha * e.value[i] + blended;
         if expected.is_nan() {
-            assert!(
-                got[i].is_nan(),
-                "{what}[{i}]: {} where NaN is expected",
-                got[i]
-            );
+            assert!(got[i].is_nan(), "{what}[{i}]: {} where NaN is expected", got[i]);
             continue;
         }
         let scale = alpha.abs() * e.magnitude[i] + blended.abs();

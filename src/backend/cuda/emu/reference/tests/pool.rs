@@ -6,11 +6,7 @@ use super::*;
 /// maximum of any window holding one, and backward routes to the first maximum (the first
 /// NaN) in row-major order.
 fn pool_oracle(
-    pool: &PoolDesc,
-    xd: &TensorDesc,
-    x: &[f64],
-    yd: &TensorDesc,
-    dy: &[f64],
+    pool: &PoolDesc, xd: &TensorDesc, x: &[f64], yd: &TensorDesc, dy: &[f64],
 ) -> (Exact, Exact) {
     let [n, c, h, w] = xd.dims;
     let [_, _, p, q] = yd.dims;
@@ -69,34 +65,16 @@ pub(super) struct PoolCase {
 }
 
 pub(super) fn pool_case(
-    mode: PoolMode,
-    window: usize,
-    pad: usize,
-    stride: usize,
-    x: [usize; 4],
-    dtype: DType,
+    mode: PoolMode, window: usize, pad: usize, stride: usize, x: [usize; 4], dtype: DType,
     layout: Layout,
 ) -> PoolCase {
     let [n, c, h, w] = x;
     let p = out_len(h, pad, window, stride, 1).expect("fits");
     let q = out_len(w, pad, window, stride, 1).expect("fits");
     PoolCase {
-        pool: PoolDesc {
-            mode,
-            window: [window; 2],
-            pad: [pad; 2],
-            stride: [stride; 2],
-        },
-        x: TensorDesc {
-            dtype,
-            layout,
-            dims: x,
-        },
-        y: TensorDesc {
-            dtype,
-            layout,
-            dims: [n, c, p, q],
-        },
+        pool: PoolDesc { mode, window: [window; 2], pad: [pad; 2], stride: [stride; 2] },
+        x: TensorDesc { dtype, layout, dims: x },
+        y: TensorDesc { dtype, layout, dims: [n, c, p, q] },
         alpha: 1.0,
         beta: 0.0,
     }
@@ -154,24 +132,8 @@ fn pool_check(pc: &PoolCase, xv: &[f32], seed: u64) -> (Vec<f64>, Vec<f64>) {
         "{:?} {:?} {:?} alpha {} beta {}",
         pc.pool, pc.x.dims, pc.x.layout, pc.alpha, pc.beta
     );
-    check(
-        &format!("pool forward {what}"),
-        dt,
-        &yv,
-        &y0,
-        &ef,
-        pc.alpha,
-        pc.beta,
-    );
-    check(
-        &format!("pool backward {what}"),
-        dt,
-        &dxv,
-        &dx0,
-        &eb,
-        pc.alpha,
-        pc.beta,
-    );
+    check(&format!("pool forward {what}"), dt, &yv, &y0, &ef, pc.alpha, pc.beta);
+    check(&format!("pool backward {what}"), dt, &dxv, &dx0, &eb, pc.alpha, pc.beta);
     (yv, dxv)
 }
 
@@ -196,9 +158,8 @@ fn pooling_matches_the_definition() {
                     (pc.alpha, pc.beta) = (alpha, beta);
                     // Few distinct values, so that windows hold ties.
                     let mut rng = Rng(seed);
-                    let xv: Vec<f32> = (0..pc.x.len())
-                        .map(|_| (rng.uniform() * 4.0).round())
-                        .collect();
+                    let xv: Vec<f32> =
+                        (0..pc.x.len()).map(|_| (rng.uniform() * 4.0).round()).collect();
                     pool_check(&pc, &xv, seed);
                 }
             }
@@ -210,15 +171,7 @@ fn pooling_matches_the_definition() {
 fn max_pool_backward_routes_to_the_first_maximum() {
     // 2×2 windows, stride 1, over [[1, 5, 5], [0, 5, 2]]: both windows' maximum 5 first
     // occurs at (0, 1), which gets both gradients.
-    let pc = pool_case(
-        PoolMode::MaxDeterministic,
-        2,
-        0,
-        1,
-        [1, 1, 2, 3],
-        DType::F32,
-        Layout::Nchw,
-    );
+    let pc = pool_case(PoolMode::MaxDeterministic, 2, 0, 1, [1, 1, 2, 3], DType::F32, Layout::Nchw);
     let (y, dx) = pool_check(&pc, &[1.0, 5.0, 5.0, 0.0, 5.0, 2.0], 3);
     assert_eq!(y, [5.0, 5.0]);
     assert_eq!(dx.iter().filter(|&&g| g != 0.0).count(), 1);
@@ -227,15 +180,7 @@ fn max_pool_backward_routes_to_the_first_maximum() {
 
 #[test]
 fn max_pool_propagates_nan() {
-    let pc = pool_case(
-        PoolMode::MaxDeterministic,
-        3,
-        1,
-        2,
-        [1, 2, 6, 6],
-        DType::F32,
-        Layout::Nhwc,
-    );
+    let pc = pool_case(PoolMode::MaxDeterministic, 3, 1, 2, [1, 2, 6, 6], DType::F32, Layout::Nhwc);
     let mut xv = Rng(5).values(pc.x.len());
     xv[pc.x.offset(0, 1, 3, 3)] = f32::NAN;
     let (y, dx) = pool_check(&pc, &xv, 9);
@@ -266,57 +211,17 @@ fn max_pool_propagates_nan() {
 fn add_tensor_broadcasts() {
     let cases = [
         // The backend's bias: fp32 [1, C, 1, 1] NCHW onto an fp32 NHWC activation.
-        (
-            [1, 5, 1, 1],
-            Layout::Nchw,
-            Layout::Nhwc,
-            DType::F32,
-            1.0,
-            1.0,
-        ),
-        (
-            [1, 5, 1, 1],
-            Layout::Nchw,
-            Layout::Nhwc,
-            DType::F32,
-            1.0,
-            0.0,
-        ),
-        (
-            [2, 1, 4, 1],
-            Layout::Nhwc,
-            Layout::Nchw,
-            DType::F16,
-            -0.5,
-            2.0,
-        ),
-        (
-            [2, 5, 4, 3],
-            Layout::Nhwc,
-            Layout::Nchw,
-            DType::Bf16,
-            1.5,
-            0.0,
-        ),
+        ([1, 5, 1, 1], Layout::Nchw, Layout::Nhwc, DType::F32, 1.0, 1.0),
+        ([1, 5, 1, 1], Layout::Nchw, Layout::Nhwc, DType::F32, 1.0, 0.0),
+        ([2, 1, 4, 1], Layout::Nhwc, Layout::Nchw, DType::F16, -0.5, 2.0),
+        ([2, 5, 4, 3], Layout::Nhwc, Layout::Nchw, DType::Bf16, 1.5, 0.0),
     ];
     for (i, (a_dims, a_layout, c_layout, dt, alpha, beta)) in cases.into_iter().enumerate() {
-        let ad = TensorDesc {
-            dtype: dt,
-            layout: a_layout,
-            dims: a_dims,
-        };
-        let cd = TensorDesc {
-            dtype: dt,
-            layout: c_layout,
-            dims: [2, 5, 4, 3],
-        };
+        let ad = TensorDesc { dtype: dt, layout: a_layout, dims: a_dims };
+        let cd = TensorDesc { dtype: dt, layout: c_layout, dims: [2, 5, 4, 3] };
         let mut rng = Rng(20 + i as u64);
         let mut a = Buf::of(dt, &rng.values(ad.len()));
-        let c_init = if beta == 0.0 {
-            vec![f32::NAN; cd.len()]
-        } else {
-            rng.values(cd.len())
-        };
+        let c_init = if beta == 0.0 { vec![f32::NAN; cd.len()] } else { rng.values(cd.len()) };
         let mut c = Buf::of(dt, &c_init);
         let (a0, c0) = (a.read(dt, ad.len()), c.read(dt, cd.len()));
         let call = DnnCall::AddTensor(AddTensor {
@@ -343,15 +248,7 @@ fn add_tensor_broadcasts() {
                 }
             }
         }
-        check(
-            &format!("add tensor case {i}"),
-            dt,
-            &c.read(dt, cd.len()),
-            &c0,
-            &e,
-            alpha,
-            beta,
-        );
+        check(&format!("add tensor case {i}"), dt, &c.read(dt, cd.len()), &c0, &e, alpha, beta);
     }
 }
 
@@ -398,18 +295,10 @@ fn gemm_is_column_major_sgemm() {
             // SAFETY: the buffers cover the call's regions.
             unsafe { run_gemm(&g).expect("runs") };
             let opa = |r: usize, l: usize| {
-                f64::from(if transa == N {
-                    a_init[r + l * lda]
-                } else {
-                    a_init[l + r * lda]
-                })
+                f64::from(if transa == N { a_init[r + l * lda] } else { a_init[l + r * lda] })
             };
             let opb = |l: usize, col: usize| {
-                f64::from(if transb == N {
-                    b_init[l + col * ldb]
-                } else {
-                    b_init[col + l * ldb]
-                })
+                f64::from(if transb == N { b_init[l + col * ldb] } else { b_init[col + l * ldb] })
             };
             let mut e = Exact::new(m * n);
             let mut old = vec![0.0; m * n];
