@@ -67,7 +67,7 @@ fn main() {
         if !direct::supports(&conv) {
             continue;
         }
-        let f = median_ms(&mut || direct::conv_forward(&mut y, &x, &w, Some(&b), xs, &conv));
+        let f = median_ms(&mut || direct::conv_forward(&mut y, &x, &w, Some(&b), xs, &conv, false));
         let g = median_ms(&mut || direct::conv_backward_weight(&mut dw, &dy, &x, xs, &conv));
         let d = if stride == 1 && cin % 16 == 0 {
             median_ms(&mut || direct::conv_backward_data(&mut dx, &dy, &w, xs, &conv))

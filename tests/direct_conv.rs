@@ -82,7 +82,7 @@ fn direct_matches_reference_at_model_shapes() {
             let tag = format!("{} n={n}", c.name);
 
             let mut y = vec![0.0f32; ys.len()];
-            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), xs, &conv);
+            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), xs, &conv, false);
             let mut want = vec![0.0f64; ys.len()];
             cpu::conv2d_forward_reference(
                 &mut want,
@@ -155,7 +155,7 @@ fn direct_is_independent_of_thread_count() {
         pool.install(|| {
             let ys = c.conv.out_shape(c.xs);
             let mut y = vec![0.0f32; ys.len()];
-            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
+            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv, false);
             let mut dw = vec![0.0f32; c.conv.weight_len()];
             direct::conv_backward_weight(&mut dw, &c.dy, &c.x, c.xs, &c.conv);
             let mut dx = vec![0.0f32; c.xs.len()];
@@ -192,7 +192,7 @@ fn backend_dispatches_to_direct() {
         if winograd::supports(&c.conv) {
             winograd::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv, false);
         } else {
-            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv);
+            direct::conv_forward(&mut y, &c.x, &c.w, Some(&c.b), c.xs, &c.conv, false);
         }
         let mut got = vec![0.0f32; ys.len()];
         ConvOps::<f32>::conv2d_forward(&Cpu, &mut got, &c.x, &c.w, &c.b, c.xs, &c.conv);

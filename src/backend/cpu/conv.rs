@@ -229,7 +229,9 @@ impl<T: Elem> ConvOps<T> for Cpu {
                 ConvKernel::Winograd => {
                     return winograd::conv_forward(yf, xf, wf, Some(bf), xs, conv, false)
                 }
-                ConvKernel::Direct => return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv),
+                ConvKernel::Direct => {
+                    return direct::conv_forward(yf, xf, wf, Some(bf), xs, conv, false)
+                }
                 _ => {}
             }
         }
@@ -263,7 +265,7 @@ impl<T: Elem> ConvOps<T> for Cpu {
                 if kernel == ConvKernel::Winograd {
                     winograd::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
                 } else {
-                    direct::conv_forward_epilogue(yf, xf, &wf2, Some(&bias), xs, conv, true);
+                    direct::conv_forward(yf, xf, &wf2, Some(&bias), xs, conv, true);
                 }
                 return true;
             }

@@ -163,28 +163,30 @@ fn window_offsets(
     offs
 }
 
-/// `y = conv(x, w) + b` for an NHWC batch; `w` OIHW, `b` optional. Panics if not [`supports`];
+/// `y = conv(x, w) + b` for an NHWC batch; `w` OIHW, `b` optional; then ReLU (as PyTorch: NaN
+/// passes) on the registers before they are stored when `relu`. Panics if not [`supports`];
 /// the caller checks [`available`].
 pub fn conv_forward(
-    y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, xs: Nhwc, conv: &Conv2d,
-) {
-    conv_forward_epilogue(y, x, w, b, xs, conv, false);
-}
-
-/// [`conv_forward`], then ReLU (as PyTorch: NaN passes) on the registers before they are
-/// stored when `relu`.
-pub fn conv_forward_epilogue(
     y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, xs: Nhwc, conv: &Conv2d, relu: bool,
 ) {
     assert!(supports(conv) && xs.c == conv.cin);
-    let ys = conv.out_shape(xs);
-    assert_eq!(y.len(), ys.len(), "direct conv: y length");
+    assert_eq!(y.len(), conv.out_shape(xs).len(), "direct conv: y length");
     assert_eq!(x.len(), xs.len(), "direct conv: x length");
+    let (xp, offs, row) = padded_windows(x, xs, conv);
+    let geom = (conv.cout, conv.cin, conv.k);
+    run_forward(y, &xp, &offs, row, w, b, geom, relu);
+}
+
+/// The input zero-padded by the convolution's padding, the offset of each output pixel's
+/// window in it, and its row length: what the forward and the weight gradient slide over.
+fn padded_windows<'a>(
+    x: &'a [f32], xs: Nhwc, conv: &Conv2d,
+) -> (Cow<'a, [f32]>, Vec<usize>, usize) {
+    let ys = conv.out_shape(xs);
     let xp = pad_nhwc(x, xs, conv.pad);
     let (hp, wp) = (xs.h + 2 * conv.pad, xs.w + 2 * conv.pad);
     let offs = window_offsets(xs.n, ys.h, ys.w, hp, wp, xs.c, conv.stride);
-    let geom = (conv.cout, conv.cin, conv.k);
-    run_forward(y, &xp, &offs, wp * xs.c, w, b, geom, relu);
+    (xp, offs, wp * xs.c)
 }
 
 /// `dx = ∂L/∂x` of a stride-1 convolution from `dy`, overwriting `dx`.
@@ -360,12 +362,9 @@ pub fn conv_backward_weight(dw: &mut [f32], dy: &[f32], x: &[f32], xs: Nhwc, con
     let ys = conv.out_shape(xs);
     assert_eq!(dy.len(), ys.len(), "direct conv: dy length");
     assert_eq!(dw.len(), conv.weight_len(), "direct conv: dw length");
-    let xp = pad_nhwc(x, xs, conv.pad);
-    let (hp, wp) = (xs.h + 2 * conv.pad, xs.w + 2 * conv.pad);
-    let offs = window_offsets(xs.n, ys.h, ys.w, hp, wp, xs.c, conv.stride);
+    let (xp, offs, row) = padded_windows(x, xs, conv);
     let (k, cin, cout) = (conv.k, conv.cin, conv.cout);
     let kc = k * cin;
-    let row = wp * cin;
     if let Some(&last) = offs.iter().max() {
         assert!(last + (k - 1) * row + kc <= xp.len(), "direct conv: window outside input");
     }

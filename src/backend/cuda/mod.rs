@@ -18,7 +18,7 @@
 //! of their own, ordered by events at each fork and join (see `Lane`, `branches_begin`). A
 //! whole training step can be captured as a CUDA graph (`capture_begin` … `replay`). Ops cannot
 //! return errors through the trait: the first failure (a launch, an allocation) is recorded
-//! and reported by [`Backend::status`], which the network checks after each forward and
+//! and reported by [`Buffers::status`](crate::backend::Buffers::status), which the network checks after each forward and
 //! backward.
 //!
 //! [`Backend`]: crate::backend::Backend
@@ -243,9 +243,9 @@ pub struct Gpu {
     slots: Mutex<Option<StepSlots>>,
     /// Event waits issued by the branch scheduler (for `GpuOptions::skip_wait`).
     waits: AtomicUsize,
-    /// The first failure since the last [`Backend::status`] call.
+    /// The first failure since the last [`Buffers::status`] call.
     ///
-    /// [`Backend::status`]: crate::backend::Backend::status
+    /// [`Buffers::status`]: crate::backend::Buffers::status
     error: Mutex<Option<String>>,
 }
 

@@ -135,7 +135,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     }
 
     /// [`Net::forward`] on an input already on the backend (NHWC, as
-    /// [`Backend::act_zeros`] stores activations), e.g. a batch a data kernel built there.
+    /// [`Buffers::act_zeros`](crate::backend::Buffers::act_zeros) stores activations), e.g. a batch a data kernel built there.
     pub fn forward_buf(&mut self, x: B::Buf, n: usize, train: bool) -> Result<Vec<T>> {
         let (c, h, w) = self.spec.input;
         let shape = Nhwc::new(n, h, w, c);
@@ -215,7 +215,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
     }
 
     /// [`Net::loss`] of a step whose metrics stay on the device
-    /// ([`Backend::cross_entropy_forward_summed`]): nothing is read back.
+    /// ([`LossOps::cross_entropy_forward_summed`](crate::backend::LossOps::cross_entropy_forward_summed)): nothing is read back.
     pub fn loss_summed(&mut self, labels: &[u32], smoothing: f64) -> Result<()> {
         let k = self.prepare_loss(labels, smoothing)?;
         let logits = &last_out(&self.nodes, &self.input).buf;

@@ -3,7 +3,7 @@
 //! - **Kernels** are the `cuda/*.cu` sources compiled for the host (the `kernel-emu` crate),
 //!   launched by name with the argument list the backend built, checked against the
 //!   signature each kernel registered from its own source.
-//! - **cuDNN and cuBLAS** calls are executed by [`reference`], which honours every field of
+//! - **cuDNN and cuBLAS** calls are executed by [`mod@reference`], which honours every field of
 //!   the call and rejects what the library would reject.
 //! - **Execution model**: work is queued per stream and runs only when the host must see it
 //!   (a stream, event or device synchronization, a blocking copy), one operation at a time, in
@@ -471,11 +471,7 @@ impl Device for EmuDevice {
 
     fn stream_wait(&self, stream: Stream, event: Event) -> Result<()> {
         let mut st = self.state();
-        let ev = st
-            .events
-            .get(event.0 as usize)
-            .cloned()
-            .ok_or_else(|| anyhow!("event {} does not exist", event.0))?;
+        let ev = event_state(&st, event)?;
         if let Some(node) = ev.captured {
             // Waiting on a captured event pulls `stream` into the capture.
             let Some(cap) = st.capture.as_mut() else {
@@ -509,11 +505,7 @@ impl Device for EmuDevice {
 
     fn event_query(&self, event: Event) -> Result<bool> {
         let mut st = self.state();
-        let ev = st
-            .events
-            .get(event.0 as usize)
-            .cloned()
-            .ok_or_else(|| anyhow!("event {} does not exist", event.0))?;
+        let ev = event_state(&st, event)?;
         let Some(id) = ev.op else { return Ok(true) };
         // Work runs when the host looks: the event's point is reached now.
         self.run(&mut st, &|s| s.done.contains(&id))?;
@@ -687,6 +679,14 @@ impl Device for EmuDevice {
 }
 
 /// The index of `stream` in the device's stream table, or an error naming it.
+/// A copy of what the event recorded, or an error for an event that was never created.
+fn event_state(st: &State, event: Event) -> Result<EventState> {
+    st.events
+        .get(event.0 as usize)
+        .cloned()
+        .ok_or_else(|| anyhow!("event {} does not exist", event.0))
+}
+
 fn stream_index(st: &State, stream: Stream) -> Result<usize> {
     let s = stream.0 as usize;
     if s >= st.streams.len() {

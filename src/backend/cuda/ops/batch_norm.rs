@@ -130,45 +130,18 @@ impl BatchNormOps<f32> for Gpu {
         let r = self.reduction(xs.pixels(), xs.c);
         let (ws, counters) = self.reduction_buffers(&r);
         let (dyp, xp, mp, cp) = (self.ptr(dy), self.ptr(x), self.ptr(mean), self.ptr(&coef));
-        // Without the ReLU (relu = 0) y is never read: dy stands in for it. ld = C and
-        // offset 0: plain [P, C] tensors.
+        // Without the ReLU (relu = 0) y is never read: dy stands in for it.
         let (yp, relu) = relu_out.map_or((dyp, 0), |y| (self.ptr(y), 1));
-        let args = [
-            Ptr(cp),
-            Ptr(self.ptr(daffine.gamma)),
-            Ptr(self.ptr(daffine.beta)),
-            Ptr(ws),
-            Ptr(counters),
-            Ptr(dyp),
-            I32(c),
-            I32(0),
-            Ptr(yp),
-            I32(c),
-            I32(0),
-            Ptr(xp),
-            Ptr(mp),
-            Ptr(self.ptr(invstd)),
-            Ptr(self.ptr(gamma)),
-            I32(p),
-            I32(c),
-            I32(relu),
-        ];
+        // Both kernels read dy masked by y, and x − mean: dy and y as plain [P, C] tensors
+        // (ld = C, offset 0).
+        let masked_dy = [Ptr(dyp), I32(c), I32(0), Ptr(yp), I32(c), I32(0), Ptr(xp), Ptr(mp)];
+        let (dg, db) = (self.ptr(daffine.gamma), self.ptr(daffine.beta));
+        let sums = [Ptr(cp), Ptr(dg), Ptr(db), Ptr(ws), Ptr(counters)];
+        let rest = [Ptr(self.ptr(invstd)), Ptr(self.ptr(gamma)), I32(p), I32(c), I32(relu)];
+        let args = [&sums[..], &masked_dy, &rest].concat();
         self.launch(&typed("batch_norm_relu_backward_reduce", x.dtype), config(&r), &args);
-        let args = [
-            Ptr(self.ptr(dx)),
-            Ptr(dyp),
-            I32(c),
-            I32(0),
-            Ptr(yp),
-            I32(c),
-            I32(0),
-            Ptr(xp),
-            Ptr(mp),
-            Ptr(cp),
-            I32(p),
-            I32(c),
-            I32(relu),
-        ];
+        let rest = [Ptr(cp), I32(p), I32(c), I32(relu)];
+        let args = [&[Ptr(self.ptr(dx))][..], &masked_dy, &rest].concat();
         self.launch(
             &typed("batch_norm_relu_backward_apply", x.dtype),
             self.strided(xs.len()),

@@ -204,40 +204,16 @@ impl ConvOps<f32> for Gpu {
         let dx_ptr = dx.map(|d| self.ptr(d));
         let (xp, dyp) = (self.ptr(x), self.ptr(dy));
         self.bias_grad(db, dy, ys);
-        if dt == DType::F32 {
-            // The fp32 weight gradient accumulates in place (beta = 1).
-            let filter = (xp, self.ptr(dw), dyp);
-            self.conv(
-                "conv2d_backward filter",
-                ConvDirection::BackwardFilter,
-                filter,
-                xs,
-                conv,
-                dt,
-                1.0,
-            );
-            if let Some(dxp) = dx_ptr {
-                let data = (dxp, self.ptr(w), dyp);
-                self.conv(
-                    "conv2d_backward data",
-                    ConvDirection::BackwardData,
-                    data,
-                    xs,
-                    conv,
-                    dt,
-                    0.0,
-                );
-            }
-            return;
-        }
-        // Mixed precision: the weight gradient comes out of cuDNN in the data type (and the
-        // filter layout) of the working copy and is added to the fp32 one (the bias gradient
-        // above is reduced straight into fp32). cuDNN overwrites it (beta = 0), so it needs no
-        // zeroing.
-        let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
-        let dw_low = self.uninit(&what, conv.weight_len(), dt);
-        let dw_lowp = self.ptr(&dw_low);
-        let filter = (xp, dw_lowp, dyp);
+        // In fp32 the weight gradient accumulates in place (beta = 1). In mixed precision it
+        // comes out of cuDNN in the data type (and the filter layout) of the working copy and
+        // is added to the fp32 one below (the bias gradient above is reduced straight into
+        // fp32); cuDNN overwrites it (beta = 0), so it needs no zeroing.
+        let dw_low = (dt != DType::F32).then(|| {
+            let what = buffer_label("a 16-bit weight gradient", conv.weight_len(), dt);
+            self.uninit(&what, conv.weight_len(), dt)
+        });
+        let (dwp, beta) = dw_low.as_ref().map_or((self.ptr(dw), 1.0), |d| (self.ptr(d), 0.0));
+        let filter = (xp, dwp, dyp);
         self.conv(
             "conv2d_backward filter",
             ConvDirection::BackwardFilter,
@@ -245,17 +221,19 @@ impl ConvOps<f32> for Gpu {
             xs,
             conv,
             dt,
-            0.0,
+            beta,
         );
         if let Some(dxp) = dx_ptr {
-            let data = (dxp, self.working_copy(w, conv, dt), dyp);
+            let wp = if dt == DType::F32 { self.ptr(w) } else { self.working_copy(w, conv, dt) };
+            let data = (dxp, wp, dyp);
             self.conv("conv2d_backward data", ConvDirection::BackwardData, data, xs, conv, dt, 0.0);
         }
+        let Some(dw_low) = dw_low else { return };
         // cuDNN wrote the gradient in the filter layout of the 16-bit path (OHWI); the fp32
         // gradient keeps the master weight's OIHW.
         let args = [
             Ptr(self.ptr(dw)),
-            Ptr(dw_lowp),
+            Ptr(self.ptr(&dw_low)),
             I32(conv.cout as i32),
             I32(conv.cin as i32),
             I32((conv.k * conv.k) as i32),

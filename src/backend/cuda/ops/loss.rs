@@ -4,9 +4,9 @@ use super::*;
 
 impl Gpu {
     /// Σ loss·n and Σ correct of the steps whose metrics stayed on the device since the last
-    /// call ([`Backend::cross_entropy_forward_summed`]); reading them waits for those steps.
+    /// call ([`LossOps::cross_entropy_forward_summed`]); reading them waits for those steps.
     ///
-    /// [`Backend::cross_entropy_forward_summed`]: crate::backend::Backend::cross_entropy_forward_summed
+    /// [`LossOps::cross_entropy_forward_summed`]: crate::backend::LossOps::cross_entropy_forward_summed
     pub fn take_step_sums(&self) -> anyhow::Result<(f64, u64)> {
         if self.slots.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
             return Ok((0.0, 0));

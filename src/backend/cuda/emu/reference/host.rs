@@ -92,32 +92,29 @@ pub(super) unsafe fn store(ptr: u64, dtype: DType, result: &[f32], alpha: f32, b
 /// [N, C, H, W] data in `layout` order, reordered to NHWC (KRSC for a filter), the order the
 /// im2col matrices are built in.
 pub(super) fn to_nhwc(data: Vec<f32>, dims: [usize; 4], layout: Layout) -> Vec<f32> {
-    if layout == Layout::Nhwc {
-        return data;
-    }
-    let [_, c, h, w] = dims;
-    let mut out = vec![0.0; data.len()];
-    out.par_chunks_mut(c * h * w).zip(data.par_chunks(c * h * w)).for_each(|(dst, src)| {
-        for ch in 0..c {
-            for (i, &v) in src[ch * h * w..][..h * w].iter().enumerate() {
-                dst[i * c + ch] = v;
-            }
-        }
-    });
-    out
+    reorder(data, dims, layout, true)
 }
 
 /// The inverse of [`to_nhwc`].
 pub(super) fn from_nhwc(data: Vec<f32>, dims: [usize; 4], layout: Layout) -> Vec<f32> {
+    reorder(data, dims, layout, false)
+}
+
+/// Each image's (or filter's) `[C, H·W]` plane transposed to `[H·W, C]` (`to_nhwc`) or back.
+fn reorder(data: Vec<f32>, [_, c, h, w]: [usize; 4], layout: Layout, to_nhwc: bool) -> Vec<f32> {
     if layout == Layout::Nhwc {
         return data;
     }
-    let [_, c, h, w] = dims;
     let mut out = vec![0.0; data.len()];
     out.par_chunks_mut(c * h * w).zip(data.par_chunks(c * h * w)).for_each(|(dst, src)| {
         for ch in 0..c {
-            for (i, v) in dst[ch * h * w..][..h * w].iter_mut().enumerate() {
-                *v = src[i * c + ch];
+            for i in 0..h * w {
+                let (planar, interleaved) = (ch * h * w + i, i * c + ch);
+                if to_nhwc {
+                    dst[interleaved] = src[planar];
+                } else {
+                    dst[planar] = src[interleaved];
+                }
             }
         }
     });
