@@ -5,7 +5,7 @@
 //! ## Map
 //! - [`model`]: the network as data ([`model::ModelSpec`]: layers, Inception blocks, branches,
 //!   PyTorch module names) and [`model::net::Net`], the network instantiated on a backend.
-//! - [`backend`]: the [`backend::Backend`] trait, every op as a forward/backward pair, and the
+//! - [`backend`]: the op families ([`backend::ops`]) gathered by [`backend::Backend`], and the
 //!   CPU implementation [`backend::cpu::Cpu`] (NHWC, rayon; im2col + GEMM convolutions as the
 //!   reference, direct AVX-512 and Winograd kernels as the fast path on CPUs that have it);
 //!   with the `cudnn` feature, `backend::cuda::Gpu` (cuDNN, cuBLAS, the kernels of `cuda/`).
@@ -15,11 +15,13 @@
 //! - [`stepper`]: how the training loop runs a step: batches built on the host or, on CUDA,
 //!   on the GPU from the resident training set; issued op by op, or replayed as a CUDA graph.
 //! - [`checkpoint`]: safetensors files with PyTorch's names and shapes (NCHW/OIHW).
-//! - [`train`]: the training loop (epochs, LR schedule [`sched`], eval, metrics, checkpoints
+//! - [`train`]: the training loop (epochs, LR schedule `train::lr`, eval, metrics, checkpoints
 //!   that resume exactly); [`report`] draws a run's curves.
 //! - [`mod@bench`]: the `incept bench` measurements.
 //! - [`data`]: CIFAR-10 binary files (memory-mapped, validated), augmented NHWC batches,
 //!   synthetic data for tests, `incept data check`, and the verified download.
+//! - [`dist`]: data parallelism: the rank, world size and meeting point a launcher (torchrun,
+//!   Slurm, MPI) put in the environment, and the collectives over TCP.
 //!
 //! ## One training step
 //! 1. The batch (NHWC) is uploaded to the backend (or rendered there by the data kernel).
@@ -32,12 +34,13 @@
 //!    gradients are first unscaled and checked, and an overflowed step is skipped.
 //!
 //! A BatchNorm followed by a ReLU runs as one fused op; activations are fp32 on the CPU and
-//! fp16/bf16 or fp32 on CUDA (`Backend::act_zeros`).
+//! fp16/bf16 or fp32 on CUDA (`Buffers::act_zeros`).
 
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod layout;
 pub mod model;
 pub mod report;

@@ -1,0 +1,39 @@
+//! Data parallelism: where this process stands in a job ([`place`]), and the collective
+//! operations the ranks use to train as one ([`Collective`]), over TCP ([`tcp`]).
+
+pub mod place;
+pub mod tcp;
+
+pub use place::{Launcher, Place};
+pub use tcp::TcpGroup;
+
+/// The settings every rank must share, as (setting, value) pairs in a fixed order: the ranks
+/// compare them when they meet.
+pub type Config = Vec<(String, String)>;
+
+/// The collectives of a data-parallel step. Every rank calls the same operations in the same
+/// order; each returns an error naming the rank that left or stopped answering.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum over the ranks, the same bits on every rank.
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> anyhow::Result<()>;
+    /// [`Collective::all_reduce_sum`] for the step metrics, in `f64`.
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> anyhow::Result<()>;
+    /// Rank 0's values on every rank.
+    fn broadcast(&mut self, data: &mut [f32]) -> anyhow::Result<()>;
+}
+
+/// How long a rank waits for the others (to meet, then at each collective) before it gives up
+/// on them: `INCEPT_DIST_TIMEOUT` seconds, 300 by default (a rank that exits is noticed at
+/// once; this bounds a hung one).
+pub fn timeout() -> anyhow::Result<std::time::Duration> {
+    let secs = match std::env::var("INCEPT_DIST_TIMEOUT") {
+        Err(_) => 300.0,
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s > 0.0 && s.is_finite() => s,
+            _ => anyhow::bail!("INCEPT_DIST_TIMEOUT={v:?}: give the seconds as a positive number"),
+        },
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
