@@ -1,6 +1,8 @@
 //! Data parallelism: where this process stands in a job ([`place`]), and the collective
-//! operations the ranks use to train as one ([`Collective`]), over TCP ([`tcp`]).
+//! operations the ranks use to train as one ([`Collective`]), over TCP ([`tcp`]), and the
+//! data-parallel step built on them ([`ddp`]).
 
+pub mod ddp;
 pub mod place;
 pub mod tcp;
 

@@ -335,6 +335,30 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         self.download_params(|p| &p.grad)
     }
 
+    /// Hands every parameter gradient to `f` as one flat host vector (in `state_dict()` order)
+    /// and puts back what `f` leaves there: how a data-parallel step sums them over the ranks
+    /// (one exchange for the whole model rather than one per tensor).
+    pub fn update_grads(&mut self, f: impl FnOnce(&mut Vec<T>) -> Result<()>) -> Result<()> {
+        let grads = self.download_params(|p| &p.grad);
+        let lens: Vec<usize> = grads.iter().map(|(_, g)| g.len()).collect();
+        let mut flat: Vec<T> = grads.into_iter().flat_map(|(_, g)| g).collect();
+        let total = flat.len();
+        f(&mut flat)?;
+        if flat.len() != total {
+            bail!("the flat gradient changed size from {total} to {} values", flat.len());
+        }
+        let be = &self.be;
+        let (mut at, mut lens) = (0, lens.into_iter());
+        visit_nodes(&mut self.nodes, &mut |_, slot| {
+            if let Slot::Param(p) = slot {
+                let n = lens.next().expect("one length per parameter, read above");
+                p.grad = be.upload(&flat[at..at + n]);
+                at += n;
+            }
+        });
+        Ok(())
+    }
+
     /// `pick`'s buffer of every parameter, downloaded, in `state_dict()` order.
     fn download_params(
         &mut self, pick: impl Fn(&Param<B::Buf>) -> &B::Buf,
