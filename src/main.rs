@@ -22,14 +22,15 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    // First Ctrl-C: finish the step, save, exit 130. Second: exit at once (checkpoints are
-    // written atomically, so none is left half-written).
+    // First Ctrl-C (or SIGTERM, as a launcher or scheduler sends): finish the step, save, exit
+    // 130. Second: exit at once (checkpoints are written atomically, so none is left
+    // half-written).
     let _ = ctrlc::set_handler(|| {
         if train::STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         eprintln!(
-            "\nCtrl-C: finishing the current step and saving a checkpoint (again to quit now)"
+            "\nstop requested (Ctrl-C or SIGTERM): finishing the current step and saving a checkpoint (again to quit now)"
         );
     });
     match cli::run(cli) {

@@ -1,11 +1,14 @@
 //! How the training loop runs a step: where the batch is built ([`Feed`]: on the host, or on
 //! the GPU from the resident training set) and how the step is issued ([`Stepper`]: op by op,
-//! or replayed as one CUDA graph).
+//! or replayed as one CUDA graph, or data-parallel over several processes).
 
 use crate::backend::{Backend, Sgd};
 use crate::data::{self, Augment, Cifar10};
+use crate::dist::ddp::{average_gradients, rank_slice};
+use crate::dist::Collective;
 use crate::model::net::Net;
 use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where the training batches are built.
 pub trait Feed<B: Backend<f32>> {
@@ -72,6 +75,75 @@ pub trait Stepper<B: Backend<f32>> {
     }
     /// The epoch's training steps are over: what follows (evaluation) changes the buffers.
     fn end_epoch(&mut self) {}
+    /// The data-parallel group this stepper trains with (`None`: a process training alone).
+    fn group(&mut self) -> Option<&mut dyn Collective> {
+        None
+    }
+    /// Whether the ranks agreed in the last step to stop (a stop request on any of them);
+    /// `None` alone, where the stop request itself decides.
+    fn agreed_stop(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// Data-parallel steps: each step's `idx` is the global batch, of which this rank trains its
+/// slice; the gradients are averaged over the ranks before the optimizer step, in the same
+/// all-reduce as the step's loss, correct count and stop request.
+pub struct DataParallelStepper<F> {
+    pub feed: F,
+    labels: Vec<u32>,
+    group: Box<dyn Collective>,
+    /// This process's stop request (Ctrl-C, SIGTERM), sent to the others with every step.
+    stop: &'static AtomicBool,
+    agreed_stop: bool,
+}
+
+impl<F> DataParallelStepper<F> {
+    pub fn new(feed: F, group: Box<dyn Collective>, stop: &'static AtomicBool) -> Self {
+        DataParallelStepper { feed, labels: Vec::new(), group, stop, agreed_stop: false }
+    }
+}
+
+impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for DataParallelStepper<F> {
+    fn step(
+        &mut self, net: &mut Net<f32, B>, idx: &[usize], epoch: u64, first_pos: u64, opt: &Sgd,
+        smoothing: f64,
+    ) -> Result<Option<(f64, u64)>> {
+        let (rank, world) = (self.group.rank(), self.group.world());
+        let mine = rank_slice(idx, rank, world)?;
+        // The positions of this rank's images in the epoch's order: the same augmentation as
+        // one process training the whole batch.
+        let first_pos = first_pos + (rank * mine.len()) as u64;
+        let input = self.feed.batch(net.backend(), mine, epoch, first_pos, &mut self.labels);
+        net.zero_grad();
+        let logits = net.forward_buf(input, mine.len(), true)?;
+        // Every rank takes part in the all-reduce whatever its loss: one that is not finite
+        // makes the summed loss so on every rank, and none steps.
+        let loss = net.loss(&self.labels, smoothing)?;
+        net.backward()?;
+        let n = self.labels.len() as f32;
+        let right = correct(&logits, &self.labels, net.spec.classes) as f32;
+        let stop = if self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 };
+        let mut metrics = [loss as f32 * n, right, n, stop];
+        average_gradients(net, self.group.as_mut(), &mut metrics)?;
+        self.agreed_stop = metrics[3] > 0.0;
+        let [loss_sum, right, n, _] = metrics;
+        let loss = (loss_sum / n) as f64;
+        if loss.is_finite() {
+            net.sgd_step(opt);
+        }
+        Ok(Some((loss, right as u64)))
+    }
+    /// Every rank runs the same number of steps.
+    fn drop_last(&self) -> bool {
+        true
+    }
+    fn group(&mut self) -> Option<&mut dyn Collective> {
+        Some(self.group.as_mut())
+    }
+    fn agreed_stop(&self) -> Option<bool> {
+        Some(self.agreed_stop)
+    }
 }
 
 /// Every step issued op by op from the host, the loss read back each step.

@@ -149,3 +149,210 @@ fn ranks_averaging_gradients_train_as_one_process_with_the_whole_batch() {
         assert!(init.iter().zip(w).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Through the binary: ranks started by hand, as a launcher would, on loopback.
+
+mod by_hand {
+    use std::net::TcpListener;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("incept-ddp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn dataset() -> &'static Path {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| {
+            let d = scratch("data");
+            let o = Command::new(env!("CARGO_BIN_EXE_incept"))
+                .args(["data", "synth", "--out", d.to_str().unwrap(), "--train", "256"])
+                .args(["--test", "100", "--seed", "5"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            d
+        })
+    }
+
+    /// Rank `rank` of `world`, meeting on `port`, writing under `out`.
+    fn rank(rank: usize, world: usize, port: u16, out: &Path, extra: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_incept"))
+            .args(["train", "--data-dir", dataset().to_str().unwrap(), "--output"])
+            .arg(out)
+            .args(["--experiment", "e", "-b", "16", "--lr", "0.05", "--seed", "3", "-j", "1"])
+            .args(["--log-interval", "1"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("INCEPT_DIST_TIMEOUT", "60")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn text(o: &Output) -> String {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    }
+
+    /// Follows `child`'s log: returns once it has trained a step, with a thread that collects
+    /// the whole log (stdout is left unread: the training log goes to stderr).
+    fn after_first_step(child: &mut Child) -> std::thread::JoinHandle<String> {
+        use std::io::BufRead;
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut log = String::new();
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("train epoch=") {
+                    let _ = tx.send(());
+                }
+                log += &line;
+                log.push('\n');
+            }
+            log
+        });
+        rx.recv_timeout(Duration::from_secs(120)).expect("a training step within 2 minutes");
+        reader
+    }
+
+    /// The `epoch done` line's fields from `key=` on.
+    fn epoch_line(log: &str) -> String {
+        let line = log.lines().find(|l| l.contains("epoch done")).expect("an epoch line");
+        line[line.find("train_loss=").unwrap()..line.find("img_s=").unwrap()].to_string()
+    }
+
+    #[test]
+    fn two_ranks_train_as_one_and_rank_0_alone_writes() {
+        let d = scratch("two");
+        let (out0, out1) = (d.join("out0"), d.join("out1"));
+        let p = port();
+        let r1 = rank(1, 2, p, &out1, &["--epochs", "1"]);
+        let r0 = rank(0, 2, p, &out0, &["--epochs", "1"]);
+        let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+        let (t0, t1) = (text(&o0), text(&o1));
+        assert!(o0.status.success(), "rank 0:\n{t0}\nrank 1:\n{t1}");
+        assert!(o1.status.success(), "rank 1:\n{t1}");
+        assert!(t0.contains("ranks=2") && t0.contains("steps_per_epoch=8"), "{t0}");
+        // One model: the ranks report the same all-reduced metrics and the same evaluation.
+        assert_eq!(epoch_line(&t0), epoch_line(&t1));
+        let run = out0.join("e");
+        for f in ["summary.csv", "last.safetensors", "last.state.safetensors", "args.json"] {
+            assert!(run.join(f).exists(), "rank 0 did not write {f}");
+        }
+        assert_eq!(std::fs::read_to_string(run.join("summary.csv")).unwrap().lines().count(), 2);
+        assert!(!out1.exists(), "rank 1 wrote {}", out1.display());
+        assert!(t1.contains("rank 1 done; rank 0 wrote the run folder"), "{t1}");
+        // A checkpoint of 2 ranks resumes only with 2.
+        let o = Command::new(env!("CARGO_BIN_EXE_incept"))
+            .args(["train", "--data-dir", dataset().to_str().unwrap(), "-b", "16", "--seed", "3"])
+            .args(["--epochs", "2", "--resume"])
+            .arg(run.join("last.safetensors"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(text(&o).contains("trained by 2 rank(s) and this run has 1"), "{}", text(&o));
+    }
+
+    #[test]
+    fn different_settings_are_refused_on_every_rank_naming_the_setting() {
+        let d = scratch("mismatch");
+        let p = port();
+        let r1 = rank(1, 2, p, &d, &["--epochs", "1", "--smoothing", "0.1"]);
+        let r0 = rank(0, 2, p, &d, &["--epochs", "1"]);
+        for (r, o) in [(0, r0.wait_with_output().unwrap()), (1, r1.wait_with_output().unwrap())] {
+            assert!(!o.status.success(), "rank {r} accepted a different --smoothing");
+            assert!(
+                text(&o).contains("--smoothing is 0.1 on rank 1 but 0 on rank 0"),
+                "rank {r}: {}",
+                text(&o)
+            );
+        }
+    }
+
+    #[test]
+    fn a_rank_killed_mid_epoch_stops_the_other_promptly_naming_it() {
+        let d = scratch("kill");
+        let p = port();
+        let mut r1 = rank(1, 2, p, &d.join("out1"), &["--epochs", "30"]);
+        let mut r0 = rank(0, 2, p, &d.join("out0"), &["--epochs", "30"]);
+        // Once they train, kill rank 1 as a crash would.
+        let log0 = after_first_step(&mut r0);
+        r1.kill().unwrap();
+        let killed = Instant::now();
+        let status = r0.wait().unwrap();
+        let t0 = log0.join().unwrap();
+        assert!(!status.success(), "rank 0 went on without rank 1:\n{t0}");
+        assert!(t0.contains("rank 1 left the job"), "{t0}");
+        assert!(killed.elapsed() < Duration::from_secs(15), "rank 0 took {:?}", killed.elapsed());
+        let _ = r1.wait();
+    }
+
+    #[test]
+    fn a_stop_request_on_one_rank_stops_both_with_a_checkpoint_that_resumes() {
+        let d = scratch("stop");
+        let p = port();
+        let out = d.join("out");
+        let r1 = rank(1, 2, p, &out, &["--epochs", "30"]);
+        let mut r0 = rank(0, 2, p, &out, &["--epochs", "30"]);
+        let log0 = after_first_step(&mut r0);
+        // SIGTERM to rank 1 only, as a launcher or scheduler sends (Ctrl-C is the same stop).
+        let kill = Command::new("kill").args(["-TERM", &r1.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let (s0, o1) = (r0.wait().unwrap(), r1.wait_with_output().unwrap());
+        let (t0, t1) = (log0.join().unwrap(), text(&o1));
+        assert_eq!(s0.code(), Some(130), "rank 0:\n{t0}");
+        assert_eq!(o1.status.code(), Some(130), "rank 1:\n{t1}");
+        // Both stopped at the same step.
+        let stopped = |t: &str| {
+            t.lines()
+                .find(|l| l.contains("interrupted"))
+                .map(|l| l[l.find("epoch=").unwrap()..].to_string())
+        };
+        assert_eq!(stopped(&t0), stopped(&t1), "rank 0:\n{t0}\nrank 1:\n{t1}");
+        let last = out.join("e").join("last.safetensors");
+        assert!(last.exists(), "rank 0 saved no checkpoint:\n{t0}");
+        // Both ranks resume from rank 0's checkpoint and finish the run.
+        let p = port();
+        let resume = ["--epochs", "1", "--resume", last.to_str().unwrap()];
+        let r1 = rank(1, 2, p, &out, &resume);
+        let r0 = rank(0, 2, p, &out, &resume);
+        let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+        assert!(o0.status.success(), "resumed rank 0:\n{}", text(&o0));
+        assert!(o1.status.success(), "resumed rank 1:\n{}", text(&o1));
+        let rows = std::fs::read_to_string(out.join("e").join("summary.csv")).unwrap();
+        assert_eq!(rows.lines().count(), 2, "{rows}");
+    }
+
+    #[test]
+    fn data_parallel_is_refused_off_the_cpu_with_a_clear_message() {
+        let o = Command::new(env!("CARGO_BIN_EXE_incept"))
+            .args(["train", "--data-dir", dataset().to_str().unwrap(), "--device", "emu"])
+            .env("RANK", "0")
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port().to_string())
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(
+            text(&o).contains("rank 0 of 2") && text(&o).contains("--device cpu"),
+            "{}",
+            text(&o)
+        );
+    }
+}

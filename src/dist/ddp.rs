@@ -5,6 +5,7 @@
 use super::Collective;
 use crate::backend::Backend;
 use crate::model::net::{HostTensor, Net};
+use crate::model::TensorKind;
 use anyhow::{bail, Result};
 
 /// Rank `rank`'s images of a global batch: the batch is cut into `world` contiguous slices of
@@ -38,7 +39,7 @@ pub fn broadcast_state<B: Backend<f32>>(
     let (mut at, mut counts) = (0, counts.into_iter());
     net.load_state(|info| {
         Ok(match info.kind {
-            crate::model::TensorKind::Count => {
+            TensorKind::Count => {
                 HostTensor::Int(counts.next().expect("one count per counter") as i64)
             }
             _ => {
@@ -47,6 +48,35 @@ pub fn broadcast_state<B: Backend<f32>>(
                 HostTensor::Float(v)
             }
         })
+    })
+}
+
+/// Replaces every rank's BatchNorm running statistics with their mean over the ranks (each rank
+/// estimated them from its own slices), so that evaluation and checkpoints see one model.
+pub fn average_running_stats<B: Backend<f32>>(
+    net: &mut Net<f32, B>, group: &mut dyn Collective,
+) -> Result<()> {
+    let state = net.state();
+    let mut stats: Vec<f32> = state
+        .iter()
+        .filter(|(info, _)| info.kind == TensorKind::RunningStat)
+        .flat_map(|(_, t)| match t {
+            HostTensor::Float(v) => v.clone(),
+            HostTensor::Int(_) => Vec::new(),
+        })
+        .collect();
+    group.all_reduce_sum(&mut stats)?;
+    let world = group.world() as f32;
+    let mut at = 0;
+    let mut old = state.into_iter();
+    net.load_state(|info| {
+        let (_, t) = old.next().expect("load_state asks in state() order");
+        if info.kind != TensorKind::RunningStat {
+            return Ok(t);
+        }
+        let v = stats[at..at + info.numel()].iter().map(|s| s / world).collect();
+        at += info.numel();
+        Ok(HostTensor::Float(v))
     })
 }
 

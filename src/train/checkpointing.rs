@@ -30,7 +30,7 @@ pub fn state_path(model: &Path) -> PathBuf {
 /// Writes `<name>.safetensors` (the model's state_dict, loadable by PyTorch with strict=True)
 /// and `<name>.state.safetensors` (momentum buffers, step counters, seed, batch size).
 pub(super) fn save_checkpoint<B: Backend<f32>>(
-    net: &mut Net<f32, B>, dir: &Path, name: &str, p: &Progress, cfg: &TrainConfig,
+    net: &mut Net<f32, B>, dir: &Path, name: &str, p: &Progress, cfg: &TrainConfig, world: usize,
 ) -> Result<PathBuf> {
     let model_path = dir.join(format!("{name}.safetensors"));
     let meta = HashMap::from([
@@ -52,6 +52,8 @@ pub(super) fn save_checkpoint<B: Backend<f32>>(
     // All randomness derives from the seed and the position, so the seed is the RNG state.
     state.push(("train.rng_seed".into(), scalar(cfg.seed)));
     state.push(("train.batch_size".into(), scalar(cfg.batch_size as u64)));
+    // The ranks of a data-parallel run: its steps are global batches of batch_size × world.
+    state.push(("train.world_size".into(), scalar(world as u64)));
     state.push(("train.best_acc".into(), OwnedTensor::f64(vec![], [p.best_acc])));
     state.push(("train.epoch_loss_sum".into(), OwnedTensor::f64(vec![], [p.epoch_loss_sum])));
     state.push(("train.epoch_correct".into(), scalar(p.epoch_correct)));
@@ -75,7 +77,7 @@ pub(super) fn scalar(file: &TensorFile, name: &str) -> Result<f64> {
 
 /// Loads a checkpoint pair written by [`save_checkpoint`] and returns where the run stood.
 pub(super) fn resume_from<B: Backend<f32>>(
-    net: &mut Net<f32, B>, path: &Path, cfg: &TrainConfig,
+    net: &mut Net<f32, B>, path: &Path, cfg: &TrainConfig, world: usize,
 ) -> Result<Progress> {
     let model = TensorFile::open(path)?;
     let sp = state_path(path);
@@ -109,6 +111,18 @@ pub(super) fn resume_from<B: Backend<f32>>(
     if batch != cfg.batch_size {
         bail!(
             "{} was trained with --batch-size {batch}; resume with the same batch size",
+            path.display()
+        );
+    }
+    // Written since data-parallel training; a checkpoint without it is of one process.
+    let saved_world = if state.tensors()?.names().contains(&"train.world_size") {
+        scalar(&state, "train.world_size")? as usize
+    } else {
+        1
+    };
+    if saved_world != world {
+        bail!(
+            "{} was trained by {saved_world} rank(s) and this run has {world}: its steps are global batches of {saved_world} × --batch-size, so resume with {saved_world} rank(s)",
             path.display()
         );
     }

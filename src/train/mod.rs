@@ -12,10 +12,13 @@ use crate::backend::select::{AnyBackend, DeviceFlag};
 use crate::backend::{Backend, Elem, Sgd};
 use crate::checkpoint::{load_model, model_tensors, save, OwnedTensor, TensorFile};
 use crate::data::{self, Augment, Cifar10, Split};
+use crate::dist;
 use crate::model::net::Net;
 use crate::model::ModelSpec;
 use crate::schedule::BranchSchedule;
-use crate::stepper::{DeviceFeed, EagerStepper, GraphStepper, HostFeed, Stepper};
+use crate::stepper::{
+    DataParallelStepper, DeviceFeed, EagerStepper, GraphStepper, HostFeed, Stepper,
+};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -53,10 +56,12 @@ pub struct TrainConfig {
     /// Epochs to train (with --resume: the total, counting the epochs already done).
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
-    /// Images per training step.
+    /// Images per training step, per rank in a data-parallel run (whose global batch is this
+    /// times the number of ranks).
     #[arg(short = 'b', long, default_value_t = 128)]
     pub batch_size: usize,
-    /// Peak learning rate.
+    /// Peak learning rate, used as given whatever the number of ranks (with a larger global
+    /// batch, users usually scale it linearly or by the square root, with a warm-up).
     #[arg(long, default_value_t = 0.1)]
     pub lr: f64,
     /// SGD momentum.
@@ -233,17 +238,65 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
     let test_set = Cifar10::open(&cfg.data_dir, Split::Test)?;
 
     let spec = ModelSpec::inception_net_small();
+    let place = dist::place::from_env(|k| std::env::var(k).ok())?;
+    if let (Some(place), false) = (&place, cfg.device.is_cpu()) {
+        bail!(
+            "this process is rank {} of {} ({}), and data-parallel training runs on the CPU \
+             backend: use --device cpu (CUDA ranks need NCCL, which this version does not \
+             use yet), or start one process",
+            place.rank,
+            place.world,
+            place.launcher
+        );
+    }
     match cfg.device.open(&cfg.cuda)? {
         AnyBackend::Cpu(cpu) => {
             let mut net = Net::new(spec, cpu, cfg.seed)?;
             net.schedule = cfg.branches;
             let feed = HostFeed::new(&train_set, cfg.augment(), cfg.seed);
-            train_loop(cfg, net, &mut EagerStepper::new(feed), &train_set, &test_set)
+            let Some(place) = place else {
+                return train_loop(cfg, net, &mut EagerStepper::new(feed), &train_set, &test_set);
+            };
+            let config = shared_settings(cfg, &net.spec.name, (&train_set, &test_set));
+            info!(rank = place.rank, world = place.world, launcher = %place.launcher, master = %format!("{}:{}", place.master.0, place.meeting_port()?), "data-parallel: meeting the other ranks");
+            let group = dist::TcpGroup::join(&place, &config, dist::timeout()?)?;
+            let mut stepper = DataParallelStepper::new(feed, Box::new(group), &STOP);
+            train_loop(cfg, net, &mut stepper, &train_set, &test_set)
         }
         AnyBackend::Gpu(gpu) => {
             train_on_gpu(cfg, Net::new(spec, *gpu, cfg.seed)?, &train_set, &test_set)
         }
     }
+}
+
+/// The settings every rank of a data-parallel run must share, checked when the ranks meet.
+fn shared_settings(
+    cfg: &TrainConfig, model: &str, (train, test): (&Cifar10, &Cifar10),
+) -> dist::Config {
+    let resume = cfg.resume.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    [
+        ("model", model.to_string()),
+        ("--batch-size", cfg.batch_size.to_string()),
+        ("--epochs", cfg.epochs.to_string()),
+        ("--lr", cfg.lr.to_string()),
+        ("--sched", format!("{:?}", cfg.sched)),
+        ("--warmup-epochs", cfg.warmup_epochs.to_string()),
+        ("--decay-epochs", cfg.decay_epochs.to_string()),
+        ("--decay-rate", cfg.decay_rate.to_string()),
+        ("--momentum", cfg.momentum.to_string()),
+        ("--weight-decay", cfg.weight_decay.to_string()),
+        ("--nesterov", cfg.nesterov().to_string()),
+        ("--smoothing", cfg.smoothing.to_string()),
+        ("--seed", cfg.seed.to_string()),
+        ("--no-crop", cfg.no_crop.to_string()),
+        ("--no-flip", cfg.no_flip.to_string()),
+        ("--resume", resume),
+        ("training images", train.len().to_string()),
+        ("test images", test.len().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// The training loop on the CUDA backend: batches rendered on the GPU from the resident

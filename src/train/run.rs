@@ -4,6 +4,7 @@
 //! checkpoint that resumes exactly.
 
 use super::*;
+use crate::dist::ddp::{average_running_stats, broadcast_state};
 
 /// Where the last good checkpoint is, for a message about stopping without saving.
 fn last_good(run_dir: &Path) -> String {
@@ -18,10 +19,10 @@ fn last_good(run_dir: &Path) -> String {
 /// The run folder and where the run stands: the resumed checkpoint's, or a new folder (with
 /// the initial weights loaded, if given) at the start.
 fn open_run<B: Backend<f32>>(
-    cfg: &TrainConfig, net: &mut Net<f32, B>,
+    cfg: &TrainConfig, net: &mut Net<f32, B>, (rank, world): (usize, usize),
 ) -> Result<(PathBuf, Progress)> {
     if let Some(path) = &cfg.resume {
-        let p = resume_from(net, path, cfg)?;
+        let p = resume_from(net, path, cfg, world)?;
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -36,6 +37,19 @@ fn open_run<B: Backend<f32>>(
     }
     let name = cfg.experiment.clone().unwrap_or_else(timestamp);
     let dir = cfg.output.join(name);
+    let p = Progress {
+        epoch: 0,
+        step_in_epoch: 0,
+        global_step: 0,
+        best_acc: f64::NEG_INFINITY,
+        epoch_loss_sum: 0.0,
+        epoch_correct: 0,
+        epoch_seen: 0,
+    };
+    // Rank 0 alone writes the run folder.
+    if rank != 0 {
+        return Ok((dir, p));
+    }
     if dir.join("summary.csv").exists() {
         bail!(
             "{} already holds a run; choose another --experiment or continue it with --resume {}",
@@ -46,15 +60,6 @@ fn open_run<B: Backend<f32>>(
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
     append(&dir.join("summary.csv"), CSV_HEADER)?;
-    let p = Progress {
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        best_acc: f64::NEG_INFINITY,
-        epoch_loss_sum: 0.0,
-        epoch_correct: 0,
-        epoch_seen: 0,
-    };
     Ok((dir, p))
 }
 
@@ -70,11 +75,15 @@ fn write_args(cfg: &TrainConfig, run_dir: &Path) -> Result<()> {
 /// Steps per epoch over `n` images. The last partial batch is kept (as PyTorch's DataLoader
 /// does) unless it has one image, which BatchNorm cannot normalise in training, or the steps
 /// replay a CUDA graph of one batch size (`drop_last`).
-fn steps_per_epoch(cfg: &TrainConfig, n: usize, drop_last: bool) -> Result<u64> {
-    let b = cfg.batch_size;
+fn steps_per_epoch(cfg: &TrainConfig, n: usize, world: usize, drop_last: bool) -> Result<u64> {
+    let b = cfg.batch_size * world;
     let steps = if n % b == 1 || drop_last { n / b } else { n.div_ceil(b) } as u64;
     if steps == 0 {
-        bail!("{} has {n} training images, fewer than one batch of 2", cfg.data_dir.display());
+        bail!(
+            "{} has {n} training images, fewer than one global batch of {b} ({world} rank(s) of --batch-size {})",
+            cfg.data_dir.display(),
+            cfg.batch_size
+        );
     }
     Ok(steps)
 }
@@ -101,12 +110,17 @@ struct Run<'a, B: Backend<f32>> {
     steps_per_epoch: u64,
     /// Training images.
     n: usize,
+    /// This process's rank and the number of ranks (0 and 1 alone).
+    rank: usize,
+    world: usize,
 }
 
 impl<B: Backend<f32>> Run<'_, B> {
     /// Trains the rest of the current epoch; `None` if Ctrl-C stopped it (after saving).
     fn train_epoch(&mut self, started: Instant) -> Result<Option<EpochTrained>> {
-        let (cfg, epoch, b) = (self.cfg, self.progress.epoch, self.cfg.batch_size);
+        let (cfg, epoch) = (self.cfg, self.progress.epoch);
+        // The global batch: this rank trains its slice of it.
+        let b = self.cfg.batch_size * self.world;
         let order = data::epoch_order(self.n, cfg.seed, epoch);
         let reporter = Reporter::new(
             epoch,
@@ -140,11 +154,14 @@ impl<B: Backend<f32>> Run<'_, B> {
                     lr,
                 },
             );
-            if STOP.load(Ordering::SeqCst) {
+            // Data-parallel ranks stop together, at the step where any of them was asked to.
+            let stop = self.stepper.agreed_stop().unwrap_or_else(|| STOP.load(Ordering::SeqCst));
+            if stop {
+                STOP.store(true, Ordering::SeqCst);
                 reporter.finish();
-                let path =
-                    save_checkpoint(&mut self.net, &self.run_dir, "last", &self.progress, cfg)?;
-                warn!(checkpoint = %path.display(), epoch = epoch + 1, step = step + 1, "interrupted: checkpoint saved; continue with --resume");
+                let path = self.save("last")?;
+                let path = path.map_or_else(|| "rank 0's".to_string(), |p| p.display().to_string());
+                warn!(checkpoint = %path, epoch = epoch + 1, step = step + 1, "interrupted: checkpoint saved; continue with --resume");
                 return Ok(None);
             }
         }
@@ -232,6 +249,10 @@ impl<B: Backend<f32>> Run<'_, B> {
         &mut self, test_set: &Cifar10, trained: EpochTrained, started: Instant,
     ) -> Result<()> {
         let train_secs = started.elapsed().as_secs_f64();
+        // Every rank evaluates the one model: the running statistics averaged over the ranks.
+        if let Some(group) = self.stepper.group() {
+            average_running_stats(&mut self.net, group)?;
+        }
         let ev = evaluate(&mut self.net, test_set, self.cfg.eval_batch_size)?;
         let p = &self.progress;
         let per_image = |v: f64| {
@@ -264,8 +285,10 @@ impl<B: Backend<f32>> Run<'_, B> {
         if let Some((scale, skipped)) = self.net.backend().loss_scale()? {
             info!(loss_scale = scale, skipped_steps = skipped, "mixed precision");
         }
-        append(&self.run_dir.join("summary.csv"), &row.csv())?;
-        append(&self.run_dir.join("metrics.jsonl"), &serde_json::to_string(&row)?)?;
+        if self.rank == 0 {
+            append(&self.run_dir.join("summary.csv"), &row.csv())?;
+            append(&self.run_dir.join("metrics.jsonl"), &serde_json::to_string(&row)?)?;
+        }
         let p = &mut self.progress;
         p.epoch += 1;
         p.step_in_epoch = 0;
@@ -276,11 +299,32 @@ impl<B: Backend<f32>> Run<'_, B> {
         if improved {
             p.best_acc = ev.accuracy;
         }
-        save_checkpoint(&mut self.net, &self.run_dir, "last", &self.progress, self.cfg)?;
-        if improved {
-            crate::checkpoint::save_model(&mut self.net, &self.run_dir.join("best.safetensors"))?;
+        // The running statistics were averaged for the evaluation just now.
+        if self.rank == 0 {
+            let world = self.world;
+            save_checkpoint(&mut self.net, &self.run_dir, "last", &self.progress, self.cfg, world)?;
+            if improved {
+                crate::checkpoint::save_model(
+                    &mut self.net,
+                    &self.run_dir.join("best.safetensors"),
+                )?;
+            }
         }
         Ok(())
+    }
+
+    /// Saves the checkpoint `name` on rank 0 (after averaging the ranks' running statistics,
+    /// which every rank takes part in); `None` on the other ranks.
+    fn save(&mut self, name: &str) -> Result<Option<PathBuf>> {
+        if let Some(group) = self.stepper.group() {
+            average_running_stats(&mut self.net, group)?;
+        }
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        let world = self.world;
+        save_checkpoint(&mut self.net, &self.run_dir, name, &self.progress, self.cfg, world)
+            .map(Some)
     }
 }
 
@@ -289,13 +333,20 @@ pub(super) fn train_loop<B: Backend<f32>>(
     cfg: &TrainConfig, mut net: Net<f32, B>, stepper: &mut dyn Stepper<B>, train_set: &Cifar10,
     test_set: &Cifar10,
 ) -> Result<(PathBuf, Outcome)> {
-    let (run_dir, progress) = open_run(cfg, &mut net)?;
-    write_args(cfg, &run_dir)?;
+    let (rank, world) = stepper.group().map_or((0, 1), |g| (g.rank(), g.world()));
+    let (run_dir, progress) = open_run(cfg, &mut net, (rank, world))?;
+    if let Some(group) = stepper.group() {
+        // Every rank starts from rank 0's weights (and a resumed run from the one checkpoint).
+        broadcast_state(&mut net, group)?;
+    }
+    if rank == 0 {
+        write_args(cfg, &run_dir)?;
+    }
     let n = train_set.len();
-    let steps_per_epoch = steps_per_epoch(cfg, n, stepper.drop_last())?;
+    let steps_per_epoch = steps_per_epoch(cfg, n, world, stepper.drop_last())?;
     info!(
         run = %run_dir.display(), train = n, test = test_set.len(), epochs = cfg.epochs,
-        batch = cfg.batch_size, steps_per_epoch, threads = rayon::current_num_threads(),
+        batch = cfg.batch_size, ranks = world, steps_per_epoch, threads = rayon::current_num_threads(),
         "training {}", net.spec.name
     );
     let mut run = Run {
@@ -326,6 +377,8 @@ pub(super) fn train_loop<B: Backend<f32>>(
         },
         steps_per_epoch,
         n,
+        rank,
+        world,
     };
     while (run.progress.epoch as usize) < cfg.epochs {
         let started = Instant::now();
@@ -337,6 +390,10 @@ pub(super) fn train_loop<B: Backend<f32>>(
             return Ok((run.run_dir, Outcome::Interrupted));
         }
     }
-    info!(run = %run.run_dir.display(), best_acc = run.progress.best_acc, "training finished");
+    if rank == 0 {
+        info!(run = %run.run_dir.display(), best_acc = run.progress.best_acc, "training finished");
+    } else {
+        info!(best_acc = run.progress.best_acc, "training finished");
+    }
     Ok((run.run_dir, Outcome::Finished))
 }
