@@ -150,6 +150,49 @@ fn ranks_averaging_gradients_train_as_one_process_with_the_whole_batch() {
     }
 }
 
+#[test]
+fn a_shared_evaluation_is_the_whole_one() {
+    use incept::data::{write_synthetic, Cifar10, Split};
+    use incept::train::{evaluate, evaluate_shared};
+    let dir = std::env::temp_dir().join(format!("incept-ddp-eval-{}", std::process::id()));
+    write_synthetic(&dir, 10, 101, 9).unwrap();
+    let test = Cifar10::open(&dir, Split::Test).unwrap();
+    let mut net = Net::new(ModelSpec::inception_net_small(), Cpu, 4).unwrap();
+    let whole = evaluate(&mut net, &test, 16).unwrap();
+    for world in [2, 3] {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = dir.clone();
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let place = Place {
+                        launcher: Launcher::Torchrun,
+                        rank,
+                        world,
+                        local_rank: rank,
+                        master: ("127.0.0.1".into(), port),
+                        agent_store: false,
+                    };
+                    let mut g = TcpGroup::join(&place, &[], Duration::from_secs(30)).unwrap();
+                    let test = Cifar10::open(&dir, Split::Test).unwrap();
+                    let mut net = Net::new(ModelSpec::inception_net_small(), Cpu, 4).unwrap();
+                    evaluate_shared(&mut net, &test, 16, &mut g).unwrap()
+                })
+            })
+            .collect();
+        let shared: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (rank, ev) in shared.iter().enumerate() {
+            // 101 images over 2 or 3 ranks: shares of 50/51 and 33/34/34, every image once.
+            assert_eq!((ev.images, ev.confusion), (whole.images, whole.confusion), "rank {rank}");
+            assert_eq!(ev.accuracy, whole.accuracy);
+            assert_eq!(ev.loss.to_bits(), shared[0].loss.to_bits(), "ranks disagree");
+            // The loss sums group differently: rounding only.
+            assert!((ev.loss - whole.loss).abs() < 1e-9 * whole.loss.abs().max(1.0));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Through the binary: ranks started by hand, as a launcher would, on loopback.
 

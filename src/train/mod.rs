@@ -36,7 +36,7 @@ mod run;
 
 use checkpointing::{resume_from, save_checkpoint};
 pub use checkpointing::{state_path, Progress};
-pub use eval::{evaluate, EvalResult};
+pub use eval::{evaluate, evaluate_shared, EvalResult};
 use lr::{LrSchedule, Sched};
 use progress::{append, timestamp, EpochRow, Reporter, Running, CSV_HEADER};
 use run::train_loop;

@@ -249,11 +249,16 @@ impl<B: Backend<f32>> Run<'_, B> {
         &mut self, test_set: &Cifar10, trained: EpochTrained, started: Instant,
     ) -> Result<()> {
         let train_secs = started.elapsed().as_secs_f64();
-        // Every rank evaluates the one model: the running statistics averaged over the ranks.
-        if let Some(group) = self.stepper.group() {
-            average_running_stats(&mut self.net, group)?;
-        }
-        let ev = evaluate(&mut self.net, test_set, self.cfg.eval_batch_size)?;
+        // The ranks evaluate the one model (the running statistics averaged over them), each
+        // its share of the test set.
+        let batch = self.cfg.eval_batch_size;
+        let ev = match self.stepper.group() {
+            Some(group) => {
+                average_running_stats(&mut self.net, group)?;
+                evaluate_shared(&mut self.net, test_set, batch, group)?
+            }
+            None => evaluate(&mut self.net, test_set, batch)?,
+        };
         let p = &self.progress;
         let per_image = |v: f64| {
             if p.epoch_seen > 0 {
