@@ -300,15 +300,19 @@ mod by_hand {
         assert_eq!(std::fs::read_to_string(run.join("summary.csv")).unwrap().lines().count(), 2);
         assert!(!out1.exists(), "rank 1 wrote {}", out1.display());
         assert!(t1.contains("rank 1 done; rank 0 wrote the run folder"), "{t1}");
-        // A checkpoint of 2 ranks resumes only with 2.
+        // A checkpoint of 2 ranks resumes in one process, from the same image (here the end
+        // of epoch 1), with the steps of one process's batch.
         let o = Command::new(env!("CARGO_BIN_EXE_incept"))
             .args(["train", "--data-dir", dataset().to_str().unwrap(), "-b", "16", "--seed", "3"])
-            .args(["--epochs", "2", "--resume"])
+            .args(["--lr", "0.05", "-j", "1", "--epochs", "2", "--resume"])
             .arg(run.join("last.safetensors"))
+            .env("RUST_LOG", "info")
             .output()
             .unwrap();
-        assert!(!o.status.success());
-        assert!(text(&o).contains("trained by 2 rank(s) and this run has 1"), "{}", text(&o));
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("resuming with another number of ranks"), "{}", text(&o));
+        assert!(text(&o).contains("steps_per_epoch=16"), "{}", text(&o));
+        assert_eq!(std::fs::read_to_string(run.join("summary.csv")).unwrap().lines().count(), 3);
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub(super) fn scalar(file: &TensorFile, name: &str) -> Result<f64> {
 
 /// Loads a checkpoint pair written by [`save_checkpoint`] and returns where the run stood.
 pub(super) fn resume_from<B: Backend<f32>>(
-    net: &mut Net<f32, B>, path: &Path, cfg: &TrainConfig, world: usize,
+    net: &mut Net<f32, B>, path: &Path, cfg: &TrainConfig, (world, steps_per_epoch): (usize, u64),
 ) -> Result<Progress> {
     let model = TensorFile::open(path)?;
     let sp = state_path(path);
@@ -89,7 +89,7 @@ pub(super) fn resume_from<B: Backend<f32>>(
         );
     }
     let state = TensorFile::open(&sp)?;
-    let p = Progress {
+    let mut p = Progress {
         epoch: scalar(&state, "train.epoch")? as u64,
         step_in_epoch: scalar(&state, "train.step_in_epoch")? as u64,
         global_step: scalar(&state, "train.global_step")? as u64,
@@ -121,9 +121,16 @@ pub(super) fn resume_from<B: Backend<f32>>(
         1
     };
     if saved_world != world {
-        bail!(
-            "{} was trained by {saved_world} rank(s) and this run has {world}: its steps are global batches of {saved_world} × --batch-size, so resume with {saved_world} rank(s)",
-            path.display()
+        // The steps were global batches of the saved world's size: continue from the same
+        // image of the epoch, with the learning rate where this run's schedule has it.
+        p.step_in_epoch = steps_for_world(p.step_in_epoch, batch, saved_world, world)
+            .with_context(|| format!("resuming {}", path.display()))?;
+        p.global_step = p.epoch * steps_per_epoch + p.step_in_epoch;
+        tracing::info!(
+            saved_ranks = saved_world,
+            ranks = world,
+            step_in_epoch = p.step_in_epoch,
+            "resuming with another number of ranks"
         );
     }
     let seed = scalar(&state, "train.rng_seed")? as u64;
@@ -142,4 +149,34 @@ pub(super) fn resume_from<B: Backend<f32>>(
         net.backend_mut().restore_loss_scale(scale)?;
     }
     Ok(p)
+}
+
+/// The step of an epoch at which `world` ranks of `batch` images each stand where `saved_world`
+/// ranks stood after `step` steps: the same number of images done. An error if that number
+/// falls inside a global batch of the new size.
+pub(super) fn steps_for_world(
+    step: u64, batch: usize, saved_world: usize, world: usize,
+) -> Result<u64> {
+    let images = step * (batch * saved_world) as u64;
+    let global = (batch * world) as u64;
+    if !images.is_multiple_of(global) {
+        bail!(
+            "it stopped after {images} images of its epoch ({step} steps of {saved_world} rank(s) × {batch}), inside a global batch of {world} rank(s) × {batch}: resume with {saved_world} rank(s), or from a checkpoint taken at the end of an epoch"
+        );
+    }
+    Ok(images / global)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_with_other_ranks_continues_from_the_same_image() {
+        assert_eq!(steps_for_world(6, 16, 2, 1).unwrap(), 12);
+        assert_eq!(steps_for_world(6, 16, 1, 2).unwrap(), 3);
+        assert_eq!(steps_for_world(0, 16, 3, 4).unwrap(), 0);
+        let err = format!("{:#}", steps_for_world(5, 16, 1, 2).unwrap_err());
+        assert!(err.contains("after 80 images") && err.contains("resume with 1 rank(s)"), "{err}");
+    }
 }

@@ -19,10 +19,10 @@ fn last_good(run_dir: &Path) -> String {
 /// The run folder and where the run stands: the resumed checkpoint's, or a new folder (with
 /// the initial weights loaded, if given) at the start.
 fn open_run<B: Backend<f32>>(
-    cfg: &TrainConfig, net: &mut Net<f32, B>, (rank, world): (usize, usize),
+    cfg: &TrainConfig, net: &mut Net<f32, B>, (rank, world): (usize, usize), steps_per_epoch: u64,
 ) -> Result<(PathBuf, Progress)> {
     if let Some(path) = &cfg.resume {
-        let p = resume_from(net, path, cfg, world)?;
+        let p = resume_from(net, path, cfg, (world, steps_per_epoch))?;
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -339,7 +339,9 @@ pub(super) fn train_loop<B: Backend<f32>>(
     test_set: &Cifar10,
 ) -> Result<(PathBuf, Outcome)> {
     let (rank, world) = stepper.group().map_or((0, 1), |g| (g.rank(), g.world()));
-    let (run_dir, progress) = open_run(cfg, &mut net, (rank, world))?;
+    let n = train_set.len();
+    let steps_per_epoch = steps_per_epoch(cfg, n, world, stepper.drop_last())?;
+    let (run_dir, progress) = open_run(cfg, &mut net, (rank, world), steps_per_epoch)?;
     if let Some(group) = stepper.group() {
         // Every rank starts from rank 0's weights (and a resumed run from the one checkpoint).
         broadcast_state(&mut net, group)?;
@@ -347,8 +349,6 @@ pub(super) fn train_loop<B: Backend<f32>>(
     if rank == 0 {
         write_args(cfg, &run_dir)?;
     }
-    let n = train_set.len();
-    let steps_per_epoch = steps_per_epoch(cfg, n, world, stepper.drop_last())?;
     info!(
         run = %run_dir.display(), train = n, test = test_set.len(), epochs = cfg.epochs,
         batch = cfg.batch_size, ranks = world, steps_per_epoch, threads = rayon::current_num_threads(),
