@@ -7,7 +7,7 @@
 use incept::backend::cpu::Cpu;
 use incept::backend::{Conv2d, MaxPool2d, Sgd};
 use incept::dist::ddp::{average_gradients, broadcast_state, rank_slice};
-use incept::dist::{Launcher, Place, TcpGroup};
+use incept::dist::{Place, TcpGroup};
 use incept::model::net::{HostTensor, Net};
 use incept::model::{Layer, ModelSpec};
 use std::net::TcpListener;
@@ -77,14 +77,7 @@ fn data_parallel(world: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             std::thread::spawn(move || {
-                let place = Place {
-                    launcher: Launcher::Torchrun,
-                    rank,
-                    world,
-                    local_rank: rank,
-                    master: ("127.0.0.1".into(), port),
-                    agent_store: false,
-                };
+                let place = Place::local(rank, world, port);
                 let config = vec![("model".to_string(), "tiny".to_string())];
                 let mut group = TcpGroup::join(&place, &config, Duration::from_secs(30)).unwrap();
                 let seed = if rank == 0 { 7 } else { 100 + rank as u64 };
@@ -166,14 +159,7 @@ fn a_shared_evaluation_is_the_whole_one() {
             .map(|rank| {
                 let dir = dir.clone();
                 std::thread::spawn(move || {
-                    let place = Place {
-                        launcher: Launcher::Torchrun,
-                        rank,
-                        world,
-                        local_rank: rank,
-                        master: ("127.0.0.1".into(), port),
-                        agent_store: false,
-                    };
+                    let place = Place::local(rank, world, port);
                     let mut g = TcpGroup::join(&place, &[], Duration::from_secs(30)).unwrap();
                     let test = Cifar10::open(&dir, Split::Test).unwrap();
                     let mut net = Net::new(ModelSpec::inception_net_small(), Cpu, 4).unwrap();

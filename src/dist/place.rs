@@ -53,6 +53,19 @@ pub struct Place {
 }
 
 impl Place {
+    /// Rank `rank` of `world` processes on this machine meeting at `127.0.0.1:port`, as ranks
+    /// started by hand with `MASTER_ADDR=127.0.0.1` are.
+    pub fn local(rank: usize, world: usize, port: u16) -> Place {
+        Place {
+            launcher: Launcher::Torchrun,
+            rank,
+            world,
+            local_rank: rank,
+            master: ("127.0.0.1".into(), port),
+            agent_store: false,
+        }
+    }
+
     /// The port rank 0 listens on: `MASTER_PORT`, or the port after it when torchrun's agent
     /// holds `MASTER_PORT` (listening there would fail with "address in use").
     pub fn meeting_port(&self) -> Result<u16> {

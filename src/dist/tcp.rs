@@ -327,22 +327,10 @@ fn peer_error(e: std::io::Error, peer: usize, what: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::Launcher;
     use std::thread;
 
     fn free_port() -> u16 {
         TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-
-    fn place(rank: usize, world: usize, port: u16) -> Place {
-        Place {
-            launcher: Launcher::Torchrun,
-            rank,
-            world,
-            local_rank: rank,
-            master: ("127.0.0.1".into(), port),
-            agent_store: false,
-        }
     }
 
     fn config(batch: &str) -> Config {
@@ -360,7 +348,7 @@ mod tests {
             .map(|r| {
                 let c = configs(r);
                 thread::spawn(move || {
-                    f(TcpGroup::join(&place(r, world, port), &c, Duration::from_secs(20)))
+                    f(TcpGroup::join(&Place::local(r, world, port), &c, Duration::from_secs(20)))
                 })
             })
             .collect();
@@ -433,10 +421,10 @@ mod tests {
     fn a_rank_of_another_world_size_is_refused() {
         let port = free_port();
         let host = thread::spawn(move || {
-            TcpGroup::join(&place(0, 2, port), &config("64"), Duration::from_secs(20)).err()
+            TcpGroup::join(&Place::local(0, 2, port), &config("64"), Duration::from_secs(20)).err()
         });
         let other =
-            TcpGroup::join(&place(1, 3, port), &config("64"), Duration::from_secs(20)).err();
+            TcpGroup::join(&Place::local(1, 3, port), &config("64"), Duration::from_secs(20)).err();
         let host = format!("{:#}", host.join().unwrap().expect("rank 0 must refuse"));
         assert!(host.contains("world size of 3, rank 0 with 2"), "{host}");
         assert!(format!("{:#}", other.expect("rank 1 must fail")).contains("world size"));
