@@ -239,11 +239,12 @@ fn bn_case<B: Backend<f32>>(
         xs,
         &cfg,
         false,
+        None,
     )?;
     let (mut dx, mut dg, mut dbeta) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
     let batch = BatchStats { mean: &mean, invstd: &invstd };
     let daffine = Affine { gamma: &mut dg, beta: &mut dbeta };
-    be.batch_norm_backward(&mut dx, daffine, &dy, None, &x, &gamma, batch, xs);
+    be.batch_norm_backward(&mut dx, daffine, &dy, None, &x, &gamma, batch, xs, None);
     let mut ye = be.act_zeros(xs.len());
     let running = RunningStats { mean: &rm, var: &rv };
     be.batch_norm_forward_eval(&mut ye, &x, affine, running, xs, &cfg, false);
@@ -266,6 +267,7 @@ fn bn_case<B: Backend<f32>>(
         xs,
         &cfg,
         true,
+        None,
     )?;
     // The backward's mask is the forward's output: rounded copies on both sides, as above.
     let fyq = be.upload_act(&p.round(be.download(&fy)));
@@ -273,7 +275,7 @@ fn bn_case<B: Backend<f32>>(
     let (mut fdx, mut fdg, mut fdb) = (be.act_zeros(xs.len()), be.zeros(c), be.zeros(c));
     let batch = BatchStats { mean: &fm, invstd: &fi };
     let daffine = Affine { gamma: &mut fdg, beta: &mut fdb };
-    be.batch_norm_backward(&mut fdx, daffine, &fdy, Some(&fyq), &x, &gamma, batch, xs);
+    be.batch_norm_backward(&mut fdx, daffine, &fdy, Some(&fyq), &x, &gamma, batch, xs, None);
     let mut fe = be.act_zeros(xs.len());
     be.batch_norm_forward_eval(&mut fe, &x, affine, running, xs, &cfg, true);
     Ok([y, mean, invstd, rm, rv, dx, dg, dbeta, ye, yr, g, fy, fdx, fdg, fdb, fe]

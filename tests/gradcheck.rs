@@ -359,6 +359,7 @@ fn bn_train_y(x: &Vec<f64>, gamma: &Vec<f64>, beta: &Vec<f64>, xs: Nhwc) -> Vec<
         xs,
         &BatchNormCfg::default(),
         false,
+        None,
     )
     .unwrap();
     y
@@ -409,6 +410,7 @@ fn batch_norm_backward_matches_finite_differences() {
             xs,
             &BatchNormCfg::default(),
             false,
+            None,
         )
         .unwrap();
 
@@ -425,6 +427,7 @@ fn batch_norm_backward_matches_finite_differences() {
             &gamma,
             BatchStats { mean: &mean, invstd: &invstd },
             xs,
+            None,
         );
         let (dgamma, dbeta) = (added(&dgamma, &dgamma0), added(&dbeta, &dbeta0));
 
@@ -472,6 +475,7 @@ fn batch_norm_running_stats_and_eval_follow_pytorch() {
             xs,
             &cfg,
             false,
+            None,
         )
         .unwrap();
 
@@ -543,6 +547,7 @@ fn batch_norm_training_rejects_one_value_per_channel() {
         xs,
         &BatchNormCfg::default(),
         false,
+        None,
     );
     assert!(res.is_err(), "a 1x1x1 batch must be refused in training mode");
     assert_eq!(rm, vec![0.0; 3], "a refused batch must leave running_mean alone");
@@ -1135,6 +1140,7 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
             xs,
             &cfg,
             false,
+            None,
         )
         .unwrap();
         be.relu_forward(&mut y1, &t);
@@ -1150,6 +1156,7 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
             &gamma,
             BatchStats { mean: &m1, invstd: &i1 },
             xs,
+            None,
         );
         let mut te = z(xs.len());
         let mut e1 = z(xs.len());
@@ -1176,6 +1183,7 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
             xs,
             &cfg,
             true,
+            None,
         )
         .unwrap();
         let d = dy0.clone();
@@ -1189,6 +1197,7 @@ fn batch_norm_relu_fused_equals_the_two_ops_bitwise() {
             &gamma,
             BatchStats { mean: &m2, invstd: &i2 },
             xs,
+            None,
         );
         let mut e2 = z(xs.len());
         be.batch_norm_forward_eval(

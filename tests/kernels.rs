@@ -245,6 +245,7 @@ fn stats_case<T: Act>(
         xs,
         &cfg,
         false,
+        None,
     )
     .unwrap();
     let (mut mean, mut invstd, mut rm, mut rv) =
@@ -389,6 +390,7 @@ fn cpu_bn_relu_train(l: &BnLayer, x: &[f32], p: usize, c: usize) -> (Vec<f32>, V
         Nhwc::new(1, p, 1, c),
         &BatchNormCfg::default(),
         false,
+        None,
     )
     .unwrap();
     let mut out = vec![0f32; p * c];
@@ -601,6 +603,7 @@ fn backward_case<T: Act>(
         &l.gamma,
         BatchStats { mean: &mean, invstd: &inv },
         Nhwc::new(1, p, 1, c),
+        None,
     );
     // Kernel inputs: y and dy, inside wider tensors when `joined`.
     let (ld, off) = joined.unwrap_or((c, 0));

@@ -10,7 +10,7 @@
 use incept::backend::cpu::Cpu;
 use incept::backend::ops::*;
 use incept::backend::{
-    Affine, BatchNormCfg, BatchStats, Conv2d, MaxPool2d, Nhwc, RunningStats, Sgd,
+    Affine, BatchNormCfg, BatchNormSync, BatchStats, Conv2d, MaxPool2d, Nhwc, RunningStats, Sgd,
 };
 use incept::model::net::Net;
 use incept::model::{Layer, ModelSpec};
@@ -105,9 +105,10 @@ impl BatchNormOps<f64> for Recorder {
     fn batch_norm_forward_train(
         &self, y: &mut Buf, x: &Buf, affine: Affine<&Buf>, running: RunningStats<&mut Buf>,
         batch: BatchStats<&mut Buf>, xs: Nhwc, cfg: &BatchNormCfg, relu: bool,
+        sync: Option<&dyn BatchNormSync>,
     ) -> anyhow::Result<()> {
         self.op("batch_norm_forward_train");
-        Cpu.batch_norm_forward_train(y, x, affine, running, batch, xs, cfg, relu)
+        Cpu.batch_norm_forward_train(y, x, affine, running, batch, xs, cfg, relu, sync)
     }
     fn batch_norm_forward_eval(
         &self, y: &mut Buf, x: &Buf, affine: Affine<&Buf>, running: RunningStats<&Buf>, xs: Nhwc,
@@ -118,10 +119,10 @@ impl BatchNormOps<f64> for Recorder {
     }
     fn batch_norm_backward(
         &self, dx: &mut Buf, daffine: Affine<&mut Buf>, dy: &Buf, relu_out: Option<&Buf>, x: &Buf,
-        gamma: &Buf, batch: BatchStats<&Buf>, xs: Nhwc,
+        gamma: &Buf, batch: BatchStats<&Buf>, xs: Nhwc, sync: Option<&dyn BatchNormSync>,
     ) {
         self.op("batch_norm_backward");
-        Cpu.batch_norm_backward(dx, daffine, dy, relu_out, x, gamma, batch, xs)
+        Cpu.batch_norm_backward(dx, daffine, dy, relu_out, x, gamma, batch, xs, sync)
     }
 }
 

@@ -12,8 +12,9 @@
 //! [`super::ops`].
 
 use super::{
-    Affine, Backend, BatchNormCfg, BatchNormOps, BatchStats, Buffers, ConcatOps, Conv2d, ConvOps,
-    Elem, ElementwiseOps, LossOps, MaxPool2d, Nhwc, OptimOps, PoolOps, RunningStats, Sgd,
+    Affine, Backend, BatchNormCfg, BatchNormOps, BatchNormSync, BatchStats, Buffers, ConcatOps,
+    Conv2d, ConvOps, Elem, ElementwiseOps, LossOps, MaxPool2d, Nhwc, OptimOps, PoolOps,
+    RunningStats, Sgd,
 };
 
 #[cfg(target_arch = "x86_64")]

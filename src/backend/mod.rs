@@ -186,6 +186,33 @@ pub struct BatchStats<B> {
     pub invstd: B,
 }
 
+/// SyncBatchNorm's link between the data-parallel ranks (PyTorch's `SyncBatchNorm`): a
+/// training-mode BatchNorm given one normalises over the global batch (the batch statistics
+/// gathered from every rank) and its backward sums the statistics of the gradient over the
+/// ranks, so that W ranks with b images each compute what one process computes with W·b.
+///
+/// Every rank must make the same calls in the same order (the network issues its BatchNorms
+/// one at a time when one is given). The backward has no error path, so a failed collective
+/// is kept, the values are left as they were, later calls do nothing, and
+/// [`BatchNormSync::check`] reports it after the pass: nothing computed from it is applied.
+pub trait BatchNormSync: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Sums `values` element-wise over the ranks, in place; the same bits on every rank.
+    fn sum(&self, values: &mut [f64]);
+    /// The first failed collective since the last check.
+    fn check(&self) -> anyhow::Result<()>;
+    /// Every rank's `mine` (each of the same length), in rank order, on every rank: a sum of
+    /// vectors that are zero outside their rank's slot, which is exact.
+    fn all_gather(&self, mine: &[f64]) -> Vec<f64> {
+        let k = mine.len();
+        let mut all = vec![0.0; k * self.world()];
+        all[self.rank() * k..(self.rank() + 1) * k].copy_from_slice(mine);
+        self.sum(&mut all);
+        all
+    }
+}
+
 /// SGD with momentum as `torch.optim.SGD` defines it (dampening 0).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {

@@ -8,7 +8,8 @@
 //! step. Input gradients are overwritten.
 
 use super::{
-    Affine, BatchNormCfg, BatchStats, Conv2d, Elem, MaxPool2d, Nhwc, RunningStats, Sgd, SgdParam,
+    Affine, BatchNormCfg, BatchNormSync, BatchStats, Conv2d, Elem, MaxPool2d, Nhwc, RunningStats,
+    Sgd, SgdParam,
 };
 
 /// A backend's memory: buffers of `T`, to and from the host.
@@ -84,12 +85,12 @@ pub trait ConvOps<T: Elem>: Buffers<T> {
 pub trait BatchNormOps<T: Elem>: Buffers<T> {
     /// Training mode, over the N·H·W pixels of each channel: normalises with the batch mean
     /// and biased variance, saves them for the backward in `batch`, and updates `running`
-    /// with PyTorch's rule (unbiased variance).
+    /// with PyTorch's rule (unbiased variance). With `sync`, the batch is every rank's.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_train(
         &self, y: &mut Self::Buf, x: &Self::Buf, affine: Affine<&Self::Buf>,
         running: RunningStats<&mut Self::Buf>, batch: BatchStats<&mut Self::Buf>, xs: Nhwc,
-        cfg: &BatchNormCfg, relu: bool,
+        cfg: &BatchNormCfg, relu: bool, sync: Option<&dyn BatchNormSync>,
     ) -> anyhow::Result<()>;
     /// Eval mode, with the running statistics.
     #[allow(clippy::too_many_arguments)]
@@ -98,12 +99,14 @@ pub trait BatchNormOps<T: Elem>: Buffers<T> {
         running: RunningStats<&Self::Buf>, xs: Nhwc, cfg: &BatchNormCfg, relu: bool,
     );
     /// Backward of the training-mode forward: dx, and the affine's gradients `+=`. With the
-    /// ReLU, `relu_out` is the forward's output, which masks `dy`.
+    /// ReLU, `relu_out` is the forward's output, which masks `dy`. With `sync` (as given to
+    /// the forward), dx is that of the global batch; the affine's gradients stay this rank's,
+    /// to be averaged with the others as every parameter's.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_backward(
         &self, dx: &mut Self::Buf, daffine: Affine<&mut Self::Buf>, dy: &Self::Buf,
         relu_out: Option<&Self::Buf>, x: &Self::Buf, gamma: &Self::Buf,
-        batch: BatchStats<&Self::Buf>, xs: Nhwc,
+        batch: BatchStats<&Self::Buf>, xs: Nhwc, sync: Option<&dyn BatchNormSync>,
     );
 }
 

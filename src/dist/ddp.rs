@@ -2,8 +2,8 @@
 //! rank 0's state, trains its own slice of each global batch, and applies the gradient averaged
 //! over the ranks, so that all ranks take the same step.
 
-use super::Collective;
-use crate::backend::Backend;
+use super::{Collective, SharedGroup};
+use crate::backend::{Backend, BatchNormSync};
 use crate::model::net::{HostTensor, Net};
 use crate::model::TensorKind;
 use anyhow::{bail, Result};
@@ -52,10 +52,15 @@ pub fn broadcast_state<B: Backend<f32>>(
 }
 
 /// Replaces every rank's BatchNorm running statistics with their mean over the ranks (each rank
-/// estimated them from its own slices), so that evaluation and checkpoints see one model.
+/// estimated them from its own slices), so that evaluation and checkpoints see one model. Every
+/// rank calls it, also with SyncBatchNorm, where it has nothing to do.
 pub fn average_running_stats<B: Backend<f32>>(
     net: &mut Net<f32, B>, group: &mut dyn Collective,
 ) -> Result<()> {
+    if net.sync_bn.is_some() {
+        // SyncBatchNorm gave every rank the same statistics, bit for bit.
+        return Ok(());
+    }
     let state = net.state();
     let mut stats: Vec<f32> = state
         .iter()
@@ -98,6 +103,46 @@ pub fn average_gradients<B: Backend<f32>>(
         }
         Ok(())
     })
+}
+
+/// SyncBatchNorm over a group ([`BatchNormSync`]): the statistics are summed in `f64` with
+/// the group's all-reduce.
+pub struct GroupBatchNormSync {
+    group: SharedGroup,
+    place: (usize, usize),
+    failed: std::sync::Mutex<Option<anyhow::Error>>,
+}
+
+impl GroupBatchNormSync {
+    pub fn new(group: SharedGroup) -> Self {
+        let place = (group.rank(), group.world());
+        GroupBatchNormSync { group, place, failed: std::sync::Mutex::new(None) }
+    }
+}
+
+impl BatchNormSync for GroupBatchNormSync {
+    fn rank(&self) -> usize {
+        self.place.0
+    }
+    fn world(&self) -> usize {
+        self.place.1
+    }
+    fn sum(&self, values: &mut [f64]) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_some() {
+            return;
+        }
+        // A handle of the shared group: the call holds the group alone.
+        if let Err(e) = self.group.clone().all_reduce_sum_f64(values) {
+            *failed = Some(e);
+        }
+    }
+    fn check(&self) -> Result<()> {
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

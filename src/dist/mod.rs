@@ -26,6 +26,40 @@ pub trait Collective: Send {
     fn broadcast(&mut self, data: &mut [f32]) -> anyhow::Result<()>;
 }
 
+/// One group shared by the parts of a step that talk to the other ranks (the stepper's
+/// gradient all-reduce, SyncBatchNorm's statistics): each call holds the group alone.
+#[derive(Clone)]
+pub struct SharedGroup(std::sync::Arc<std::sync::Mutex<Box<dyn Collective>>>);
+
+impl SharedGroup {
+    pub fn new(group: Box<dyn Collective>) -> Self {
+        SharedGroup(std::sync::Arc::new(std::sync::Mutex::new(group)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Collective>> {
+        // A panic elsewhere leaves the group as it was between two calls.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Collective for SharedGroup {
+    fn rank(&self) -> usize {
+        self.lock().rank()
+    }
+    fn world(&self) -> usize {
+        self.lock().world()
+    }
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+        self.lock().all_reduce_sum(data)
+    }
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> anyhow::Result<()> {
+        self.lock().all_reduce_sum_f64(data)
+    }
+    fn broadcast(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+        self.lock().broadcast(data)
+    }
+}
+
 /// How long a rank waits for the others (to meet, then at each collective) before it gives up
 /// on them: `INCEPT_DIST_TIMEOUT` seconds, 300 by default (a rank that exits is noticed at
 /// once; this bounds a hung one).

@@ -12,26 +12,31 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
     fn batch_norm_forward_train(
         &self, y: &mut Vec<T>, x: &Vec<T>, Affine { gamma, beta }: Affine<&Vec<T>>,
         running: RunningStats<&mut Vec<T>>, batch: BatchStats<&mut Vec<T>>, xs: Nhwc,
-        cfg: &BatchNormCfg, relu: bool,
+        cfg: &BatchNormCfg, relu: bool, sync: Option<&dyn BatchNormSync>,
     ) -> anyhow::Result<()> {
         crate::backend::check_batch_norm_train(xs)?;
-        let (m, c) = (xs.pixels(), xs.c);
+        let (local_m, c) = (xs.pixels(), xs.c);
         // Two passes (mean, then squared deviations), as exact as the data allows.
         // In f64 per term: with small batches the variance of a channel can be tiny next to its
         // mean, and PyTorch's trajectories are only reproduced with exact statistics (the
         // 5-step Nesterov fixture diverges from PyTorch's within tolerance otherwise).
-        let [s1] = channel_sums::<f64, 1>(m, c, |r, acc| {
+        let [s1] = channel_sums::<f64, 1>(local_m, c, |r, acc| {
             for (a, &v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
                 *a += v.as_f64();
             }
         });
-        let mu: Vec<f64> = s1.iter().map(|s| s / m as f64).collect();
-        let [s2] = channel_sums::<f64, 1>(m, c, |r, acc| {
+        let mu: Vec<f64> = s1.iter().map(|s| s / local_m as f64).collect();
+        let [s2] = channel_sums::<f64, 1>(local_m, c, |r, acc| {
             for ((a, &v), &mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu) {
                 let d = v.as_f64() - mu;
                 *a += d * d;
             }
         });
+        // Σ (x − μ)² over the batch; with `sync`, over every rank's.
+        let (m, mu, s2) = match sync {
+            None => (local_m, mu, s2),
+            Some(sync) => global_moments(sync, local_m, mu, s2),
+        };
         let var: Vec<f64> = s2.iter().map(|s| s / m as f64).collect();
         let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
         for ch in 0..c {
@@ -71,12 +76,13 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
         &self, dx: &mut Vec<T>, Affine { gamma: dgamma, beta: dbeta }: Affine<&mut Vec<T>>,
         dy: &Vec<T>, relu_out: Option<&Vec<T>>, x: &Vec<T>, gamma: &Vec<T>,
         BatchStats { mean, invstd }: BatchStats<&Vec<T>>, xs: Nhwc,
+        sync: Option<&dyn BatchNormSync>,
     ) {
-        let (m, c) = (xs.pixels(), xs.c);
+        let (local_m, c) = (xs.pixels(), xs.c);
         let inv: Vec<f64> = invstd.iter().map(|v| v.as_f64()).collect();
         // Σ dy and Σ dy·x̂ per channel, x̂ = (x − μ)·invstd, dy masked by the ReLU when there is
         // one. The row loops take slices and branch once per row, so they stay vectorisable.
-        let [sum_g, sum_gx] = channel_sums::<T, 2>(m, c, |r, acc| {
+        let [sum_g, sum_gx] = channel_sums::<T, 2>(local_m, c, |r, acc| {
             let (dyr, xr) = (&dy[r * c..(r + 1) * c], &x[r * c..(r + 1) * c]);
             let (sg, sgx) = acc.split_at_mut(c);
             // Σ g and Σ g·(x − μ); x̂ = (x − μ)·invstd is applied to the totals.
@@ -98,10 +104,22 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
                 }
             }
         });
-        let sums: Vec<[f64; 2]> = (0..c).map(|ch| [sum_g[ch], sum_gx[ch] * inv[ch]]).collect();
+        let mut sums: Vec<[f64; 2]> = (0..c).map(|ch| [sum_g[ch], sum_gx[ch] * inv[ch]]).collect();
         for ch in 0..c {
             dbeta[ch] += T::cast(sums[ch][0]);
             dgamma[ch] += T::cast(sums[ch][1]);
+        }
+        // The affine's gradients are this rank's; dx is that of the global batch, whose sums
+        // are every rank's (PyTorch's SyncBatchNorm does the same).
+        let mut m = local_m;
+        if let Some(sync) = sync {
+            let mut flat: Vec<f64> = sums.iter().flatten().copied().collect();
+            flat.push(local_m as f64);
+            sync.sum(&mut flat);
+            for (s, f) in sums.iter_mut().zip(flat.chunks(2)) {
+                *s = [f[0], f[1]];
+            }
+            m = flat[2 * c] as usize;
         }
         // dx = γ·invstd/M · (M·dy − Σdy − x̂·Σ(dy·x̂)) = a·dy + b·(x − μ) + c per channel.
         let mf = m as f64;
@@ -132,6 +150,27 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
             }
         });
     }
+}
+
+/// The count, mean and Σ (x − μ)² of every rank's batch from each rank's own (count `m`, mean
+/// `mu`, Σ (x − μ_r)² `s2`), combined in rank order (Chan et al.'s pairwise update, written
+/// out), so that every rank gets the same bits.
+fn global_moments(
+    sync: &dyn BatchNormSync, m: usize, mu: Vec<f64>, s2: Vec<f64>,
+) -> (usize, Vec<f64>, Vec<f64>) {
+    let c = mu.len();
+    let mut mine = vec![m as f64];
+    mine.extend(&mu);
+    mine.extend(&s2);
+    let all = sync.all_gather(&mine);
+    let ranks: Vec<&[f64]> = all.chunks(2 * c + 1).collect();
+    let total: f64 = ranks.iter().map(|r| r[0]).sum();
+    let mean: Vec<f64> =
+        (0..c).map(|ch| ranks.iter().map(|r| r[0] * r[1 + ch]).sum::<f64>() / total).collect();
+    let s2 = (0..c)
+        .map(|ch| ranks.iter().map(|r| r[1 + c + ch] + r[0] * (r[1 + ch] - mean[ch]).powi(2)).sum())
+        .collect();
+    (total as usize, mean, s2)
 }
 
 /// `y = (x − mean)·scale + beta` per channel, then ReLU when `relu_after`.

@@ -10,8 +10,8 @@
 
 use super::{Layer, ModelSpec, TensorInfo, TensorKind};
 use crate::backend::{
-    Affine, Backend, BatchNormCfg, BatchStats, Conv2d, Elem, MaxPool2d, Nhwc, RunningStats, Sgd,
-    SgdParam,
+    Affine, Backend, BatchNormCfg, BatchNormSync, BatchStats, Conv2d, Elem, MaxPool2d, Nhwc,
+    RunningStats, Sgd, SgdParam,
 };
 use crate::schedule::{run_branches, BranchSchedule};
 use anyhow::{bail, Context, Result};
@@ -69,6 +69,9 @@ pub struct Net<T: Elem, B: Backend<T>> {
     pub sgd_steps: u64,
     /// Time every layer's forward and backward (see [`Net::profile`]).
     pub profile: bool,
+    /// With data parallelism and `--sync-bn`: the training-mode BatchNorms normalise over the
+    /// global batch (see [`BatchNormSync`]).
+    pub sync_bn: Option<std::sync::Arc<dyn BatchNormSync>>,
     _elem: PhantomData<T>,
 }
 
@@ -96,6 +99,7 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             be,
             sgd_steps: 0,
             profile: false,
+            sync_bn: None,
             _elem: PhantomData,
         })
     }
@@ -106,8 +110,15 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
 
     /// [`Net::schedule`], or sequential where the backend needs its branches issued from one
     /// thread.
+    /// Whether SyncBatchNorm's collectives of the last pass all succeeded.
+    fn check_sync(&self) -> Result<()> {
+        self.sync_bn.as_ref().map_or(Ok(()), |s| s.check().context("SyncBatchNorm"))
+    }
+
     fn effective_schedule(&self) -> BranchSchedule {
-        if self.be.issues_from_one_thread() {
+        // SyncBatchNorm's collectives must come in the same order on every rank: one branch
+        // at a time.
+        if self.be.issues_from_one_thread() || self.sync_bn.is_some() {
             BranchSchedule::Sequential
         } else {
             self.schedule
@@ -159,8 +170,10 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             bn: self.spec.bn,
             schedule: self.effective_schedule(),
             profile: self.profile,
+            sync_bn: self.sync_bn.as_deref(),
         };
         forward_seq(&mut self.nodes, &self.input, &ctx)?;
+        self.check_sync()?;
         self.be.status()
     }
 
@@ -267,8 +280,10 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
             bn: self.spec.bn,
             schedule: self.effective_schedule(),
             profile: self.profile,
+            sync_bn: self.sync_bn.as_deref(),
         };
         backward_seq(&mut self.nodes, &self.input, dlogits, false, &ctx);
+        self.check_sync()?;
         self.be.status()
     }
 

@@ -56,6 +56,8 @@ pub(super) struct Ctx<'a, B> {
     pub(super) bn: BatchNormCfg,
     pub(super) schedule: BranchSchedule,
     pub(super) profile: bool,
+    /// SyncBatchNorm's link to the other ranks, in training.
+    pub(super) sync_bn: Option<&'a dyn BatchNormSync>,
 }
 
 impl<Buf: Send + Sync> Node<Buf> {
@@ -91,6 +93,7 @@ impl<Buf: Send + Sync> Node<Buf> {
                         xs,
                         &ctx.bn,
                         *relu,
+                        ctx.sync_bn,
                     )
                     .with_context(|| format!("layer {}", self.name))?;
                     *num_batches_tracked += 1;
@@ -178,6 +181,7 @@ impl<Buf: Send + Sync> Node<Buf> {
                     &w.value,
                     BatchStats { mean, invstd },
                     xs,
+                    ctx.sync_bn,
                 );
                 Some(dx)
             }

@@ -101,9 +101,14 @@ impl BatchNormOps<f32> for Gpu {
     fn batch_norm_forward_train(
         &self, y: &mut Buf, x: &Buf, Affine { gamma, beta }: Affine<&Buf>,
         running: RunningStats<&mut Buf>, batch: BatchStats<&mut Buf>, xs: Nhwc, cfg: &BatchNormCfg,
-        relu: bool,
+        relu: bool, sync: Option<&dyn BatchNormSync>,
     ) -> anyhow::Result<()> {
         crate::backend::check_batch_norm_train(xs)?;
+        if sync.is_some() {
+            anyhow::bail!(
+                "SyncBatchNorm (--sync-bn) runs on the CPU backend; the CUDA backend trains one process"
+            );
+        }
         let BatchStats { mean, invstd } = batch;
         self.bn_stats(mean, invstd, running.mean, running.var, x, xs, cfg);
         self.bn_apply(y, x, mean, invstd, gamma, beta, xs, relu);
@@ -124,7 +129,10 @@ impl BatchNormOps<f32> for Gpu {
     fn batch_norm_backward(
         &self, dx: &mut Buf, daffine: Affine<&mut Buf>, dy: &Buf, relu_out: Option<&Buf>, x: &Buf,
         gamma: &Buf, BatchStats { mean, invstd }: BatchStats<&Buf>, xs: Nhwc,
+        sync: Option<&dyn BatchNormSync>,
     ) {
+        // The forward refused it: the backward never gets one.
+        debug_assert!(sync.is_none(), "SyncBatchNorm on the CUDA backend");
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
         let coef = self.f32_zeros("the backward coefficients of a BatchNorm", 3 * xs.c);
         let r = self.reduction(xs.pixels(), xs.c);

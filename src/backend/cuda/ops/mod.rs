@@ -17,8 +17,9 @@ use super::{
 };
 use crate::backend::geometry::{self, Reduction};
 use crate::backend::{
-    Affine, Backend, BatchNormCfg, BatchNormOps, BatchStats, Buffers, ConcatOps, Conv2d, ConvOps,
-    ElementwiseOps, LossOps, MaxPool2d, Nhwc, OptimOps, PoolOps, RunningStats, Sgd, SgdParam,
+    Affine, Backend, BatchNormCfg, BatchNormOps, BatchNormSync, BatchStats, Buffers, ConcatOps,
+    Conv2d, ConvOps, ElementwiseOps, LossOps, MaxPool2d, Nhwc, OptimOps, PoolOps, RunningStats,
+    Sgd, SgdParam,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
