@@ -125,7 +125,11 @@ impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for DataParallelStepper<F> {
         let right = correct(&logits, &self.labels, net.spec.classes) as f32;
         let stop = if self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 };
         let mut metrics = [loss as f32 * n, right, n, stop];
-        average_gradients(net, self.group.as_mut(), &mut metrics)?;
+        if net.average_grads_on_device()? {
+            self.group.all_reduce_sum(&mut metrics)?;
+        } else {
+            average_gradients(net, self.group.as_mut(), &mut metrics)?;
+        }
         self.agreed_stop = metrics[3] > 0.0;
         let [loss_sum, right, n, _] = metrics;
         let loss = (loss_sum / n) as f64;

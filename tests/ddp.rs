@@ -6,11 +6,13 @@
 //! ranks must still agree with each other.
 
 use incept::backend::cpu::Cpu;
+use incept::backend::cuda::{emu::EmuOptions, DType, Gpu, GpuOptions};
+use incept::backend::Backend;
 use incept::backend::{Conv2d, MaxPool2d, Sgd};
 use incept::dist::ddp::{
     average_gradients, average_running_stats, broadcast_state, rank_slice, GroupBatchNormSync,
 };
-use incept::dist::{Place, SharedGroup, TcpGroup};
+use incept::dist::{Collective, Place, SharedGroup, TcpGroup};
 use incept::model::net::{HostTensor, Net};
 use incept::model::{Branch, Layer, ModelSpec};
 use std::net::TcpListener;
@@ -79,7 +81,7 @@ fn batches(world: usize) -> Vec<(Vec<f32>, Vec<u32>)> {
 
 const OPT: Sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 5e-4, nesterov: true };
 
-fn weights(net: &mut Net<f32, Cpu>) -> Vec<f32> {
+fn weights<B: Backend<f32>>(net: &mut Net<f32, B>) -> Vec<f32> {
     net.state()
         .into_iter()
         .flat_map(|(_, t)| match t {
@@ -90,8 +92,8 @@ fn weights(net: &mut Net<f32, Cpu>) -> Vec<f32> {
 }
 
 /// One process, the whole global batch per step.
-fn alone(spec: ModelSpec, world: usize) -> Vec<f32> {
-    let mut net = Net::new(spec, Cpu, 7).unwrap();
+fn alone<B: Backend<f32>>(spec: ModelSpec, be: B, world: usize) -> Vec<f32> {
+    let mut net = Net::new(spec, be, 7).unwrap();
     for (x, y) in batches(world) {
         net.train_step(&x, &y, &OPT, 0.0).unwrap();
     }
@@ -101,7 +103,9 @@ fn alone(spec: ModelSpec, world: usize) -> Vec<f32> {
 /// `world` ranks (with SyncBatchNorm when `sync_bn`); rank r starts from weights of its own
 /// (seed 100 + r) and gets rank 0's. Each rank's weights (running statistics included) and
 /// the image counts its all-reduces returned.
-fn data_parallel(spec: &ModelSpec, world: usize, sync_bn: bool) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn data_parallel<B: Connect + 'static>(
+    spec: &ModelSpec, world: usize, sync_bn: bool, backend: fn() -> B,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
@@ -112,7 +116,9 @@ fn data_parallel(spec: &ModelSpec, world: usize, sync_bn: bool) -> Vec<(Vec<f32>
                 let tcp = TcpGroup::join(&place, &config, Duration::from_secs(30)).unwrap();
                 let mut group = SharedGroup::new(Box::new(tcp));
                 let seed = if rank == 0 { 7 } else { 100 + rank as u64 };
-                let mut net = Net::new(spec, Cpu, seed).unwrap();
+                let mut net = Net::new(spec, backend(), seed).unwrap();
+                // A backend with a collective of its own (the GPU's) averages on the device.
+                B::connect(&mut net, &group);
                 if sync_bn {
                     net.sync_bn = Some(Arc::new(GroupBatchNormSync::new(group.clone())));
                 }
@@ -129,7 +135,11 @@ fn data_parallel(spec: &ModelSpec, world: usize, sync_bn: bool) -> Vec<(Vec<f32>
                     let loss = net.loss(&ys, 0.0).unwrap();
                     net.backward().unwrap();
                     let mut metrics = [loss as f32 * ys.len() as f32, ys.len() as f32];
-                    average_gradients(&mut net, &mut group, &mut metrics).unwrap();
+                    if net.average_grads_on_device().unwrap() {
+                        group.all_reduce_sum(&mut metrics).unwrap();
+                    } else {
+                        average_gradients(&mut net, &mut group, &mut metrics).unwrap();
+                    }
                     net.sgd_step(&OPT);
                     metrics_seen.push(metrics[1]);
                 }
@@ -157,28 +167,41 @@ fn worst(got: &[f32], want: &[f32]) -> (f32, usize) {
     (worst, at)
 }
 
-/// W = 2 and 3 ranks against one process: every rank holds the same bits, and those are one
-/// process's within `tol`, having moved from the initial weights.
-fn ranks_match_one_process(bn: bool, sync_bn: bool, tol: f32) {
+/// `|got − want| / |want|` over the whole state.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    norm(&mut got.iter().zip(want).map(|(a, b)| a - b)) / norm(&mut want.iter().copied())
+}
+
+/// W = 2 and 3 ranks on `backend` against one process: every rank holds the same bits, and
+/// those are one process's within `tol`: a worst relative difference (against `1e-3 + |w|`)
+/// and a relative L2 distance over the whole state. The weights must have moved.
+fn ranks_match_one_process<B: Connect + 'static>(
+    bn: bool, sync_bn: bool, backend: fn() -> B, what: &str, (tol, tol_l2): (f32, f64),
+) {
     for world in [2, 3] {
-        let want = alone(spec(bn), world);
-        let got = data_parallel(&spec(bn), world, sync_bn);
+        let want = alone(spec(bn), backend(), world);
+        let got = data_parallel(&spec(bn), world, sync_bn, backend);
         for (rank, (w, _)) in got.iter().enumerate() {
             // They all applied the one averaged gradient (and SyncBatchNorm's one statistics).
-            assert!(w == &got[0].0, "world {world}: rank {rank}'s weights differ from rank 0's");
+            assert!(
+                w == &got[0].0,
+                "{what}, world {world}: rank {rank}'s weights differ from rank 0's"
+            );
         }
         let w = &got[0].0;
         let (worst, at) = worst(w, &want);
-        eprintln!("bn {bn}, sync_bn {sync_bn}, world {world}: worst relative difference to one process {worst:e}");
+        let l2 = rel_l2(w, &want);
+        eprintln!("{what}, world {world}: worst relative difference to one process {worst:e}, relative L2 {l2:e}");
         assert!(
-            worst < tol,
-            "world {world}: worst relative difference {worst:e} at weight {at} ({} vs {}); first values {:?} vs {:?}",
+            worst < tol && l2 < tol_l2,
+            "{what}, world {world}: worst relative difference {worst:e} at weight {at} ({} vs {}), relative L2 {l2:e}; first values {:?} vs {:?}",
             w[at],
             want[at],
             &w[..4],
             &want[..4]
         );
-        let init = weights(&mut Net::new(spec(bn), Cpu, 7).unwrap());
+        let init = weights(&mut Net::new(spec(bn), backend(), 7).unwrap());
         assert!(init.iter().zip(w).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 }
@@ -188,14 +211,14 @@ fn ranks_averaging_gradients_train_as_one_process_with_the_whole_batch() {
     // The ranks sum each gradient in W partial sums of b images, the single process in one
     // sum of W·b: f32 rounding of a few units in the last place per step, over 4 steps
     // (measured below 1e-6; a gradient scaled by 1.0001 shows as 3e-4).
-    ranks_match_one_process(false, false, 1e-5);
+    ranks_match_one_process(false, false, || Cpu, "cpu", (1e-5, 1e-6));
 }
 
 /// One process whose global batches come in reverse order: the same step in exact arithmetic,
 /// with every sum over the batch rounded differently. Its distance to [`alone`] is the
 /// rounding noise of this model and recipe.
-fn alone_reversed(spec: ModelSpec, world: usize) -> Vec<f32> {
-    let mut net = Net::new(spec, Cpu, 7).unwrap();
+fn alone_reversed<B: Backend<f32>>(spec: ModelSpec, be: B, world: usize) -> Vec<f32> {
+    let mut net = Net::new(spec, be, 7).unwrap();
     for (x, y) in batches(world) {
         let rev: Vec<usize> = (0..y.len()).rev().collect();
         let x: Vec<f32> = rev.iter().flat_map(|&i| x[i * 48..(i + 1) * 48].to_vec()).collect();
@@ -213,10 +236,58 @@ fn with_sync_batch_norm_ranks_train_as_one_process_with_the_whole_batch() {
     // by 5.3e-6 (W = 2) and 1.7e-5 (W = 3), printed below, and the ranks land as close
     // (7.8e-6, 1.5e-5). Per-rank statistics instead are far off (next test).
     for world in [2, 3] {
-        let noise = worst(&alone_reversed(spec(true), world), &alone(spec(true), world)).0;
+        let noise =
+            worst(&alone_reversed(spec(true), Cpu, world), &alone(spec(true), Cpu, world)).0;
         eprintln!("world {world}: one process, batch reversed: {noise:e}");
     }
-    ranks_match_one_process(true, true, 1e-4);
+    ranks_match_one_process(true, true, || Cpu, "cpu, --sync-bn", (1e-4, 1e-5));
+}
+
+/// How a backend's ranks average their gradients.
+trait Connect: Backend<f32> + Sized {
+    fn connect(net: &mut Net<f32, Self>, group: &SharedGroup);
+}
+
+/// The CPU averages through the host ([`average_gradients`]).
+impl Connect for Cpu {
+    fn connect(_: &mut Net<f32, Cpu>, _: &SharedGroup) {}
+}
+
+/// The GPU averages its device buffers with its own collective: NCCL on a real one, its
+/// stand-in through the host over the group on the emulated one, the path the trainer takes.
+impl Connect for Gpu {
+    fn connect(net: &mut Net<f32, Gpu>, group: &SharedGroup) {
+        let comm = incept::backend::cuda::comm::for_device(net.backend(), group).unwrap();
+        net.backend_mut().set_comm(comm);
+    }
+}
+
+/// The emulated GPU (the CUDA backend's code and kernels) in fp32 and in mixed precision
+/// (f16 activations, loss scale 1024).
+fn emu(dtype: DType) -> Gpu {
+    let mut gpu = Gpu::emulated(
+        EmuOptions::default(),
+        GpuOptions { activations: dtype, ..GpuOptions::default() },
+    )
+    .unwrap();
+    if dtype != DType::F32 {
+        gpu.set_loss_scale(1024.0).unwrap();
+    }
+    gpu
+}
+
+#[test]
+fn ranks_on_the_emulated_gpu_train_as_one_process_with_the_whole_batch() {
+    // fp32: as on the CPU, only the gradient sums split differently: measured 6.3e-7 / 3.1e-6
+    // worst, 3e-8 relative L2 (W = 2 / 3).
+    ranks_match_one_process(false, false, || emu(DType::F32), "emu fp32", (1e-5, 1e-6));
+    // Mixed precision: the convolutions' weight gradients come out of cuDNN in f16 (then added
+    // to the fp32 ones), so each rank rounds the sum over its b images where one process
+    // rounds the sum over W·b, an error of up to 2^-11 of each gradient per step; averaged
+    // before the unscale and overflow check, so every rank steps (or skips) alike. Measured:
+    // worst 2.8e-3 / 7.0e-3 on weights near zero, relative L2 2.1e-5 / 2.7e-5; reversing one
+    // process's batch instead (fp32 rounding only) moves it by 2e-7 / 4e-6 worst.
+    ranks_match_one_process(false, false, || emu(DType::F16), "emu amp-f16", (2e-2, 2e-4));
 }
 
 #[test]
@@ -225,8 +296,8 @@ fn without_sync_batch_norm_each_rank_normalises_its_own_slice() {
     // what --sync-bn changes); the ranks still agree bit for bit, which the helper checks
     // before it compares.
     let world = 2;
-    let want = alone(spec(true), world);
-    let got = data_parallel(&spec(true), world, false);
+    let want = alone(spec(true), Cpu, world);
+    let got = data_parallel(&spec(true), world, false, || Cpu);
     assert!(got.iter().all(|(w, _)| w == &got[0].0), "the ranks disagree");
     let (worst, _) = worst(&got[0].0, &want);
     eprintln!("per-rank statistics: worst relative difference to one process {worst:e}");
@@ -512,20 +583,61 @@ mod by_hand {
     }
 
     #[test]
-    fn data_parallel_is_refused_off_the_cpu_with_a_clear_message() {
+    fn ranks_on_the_emulated_gpu_train_through_the_binary() {
+        let d = scratch("emu");
+        let data = d.join("data");
         let o = Command::new(env!("CARGO_BIN_EXE_incept"))
-            .args(["train", "--data-dir", dataset().to_str().unwrap(), "--device", "emu"])
-            .env("RANK", "0")
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port().to_string())
+            .args(["data", "synth", "--out", data.to_str().unwrap(), "--train", "32"])
+            .args(["--test", "20", "--seed", "5"])
             .output()
             .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let emu = |r: usize, p: u16, extra: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_incept"))
+                .args(["train", "--data-dir", data.to_str().unwrap(), "--output"])
+                .arg(d.join(format!("out{r}")))
+                .args(["--experiment", "e", "-b", "8", "--epochs", "1", "--device", "emu"])
+                .args(["-j", "1", "--log-interval", "1"])
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", p.to_string())
+                .env("INCEPT_DIST_TIMEOUT", "60")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        // Mixed precision (the default on the CUDA backend), each rank its own device.
+        let p = port();
+        let (r1, r0) = (emu(1, p, &[]), emu(0, p, &[]));
+        let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+        let (t0, t1) = (text(&o0), text(&o1));
+        assert!(o0.status.success(), "rank 0:\n{t0}\nrank 1:\n{t1}");
+        assert!(o1.status.success(), "rank 1:\n{t1}");
+        assert!(t0.contains("ranks=2") && t0.contains("steps_per_epoch=2"), "{t0}");
+        assert!(t0.contains("amp-f16"), "{t0}");
+        assert!(t0.contains("gradients averaged through the host over TCP"), "{t0}");
+        assert_eq!(epoch_line(&t0), epoch_line(&t1));
+        assert!(d.join("out0/e/last.safetensors").exists(), "{t0}");
+        assert!(!d.join("out1").exists(), "rank 1 wrote a run folder");
+        // Ranks of different precisions are refused when they meet, naming it.
+        let p = port();
+        let (r1, r0) = (emu(1, p, &["--no-amp"]), emu(0, p, &[]));
+        let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+        for (r, o) in [(0, o0), (1, o1)] {
+            assert!(!o.status.success(), "rank {r} accepted another precision");
+            assert!(
+                text(&o).contains("precision is fp32 on rank 1 but amp-f16 on rank 0"),
+                "rank {r}: {}",
+                text(&o)
+            );
+        }
+        // SyncBatchNorm is the CPU backend's for now: refused before the ranks meet.
+        let o = emu(0, port(), &["--sync-bn"]).wait_with_output().unwrap();
         assert!(!o.status.success());
-        assert!(
-            text(&o).contains("rank 0 of 2") && text(&o).contains("--device cpu"),
-            "{}",
-            text(&o)
-        );
+        assert!(text(&o).contains("--sync-bn runs on the CPU backend"), "{}", text(&o));
     }
 }

@@ -228,4 +228,10 @@ pub trait Backend<T: Elem>:
     fn restore_loss_scale(&mut self, _scale: f64) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Averages `grads` (fp32 parameter gradients) over the data-parallel ranks in place,
+    /// with a collective the backend holds itself (NCCL on CUDA, see `Gpu::set_comm`).
+    /// `Ok(false)`: it holds none, and the caller averages through the host.
+    fn average_over_ranks(&self, _grads: &mut [&mut Self::Buf]) -> anyhow::Result<bool> {
+        Ok(false)
+    }
 }

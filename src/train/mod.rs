@@ -247,41 +247,80 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
 
     let spec = ModelSpec::inception_net_small();
     let place = dist::place::from_env(|k| std::env::var(k).ok())?;
-    if let (Some(place), false) = (&place, cfg.device.is_cpu()) {
+    let Some(place) = place else {
+        return match cfg.device.open(&cfg.cuda)? {
+            AnyBackend::Cpu(cpu) => {
+                let mut net = Net::new(spec, cpu, cfg.seed)?;
+                net.schedule = cfg.branches;
+                let feed = HostFeed::new(&train_set, cfg.augment(), cfg.seed);
+                train_loop(cfg, net, &mut EagerStepper::new(feed), &train_set, &test_set)
+            }
+            AnyBackend::Gpu(gpu) => {
+                train_on_gpu(cfg, Net::new(spec, *gpu, cfg.seed)?, &train_set, &test_set)
+            }
+        };
+    };
+    // One GPU per rank: `cuda` without a number is the rank's local one.
+    let device = match &cfg.device {
+        DeviceFlag::Cuda(None) => DeviceFlag::Cuda(Some(place.local_rank)),
+        d => d.clone(),
+    };
+    if cfg.sync_bn && !device.is_cpu() {
         bail!(
-            "this process is rank {} of {} ({}), and data-parallel training runs on the CPU \
-             backend: use --device cpu (CUDA ranks need NCCL, which this version does not \
-             use yet), or start one process",
-            place.rank,
-            place.world,
-            place.launcher
+            "--sync-bn runs on the CPU backend for now; CUDA ranks normalise their own batches (drop --sync-bn)"
         );
     }
-    match cfg.device.open(&cfg.cuda)? {
+    #[cfg(feature = "cudnn")]
+    if let DeviceFlag::Cuda(_) = device {
+        // Checked by every rank before they meet, so that all of them say it.
+        crate::backend::cuda::comm::nccl_available()
+            .context("CUDA ranks average their gradients with NCCL")?;
+    }
+    let sets = (&train_set, &test_set);
+    match device.open(&cfg.cuda)? {
         AnyBackend::Cpu(cpu) => {
             let mut net = Net::new(spec, cpu, cfg.seed)?;
             net.schedule = cfg.branches;
             let feed = HostFeed::new(&train_set, cfg.augment(), cfg.seed);
-            let Some(place) = place else {
-                return train_loop(cfg, net, &mut EagerStepper::new(feed), &train_set, &test_set);
-            };
-            let config = shared_settings(cfg, &net.spec.name, (&train_set, &test_set));
-            info!(rank = place.rank, world = place.world, launcher = %place.launcher, master = %format!("{}:{}", place.master.0, place.meeting_port()?), "data-parallel: meeting the other ranks");
-            let group = dist::SharedGroup::new(Box::new(dist::TcpGroup::join(
-                &place,
-                &config,
-                dist::timeout()?,
-            )?));
-            if cfg.sync_bn {
-                net.sync_bn = Some(Arc::new(dist::ddp::GroupBatchNormSync::new(group.clone())));
-            }
-            let mut stepper = DataParallelStepper::new(feed, Box::new(group), &STOP);
-            train_loop(cfg, net, &mut stepper, &train_set, &test_set)
+            train_rank(cfg, &place, net, feed, sets, |_, _| Ok(()))
         }
         AnyBackend::Gpu(gpu) => {
-            train_on_gpu(cfg, Net::new(spec, *gpu, cfg.seed)?, &train_set, &test_set)
+            let net = Net::new(spec, *gpu, cfg.seed)?;
+            info!(device = %net.backend().describe(), precision = cfg.cuda.describe(&device), "CUDA");
+            let comm = |net: &mut Net<f32, Gpu>, group: &dist::SharedGroup| {
+                let comm = crate::backend::cuda::comm::for_device(net.backend(), group)?;
+                info!("gradients averaged {}", comm.describe());
+                net.backend_mut().set_comm(comm);
+                Ok(())
+            };
+            if cfg.host_batches {
+                let feed = HostFeed::new(&train_set, cfg.augment(), cfg.seed);
+                return train_rank(cfg, &place, net, feed, sets, comm);
+            }
+            let feed = DeviceFeed::new(net.backend(), &train_set, cfg.augment(), cfg.seed)?;
+            train_rank(cfg, &place, net, feed, sets, comm)
         }
     }
+}
+
+/// Training as rank `place.rank` of a data-parallel job: the ranks meet, check their settings,
+/// `connect` gives the backend its own collective where it has one (NCCL), and they train
+/// with [`DataParallelStepper`], each step op by op.
+fn train_rank<B: Backend<f32>, F: crate::stepper::Feed<B>>(
+    cfg: &TrainConfig, place: &dist::Place, mut net: Net<f32, B>, feed: F,
+    (train_set, test_set): (&Cifar10, &Cifar10),
+    connect: impl FnOnce(&mut Net<f32, B>, &dist::SharedGroup) -> Result<()>,
+) -> Result<(PathBuf, Outcome)> {
+    let config = shared_settings(cfg, &net.spec.name, (train_set, test_set));
+    info!(rank = place.rank, world = place.world, launcher = %place.launcher, master = %format!("{}:{}", place.master.0, place.meeting_port()?), "data-parallel: meeting the other ranks");
+    let tcp = dist::TcpGroup::join(place, &config, dist::timeout()?)?;
+    let group = dist::SharedGroup::new(Box::new(tcp));
+    if cfg.sync_bn {
+        net.sync_bn = Some(Arc::new(dist::ddp::GroupBatchNormSync::new(group.clone())));
+    }
+    connect(&mut net, &group)?;
+    let mut stepper = DataParallelStepper::new(feed, Box::new(group), &STOP);
+    train_loop(cfg, net, &mut stepper, train_set, test_set)
 }
 
 /// The settings every rank of a data-parallel run must share, checked when the ranks meet.
@@ -306,6 +345,19 @@ fn shared_settings(
         ("--no-crop", cfg.no_crop.to_string()),
         ("--no-flip", cfg.no_flip.to_string()),
         ("--sync-bn", cfg.sync_bn.to_string()),
+        // The backend and its precision (a CUDA rank's device number is its own).
+        (
+            "--device",
+            if cfg.device.is_cpu() {
+                "cpu"
+            } else if cfg.device == DeviceFlag::Emu {
+                "emu"
+            } else {
+                "cuda"
+            }
+            .to_string(),
+        ),
+        ("precision", cfg.cuda.describe(&cfg.device).to_string()),
         ("--resume", resume),
         ("training images", train.len().to_string()),
         ("test images", test.len().to_string()),

@@ -386,6 +386,11 @@ pub trait Device: Send + Sync {
     fn dnn(&self, stream: Stream, call: &DnnCall) -> Result<()>;
     fn gemm(&self, stream: Stream, gemm: &Gemm) -> Result<()>;
 
+    /// The CUDA stream behind `stream`, with the device's context made current on this
+    /// thread, for libraries that take one (NCCL); `None` on a device without CUDA streams
+    /// (the emulated one).
+    fn cuda_stream(&self, stream: Stream) -> Result<Option<usize>>;
+
     // ---- CUDA graphs
     /// Starts capturing `stream` (and every stream that joins it through events) into a graph.
     fn capture_begin(&self, stream: Stream) -> Result<()>;

@@ -23,6 +23,7 @@
 //!
 //! [`Backend`]: crate::backend::Backend
 
+pub mod comm;
 pub mod device;
 mod dnn;
 #[cfg(feature = "cudnn")]
@@ -247,6 +248,8 @@ pub struct Gpu {
     ///
     /// [`Buffers::status`]: crate::backend::Buffers::status
     error: Mutex<Option<String>>,
+    /// In a data-parallel run: how gradients reach the other ranks.
+    comm: Option<comm::Comm>,
 }
 
 impl Gpu {
@@ -320,6 +323,7 @@ impl Gpu {
             slots: Mutex::new(None),
             waits: AtomicUsize::new(0),
             error: Mutex::new(None),
+            comm: None,
         })
     }
 

@@ -374,6 +374,15 @@ impl<T: Elem, B: Backend<T>> Net<T, B> {
         Ok(())
     }
 
+    /// Averages every parameter gradient over the data-parallel ranks with the backend's own
+    /// collective (see [`Backend::average_over_ranks`]); `false`: the backend has none.
+    pub fn average_grads_on_device(&mut self) -> Result<bool> {
+        let mut params = Vec::new();
+        collect_params(&mut self.nodes, &mut params);
+        let mut grads: Vec<&mut B::Buf> = params.into_iter().map(|p| &mut p.grad).collect();
+        self.be.average_over_ranks(&mut grads)
+    }
+
     /// `pick`'s buffer of every parameter, downloaded, in `state_dict()` order.
     fn download_params(
         &mut self, pick: impl Fn(&Param<B::Buf>) -> &B::Buf,

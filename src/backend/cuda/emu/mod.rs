@@ -628,6 +628,10 @@ impl Device for EmuDevice {
         self.enqueue(&mut st, stream, Op::Gemm(*gemm))
     }
 
+    fn cuda_stream(&self, _: Stream) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
     fn capture_begin(&self, stream: Stream) -> Result<()> {
         self.begin_capture(stream)
     }

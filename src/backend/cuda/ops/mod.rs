@@ -141,7 +141,7 @@ impl Gpu {
     /// orders its streams itself (events at forks and joins), so cudarc records no event. A
     /// buffer whose allocation failed has none: that is recorded (so the work it was for does
     /// not run) and 0 returned.
-    fn ptr(&self, b: &Buf) -> u64 {
+    pub(super) fn ptr(&self, b: &Buf) -> u64 {
         if b.mem.is_none() {
             self.record(
                 "using a GPU buffer",
@@ -357,6 +357,10 @@ impl Buffers<f32> for Gpu {
 }
 
 impl Backend<f32> for Gpu {
+    fn average_over_ranks(&self, grads: &mut [&mut Buf]) -> anyhow::Result<bool> {
+        Gpu::average_over_ranks(self, grads)
+    }
+
     fn issues_from_one_thread(&self) -> bool {
         // `branch` sets the stream of the ops that follow: one issuing thread, in order.
         true

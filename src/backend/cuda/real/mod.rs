@@ -14,6 +14,7 @@
 mod dnn;
 mod handles;
 mod kernels;
+pub mod nccl;
 
 use super::device::{
     AlgoPerf, ConvDirection, ConvProblem, Device, DeviceInfo, DnnCall, Event, Gemm, Graph,
@@ -467,6 +468,11 @@ impl Device for RealDevice {
             )
         };
         blas_check(status, "cublasSgemm")
+    }
+
+    fn cuda_stream(&self, stream: Stream) -> Result<Option<usize>> {
+        self.bind()?;
+        Ok(Some(self.stream(stream)? as usize))
     }
 
     fn capture_begin(&self, stream: Stream) -> Result<()> {
