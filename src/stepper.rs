@@ -96,11 +96,15 @@ pub struct DataParallelStepper<F> {
     /// This process's stop request (Ctrl-C, SIGTERM), sent to the others with every step.
     stop: &'static AtomicBool,
     agreed_stop: bool,
+    /// This epoch: steps, their time, and the part spent averaging (the gradient all-reduce
+    /// with the metrics, including the wait for the slowest rank).
+    timing: (u64, std::time::Duration, std::time::Duration),
 }
 
 impl<F> DataParallelStepper<F> {
     pub fn new(feed: F, group: Box<dyn Collective>, stop: &'static AtomicBool) -> Self {
-        DataParallelStepper { feed, labels: Vec::new(), group, stop, agreed_stop: false }
+        let timing = Default::default();
+        DataParallelStepper { feed, labels: Vec::new(), group, stop, agreed_stop: false, timing }
     }
 }
 
@@ -109,6 +113,7 @@ impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for DataParallelStepper<F> {
         &mut self, net: &mut Net<f32, B>, idx: &[usize], epoch: u64, first_pos: u64, opt: &Sgd,
         smoothing: f64,
     ) -> Result<Option<(f64, u64)>> {
+        let started = std::time::Instant::now();
         let (rank, world) = (self.group.rank(), self.group.world());
         let mine = rank_slice(idx, rank, world)?;
         // The positions of this rank's images in the epoch's order: the same augmentation as
@@ -125,22 +130,40 @@ impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for DataParallelStepper<F> {
         let right = correct(&logits, &self.labels, net.spec.classes) as f32;
         let stop = if self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 };
         let mut metrics = [loss as f32 * n, right, n, stop];
+        let averaging = std::time::Instant::now();
         if net.average_grads_on_device()? {
             self.group.all_reduce_sum(&mut metrics)?;
         } else {
             average_gradients(net, self.group.as_mut(), &mut metrics)?;
         }
+        self.timing.2 += averaging.elapsed();
         self.agreed_stop = metrics[3] > 0.0;
         let [loss_sum, right, n, _] = metrics;
         let loss = (loss_sum / n) as f64;
         if loss.is_finite() {
             net.sgd_step(opt);
         }
+        self.timing.0 += 1;
+        self.timing.1 += started.elapsed();
         Ok(Some((loss, right as u64)))
     }
     /// Every rank runs the same number of steps.
     fn drop_last(&self) -> bool {
         true
+    }
+    /// Logs where this rank's step time went (the global img/s is the epoch line's).
+    fn end_epoch(&mut self) {
+        let (steps, total, averaging) = std::mem::take(&mut self.timing);
+        if steps > 0 {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / steps as f64;
+            tracing::info!(
+                rank = self.group.rank(),
+                step_ms = ms(total),
+                all_reduce_ms = ms(averaging),
+                all_reduce_share = averaging.as_secs_f64() / total.as_secs_f64().max(1e-12),
+                "data-parallel step time (all-reduce: gradients and metrics, with the wait for the slowest rank)"
+            );
+        }
     }
     fn group(&mut self) -> Option<&mut dyn Collective> {
         Some(self.group.as_mut())

@@ -373,17 +373,25 @@ mod by_hand {
 
     /// Rank `rank` of `world`, meeting on `port`, writing under `out`.
     fn rank(rank: usize, world: usize, port: u16, out: &Path, extra: &[&str]) -> Child {
+        let place = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.to_string()),
+        ];
+        launched(&place, out, extra)
+    }
+
+    /// A rank whose place is the environment `place`, as a launcher sets it.
+    fn launched(place: &[(&str, String)], out: &Path, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_incept"))
             .args(["train", "--data-dir", dataset().to_str().unwrap(), "--output"])
             .arg(out)
             .args(["--experiment", "e", "-b", "16", "--lr", "0.05", "--seed", "3", "-j", "1"])
             .args(["--log-interval", "1"])
             .args(extra)
+            .envs(place.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
             .env("INCEPT_DIST_TIMEOUT", "60")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -510,6 +518,48 @@ mod by_hand {
             &ranks[..4],
             &alone[..4]
         );
+    }
+
+    /// The environments Slurm's `srun` and Open MPI's `mpirun` give 2 ranks on one node (the
+    /// launchers themselves are not needed: what the process sees is its environment).
+    #[test]
+    fn ranks_started_by_slurm_or_mpi_find_each_other() {
+        let p = port();
+        let slurm = |r: usize| {
+            vec![
+                ("SLURM_PROCID", r.to_string()),
+                ("SLURM_NTASKS", "2".to_string()),
+                ("SLURM_LOCALID", r.to_string()),
+                ("SLURM_STEP_ID", "0".to_string()),
+                ("SLURM_JOB_ID", "4242".to_string()),
+                // Rank 0's host is the first of the step's nodes.
+                ("SLURM_STEP_NODELIST", "localhost".to_string()),
+                ("MASTER_PORT", p.to_string()),
+            ]
+        };
+        let q = port();
+        let mpi = |r: usize| {
+            vec![
+                ("OMPI_COMM_WORLD_RANK", r.to_string()),
+                ("OMPI_COMM_WORLD_SIZE", "2".to_string()),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", r.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", q.to_string()),
+            ]
+        };
+        let d = scratch("launchers");
+        for (name, env) in [("Slurm", &slurm as &dyn Fn(usize) -> _), ("Open MPI", &mpi)] {
+            let out = d.join(name.replace(' ', "-"));
+            let r1 = launched(&env(1), &out.join("1"), &["--epochs", "1"]);
+            let r0 = launched(&env(0), &out.join("0"), &["--epochs", "1"]);
+            let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+            let (t0, t1) = (text(&o0), text(&o1));
+            assert!(o0.status.success(), "{name} rank 0:\n{t0}\nrank 1:\n{t1}");
+            assert!(o1.status.success(), "{name} rank 1:\n{t1}");
+            assert!(t0.contains(&format!("launcher={name}")), "{t0}");
+            assert!(t0.contains("ranks=2"), "{t0}");
+            assert_eq!(epoch_line(&t0), epoch_line(&t1));
+        }
     }
 
     #[test]

@@ -28,7 +28,6 @@ const NCCL_AVG: c_int = 4;
 struct Api {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
     comm_init_rank: unsafe extern "C" fn(*mut CommPtr, c_int, UniqueId, c_int) -> NcclResult,
-    comm_destroy: unsafe extern "C" fn(CommPtr) -> NcclResult,
     comm_abort: unsafe extern "C" fn(CommPtr) -> NcclResult,
     comm_get_async_error: unsafe extern "C" fn(CommPtr, *mut NcclResult) -> NcclResult,
     get_error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
@@ -53,7 +52,6 @@ fn api() -> Result<&'static Api> {
         Some(Api {
             get_unique_id: function(Lib::Nccl, b"ncclGetUniqueId\0")?,
             comm_init_rank: function(Lib::Nccl, b"ncclCommInitRank\0")?,
-            comm_destroy: function(Lib::Nccl, b"ncclCommDestroy\0")?,
             comm_abort: function(Lib::Nccl, b"ncclCommAbort\0")?,
             comm_get_async_error: function(Lib::Nccl, b"ncclCommGetAsyncError\0")?,
             get_error_string: function(Lib::Nccl, b"ncclGetErrorString\0")?,
@@ -158,16 +156,12 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
+        // Abort rather than destroy: destroying waits for the communicator's queued work,
+        // which never finishes when a peer died mid-collective, and the process would hang on
+        // its way out. At the end of a run nothing is queued, and abort frees the same.
         if let Ok(api) = api() {
-            // A communicator whose peers failed may hang in destroy: abort it instead.
             // SAFETY: `comm` came from ncclCommInitRank and is dropped once.
-            unsafe {
-                if self.async_error().is_err() {
-                    (api.comm_abort)(self.comm);
-                } else {
-                    (api.comm_destroy)(self.comm);
-                }
-            }
+            unsafe { (api.comm_abort)(self.comm) };
         }
     }
 }
