@@ -3,7 +3,8 @@
 # Rust toolchain needed there). In this order, each step going on whatever the last one did:
 #
 #   1. info        `incept info`: driver, device, libraries, embedded kernels
-#   2. train       synthetic data, then 2 epochs with --device cuda (loss and accuracy printed)
+#   2. train       synthetic data, then 2 epochs with --device cuda (loss and accuracy printed);
+#                  with two GPUs or more, 1 epoch on 2 ranks over NCCL (skipped otherwise)
 #   3. tests       the GPU test executables with INCEPT_EXPECT_GPU=1: no GPU fails them
 #   4. sanitizer   a few training steps (-b 32, --no-cuda-graph) under compute-sanitizer, once
 #                  per tool: memcheck, racecheck, synccheck, initcheck
@@ -349,6 +350,29 @@ if [ -f "$work/synth/test_batch.bin" ]; then
   for f in summary.csv metrics.jsonl args.json; do
     [ -f "$work/runs/gpu-check/$f" ] && cp "$work/runs/gpu-check/$f" "$report/train-$f"
   done
+  # Data parallelism over NCCL, where there are two GPUs: 2 ranks started as torchrun would,
+  # each on GPU LOCAL_RANK; both must finish and report the same all-reduced epoch.
+  gpus="$(timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
+  if [ "${gpus:-0}" -ge 2 ]; then
+    step train-2-ranks "$cap_train" 5 bash -c '
+      port=$((29500 + RANDOM % 1000))
+      mkdir -p "$2"
+      pids=()
+      for r in 0 1; do
+        RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+          ./incept train --device cuda --data-dir "$1" --epochs 1 -b 64 --log-interval 8 \
+          --output "$2/rank$r" --experiment gpu-check >"$2/rank$r.log" 2>&1 &
+        pids+=($!)
+      done
+      wait "${pids[0]}"; zero=$?; wait "${pids[1]}"; one=$?
+      cat "$2/rank0.log"; echo "---- rank 1"; cat "$2/rank1.log"
+      [ "$zero" -eq 0 ] && [ "$one" -eq 0 ] || exit 1
+      a="$(grep -o "epoch done.*img_s" "$2/rank0.log")"; b="$(grep -o "epoch done.*img_s" "$2/rank1.log")"
+      [ -n "$a" ] && [ "$a" = "$b" ] || { echo "the ranks report different epochs"; exit 1; }' \
+      _ "$work/synth" "$work/ranks"
+  else
+    skip train-2-ranks "${gpus:-0} GPU(s): the 2-rank NCCL run needs two"
+  fi
 else
   skip train "no synthetic data (see synth-data.log)"
 fi
