@@ -597,6 +597,38 @@ mod by_hand {
     }
 
     #[test]
+    fn a_rank_that_stops_answering_stops_the_other_within_the_heartbeat() {
+        let d = scratch("hang");
+        let p = port();
+        let place = |r: usize| {
+            vec![
+                ("RANK", r.to_string()),
+                ("WORLD_SIZE", "2".to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", p.to_string()),
+                ("INCEPT_DIST_HEARTBEAT", "3".to_string()),
+            ]
+        };
+        let mut r1 = launched(&place(1), &d.join("out1"), &["--epochs", "30"]);
+        let mut r0 = launched(&place(0), &d.join("out0"), &["--epochs", "30"]);
+        let log0 = after_first_step(&mut r0);
+        // Rank 1 stops as a hung process would: alive, its sockets open, silent.
+        let stop = Command::new("kill").args(["-STOP", &r1.id().to_string()]).status().unwrap();
+        assert!(stop.success());
+        let stopped = Instant::now();
+        let status = r0.wait().unwrap();
+        let waited = stopped.elapsed();
+        let _ = Command::new("kill").args(["-CONT", &r1.id().to_string()]).status();
+        let _ = r1.kill();
+        let _ = r1.wait();
+        let t0 = log0.join().unwrap();
+        assert!(!status.success(), "rank 0 went on without rank 1:\n{t0}");
+        assert!(t0.contains("rank 1 stopped answering: no heartbeat for 3 s"), "{t0}");
+        // The heartbeat's 3 s, a step or two, and the teardown; not the 60 s timeout.
+        assert!(waited < Duration::from_secs(20), "rank 0 took {waited:?}:\n{t0}");
+    }
+
+    #[test]
     fn a_stop_request_on_one_rank_stops_both_with_a_checkpoint_that_resumes() {
         let d = scratch("stop");
         let p = port();

@@ -73,3 +73,19 @@ pub fn timeout() -> anyhow::Result<std::time::Duration> {
     };
     Ok(std::time::Duration::from_secs_f64(secs))
 }
+
+/// How long a rank waits without a heartbeat from a peer before giving up on it:
+/// `INCEPT_DIST_HEARTBEAT` seconds, 15 by default (never more than the timeout). The heartbeat
+/// runs on a thread of its own, so a long step, evaluation or checkpoint does not silence it.
+pub fn heartbeat() -> anyhow::Result<std::time::Duration> {
+    let secs = match std::env::var("INCEPT_DIST_HEARTBEAT") {
+        Err(_) => 15.0,
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s >= 2.0 && s.is_finite() => s,
+            _ => anyhow::bail!(
+                "INCEPT_DIST_HEARTBEAT={v:?}: give the seconds as a number of at least 2"
+            ),
+        },
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}

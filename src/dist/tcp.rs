@@ -5,19 +5,25 @@
 //! them in rank order and sends the one result back: every rank gets the same bits, and the
 //! same bits on every run.
 //!
-//! A rank that exits closes its connection, which its peer sees at once; one that hangs is
-//! given up on after the timeout. Either way the rank that notices fails with a message naming
-//! the other, and rank 0 then drops every connection, so the whole job stops within seconds.
+//! A rank that exits closes its connection, which its peer sees at once. Each rank also
+//! exchanges a heartbeat with rank 0 every second on a second connection, from a thread of its
+//! own: a rank whose process stops (a hung host, SIGSTOP, a machine gone without closing its
+//! sockets) is given up on after [`super::heartbeat`] seconds of silence, and any other wait for
+//! a peer after the timeout. Either way the rank that notices fails with a message naming the
+//! other, and rank 0 then drops every connection, so the whole job stops within seconds.
 
 use super::{Collective, Config, Place};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Written first by every rank, so that a stray connection (another program on the port) is
 /// refused rather than read as a rank.
 const MAGIC: &[u8; 8] = b"incept1\0";
+/// Written first on a rank's heartbeat connection, then its rank.
+const BEAT: &[u8; 8] = b"incept1h";
 
 /// The largest message a peer may announce: a guard against reading a wrong length as a huge
 /// allocation (the whole gradient is a few MB).
@@ -29,6 +35,19 @@ pub struct TcpGroup {
     world: usize,
     /// Rank 0: the connection of rank `i` at `i - 1`; any other rank: the one to rank 0.
     peers: Vec<TcpStream>,
+    /// Set by a heartbeat watcher that gave up on a peer, which also shut the peer's
+    /// connection down so that a wait on it ends at once.
+    hung: Arc<Mutex<Option<String>>>,
+    /// The heartbeat connections, shut down when the group is dropped (ending the watchers).
+    beats: Vec<TcpStream>,
+}
+
+impl Drop for TcpGroup {
+    fn drop(&mut self) {
+        for b in &self.beats {
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 impl TcpGroup {
@@ -36,6 +55,7 @@ impl TcpGroup {
     /// in order. `timeout` bounds the meeting and, from then on, every wait for a peer.
     pub fn join(place: &Place, config: &[(String, String)], timeout: Duration) -> Result<TcpGroup> {
         let port = place.meeting_port()?;
+        let patience = super::heartbeat()?.min(timeout);
         let group = if place.rank == 0 {
             Self::host(place.world, port, config, timeout)?
         } else {
@@ -45,6 +65,14 @@ impl TcpGroup {
             p.set_read_timeout(Some(timeout))?;
             p.set_write_timeout(Some(timeout))?;
             p.set_nodelay(true)?;
+        }
+        for (i, beat) in group.beats.iter().enumerate() {
+            let peer = if group.rank == 0 { i + 1 } else { 0 };
+            let main = group.peers[i].try_clone()?;
+            let (beat, hung) = (beat.try_clone()?, group.hung.clone());
+            std::thread::Builder::new()
+                .name(format!("heartbeat-{peer}"))
+                .spawn(move || watch(beat, main, peer, patience, &hung))?;
         }
         Ok(group)
     }
@@ -113,13 +141,36 @@ impl TcpGroup {
             .enumerate()
             .find_map(|(i, theirs)| mismatch(config, theirs, i + 1))
             .unwrap_or_default();
-        let mut group = TcpGroup { rank: 0, world, peers };
+        let mut group = TcpGroup { rank: 0, world, peers, hung: Arc::default(), beats: Vec::new() };
         for p in &mut group.peers {
             send(p, verdict.as_bytes()).context("answering the ranks")?;
         }
         if !verdict.is_empty() {
             bail!(verdict);
         }
+        // Then every rank's heartbeat connection, in rank order.
+        let mut beats: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+        while beats.iter().any(Option::is_none) {
+            let mut s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) => return Err(e).context("accepting the ranks' heartbeat connections"),
+            };
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(timeout))?;
+            let mut hello = [0u8; 16];
+            if s.read_exact(&mut hello).is_err() || &hello[..8] != BEAT {
+                continue;
+            }
+            let rank = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize;
+            if let Some(slot @ None) = beats.get_mut(rank.wrapping_sub(1)) {
+                *slot = Some(s);
+            }
+        }
+        group.beats = beats.into_iter().map(|b| b.expect("every slot is filled")).collect();
         Ok(group)
     }
 
@@ -153,11 +204,23 @@ impl TcpGroup {
         hello.extend((place.world as u64).to_le_bytes());
         hello.extend(serde_json::to_vec(config)?);
         send(&mut s, &hello).context("introducing this rank to rank 0")?;
-        let verdict = recv(&mut s).map_err(|e| peer_error(e, 0, "the meeting"))?;
+        let hung = Arc::default();
+        let verdict = recv(&mut s).map_err(|e| peer_error(&hung, e, 0, "the meeting"))?;
         if !verdict.is_empty() {
             bail!(String::from_utf8_lossy(&verdict).into_owned());
         }
-        Ok(TcpGroup { rank: place.rank, world: place.world, peers: vec![s] })
+        let mut beat = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .context("opening the heartbeat connection to rank 0")?;
+        let mut hello = BEAT.to_vec();
+        hello.extend((place.rank as u64).to_le_bytes());
+        beat.write_all(&hello).context("opening the heartbeat connection to rank 0")?;
+        Ok(TcpGroup {
+            rank: place.rank,
+            world: place.world,
+            peers: vec![s],
+            hung,
+            beats: vec![beat],
+        })
     }
 
     /// Rank 0's side of a reduction or broadcast: `gather` each rank's message in rank order,
@@ -167,7 +230,7 @@ impl TcpGroup {
     ) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(self.peers.len());
         for (i, p) in self.peers.iter_mut().enumerate() {
-            let msg = recv(p).map_err(|e| peer_error(e, i + 1, what))?;
+            let msg = recv(p).map_err(|e| peer_error(&self.hung, e, i + 1, what))?;
             out.push(each(i + 1, msg)?);
         }
         Ok(out)
@@ -175,16 +238,16 @@ impl TcpGroup {
 
     fn reply_all(&mut self, bytes: &[u8], what: &str) -> Result<()> {
         for (i, p) in self.peers.iter_mut().enumerate() {
-            send(p, bytes).map_err(|e| peer_error(e, i + 1, what))?;
+            send(p, bytes).map_err(|e| peer_error(&self.hung, e, i + 1, what))?;
         }
         Ok(())
     }
 
     fn all_reduce<T: Wire>(&mut self, data: &mut [T], what: &str) -> Result<()> {
         if self.rank != 0 {
-            let to_hub = &mut self.peers[0];
-            send(to_hub, &T::to_bytes(data)).map_err(|e| peer_error(e, 0, what))?;
-            let sum = recv(to_hub).map_err(|e| peer_error(e, 0, what))?;
+            let (to_hub, hung) = (&mut self.peers[0], &self.hung);
+            send(to_hub, &T::to_bytes(data)).map_err(|e| peer_error(hung, e, 0, what))?;
+            let sum = recv(to_hub).map_err(|e| peer_error(hung, e, 0, what))?;
             return T::from_bytes(&sum, data).map_err(|e| anyhow!("{what} from rank 0: {e}"));
         }
         let n = data.len();
@@ -218,7 +281,7 @@ impl Collective for TcpGroup {
     fn broadcast(&mut self, data: &mut [f32]) -> Result<()> {
         let what = "the broadcast of rank 0's values";
         if self.rank != 0 {
-            let bytes = recv(&mut self.peers[0]).map_err(|e| peer_error(e, 0, what))?;
+            let bytes = recv(&mut self.peers[0]).map_err(|e| peer_error(&self.hung, e, 0, what))?;
             return f32::from_bytes(&bytes, data).map_err(|e| anyhow!("{what}: {e}"));
         }
         self.reply_all(&f32::to_bytes(data), what)
@@ -309,8 +372,50 @@ fn mismatch(ours: &[(String, String)], theirs: &[(String, String)], rank: usize)
     None
 }
 
-/// What a failed exchange with rank `peer` during `what` means for the user.
-fn peer_error(e: std::io::Error, peer: usize, what: &str) -> anyhow::Error {
+/// Keeps the heartbeat with `peer` on `beat`: a byte each way every second. After `patience`
+/// without one, records why in `hung` and shuts `main` (the peer's connection) down, so that
+/// whatever waits on it stops at once. Returns when either side closes the connection.
+fn watch(
+    mut beat: TcpStream, main: TcpStream, peer: usize, patience: Duration,
+    hung: &Mutex<Option<String>>,
+) {
+    const EVERY: Duration = Duration::from_secs(1);
+    let setup = (beat.set_read_timeout(Some(EVERY)), beat.set_write_timeout(Some(EVERY)));
+    if setup.0.is_err() || setup.1.is_err() || beat.set_nodelay(true).is_err() {
+        return;
+    }
+    let mut heard = Instant::now();
+    let mut byte = [0u8; 64];
+    loop {
+        if beat.write_all(&[1]).is_err() {
+            return;
+        }
+        match beat.read(&mut byte) {
+            Ok(0) => return,
+            Ok(_) => heard = Instant::now(),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+        if heard.elapsed() > patience {
+            *hung.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                "rank {peer} stopped answering: no heartbeat for {:.0} s (its process is hung \
+                 or stopped, or its host is gone; INCEPT_DIST_HEARTBEAT sets the wait)",
+                patience.as_secs_f64()
+            ));
+            let _ = main.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// What a failed exchange with rank `peer` during `what` means for the user (a heartbeat that
+/// gave up on a peer says why first).
+fn peer_error(
+    hung: &Mutex<Option<String>>, e: std::io::Error, peer: usize, what: &str,
+) -> anyhow::Error {
+    if let Some(why) = hung.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return anyhow!("{why}; stopping this rank during {what}");
+    }
     match e.kind() {
         ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => anyhow!(
             "rank {peer} left the job during {what} (it exited or was killed); stopping this \
