@@ -380,8 +380,7 @@ fn watch(
     hung: &Mutex<Option<String>>,
 ) {
     const EVERY: Duration = Duration::from_secs(1);
-    let setup = (beat.set_read_timeout(Some(EVERY)), beat.set_write_timeout(Some(EVERY)));
-    if setup.0.is_err() || setup.1.is_err() || beat.set_nodelay(true).is_err() {
+    if beat.set_write_timeout(Some(EVERY)).is_err() || beat.set_nodelay(true).is_err() {
         return;
     }
     let mut heard = Instant::now();
@@ -390,11 +389,18 @@ fn watch(
         if beat.write_all(&[1]).is_err() {
             return;
         }
-        match beat.read(&mut byte) {
-            Ok(0) => return,
-            Ok(_) => heard = Instant::now(),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return,
+        // Listen until the next beat is due (the peer's beats arrive about as often).
+        let sent = Instant::now();
+        while let Some(left) = EVERY.checked_sub(sent.elapsed()).filter(|l| !l.is_zero()) {
+            if beat.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match beat.read(&mut byte) {
+                Ok(0) => return,
+                Ok(_) => heard = Instant::now(),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
         }
         if heard.elapsed() > patience {
             *hung.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
