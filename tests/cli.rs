@@ -535,6 +535,10 @@ fn info_finds_cuda13_wheels_in_a_venv_that_is_not_activated() {
             "expected a line starting {want:?} naming {file}:\n{t}"
         );
     }
+    // NCCL is called through incept's own bindings: each function they name must resolve in
+    // the real library (a misspelt or missing symbol shows here, without a GPU).
+    let nccl = t.lines().find(|l| l.starts_with("NCCL: 2.")).unwrap_or_default();
+    assert!(nccl.contains("every function data parallelism calls is present"), "{nccl}");
 }
 
 /// `incept info` with a minimal environment: no toolkit, virtual or conda environment, and

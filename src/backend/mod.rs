@@ -213,6 +213,27 @@ pub trait BatchNormSync: Send + Sync {
     }
 }
 
+/// The count, mean and Σ (x − μ)² of every rank's batch from each rank's own (count `m`, mean
+/// `mu`, Σ (x − μ_r)² `s2`), combined in rank order (Chan et al.'s pairwise update, written
+/// out), so that every rank gets the same bits.
+pub(crate) fn global_moments(
+    sync: &dyn BatchNormSync, m: usize, mu: Vec<f64>, s2: Vec<f64>,
+) -> (usize, Vec<f64>, Vec<f64>) {
+    let c = mu.len();
+    let mut mine = vec![m as f64];
+    mine.extend(&mu);
+    mine.extend(&s2);
+    let all = sync.all_gather(&mine);
+    let ranks: Vec<&[f64]> = all.chunks(2 * c + 1).collect();
+    let total: f64 = ranks.iter().map(|r| r[0]).sum();
+    let mean: Vec<f64> =
+        (0..c).map(|ch| ranks.iter().map(|r| r[0] * r[1 + ch]).sum::<f64>() / total).collect();
+    let s2 = (0..c)
+        .map(|ch| ranks.iter().map(|r| r[1 + c + ch] + r[0] * (r[1 + ch] - mean[ch]).powi(2)).sum())
+        .collect();
+    (total as usize, mean, s2)
+}
+
 /// SGD with momentum as `torch.optim.SGD` defines it (dampening 0).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {

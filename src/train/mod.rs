@@ -265,11 +265,6 @@ pub fn train(cfg: &TrainConfig) -> Result<(PathBuf, Outcome)> {
         DeviceFlag::Cuda(None) => DeviceFlag::Cuda(Some(place.local_rank)),
         d => d.clone(),
     };
-    if cfg.sync_bn && !device.is_cpu() {
-        bail!(
-            "--sync-bn runs on the CPU backend for now; CUDA ranks normalise their own batches (drop --sync-bn)"
-        );
-    }
     #[cfg(feature = "cudnn")]
     if let DeviceFlag::Cuda(_) = device {
         // Checked by every rank before they meet, so that all of them say it.

@@ -35,7 +35,7 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
         // Σ (x − μ)² over the batch; with `sync`, over every rank's.
         let (m, mu, s2) = match sync {
             None => (local_m, mu, s2),
-            Some(sync) => global_moments(sync, local_m, mu, s2),
+            Some(sync) => crate::backend::global_moments(sync, local_m, mu, s2),
         };
         let var: Vec<f64> = s2.iter().map(|s| s / m as f64).collect();
         let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + cfg.eps).sqrt()).collect();
@@ -150,27 +150,6 @@ impl<T: Elem> BatchNormOps<T> for Cpu {
             }
         });
     }
-}
-
-/// The count, mean and Σ (x − μ)² of every rank's batch from each rank's own (count `m`, mean
-/// `mu`, Σ (x − μ_r)² `s2`), combined in rank order (Chan et al.'s pairwise update, written
-/// out), so that every rank gets the same bits.
-fn global_moments(
-    sync: &dyn BatchNormSync, m: usize, mu: Vec<f64>, s2: Vec<f64>,
-) -> (usize, Vec<f64>, Vec<f64>) {
-    let c = mu.len();
-    let mut mine = vec![m as f64];
-    mine.extend(&mu);
-    mine.extend(&s2);
-    let all = sync.all_gather(&mine);
-    let ranks: Vec<&[f64]> = all.chunks(2 * c + 1).collect();
-    let total: f64 = ranks.iter().map(|r| r[0]).sum();
-    let mean: Vec<f64> =
-        (0..c).map(|ch| ranks.iter().map(|r| r[0] * r[1 + ch]).sum::<f64>() / total).collect();
-    let s2 = (0..c)
-        .map(|ch| ranks.iter().map(|r| r[1 + c + ch] + r[0] * (r[1 + ch] - mean[ch]).powi(2)).sum())
-        .collect();
-    (total as usize, mean, s2)
 }
 
 /// `y = (x − mean)·scale + beta` per channel, then ReLU when `relu_after`.

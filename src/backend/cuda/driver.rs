@@ -152,6 +152,13 @@ pub fn info() -> (String, bool) {
         if found.file.is_some() && !cudarc_finds(lib) {
             l.push_str("; but cudarc cannot open it by name (unsupported soname)");
         }
+        // NCCL is called through this handle alone: every function the ranks use must be in it.
+        if lib == Lib::Nccl && found.file.is_some() {
+            match super::real::nccl::available() {
+                Ok(()) => l.push_str("; every function data parallelism calls is present"),
+                Err(e) => l.push_str(&format!("; unusable: {e:#}")),
+            }
+        }
         line(l);
     }
     line(format!("NVTX: {}", nvtx::status()));

@@ -96,6 +96,92 @@ impl Gpu {
     }
 }
 
+/// SyncBatchNorm on the GPU, through the host: the few per-channel numbers each BatchNorm
+/// exchanges are read back, combined over the ranks as the CPU backend does, and written
+/// into the buffers the kernels read next. A round trip per BatchNorm per step, so this is
+/// for correctness (and the emulated GPU), not speed.
+impl Gpu {
+    /// `buf` (fp32) as its stream has it now.
+    fn read_now(&self, buf: &Buf) -> Vec<f32> {
+        let mut bytes = vec![0u8; 4 * buf.len];
+        if let Err(e) = self.dev.dtoh(self.current_stream(), &mut bytes, self.ptr(buf)) {
+            self.record("copying SyncBatchNorm's statistics from the GPU", e);
+        }
+        bytes.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// Overwrites `buf` (fp32) with `values`, in stream order.
+    fn write_now(&self, buf: &Buf, values: &[f32]) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        if let Err(e) = self.dev.htod(self.current_stream(), self.ptr(buf), &bytes) {
+            self.record("copying SyncBatchNorm's statistics to the GPU", e);
+        }
+    }
+
+    /// Replaces this rank's batch statistics (which the statistics kernel just computed, and
+    /// folded into the running ones) by the global batch's, and redoes the running update
+    /// from `before` with them. The variance comes back from 1/√(var + eps), as PyTorch's
+    /// SyncBatchNorm also recovers it.
+    fn sync_stats(
+        &self, sync: &dyn BatchNormSync, batch: BatchStats<&mut Buf>,
+        running: RunningStats<&mut Buf>, (mean0, var0): (Vec<f32>, Vec<f32>), xs: Nhwc,
+        cfg: &BatchNormCfg,
+    ) -> anyhow::Result<()> {
+        let m = xs.pixels();
+        let mu: Vec<f64> = self.read_now(batch.mean).iter().map(|&v| v as f64).collect();
+        let s2: Vec<f64> = self
+            .read_now(batch.invstd)
+            .iter()
+            .map(|&inv| (1.0 / (inv as f64).powi(2) - cfg.eps).max(0.0) * m as f64)
+            .collect();
+        let (total, mu, s2) = crate::backend::global_moments(sync, m, mu, s2);
+        let var: Vec<f64> = s2.iter().map(|s| s / total as f64).collect();
+        let unbiased = total as f64 / (total - 1) as f64;
+        let k = cfg.momentum;
+        let f = |v: f64| v as f32;
+        self.write_now(batch.mean, &mu.iter().map(|&v| f(v)).collect::<Vec<_>>());
+        let inv: Vec<f32> = var.iter().map(|v| f(1.0 / (v + cfg.eps).sqrt())).collect();
+        self.write_now(batch.invstd, &inv);
+        let rm: Vec<f32> =
+            mean0.iter().zip(&mu).map(|(&o, &b)| f((1.0 - k) * o as f64 + k * b)).collect();
+        let rv: Vec<f32> = var0
+            .iter()
+            .zip(&var)
+            .map(|(&o, &v)| f((1.0 - k) * o as f64 + k * v * unbiased))
+            .collect();
+        self.write_now(running.mean, &rm);
+        self.write_now(running.var, &rv);
+        sync.check()
+    }
+
+    /// Rewrites the backward's coefficients `coef` ([γ·invstd, −γ·invstd²·Σdy·x̂/P,
+    /// −γ·invstd·Σdy/P] per channel) with the sums and count of every rank: this rank's sums
+    /// are what the reduction just added to the affine gradients (from `before`).
+    fn sync_backward_coef(
+        &self, sync: &dyn BatchNormSync, coef: &Buf, daffine: Affine<&Buf>,
+        (dgamma0, dbeta0): (Vec<f32>, Vec<f32>), (gamma, invstd): (&Buf, &Buf), m: usize,
+    ) {
+        let dgamma = self.read_now(daffine.gamma);
+        let dbeta = self.read_now(daffine.beta);
+        let c = dgamma.len();
+        let mut sums: Vec<f64> = dbeta.iter().zip(&dbeta0).map(|(a, b)| (a - b) as f64).collect();
+        sums.extend(dgamma.iter().zip(&dgamma0).map(|(a, b)| (a - b) as f64));
+        sums.push(m as f64);
+        sync.sum(&mut sums);
+        let total = sums[2 * c];
+        let (g, inv) = (self.read_now(gamma), self.read_now(invstd));
+        let mut out = vec![0f32; 3 * c];
+        for ch in 0..c {
+            let inv = inv[ch] as f64;
+            let k = g[ch] as f64 * inv / total;
+            out[ch] = (k * total) as f32;
+            out[c + ch] = (-k * sums[c + ch] * inv) as f32;
+            out[2 * c + ch] = (-k * sums[ch]) as f32;
+        }
+        self.write_now(coef, &out);
+    }
+}
+
 impl BatchNormOps<f32> for Gpu {
     /// The statistics kernel, then the apply (with the ReLU when `relu`).
     fn batch_norm_forward_train(
@@ -104,13 +190,12 @@ impl BatchNormOps<f32> for Gpu {
         relu: bool, sync: Option<&dyn BatchNormSync>,
     ) -> anyhow::Result<()> {
         crate::backend::check_batch_norm_train(xs)?;
-        if sync.is_some() {
-            anyhow::bail!(
-                "SyncBatchNorm (--sync-bn) runs on the CPU backend; the CUDA backend trains one process"
-            );
-        }
         let BatchStats { mean, invstd } = batch;
+        let before = sync.map(|_| (self.read_now(running.mean), self.read_now(running.var)));
         self.bn_stats(mean, invstd, running.mean, running.var, x, xs, cfg);
+        if let (Some(sync), Some(before)) = (sync, before) {
+            self.sync_stats(sync, BatchStats { mean, invstd }, running, before, xs, cfg)?;
+        }
         self.bn_apply(y, x, mean, invstd, gamma, beta, xs, relu);
         Ok(())
     }
@@ -131,9 +216,10 @@ impl BatchNormOps<f32> for Gpu {
         gamma: &Buf, BatchStats { mean, invstd }: BatchStats<&Buf>, xs: Nhwc,
         sync: Option<&dyn BatchNormSync>,
     ) {
-        // The forward refused it: the backward never gets one.
-        debug_assert!(sync.is_none(), "SyncBatchNorm on the CUDA backend");
         let (p, c) = (xs.pixels() as i32, xs.c as i32);
+        // With SyncBatchNorm: the affine gradients before this layer's sums are added.
+        let daffine_before =
+            sync.map(|_| (self.read_now(daffine.gamma), self.read_now(daffine.beta)));
         let coef = self.f32_zeros("the backward coefficients of a BatchNorm", 3 * xs.c);
         let r = self.reduction(xs.pixels(), xs.c);
         let (ws, counters) = self.reduction_buffers(&r);
@@ -148,6 +234,10 @@ impl BatchNormOps<f32> for Gpu {
         let rest = [Ptr(self.ptr(invstd)), Ptr(self.ptr(gamma)), I32(p), I32(c), I32(relu)];
         let args = [&sums[..], &masked_dy, &rest].concat();
         self.launch(&typed("batch_norm_relu_backward_reduce", x.dtype), config(&r), &args);
+        if let (Some(sync), Some(before)) = (sync, daffine_before) {
+            let affine = Affine { gamma: &*daffine.gamma, beta: &*daffine.beta };
+            self.sync_backward_coef(sync, &coef, affine, before, (gamma, invstd), xs.pixels());
+        }
         let rest = [Ptr(cp), I32(p), I32(c), I32(relu)];
         let args = [&[Ptr(self.ptr(dx))][..], &masked_dy, &rest].concat();
         self.launch(
