@@ -44,17 +44,22 @@ pub fn for_device(gpu: &Gpu, group: &SharedGroup) -> Result<Comm> {
 /// rank, before the ranks meet.
 #[cfg(feature = "cudnn")]
 fn nccl(gpu: &Gpu, group: &mut dyn Collective) -> Result<Comm> {
-    use super::real::nccl;
-    let mut id = [0f32; 128];
-    if group.rank() == 0 {
-        // Bytes as floats: exact, and what the group carries.
-        id = nccl::unique_id()?.map(f32::from);
-    }
-    group.broadcast(&mut id)?;
+    let id = nccl_id(group)?;
     // NCCL uses the CUDA context current on this thread: the device's own.
     gpu.dev.cuda_stream(gpu.stream())?;
-    let id = id.map(|b| b as u8);
-    Ok(Comm::Nccl(nccl::NcclComm::join(&id, group.rank(), group.world())?))
+    Ok(Comm::Nccl(super::real::nccl::NcclComm::join(&id, group.rank(), group.world())?))
+}
+
+/// The NCCL communicator's id, drawn by rank 0 and sent to every rank over `group` (as
+/// floats, which carry bytes exactly). Needs NCCL, not a GPU.
+#[cfg(feature = "cudnn")]
+pub fn nccl_id(group: &mut dyn Collective) -> Result<[u8; 128]> {
+    let mut id = [0f32; 128];
+    if group.rank() == 0 {
+        id = super::real::nccl::unique_id()?.map(f32::from);
+    }
+    group.broadcast(&mut id)?;
+    Ok(id.map(|b| b as u8))
 }
 
 /// Whether NCCL can be used here: its library, with every function the ranks call.
