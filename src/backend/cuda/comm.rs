@@ -2,7 +2,6 @@
 //! on CUDA GPUs, or through the host over the ranks' TCP group where there is no NCCL (the
 //! emulated GPU). Either way every rank ends the call with the same average.
 
-use super::device::Device;
 use super::{DType, Gpu, GpuBuf};
 use crate::backend::Buffers;
 use crate::dist::{Collective, SharedGroup};
@@ -40,8 +39,7 @@ pub fn for_device(gpu: &Gpu, group: &SharedGroup) -> Result<Comm> {
 }
 
 /// NCCL for CUDA ranks: rank 0 draws the communicator's id and sends it over `group`, and
-/// every rank joins on the device of `gpu`. A machine without NCCL is a clear error on every
-/// rank, before the ranks meet.
+/// every rank joins on the device of `gpu`.
 #[cfg(feature = "cudnn")]
 fn nccl(gpu: &Gpu, group: &mut dyn Collective) -> Result<Comm> {
     let id = nccl_id(group)?;
@@ -83,41 +81,31 @@ impl Gpu {
                 b.dtype.suffix()
             );
         }
-        let ptrs: Vec<(u64, usize)> = bufs.iter().map(|b| (self.ptr(b), b.len)).collect();
         self.status()?;
         match comm {
-            Comm::Host(group) => host_mean(&*self.dev, self.stream(), group, &ptrs)?,
+            Comm::Host(group) => {
+                // One all-reduce of every buffer's values, in order.
+                let mut flat: Vec<f32> = bufs.iter().flat_map(|b| self.read_now(b)).collect();
+                self.status()?;
+                let mut group = group.clone();
+                group.all_reduce_sum(&mut flat)?;
+                let world = group.world() as f32;
+                let mut at = 0;
+                for b in bufs.iter() {
+                    let mean: Vec<f32> = flat[at..at + b.len].iter().map(|v| v / world).collect();
+                    self.write_now(b, &mean);
+                    at += b.len;
+                }
+            }
             #[cfg(feature = "cudnn")]
             Comm::Nccl(c) => {
                 let Some(stream) = self.dev.cuda_stream(self.stream())? else {
                     bail!("NCCL needs a CUDA device; this one has no CUDA streams");
                 };
+                let ptrs: Vec<(u64, usize)> = bufs.iter().map(|b| (self.ptr(b), b.len)).collect();
                 c.all_reduce_mean(stream as *mut std::ffi::c_void, &ptrs)?;
             }
         }
         Ok(true)
     }
-}
-
-/// [`Comm::Host`]: one all-reduce of every buffer's values, in order.
-fn host_mean(
-    dev: &dyn Device, stream: super::device::Stream, group: &SharedGroup, ptrs: &[(u64, usize)],
-) -> Result<()> {
-    let mut flat: Vec<f32> = Vec::with_capacity(ptrs.iter().map(|p| p.1).sum());
-    for &(ptr, n) in ptrs {
-        let mut bytes = vec![0u8; 4 * n];
-        dev.dtoh(stream, &mut bytes, ptr)?;
-        flat.extend(bytes.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
-    }
-    let mut group = group.clone();
-    group.all_reduce_sum(&mut flat)?;
-    let world = group.world() as f32;
-    let mut at = 0;
-    for &(ptr, n) in ptrs {
-        let bytes: Vec<u8> =
-            flat[at..at + n].iter().flat_map(|v| (v / world).to_ne_bytes()).collect();
-        dev.htod(stream, ptr, &bytes)?;
-        at += n;
-    }
-    Ok(())
 }

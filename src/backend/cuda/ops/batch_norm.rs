@@ -101,23 +101,6 @@ impl Gpu {
 /// into the buffers the kernels read next. A round trip per BatchNorm per step, so this is
 /// for correctness (and the emulated GPU), not speed.
 impl Gpu {
-    /// `buf` (fp32) as its stream has it now.
-    fn read_now(&self, buf: &Buf) -> Vec<f32> {
-        let mut bytes = vec![0u8; 4 * buf.len];
-        if let Err(e) = self.dev.dtoh(self.current_stream(), &mut bytes, self.ptr(buf)) {
-            self.record("copying SyncBatchNorm's statistics from the GPU", e);
-        }
-        bytes.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
-    }
-
-    /// Overwrites `buf` (fp32) with `values`, in stream order.
-    fn write_now(&self, buf: &Buf, values: &[f32]) {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        if let Err(e) = self.dev.htod(self.current_stream(), self.ptr(buf), &bytes) {
-            self.record("copying SyncBatchNorm's statistics to the GPU", e);
-        }
-    }
-
     /// Replaces this rank's batch statistics (which the statistics kernel just computed, and
     /// folded into the running ones) by the global batch's, and redoes the running update
     /// from `before` with them. The variance comes back from 1/√(var + eps), as PyTorch's

@@ -137,6 +137,26 @@ impl Gpu {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
+    /// An fp32 buffer's values as the current stream has them now (it waits for that
+    /// stream's work): the few numbers a collective exchanges through the host.
+    pub(super) fn read_now(&self, buf: &Buf) -> Vec<f32> {
+        debug_assert_eq!(buf.dtype, DType::F32);
+        let mut bytes = vec![0u8; 4 * buf.len];
+        if let Err(e) = self.dev.dtoh(self.current_stream(), &mut bytes, self.ptr(buf)) {
+            self.record("copying values for the other ranks from the GPU", e);
+        }
+        bytes.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// Overwrites an fp32 buffer with `values`, in the current stream's order.
+    pub(super) fn write_now(&self, buf: &Buf, values: &[f32]) {
+        debug_assert_eq!((buf.dtype, buf.len), (DType::F32, values.len()));
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        if let Err(e) = self.dev.htod(self.current_stream(), self.ptr(buf), &bytes) {
+            self.record("copying values from the other ranks to the GPU", e);
+        }
+    }
+
     /// The raw device address of a buffer, for cuDNN calls and kernel arguments. The backend
     /// orders its streams itself (events at forks and joins), so cudarc records no event. A
     /// buffer whose allocation failed has none: that is recorded (so the work it was for does
