@@ -131,11 +131,7 @@ impl<B: Backend<f32>, F: Feed<B>> Stepper<B> for DataParallelStepper<F> {
         let stop = if self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 };
         let mut metrics = [loss as f32 * n, right, n, stop];
         let averaging = std::time::Instant::now();
-        if net.average_grads_on_device()? {
-            self.group.all_reduce_sum(&mut metrics)?;
-        } else {
-            average_gradients(net, self.group.as_mut(), &mut metrics)?;
-        }
+        average_gradients(net, self.group.as_mut(), &mut metrics)?;
         self.timing.2 += averaging.elapsed();
         self.agreed_stop = metrics[3] > 0.0;
         let [loss_sum, right, n, _] = metrics;

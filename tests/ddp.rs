@@ -12,7 +12,7 @@ use incept::backend::{Conv2d, MaxPool2d, Sgd};
 use incept::dist::ddp::{
     average_gradients, average_running_stats, broadcast_state, rank_slice, GroupBatchNormSync,
 };
-use incept::dist::{Collective, Place, SharedGroup, TcpGroup};
+use incept::dist::{Place, SharedGroup, TcpGroup};
 use incept::model::net::{HostTensor, Net};
 use incept::model::{Branch, Layer, ModelSpec};
 use std::net::TcpListener;
@@ -135,11 +135,7 @@ fn data_parallel<B: Connect + 'static>(
                     let loss = net.loss(&ys, 0.0).unwrap();
                     net.backward().unwrap();
                     let mut metrics = [loss as f32 * ys.len() as f32, ys.len() as f32];
-                    if net.average_grads_on_device().unwrap() {
-                        group.all_reduce_sum(&mut metrics).unwrap();
-                    } else {
-                        average_gradients(&mut net, &mut group, &mut metrics).unwrap();
-                    }
+                    average_gradients(&mut net, &mut group, &mut metrics).unwrap();
                     net.sgd_step(&OPT);
                     metrics_seen.push(metrics[1]);
                 }

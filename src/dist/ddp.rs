@@ -85,12 +85,17 @@ pub fn average_running_stats<B: Backend<f32>>(
     })
 }
 
-/// Averages every parameter gradient over the ranks, in one all-reduce with `metrics` (the
-/// step's loss sum, correct count, …) appended, which come back summed over the ranks. To be
-/// called between the backward and the optimizer step, on every rank.
+/// Averages every parameter gradient over the ranks, and sums `metrics` (the step's loss sum,
+/// correct count, …) over them. A backend with a collective of its own (NCCL on a GPU) averages
+/// the gradients where they are, and `group` carries the metrics; otherwise one all-reduce over
+/// `group` carries both. To be called between the backward and the optimizer step, on every
+/// rank.
 pub fn average_gradients<B: Backend<f32>>(
     net: &mut Net<f32, B>, group: &mut dyn Collective, metrics: &mut [f32],
 ) -> Result<()> {
+    if net.average_grads_on_device()? {
+        return group.all_reduce_sum(metrics);
+    }
     let world = group.world() as f32;
     net.update_grads(|flat| {
         let n = flat.len();
